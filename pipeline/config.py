@@ -117,3 +117,113 @@ def load_toml(path, allowed_keys):
             f"allowed: {', '.join(sorted(allowed_keys))}"
         )
     return normalized
+
+
+SCALINGS = ("standard", "block", "none")
+SOLVERS = ("auto", "full", "randomized", "incremental")
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+@dataclass(frozen=True)
+class ReduceConfig:
+    """Everything that decides the bytes stage two (a) writes: splits, scaling and PCA."""
+
+    taps: tuple[str, ...] = ()  # "backbone/layer" subset of the manifest's taps; empty = all of them
+    scaling: str = "block"  # standard: per feature; block: standard, then each tap / sqrt(dim); none
+    components: int | float = 256  # an int keeps that many components; a float in (0, 1) that variance share
+    whiten: bool = False  # rescale every kept component to unit variance
+    solver: str = "auto"  # PCA solver; auto = full/randomized in memory, incremental when too big
+    batch_rows: int = 8192  # rows read per chunk, and per incremental PCA batch
+    val_fraction: float = 0.1  # share of each class hashed to val when the source gave no splits
+    test_fraction: float = 0.1  # share of each class hashed to test when the source gave no splits
+    split_seed: int = 0  # salt of the id hash that assigns splits
+
+    def __post_init__(self):
+        object.__setattr__(self, "taps", tuple(dict.fromkeys(parse_tap(t) for t in self.taps)))
+        _check_choice("scaling", self.scaling, SCALINGS)
+        _check_choice("solver", self.solver, SOLVERS)
+        components = self.components
+        if isinstance(components, bool) or not (
+            (isinstance(components, int) and components >= 1)
+            or (isinstance(components, float) and 0 < components < 1)
+        ):
+            raise PipelineError(
+                f"components {components!r} must be a positive integer or a variance share strictly between 0 and 1"
+            )
+        if self.batch_rows < 1:
+            raise PipelineError(f"batch_rows {self.batch_rows} must be a positive integer")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise PipelineError(f"{name} {getattr(self, name)} must be in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise PipelineError(
+                f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} = "
+                f"{self.val_fraction + self.test_fraction:g} leaves no rows for train; the sum must be below 1"
+            )
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["taps"] = list(self.taps)
+        return d
+
+    def sha256(self):
+        return sha256_json(self.to_dict())
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """One head experiment: the Keras classifier on the reduced features and how it is fitted."""
+
+    hidden: tuple[int, ...] = (512, 128)  # units of each ReLU layer, input side first; () = softmax regression
+    dropout: float = 0.3  # dropout rate after every hidden layer
+    l2: float = 1e-4  # L2 penalty on every Dense kernel
+    lr: float = 1e-3  # Adam learning rate
+    batch_size: int = 256  # rows per gradient step
+    epochs: int = 100  # upper bound; early stopping on val loss usually ends sooner
+    patience: int = 8  # epochs without a val-loss improvement before stopping
+    label_smoothing: float = 0.0  # share of target mass spread evenly over all classes
+    class_weight: str = "none"  # balanced: weight each class by rows / (classes * its train rows)
+    seed: int = 0  # seeds weight init, dropout and shuffling
+
+    def __post_init__(self):
+        _check_scalar_types(self)
+        hidden = (self.hidden,) if isinstance(self.hidden, int) else self.hidden
+        if not isinstance(hidden, (list, tuple)) or not all(isinstance(units, int) and not isinstance(units, bool) and units >= 1 for units in hidden):
+            raise PipelineError(f"hidden {self.hidden!r} must be a list of positive integers (units per layer)")
+        object.__setattr__(self, "hidden", tuple(hidden))
+        _check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
+        for name, low, high in (("dropout", 0, 1), ("label_smoothing", 0, 1)):
+            if not low <= getattr(self, name) < high:
+                raise PipelineError(f"{name} {getattr(self, name)} must be in [{low}, {high})")
+        if self.l2 < 0:
+            raise PipelineError(f"l2 {self.l2} must be zero or positive")
+        if self.lr <= 0:
+            raise PipelineError(f"lr {self.lr} must be positive")
+        for name in ("batch_size", "epochs", "patience"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"{name} {getattr(self, name)} must be a positive integer")
+
+    @classmethod
+    def option_names(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    def sha256(self):
+        return sha256_json(self.to_dict())
+
+
+def _check_scalar_types(config):
+    """Fail on a value of the wrong type (say, from a TOML file); ints become floats in float fields."""
+    names = {int: "an integer", float: "a number", str: "a string"}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type not in names:
+            continue
+        if f.type is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(config, f.name, float(value))
+        elif not isinstance(value, f.type) or isinstance(value, bool):
+            raise PipelineError(f"{f.name} {value!r} must be {names[f.type]}")

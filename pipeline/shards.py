@@ -87,6 +87,24 @@ def list_taps(h5file):
     return keys
 
 
+def make_manifest(*, config, config_sha256, weights, taps, classes, shards, listed, errors, precision, timing):
+    """The manifest dict; `taps` are dicts with key, backbone, layer, dim, pooling."""
+    return {
+        "format": FORMAT,
+        "config": config,
+        "config_sha256": config_sha256,
+        "weights": weights,
+        "taps": taps,
+        "classes": list(classes),
+        "shards": shards,
+        "rows": sum(s["rows"] for s in shards),
+        "listed": listed,
+        "errors": errors,
+        "precision": precision,
+        "timing": timing,
+    }
+
+
 def write_manifest(features_dir, manifest):
     write_json(Path(features_dir) / MANIFEST_NAME, manifest)
 

@@ -1,0 +1,236 @@
+"""Backbones and their taps: the tap catalogue, weights, precision policy and the fused tap model."""
+
+import hashlib
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.config import BACKBONES, tap_backbone, tap_layer
+from pipeline.errors import PipelineError
+from pipeline.layers import CaffePreprocess
+
+_APPLICATIONS = {"resnet50": keras.applications.ResNet50, "vgg16": keras.applications.VGG16}
+IMAGENET_FILES = {
+    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "vgg16": "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+}
+# Random weights: He-normal kernels, identity batch norm, except the last batch norm of each
+# ResNet residual branch, damped so 16 stacked additions stay far inside float16's range.
+_RESIDUAL_BRANCH_GAMMA = 0.2
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """One tappable layer: its key, output shape at a given image size, and stride."""
+
+    key: str  # "backbone/layer"
+    height: int
+    width: int
+    channels: int
+    stride: int  # input pixels per output pixel
+
+
+def build_backbone(name, image_size):
+    """The full convolutional trunk (no classifier) with uninitialised-by-us weights."""
+    return _APPLICATIONS[name](include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+
+
+def tap_catalogue(name, image_size=224):
+    """Every layer of a backbone with a spatial (4-D) output, in graph order."""
+    model = build_backbone(name, image_size)
+    taps = []
+    for layer in model.layers[1:]:
+        shape = layer.output.shape
+        if len(shape) == 4:
+            taps.append(TapInfo(f"{name}/{layer.name}", shape[1], shape[2], shape[3], image_size // shape[1]))
+    return taps
+
+
+def check_taps(taps, image_size):
+    """Return {key: TapInfo} for the requested taps; an unknown one fails naming the valid ones."""
+    found = {}
+    for backbone in dict.fromkeys(tap_backbone(t) for t in taps):
+        catalogue = {info.key: info for info in tap_catalogue(backbone, image_size)}
+        for tap in (t for t in taps if tap_backbone(t) == backbone):
+            if tap not in catalogue:
+                valid = ", ".join(tap_layer(k) for k in catalogue)
+                raise PipelineError(f"unknown tap {tap!r}; valid {backbone} layers are: {valid}")
+            found[tap] = catalogue[tap]
+    return {t: found[t] for t in taps}
+
+
+# --- precision -----------------------------------------------------------------------------
+
+
+def cpu_flags():
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def has_gpu():
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def choose_policy(requested, gpu, flags):
+    """`auto`: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with bf16 units, float32 otherwise."""
+    if requested != "auto":
+        return requested
+    if gpu:
+        return "mixed_float16"
+    if {"avx512_bf16", "amx_bf16"} & set(flags):
+        return "mixed_bfloat16"
+    return "float32"
+
+
+def enable_gpu_memory_growth():
+    """Let TensorFlow grow GPU memory on demand instead of taking it all (must run before any op)."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised in this process: the setting is fixed by then
+            pass
+
+
+# --- weights -------------------------------------------------------------------------------
+
+
+def parse_weights(spec, backbones):
+    """'imagenet' | 'random' | 'resnet50=PATH,vgg16=PATH' -> {backbone: 'imagenet' | 'random' | Path}.
+
+    In the map form each value may also be 'imagenet' or 'random'.
+    """
+    if spec in ("imagenet", "random"):
+        return {b: spec for b in backbones}
+    sources = {}
+    for item in spec.split(","):
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or name not in BACKBONES or not value:
+            raise PipelineError(
+                f"weights {spec!r} is not imagenet, random or BACKBONE=PATH[,BACKBONE=PATH] "
+                f"with BACKBONE one of {', '.join(BACKBONES)}"
+            )
+        sources[name] = value if value in ("imagenet", "random") else Path(value)
+    missing = [b for b in backbones if b not in sources]
+    if missing:
+        raise PipelineError(f"weights {spec!r} gives no weights for {', '.join(missing)}; add {missing[0]}=PATH")
+    for name, source in sources.items():
+        if isinstance(source, Path) and not source.is_file():
+            raise PipelineError(f"weights file {source} for {name} does not exist")
+    return {b: sources[b] for b in backbones}
+
+
+def keras_cache_dir():
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def load_weights(model, name, source, seed):
+    """Fill `model` (a full trunk from build_backbone) with weights from `source`."""
+    if source == "random":
+        _randomize(model, name, seed)
+    elif source == "imagenet":
+        try:
+            reference = _APPLICATIONS[name](include_top=False, weights="imagenet", input_shape=model.input.shape[1:])
+        except Exception as e:  # keras raises a bare Exception when the download fails
+            raise PipelineError(
+                f"could not get ImageNet weights for {name} ({_first_line(e)}); put {IMAGENET_FILES[name]} "
+                f"in {keras_cache_dir()} (KERAS_HOME), or pass --weights {name}=PATH, or use --weights random"
+            ) from None
+        model.set_weights(reference.get_weights())
+    else:
+        try:
+            model.load_weights(source)
+        except Exception as e:
+            raise PipelineError(f"could not load {name} weights from {source}: {_first_line(e)}") from None
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _randomize(model, name, seed):
+    """Seeded, deterministic weights (numpy's PCG64, independent of Keras' initialisers)."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    for weight in model.weights:
+        shape = tuple(weight.shape)
+        if weight.path.endswith("/kernel"):
+            fan_in = int(np.prod(shape[:-1]))
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+        elif weight.path.endswith("_3_bn/gamma"):
+            value = np.full(shape, _RESIDUAL_BRANCH_GAMMA, np.float32)
+        else:
+            continue  # biases 0, batch-norm identity: as built
+        weight.assign(value)
+
+
+def weights_fingerprint(model):
+    """sha256 over every weight array of the model (names, shapes and float32 bytes)."""
+    h = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight), dtype=np.float32)
+        h.update(f"{weight.path}:{value.shape}".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def describe_source(source, seed):
+    if source == "random":
+        return f"random(seed={seed})"
+    return str(Path(source).resolve()) if isinstance(source, Path) else source
+
+
+# --- the fused tap model --------------------------------------------------------------------
+
+_POOLERS = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
+
+
+def tap_dim(channels, pooling):
+    return 2 * channels if pooling == "avgmax" else channels
+
+
+def build_tap_model(trunks, taps, pooling, image_size, policy="float32"):
+    """One model: RGB 0..255 images -> {tap key: pooled float32 (B, dim)}.
+
+    `trunks` maps backbone -> full trunk with weights loaded. Each backbone is rebuilt under
+    `policy`, gets those weights, and is cut at its deepest requested tap (a functional model
+    holds only the layers its outputs need). The caffe preprocessing both share runs once.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
+        shared = CaffePreprocess(name="caffe_preprocess")(images)
+        outputs = {}
+        for backbone, trunk in trunks.items():
+            keys = [t for t in taps if tap_backbone(t) == backbone]
+            rebuilt = build_backbone(backbone, image_size)
+            rebuilt.set_weights(trunk.get_weights())
+            cut = keras.Model(
+                rebuilt.input, [rebuilt.get_layer(tap_layer(k)).output for k in keys], name=f"{backbone}_taps"
+            )
+            for key, tensor in zip(keys, cut(shared)):
+                outputs[key] = _pool(tensor, pooling, key.replace("/", "__"))
+        return keras.Model(images, outputs, name="taps")
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _pool(tensor, pooling, name):
+    """Global pooling computed in float32 whatever the compute policy."""
+    if pooling == "avgmax":
+        parts = [_POOLERS[p](dtype="float32", name=f"{name}_{p}")(tensor) for p in ("avg", "max")]
+        return keras.layers.Concatenate(dtype="float32", name=f"{name}_avgmax")(parts)
+    return _POOLERS[pooling](dtype="float32", name=f"{name}_{pooling}")(tensor)
+

@@ -1,0 +1,89 @@
+"""The input pipeline: read, decode, resize, batch and prefetch with tf.data, plus a Pillow fallback.
+
+TensorFlow decodes JPEG, PNG, GIF, BMP and WebP in parallel inside the graph. An element whose
+decode fails is dropped from the stream by `ignore_errors`; the caller sees the gap in the
+carried indices and decodes that file with Pillow (CMYK JPEG, TIFF, odd PNGs), or records why
+nobody could.
+"""
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageSequence
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class UndecodableImage(Exception):
+    """Neither TensorFlow nor Pillow could turn the file into pixels."""
+
+
+def resize_image(image, image_size, resize):
+    """uint8 (H, W, 3) -> float32 (S, S, 3) in 0..255: bilinear with antialiasing.
+
+    `center-crop` first cuts the largest centered square; `squash` resizes the whole image.
+    """
+    if resize == "center-crop":
+        shape = tf.shape(image)
+        side = tf.minimum(shape[0], shape[1])
+        image = tf.image.crop_to_bounding_box(image, (shape[0] - side) // 2, (shape[1] - side) // 2, side, side)
+    return tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+
+
+def _decode(contents):
+    image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def image_batches(paths, shard_ranges, batch_size, image_size, resize):
+    """Dataset of (indices int64 (B,), images float32 (B, S, S, 3)) over the given shard ranges.
+
+    Batches never cross a shard boundary, so a shard's batches (and so its bytes) are the same
+    whether a run does every shard or resumes at this one. Indices point into `paths`.
+    """
+    paths = tf.constant(list(paths), dtype=tf.string)
+
+    def load(index):
+        image = _decode(tf.io.read_file(paths[index]))
+        return index, resize_image(image, image_size, resize)
+
+    def shard(start, stop):
+        return (
+            tf.data.Dataset.range(start, stop)
+            .map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .ignore_errors()
+            .batch(batch_size)
+        )
+
+    starts = [start for start, _ in shard_ranges]
+    stops = [stop for _, stop in shard_ranges]
+    dataset = tf.data.Dataset.from_tensor_slices((tf.constant(starts, tf.int64), tf.constant(stops, tf.int64)))
+    return dataset.flat_map(shard).prefetch(AUTOTUNE)
+
+
+def decode_with_pillow(path):
+    """Pillow decode to uint8 RGB (H, W, 3): first frame, 16-bit scaled down, alpha dropped."""
+    try:
+        with Image.open(path) as image:
+            frame = next(ImageSequence.Iterator(image))
+            frame.load()
+            return _to_rgb(frame)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, StopIteration) as e:
+        raise UndecodableImage(_reason(e)) from None
+
+
+def _to_rgb(image):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the top 8 bits
+        pixels = np.asarray(image, dtype=np.uint32)
+        grey = (pixels >> 8 if pixels.max(initial=0) > 255 else pixels).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("P", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _reason(error):
+    text = str(error).strip()
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    return text or type(error).__name__

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny image folders and synthetic features directories."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import shards
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """Factory: write `per_class` random RGB PNGs for each class name under a fresh folder."""
+
+    def make(classes=("cat", "dog"), per_class=3, size=32, seed=0, name="images"):
+        rng = np.random.default_rng(seed)
+        root = tmp_path / name
+        for cls in classes:
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / cls / f"{i:03d}.png")
+        return root
+
+    return make
+
+
+@pytest.fixture
+def features_dir(tmp_path):
+    """Factory: a synthetic features/ dir in the real format, without running any CNN.
+
+    Features are class-dependent Gaussians so that heads can learn something.
+    """
+
+    def make(n=120, taps=None, classes=("a", "b", "c"), splits=None, shard_size=50,
+             storage_dtype="float32", seed=0, name="features", scales=None):
+        taps = taps or {"resnet50/conv5_block3_out": 24, "vgg16/block5_conv3": 16}
+        rng = np.random.default_rng(seed)
+        out = tmp_path / name
+        out.mkdir()
+        ids = [f"img{i:05d}.png" for i in range(n)]
+        labels = (np.arange(n) % len(classes)).astype(np.int32)
+        split_of = splits or (lambda i: "")
+        centers = {t: rng.normal(size=(len(classes), d)) for t, d in taps.items()}
+        config = {"taps": list(taps), "pooling": "avg", "synthetic_seed": seed}
+        sha = "synthetic-%d" % seed
+        entries = []
+        for index, start in enumerate(range(0, n, shard_size)):
+            rows = slice(start, min(start + shard_size, n))
+            feats = {}
+            for t, d in taps.items():
+                scale = (scales or {}).get(t, 1.0)
+                feats[t] = (centers[t][labels[rows]] + 0.5 * rng.normal(size=(rows.stop - rows.start, d))) * scale
+            data = shards.ShardData(ids[rows], labels[rows], [split_of(i) for i in range(rows.start, rows.stop)], feats)
+            name_ = shards.shard_filename(index)
+            shards.write_shard(out / name_, data, index=index, config_sha256=sha, config=config, storage_dtype=storage_dtype)
+            entries.append({"file": name_, "rows": data.rows})
+        manifest = shards.make_manifest(
+            config=config, config_sha256=sha,
+            weights={t.split("/")[0]: {"source": "synthetic", "sha256": "0" * 64} for t in taps},
+            taps=[{"key": t, "backbone": t.split("/")[0], "layer": t.split("/")[1], "dim": d, "pooling": "avg"} for t, d in taps.items()],
+            classes=classes, shards=entries, listed=n, errors=[],
+            precision={"policy": "float32", "min_cosine_vs_float32": 1.0}, timing={"seconds": 0.0, "images_per_second": 0.0},
+        )
+        shards.write_manifest(out, manifest)
+        return out
+
+    return make
