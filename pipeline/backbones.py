@@ -40,22 +40,22 @@ def build_backbone(name, image_size):
     return _APPLICATIONS[name](include_top=False, weights=None, input_shape=(image_size, image_size, 3))
 
 
-def tap_catalogue(name, image_size=224):
-    """Every layer of a backbone with a spatial (4-D) output, in graph order."""
-    model = build_backbone(name, image_size)
+def tap_catalogue(name, trunk):
+    """Every layer of a built trunk with a spatial (4-D) output, in graph order."""
+    image_size = trunk.input.shape[1]
     taps = []
-    for layer in model.layers[1:]:
+    for layer in trunk.layers[1:]:
         shape = layer.output.shape
         if len(shape) == 4:
             taps.append(TapInfo(f"{name}/{layer.name}", shape[1], shape[2], shape[3], image_size // shape[1]))
     return taps
 
 
-def check_taps(taps, image_size):
+def check_taps(taps, trunks):
     """Return {key: TapInfo} for the requested taps; an unknown one fails naming the valid ones."""
     found = {}
-    for backbone in dict.fromkeys(tap_backbone(t) for t in taps):
-        catalogue = {info.key: info for info in tap_catalogue(backbone, image_size)}
+    for backbone, trunk in trunks.items():
+        catalogue = {info.key: info for info in tap_catalogue(backbone, trunk)}
         for tap in (t for t in taps if tap_backbone(t) == backbone):
             if tap not in catalogue:
                 valid = ", ".join(tap_layer(k) for k in catalogue)
@@ -203,9 +203,10 @@ def tap_dim(channels, pooling):
 def build_tap_model(trunks, taps, pooling, image_size, policy="float32"):
     """One model: RGB 0..255 images -> {tap key: pooled float32 (B, dim)}.
 
-    `trunks` maps backbone -> full trunk with weights loaded. Each backbone is rebuilt under
-    `policy`, gets those weights, and is cut at its deepest requested tap (a functional model
-    holds only the layers its outputs need). The caffe preprocessing both share runs once.
+    `trunks` maps backbone -> full float32 trunk with weights loaded. Under another policy each
+    backbone is rebuilt with those weights. Each is cut at its deepest requested tap (a
+    functional model holds only the layers its outputs need). The shared caffe preprocessing
+    runs once.
     """
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
@@ -215,8 +216,10 @@ def build_tap_model(trunks, taps, pooling, image_size, policy="float32"):
         outputs = {}
         for backbone, trunk in trunks.items():
             keys = [t for t in taps if tap_backbone(t) == backbone]
-            rebuilt = build_backbone(backbone, image_size)
-            rebuilt.set_weights(trunk.get_weights())
+            rebuilt = trunk
+            if policy != "float32":
+                rebuilt = build_backbone(backbone, image_size)
+                rebuilt.set_weights(trunk.get_weights())
             cut = keras.Model(
                 rebuilt.input, [rebuilt.get_layer(tap_layer(k)).output for k in keys], name=f"{backbone}_taps"
             )

@@ -49,8 +49,9 @@ def extract(config, source, out_dir, *, overwrite=False, progress=None):
         backbones.enable_gpu_memory_growth()
         tf.config.experimental.enable_op_determinism()  # cuDNN autotuning is not deterministic
     config = resolve(config, gpu, backbones.cpu_flags())
-    tap_infos = backbones.check_taps(config.taps, config.image_size)
     weight_sources = backbones.parse_weights(config.weights, config.backbones)
+    trunks = {name: backbones.build_backbone(name, config.image_size) for name in config.backbones}
+    tap_infos = backbones.check_taps(config.taps, trunks)
 
     run_config = {**config.to_dict(), "source": str(Path(source).resolve()), "source_sha256": listing.fingerprint()}
     run_sha = sha256_json({"config": config.sha256(), "source_sha256": listing.fingerprint()})
@@ -63,16 +64,14 @@ def extract(config, source, out_dir, *, overwrite=False, progress=None):
         return ExtractResult(existing, out_dir, written=0, skipped=len(ranges))
 
     started = time.perf_counter()
-    trunks, weights = {}, {}
+    weights = {}
     for name, weight_source in weight_sources.items():
-        trunks[name] = backbones.build_backbone(name, config.image_size)
         backbones.load_weights(trunks[name], name, weight_source, config.seed)
         weights[name] = {
             "source": backbones.describe_source(weight_source, config.seed),
             "sha256": backbones.weights_fingerprint(trunks[name]),
         }
     runner = _TapRunner(trunks, config)
-    del trunks
 
     pending = [k for k in range(len(ranges)) if k not in done]
     paths = [r.path for r in listing.records]

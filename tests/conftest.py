@@ -69,3 +69,18 @@ def features_dir(tmp_path):
         return out
 
     return make
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the `pipeline` CLI in-process; assert the exit code; return the click Result."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    def run(*args, code=0):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == code, f"exit {result.exit_code}: {result.output}"
+        return result
+
+    return run

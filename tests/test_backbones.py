@@ -1,0 +1,124 @@
+import keras
+import numpy as np
+import pytest
+
+from pipeline import backbones
+from pipeline.errors import PipelineError
+from pipeline.layers import CaffePreprocess
+
+
+def test_catalogue_declares_shapes_and_strides():
+    catalogue = {info.key: info for info in backbones.tap_catalogue("resnet50", backbones.build_backbone("resnet50", 64))}
+    out = catalogue["resnet50/conv4_block6_out"]
+    assert (out.height, out.width, out.channels, out.stride) == (4, 4, 1024, 16)
+    assert catalogue["resnet50/conv5_block3_out"].channels == 2048
+    vgg = {info.key: info for info in backbones.tap_catalogue("vgg16", backbones.build_backbone("vgg16", 64))}
+    assert vgg["vgg16/block5_conv3"].stride == 16 and vgg["vgg16/block1_conv1"].stride == 1
+
+
+def test_an_unknown_tap_fails_listing_the_valid_ones():
+    with pytest.raises(PipelineError, match=r"unknown tap 'vgg16/block9_conv1'; valid vgg16 layers are: block1_conv1, .*block5_pool"):
+        backbones.check_taps(["vgg16/block9_conv1"], {"vgg16": backbones.build_backbone("vgg16", 32)})
+
+
+def test_each_backbone_is_cut_at_its_deepest_tap_and_preprocessing_is_shared():
+    trunks = {name: backbones.build_backbone(name, 32) for name in ("resnet50", "vgg16")}
+    model = backbones.build_tap_model(trunks, ["resnet50/conv2_block1_out", "vgg16/block2_pool"], "avg", 32)
+    inner = {sub.name: {layer.name for layer in sub.layers} for sub in model.layers if isinstance(sub, keras.Model)}
+    assert "conv2_block1_out" in inner["resnet50_taps"]
+    assert not any(name.startswith(("conv3", "conv4", "conv5")) for name in inner["resnet50_taps"])
+    assert "block2_pool" in inner["vgg16_taps"] and not any(n.startswith("block3") for n in inner["vgg16_taps"])
+    assert sum(isinstance(layer, CaffePreprocess) for layer in model.layers) == 1
+    outputs = model(np.zeros((2, 32, 32, 3), np.float32))
+    assert outputs["resnet50/conv2_block1_out"].shape == (2, 256)
+    assert outputs["vgg16/block2_pool"].shape == (2, 128)
+
+
+def test_avgmax_pooling_concatenates_avg_then_max():
+    trunks = {"vgg16": backbones.build_backbone("vgg16", 32)}
+    backbones.load_weights(trunks["vgg16"], "vgg16", "random", 0)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    both = backbones.build_tap_model(trunks, ["vgg16/block1_pool"], "avgmax", 32)(x)["vgg16/block1_pool"]
+    avg = backbones.build_tap_model(trunks, ["vgg16/block1_pool"], "avg", 32)(x)["vgg16/block1_pool"]
+    mx = backbones.build_tap_model(trunks, ["vgg16/block1_pool"], "max", 32)(x)["vgg16/block1_pool"]
+    np.testing.assert_allclose(np.asarray(both), np.concatenate([avg, mx], axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "requested, gpu, flags, expected",
+    [
+        ("auto", True, {"avx512_bf16"}, "mixed_float16"),
+        ("auto", False, {"avx2", "avx512_bf16"}, "mixed_bfloat16"),
+        ("auto", False, {"amx_bf16", "amx_tile"}, "mixed_bfloat16"),
+        ("auto", False, {"avx2", "avx512f"}, "float32"),
+        ("float32", True, set(), "float32"),
+        ("mixed_bfloat16", False, set(), "mixed_bfloat16"),
+    ],
+)
+def test_policy_selection(requested, gpu, flags, expected):
+    assert backbones.choose_policy(requested, gpu, frozenset(flags)) == expected
+
+
+def test_reduced_precision_outputs_float32_features_close_to_float32():
+    trunks = {"resnet50": backbones.build_backbone("resnet50", 32)}
+    backbones.load_weights(trunks["resnet50"], "resnet50", "random", 0)
+    x = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    tap = "resnet50/conv4_block6_out"
+    reference = np.asarray(backbones.build_tap_model(trunks, [tap], "avg", 32)(x)[tap])
+    low = backbones.build_tap_model(trunks, [tap], "avg", 32, policy="mixed_bfloat16")(x)[tap]
+    assert low.dtype == "float32"
+    low = np.asarray(low)
+    cosine = np.sum(low * reference, 1) / np.linalg.norm(low, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() > 0.99
+    assert not np.array_equal(low, reference)  # it really ran in bfloat16
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+
+
+def test_random_weights_are_seeded_and_fingerprinted():
+    fingerprints = []
+    for seed in (0, 0, 1):
+        model = backbones.build_backbone("vgg16", 32)
+        backbones.load_weights(model, "vgg16", "random", seed)
+        fingerprints.append(backbones.weights_fingerprint(model))
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]
+
+
+def test_a_weights_file_loads_and_matches_its_source(tmp_path):
+    source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    source.save_weights(tmp_path / "vgg.weights.h5")
+    spec = backbones.parse_weights(f"vgg16={tmp_path / 'vgg.weights.h5'}", ("vgg16",))
+    model = backbones.build_backbone("vgg16", 32)
+    backbones.load_weights(model, "vgg16", spec["vgg16"], seed=0)
+    assert backbones.weights_fingerprint(model) == backbones.weights_fingerprint(source)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("imagenet21k", "is not imagenet, random or BACKBONE=PATH"),
+        ("alexnet=a.h5", "is not imagenet, random or BACKBONE=PATH"),
+        ("resnet50=random", "gives no weights for vgg16"),
+        ("resnet50=random,vgg16=/no/such.h5", "weights file /no/such.h5 for vgg16 does not exist"),
+    ],
+)
+def test_bad_weight_specs(spec, message):
+    with pytest.raises(PipelineError, match=message):
+        backbones.parse_weights(spec, ("resnet50", "vgg16"))
+
+
+def test_a_file_that_is_not_weights_fails_clearly(tmp_path):
+    (tmp_path / "w.weights.h5").write_text("nope")
+    model = backbones.build_backbone("vgg16", 32)
+    with pytest.raises(PipelineError, match="could not load vgg16 weights from"):
+        backbones.load_weights(model, "vgg16", tmp_path / "w.weights.h5", 0)
+
+
+def test_imagenet_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    model = backbones.build_backbone("vgg16", 32)
+    with pytest.raises(PipelineError) as error:
+        backbones.load_weights(model, "vgg16", "imagenet", 0)
+    message = str(error.value)
+    assert "could not get ImageNet weights for vgg16" in message
+    assert f"vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 in {tmp_path / 'keras' / 'models'}" in message
+    assert "--weights random" in message and "--weights vgg16=PATH" in message
