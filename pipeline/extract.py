@@ -30,6 +30,7 @@ class ExtractResult:
     out_dir: Path
     written: int  # shards computed by this call
     skipped: int  # shards already finished by an earlier call
+    up_to_date: bool = False  # the directory already held this run, manifest included
     warnings: list = field(default_factory=list)
 
 
@@ -61,7 +62,7 @@ def extract(config, source, out_dir, *, overwrite=False, progress=None):
     ranges = [(start, min(start + config.shard_size, n)) for start in range(0, n, config.shard_size)]
     done = {k for k in range(len(ranges)) if _is_finished(out_dir / shards.shard_filename(k), run_sha, k)}
     if existing is not None and len(done) == len(ranges):
-        return ExtractResult(existing, out_dir, written=0, skipped=len(ranges))
+        return ExtractResult(existing, out_dir, written=0, skipped=len(ranges), up_to_date=True)
 
     started = time.perf_counter()
     weights = {}

@@ -221,6 +221,10 @@ def test_a_crash_state_with_a_partial_file_is_completed(tmp_path, image_tree, ru
     assert shard_arrays(tmp_path / "f") == reference
     again = run_cli("extract", root, "--out", tmp_path / "f", *args)
     assert "up to date" in again.output
+    (tmp_path / "f" / "manifest.json").unlink()  # killed between the last shard and the manifest
+    finished = run_cli("extract", root, "--out", tmp_path / "f", *args)
+    assert "0 shards written, 3 already done" in finished.output
+    assert shards.verify(tmp_path / "f") == []
 
 
 def test_a_different_config_is_refused_unless_overwrite(tmp_path, image_tree, run_cli):
