@@ -1,0 +1,73 @@
+"""The Keras head: Dense ReLU layers with dropout and L2, a float32 softmax, fitted with Adam."""
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@dataclass
+class FittedHead:
+    model: keras.Model
+    history: dict  # Keras history: metric name -> one value per epoch run
+    best_epoch: int  # 1-based epoch whose weights the model holds
+
+
+def build_head(input_dim, n_classes, config):
+    """The compiled head for a HeadConfig; every layer computes in float32 whatever the global policy."""
+    regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
+    inputs = keras.Input((input_dim,), dtype="float32")
+    x = inputs
+    for units in config.hidden:
+        x = keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer, dtype="float32")(x)
+        if config.dropout:
+            x = keras.layers.Dropout(config.dropout, dtype="float32")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=regularizer, dtype="float32")(x)
+    model = keras.Model(inputs, outputs, name="head")
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.lr),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def fit_head(config, X_train, y_train, X_val, y_val, n_classes, log_dir):
+    """Seeded fit with early stopping on val loss (best weights restored) and TensorBoard logs in `log_dir`."""
+    keras.utils.set_random_seed(config.seed)
+    model = build_head(X_train.shape[1], n_classes, config)
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
+    history = model.fit(
+        _dataset(X_train, y_train, n_classes, config.batch_size, shuffle_seed=config.seed),
+        validation_data=_dataset(X_val, y_val, n_classes, config.batch_size),
+        epochs=config.epochs,
+        shuffle=False,  # the dataset reshuffles itself, in a seeded order
+        class_weight=_class_weight(y_train, n_classes) if config.class_weight == "balanced" else None,
+        callbacks=[stopper, keras.callbacks.TensorBoard(str(log_dir), write_graph=False)],
+        verbose=0,
+    )
+    return FittedHead(model, history.history, stopper.best_epoch + 1)
+
+
+def predict_proba(model, X, batch_size=4096):
+    """Class probabilities, computed eagerly in batches: no tf.function is traced for every new head."""
+    return np.concatenate([
+        keras.ops.convert_to_numpy(model(X[start:start + batch_size], training=False))
+        for start in range(0, len(X), batch_size)
+    ])
+
+
+def _dataset(X, y, n_classes, batch_size, shuffle_seed=None):
+    """Rows from memory with one-hot targets; reshuffled every epoch in a seeded order when training."""
+    dataset = tf.data.Dataset.from_tensor_slices((X, keras.utils.to_categorical(y, n_classes).astype(np.float32)))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(X), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _class_weight(y, n_classes):
+    """Balanced weights, rows / (classes present * rows of the class); 1 for classes absent from train."""
+    counts = np.bincount(y, minlength=n_classes)
+    present = np.count_nonzero(counts)
+    return {c: float(len(y) / (present * counts[c])) if counts[c] else 1.0 for c in range(n_classes)}

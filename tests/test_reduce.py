@@ -1,0 +1,289 @@
+"""Stage two (a): splits, scaling, PCA, the reduced/ format, caching and bad input."""
+
+import tracemalloc
+
+import h5py
+import joblib
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+from threadpoolctl import threadpool_limits
+
+from pipeline import reduce as reduce_module
+from pipeline import shards
+from pipeline.config import ReduceConfig
+from pipeline.errors import PipelineError
+from pipeline.reduce import assign_splits, choose_solver, load_reduced, reduce_features
+
+TAPS = {"resnet50/conv5_block3_out": 24, "vgg16/block5_conv3": 16}
+
+
+def read_features(features):
+    """All rows of a features dir as (ids, X) with taps concatenated in manifest order."""
+    manifest = shards.read_manifest(features)
+    taps = [t["key"] for t in manifest["taps"]]
+    ids, parts = [], []
+    for chunk_ids, _, _, X in shards.iter_feature_chunks(features, manifest, taps, 10_000):
+        ids += chunk_ids
+        parts.append(X)
+    return ids, np.concatenate(parts)
+
+
+def subspace_cosines(a, b):
+    """Cosines of the principal angles between the row spaces of two orthonormal bases."""
+    return np.linalg.svd(a @ b.T, compute_uv=False)
+
+
+# --- splits
+
+
+def test_hash_split_gives_every_class_its_exact_shares():
+    ids = [f"img{i:04d}" for i in range(300)]
+    labels = np.arange(300) % 3
+    splits = assign_splits(ids, labels, [""] * 300, 0.1, 0.2, seed=0)
+    for label in range(3):
+        mine = splits[labels == label]
+        assert [(mine == s).sum() for s in ("train", "val", "test")] == [70, 10, 20]
+
+
+def test_hash_split_depends_on_the_seed_and_not_on_row_order():
+    ids = [f"img{i:04d}" for i in range(200)]
+    labels = np.arange(200) % 2
+    first = assign_splits(ids, labels, [""] * 200, 0.1, 0.1, seed=0)
+    reversed_ = assign_splits(ids[::-1], labels[::-1], [""] * 200, 0.1, 0.1, seed=0)[::-1]
+    other_seed = assign_splits(ids, labels, [""] * 200, 0.1, 0.1, seed=1)
+    assert first.tolist() == reversed_.tolist()
+    assert first.tolist() != other_seed.tolist()
+
+
+def test_given_splits_are_kept_and_blank_rows_hashed():
+    ids = [f"img{i:04d}" for i in range(100)]
+    labels = np.arange(100) % 2
+    given = ["test"] * 10 + ["val"] * 10 + [""] * 80
+    splits = assign_splits(ids, labels, given, 0.25, 0.25, seed=0)
+    assert splits[:20].tolist() == given[:20]
+    blank = splits[20:]
+    assert [(blank == s).sum() for s in ("train", "val", "test")] == [40, 20, 20]
+
+
+def test_unlabeled_rows_go_by_their_own_hash():
+    ids = [f"u{i:04d}" for i in range(400)]
+    alone = assign_splits(ids, np.full(400, -1), [""] * 400, 0.1, 0.1, seed=0)
+    with_others = assign_splits(ids[:50], np.full(50, -1), [""] * 50, 0.1, 0.1, seed=0)
+    assert alone[:50].tolist() == with_others.tolist()
+    assert 20 < (alone == "test").sum() < 60 and 20 < (alone == "val").sum() < 60
+
+
+def test_unknown_given_split_is_refused():
+    with pytest.raises(PipelineError, match="split name"):
+        assign_splits(["a"], np.array([0]), ["holdout"], 0.1, 0.1, seed=0)
+
+
+def test_every_setting_sees_the_same_split(features_dir, tmp_path):
+    features = features_dir(n=150)
+    settings = [
+        ReduceConfig(components=4),
+        ReduceConfig(components=0.8, scaling="none", taps=("vgg16/block5_conv3",)),
+        ReduceConfig(components=3, solver="incremental", batch_rows=40, whiten=True),
+    ]
+    splits = []
+    for index, config in enumerate(settings):
+        reduce_features(features, tmp_path / f"reduced{index}", config)
+        splits.append(load_reduced(tmp_path / f"reduced{index}").splits.tolist())
+    assert splits[0] == splits[1] == splits[2]
+    assert set(splits[0]) == {"train", "val", "test"}
+
+
+# --- scaling and PCA
+
+
+def test_scaler_and_pca_are_fitted_on_train_rows_only(features_dir, tmp_path):
+    features = features_dir(n=150)
+    reduce_features(features, tmp_path / "reduced", ReduceConfig(components=5, scaling="standard"))
+    reduced = load_reduced(tmp_path / "reduced")
+    transform = joblib.load(tmp_path / "reduced" / reduce_module.TRANSFORM_NAME)
+    ids, X = read_features(features)
+    assert ids == reduced.ids
+    X_train = X[reduced.splits == "train"]
+
+    np.testing.assert_allclose(transform.scaler_.mean_, X_train.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(transform.scaler_.var_, X_train.var(axis=0), rtol=1e-4)
+    assert not np.allclose(transform.scaler_.mean_, X.mean(axis=0), atol=1e-3)
+
+    reference = PCA(5, svd_solver="full").fit((X_train - X_train.mean(axis=0)) / X_train.std(axis=0))
+    np.testing.assert_allclose(transform.pca_.explained_variance_, reference.explained_variance_, rtol=1e-3)
+    assert subspace_cosines(transform.pca_.components_, reference.components_).min() > 0.9999
+    np.testing.assert_allclose(reduced.X, transform.transform(X), atol=1e-5)
+
+
+def test_block_scaling_keeps_a_loud_tap_from_taking_all_variance(features_dir, tmp_path):
+    features = features_dir(n=150, scales={"vgg16/block5_conv3": 100.0})
+    shares = {}
+    for scaling in ("none", "standard", "block"):
+        report = reduce_features(features, tmp_path / scaling, ReduceConfig(components=4, scaling=scaling)).report
+        shares[scaling] = {t["key"]: (t["input_share"], t["kept_share"]) for t in report["taps"]}
+    loud, quiet = "vgg16/block5_conv3", "resnet50/conv5_block3_out"
+    assert shares["none"][loud][1] > 0.99
+    assert shares["standard"][quiet][0] == pytest.approx(24 / 40)
+    assert shares["block"][quiet][0] == pytest.approx(0.5) and shares["block"][loud][0] == pytest.approx(0.5)
+    assert 0.2 < shares["block"][loud][1] < 0.8
+
+
+def test_incremental_pca_spans_the_same_subspace_as_full(features_dir, tmp_path):
+    features = features_dir(n=300, shard_size=70)
+    full = reduce_features(features, tmp_path / "full", ReduceConfig(components=2, solver="full")).report
+    incremental = reduce_features(
+        features, tmp_path / "incremental", ReduceConfig(components=2, solver="incremental", batch_rows=32)
+    ).report
+    assert (full["solver"]["chosen"], incremental["solver"]["chosen"]) == ("full", "incremental")
+    pcas = [joblib.load(tmp_path / name / reduce_module.TRANSFORM_NAME).pca_ for name in ("full", "incremental")]
+    assert subspace_cosines(pcas[0].components_, pcas[1].components_).min() > 0.999
+    np.testing.assert_allclose(incremental["explained_variance_ratio"], full["explained_variance_ratio"], rtol=1e-3)
+
+
+def test_incremental_memory_is_bounded_by_the_chunk(features_dir, tmp_path, monkeypatch):
+    # float16 shards of 2000 rows read 100 at a time; the raw train rows would take 13 MB as float32.
+    features = features_dir(n=8000, taps={"resnet50/conv5_block3_out": 256, "vgg16/block5_conv3": 256},
+                            shard_size=2000, storage_dtype="float16")
+    raw_train_bytes = 6400 * 512 * 4
+    chunk_rows = []
+    real_iter = shards.iter_feature_chunks
+
+    def recording_iter(*args, **kwargs):
+        for chunk in real_iter(*args, **kwargs):
+            chunk_rows.append(len(chunk[3]))
+            yield chunk
+
+    monkeypatch.setattr(shards, "iter_feature_chunks", recording_iter)
+    peaks = {}
+    # One BLAS thread: on a busy 2-core machine OpenBLAS threads spin against each other.
+    with threadpool_limits(1):
+        for solver in ("incremental", "full"):
+            tracemalloc.start()
+            reduce_features(features, tmp_path / solver, ReduceConfig(components=8, solver=solver, batch_rows=100))
+            peaks[solver] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    assert max(chunk_rows) == 100
+    assert peaks["incremental"] < raw_train_bytes / 2
+    assert peaks["full"] > raw_train_bytes  # the control: holding the train rows does show up
+
+
+def test_auto_solver_goes_incremental_when_train_rows_do_not_fit():
+    config = ReduceConfig(components=64)
+    assert choose_solver(config, n_train=100_000, dim=4096, memory_bytes=64 * 2**30) == "randomized"
+    assert choose_solver(config, n_train=1000, dim=100, memory_bytes=64 * 2**30) == "full"
+    assert choose_solver(config, n_train=100_000, dim=4096, memory_bytes=2**30) == "incremental"
+    with pytest.raises(PipelineError, match="variance share.*too big for memory"):
+        choose_solver(ReduceConfig(components=0.9), n_train=100_000, dim=4096, memory_bytes=2**30)
+
+
+def test_variance_share_keeps_the_fewest_components_that_reach_it(features_dir, tmp_path):
+    report = reduce_features(features_dir(n=150), tmp_path / "reduced", ReduceConfig(components=0.7)).report
+    cumulative = np.cumsum(report["explained_variance_ratio"])
+    assert cumulative[-1] >= 0.7 > cumulative[-2]
+    assert load_reduced(tmp_path / "reduced").X.shape == (150, report["components"])
+
+
+@pytest.mark.parametrize("config, maximum", [
+    (ReduceConfig(components=41), "maximum of 40 "),
+    (ReduceConfig(components=31, solver="incremental", batch_rows=30), "maximum of 30 "),
+])
+def test_too_many_components_names_the_maximum(features_dir, tmp_path, config, maximum):
+    with pytest.raises(PipelineError, match=maximum):
+        reduce_features(features_dir(n=150), tmp_path / "reduced", config)
+    assert not (tmp_path / "reduced").exists()
+
+
+# --- outputs and caching
+
+
+def test_outputs_follow_the_format(features_dir, tmp_path):
+    features = features_dir(n=120, storage_dtype="float16")
+    reduce_features(features, tmp_path / "reduced", ReduceConfig(components=6))
+    out = tmp_path / "reduced"
+    assert sorted(p.name for p in out.iterdir()) == sorted(reduce_module.OUTPUT_NAMES)
+    with h5py.File(out / reduce_module.REDUCED_NAME) as f:
+        assert f["X"].dtype == np.float32 and f["X"].shape == (120, 6)
+        assert set(f["splits"].asstr()[:]) == {"train", "val", "test"}
+    report = load_reduced(out).report
+    assert report["inputs"]["features"] == "../features"
+    assert report["splits"]["rows"] == {"train": 96, "val": 12, "test": 12}
+    assert [t["key"] for t in report["taps"]] == list(TAPS)
+    assert report["config"]["taps"] == list(TAPS)
+    assert len(report["explained_variance_ratio"]) == 6
+    assert not list(tmp_path.glob(".*"))  # no staging dir left behind
+
+
+def test_same_settings_are_a_cache_hit_and_other_settings_need_overwrite(features_dir, tmp_path):
+    features = features_dir(n=120)
+    out = tmp_path / "reduced"
+    assert not reduce_features(features, out, ReduceConfig(components=4)).up_to_date
+    stamp = (out / reduce_module.REDUCED_NAME).stat().st_mtime_ns
+    assert reduce_features(features, out, ReduceConfig(components=4, taps=tuple(reversed(TAPS)))).up_to_date
+    assert (out / reduce_module.REDUCED_NAME).stat().st_mtime_ns == stamp
+
+    with pytest.raises(PipelineError, match="components 4, now 5.*--overwrite"):
+        reduce_features(features, out, ReduceConfig(components=5))
+    assert load_reduced(out).X.shape[1] == 4
+    reduce_features(features, out, ReduceConfig(components=5), overwrite=True)
+    assert load_reduced(out).X.shape[1] == 5
+
+    other = features_dir(n=120, seed=1, name="other-features")
+    with pytest.raises(PipelineError, match="another features manifest"):
+        reduce_features(other, out, ReduceConfig(components=5))
+
+
+# --- bad input
+
+
+def test_a_shard_from_another_extraction_is_refused(features_dir, tmp_path):
+    features = features_dir(n=120)
+    other = features_dir(n=120, seed=1, name="other")
+    (features / "shard-00001.h5").write_bytes((other / "shard-00001.h5").read_bytes())
+    with pytest.raises(PipelineError, match="shard-00001.h5 was written by another extraction.*mixes two manifests"):
+        reduce_features(features, tmp_path / "reduced")
+    assert not (tmp_path / "reduced").exists()
+
+
+def test_a_non_empty_foreign_out_dir_is_refused(features_dir, tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"")
+    with pytest.raises(PipelineError, match="neither empty nor a reduced directory"):
+        reduce_features(features_dir(n=60), out, ReduceConfig(components=2), overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["holiday.jpg"]
+
+
+def test_fractions_that_leave_no_train_rows_are_refused():
+    with pytest.raises(PipelineError, match="leaves no rows for train"):
+        ReduceConfig(val_fraction=0.5, test_fraction=0.5)
+
+
+def test_cli_reduce_reports_and_then_is_up_to_date(features_dir, tmp_path, run_cli):
+    features = features_dir(n=120)
+    first = run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", "0.8", "--tap", "vgg16:block5_conv3")
+    assert "train 96, val 12, test 12 (splits from hash)" in first.output
+    assert "vgg16/block5_conv3" in first.output and "resnet50" not in first.output
+    again = run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", "0.8", "--tap", "vgg16/block5_conv3")
+    assert "up to date" in again.output
+
+
+@pytest.mark.parametrize("args, message, code", [
+    (["--components", "many"], "'many' is neither a number of components", 2),
+    (["--components", "1.5"], "'1.5' is neither a number of components", 2),
+    (["--tap", "vgg16/block3_conv3"], "tap vgg16/block3_conv3 is not in the features manifest; it has resnet50/conv5_block3_out, vgg16/block5_conv3", 1),
+    (["--val-fraction", "0.6", "--test-fraction", "0.4"], "leaves no rows for train", 1),
+    (["--scaling", "loud"], "'loud' is not one of", 2),
+])
+def test_cli_reduce_bad_options_are_one_clear_error(features_dir, tmp_path, run_cli, args, message, code):
+    result = run_cli("reduce", features_dir(n=60), "--out", tmp_path / "reduced", *args, code=code)
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "reduced").exists()
+
+
+def test_cli_reduce_refuses_a_directory_that_is_not_features(tmp_path, run_cli):
+    (tmp_path / "images").mkdir()
+    result = run_cli("reduce", tmp_path / "images", "--out", tmp_path / "reduced", code=1)
+    assert "is not a features directory" in result.output
+    assert not (tmp_path / "reduced").exists()
