@@ -191,6 +191,26 @@ def describe_source(source, seed):
     return str(Path(source).resolve()) if isinstance(source, Path) else source
 
 
+def load_trunk_weights(trunks, weight_sources, seed):
+    """Fill every trunk from its source; return {backbone: {source, sha256}} as the manifest records it."""
+    record = {}
+    for name, source in weight_sources.items():
+        load_weights(trunks[name], name, source, seed)
+        record[name] = {"source": describe_source(source, seed), "sha256": weights_fingerprint(trunks[name])}
+    return record
+
+
+def check_fingerprints(loaded, expected):
+    """Refuse weights whose fingerprint differs from the recorded one, naming backbone and both prefixes."""
+    for name, weights in loaded.items():
+        if weights["sha256"] != expected[name]["sha256"]:
+            raise PipelineError(
+                f"{name} weights from {weights['source']} have sha256 {weights['sha256'][:12]}, but the features "
+                f"were extracted with sha256 {expected[name]['sha256'][:12]} (from {expected[name]['source']}); "
+                "load those weights instead"
+            )
+
+
 # --- the fused tap model --------------------------------------------------------------------
 
 _POOLERS = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}

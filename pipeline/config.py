@@ -50,6 +50,7 @@ class ExtractConfig:
     pooling: str = "avg"  # global pooling of each tap: avg, max, or both concatenated
     image_size: int = 224  # square input side in pixels (ImageNet size)
     resize: str = "squash"  # squash to square, or center-crop to square first
+    fast_decode: bool = False  # decode large JPEGs at the smallest DCT scale (1/2..1/8) covering image_size
     batch_size: int = 64  # images per forward pass
     precision: str = "auto"  # compute policy; auto picks by hardware (see backbones.choose_policy)
     xla: bool | None = None  # XLA-compile the forward; None = on when a GPU is present

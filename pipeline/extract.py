@@ -41,8 +41,12 @@ def resolve(config, gpu, flags):
     return dataclasses.replace(config, precision=policy, xla=xla)
 
 
-def extract(config, source, out_dir, *, overwrite=False, progress=None):
-    """Run stage one; `progress(n)` is called as images are done. Returns an ExtractResult."""
+def extract(config, source, out_dir, *, overwrite=False, progress=None, expected_weights=None):
+    """Run stage one; `progress(n)` is called as images are done. Returns an ExtractResult.
+
+    `expected_weights` ({backbone: {source, sha256}}, as a manifest records them) makes loaded
+    weights with another fingerprint fail before any image is run.
+    """
     out_dir = Path(out_dir)
     listing = list_source(source)
     gpu = backbones.has_gpu()
@@ -65,29 +69,29 @@ def extract(config, source, out_dir, *, overwrite=False, progress=None):
         return ExtractResult(existing, out_dir, written=0, skipped=len(ranges), up_to_date=True)
 
     started = time.perf_counter()
-    weights = {}
-    for name, weight_source in weight_sources.items():
-        backbones.load_weights(trunks[name], name, weight_source, config.seed)
-        weights[name] = {
-            "source": backbones.describe_source(weight_source, config.seed),
-            "sha256": backbones.weights_fingerprint(trunks[name]),
-        }
+    weights = backbones.load_trunk_weights(trunks, weight_sources, config.seed)
+    if expected_weights is not None:
+        backbones.check_fingerprints(weights, expected_weights)
     runner = _TapRunner(trunks, config)
 
     pending = [k for k in range(len(ranges)) if k not in done]
     paths = [r.path for r in listing.records]
-    batches = image_batches(paths, [ranges[k] for k in pending], config.batch_size, config.image_size, config.resize)
+    batches = image_batches(
+        paths, [ranges[k] for k in pending], config.batch_size, config.image_size, config.resize, config.fast_decode
+    )
     meta = {"run_sha": run_sha, "run_config": run_config, "storage_dtype": config.storage_dtype}
     with _ShardWriter(out_dir, meta) as writer:
         dims = {key: backbones.tap_dim(info.channels, config.pooling) for key, info in tap_infos.items()}
         assembler = _ShardAssembler(listing, config, dims, ranges, runner, writer, progress)
         for indices, images in batches:
+            features = runner(images)
             if runner.fidelity is None:
-                runner.check_fidelity(images)
-            assembler.add(indices.numpy(), runner(images))
+                runner.check_fidelity(images, features)
+            assembler.add(indices.numpy(), features)
         assembler.finish(pending)
     if runner.fidelity is None:  # everything was written before; check on the first batch anyway
-        indices, images = next(iter(image_batches(paths, [ranges[0]], config.batch_size, config.image_size, config.resize)))
+        first = image_batches(paths, [ranges[0]], config.batch_size, config.image_size, config.resize, config.fast_decode)
+        indices, images = next(iter(first))
         runner.check_fidelity(images)
     seconds = time.perf_counter() - started
 
@@ -193,17 +197,23 @@ class _TapRunner:
     def __call__(self, images):
         return {key: value.numpy() for key, value in self._forward(images).items()}
 
-    def check_fidelity(self, images):
-        """Min cosine similarity between this policy's and float32's features on one batch."""
+    def check_fidelity(self, images, features=None):
+        """Min cosine similarity between this policy's and float32's features on one batch.
+
+        `features` are this policy's outputs for `images` when the caller already has them.
+        """
+        rows = int(images.shape[0])
         if self._reference is None:
-            self.fidelity = {"min_cosine_vs_float32": 1.0, "rows_checked": int(images.shape[0])}
+            self.fidelity = {"min_cosine_vs_float32": 1.0, "rows_checked": rows}
             return
-        ours, reference = self(images), {k: v.numpy() for k, v in self._reference(images).items()}
-        cosines = [_row_cosines(ours[key], reference[key]) for key in ours]
-        self.fidelity = {"min_cosine_vs_float32": float(np.min(cosines)), "rows_checked": int(images.shape[0])}
+        ours = self(images) if features is None else features
+        reference = {key: value.numpy() for key, value in self._reference(images).items()}
+        cosines = [row_cosines(ours[key], reference[key]) for key in ours]
+        self.fidelity = {"min_cosine_vs_float32": float(np.min(cosines)), "rows_checked": rows}
 
 
-def _row_cosines(a, b):
+def row_cosines(a, b):
+    """Cosine similarity of each row of `a` with the same row of `b` (1.0 where a row is all zeros)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     dots = np.sum(a * b, axis=1)

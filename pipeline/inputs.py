@@ -6,27 +6,20 @@ carried indices and decodes that file with Pillow (CMYK JPEG, TIFF, odd PNGs), o
 nobody could.
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageSequence
 
+from pipeline.layers import resize_image  # shared with the exported model's SquareResize layer
+
 AUTOTUNE = tf.data.AUTOTUNE
+JPEG_RATIOS = (8, 4, 2)  # DCT downscales libjpeg offers, largest first
 
 
 class UndecodableImage(Exception):
     """Neither TensorFlow nor Pillow could turn the file into pixels."""
-
-
-def resize_image(image, image_size, resize):
-    """uint8 (H, W, 3) -> float32 (S, S, 3) in 0..255: bilinear with antialiasing.
-
-    `center-crop` first cuts the largest centered square; `squash` resizes the whole image.
-    """
-    if resize == "center-crop":
-        shape = tf.shape(image)
-        side = tf.minimum(shape[0], shape[1])
-        image = tf.image.crop_to_bounding_box(image, (shape[0] - side) // 2, (shape[1] - side) // 2, side, side)
-    return tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
 
 
 def _decode(contents):
@@ -35,16 +28,39 @@ def _decode(contents):
     return image
 
 
-def image_batches(paths, shard_ranges, batch_size, image_size, resize):
+def _decode_fast(contents, image_size):
+    """Like `_decode`, but a JPEG is decoded at the smallest DCT scale that still covers the size.
+
+    libjpeg can scale by 1/2, 1/4 or 1/8 while decoding (output side = ceil(side / ratio)); the
+    largest ratio whose short side stays >= image_size is used, so nothing is upsampled later.
+    """
+
+    def scaled_jpeg():
+        shape = tf.image.extract_jpeg_shape(contents)
+        short_side = tf.minimum(shape[0], shape[1])
+        branches = [
+            (short_side >= (image_size - 1) * ratio + 1, functools.partial(tf.io.decode_jpeg, contents, channels=3, ratio=ratio))
+            for ratio in JPEG_RATIOS
+        ]
+        return tf.case(branches, default=functools.partial(_decode, contents))
+
+    image = tf.cond(tf.io.is_jpeg(contents), scaled_jpeg, functools.partial(_decode, contents))
+    image.set_shape([None, None, 3])
+    return image
+
+
+def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_decode=False):
     """Dataset of (indices int64 (B,), images float32 (B, S, S, 3)) over the given shard ranges.
 
     Batches never cross a shard boundary, so a shard's batches (and so its bytes) are the same
     whether a run does every shard or resumes at this one. Indices point into `paths`.
+    `fast_decode` decodes large JPEGs at a reduced DCT scale (see `_decode_fast`).
     """
     paths = tf.constant(list(paths), dtype=tf.string)
+    decode = functools.partial(_decode_fast, image_size=image_size) if fast_decode else _decode
 
     def load(index):
-        image = _decode(tf.io.read_file(paths[index]))
+        image = decode(tf.io.read_file(paths[index]))
         return index, resize_image(image, image_size, resize)
 
     def shard(start, stop):

@@ -91,14 +91,15 @@ def test_same_inputs_and_config_give_byte_identical_features(tmp_path, image_tre
 
 
 def test_bfloat16_on_cpu_is_recorded_and_close_to_float32(tmp_path, image_tree, run_cli):
-    root = image_tree(per_class=2)
-    args = ["--weights", "random", "--image-size", 32, *SMALL_TAPS]
+    root = image_tree(per_class=3)
+    args = ["--weights", "random", "--image-size", 32, "--batch-size", 4, *SMALL_TAPS]
     result = run_cli("extract", root, "--out", tmp_path / "bf16", "--precision", "mixed_bfloat16", *args)
     run_cli("extract", root, "--out", tmp_path / "fp32", "--precision", "float32", *args)
     low, manifest = read_all(tmp_path / "bf16")
     full, _ = read_all(tmp_path / "fp32")
     assert manifest["precision"]["policy"] == "mixed_bfloat16"
     assert 0.99 <= manifest["precision"]["min_cosine_vs_float32"] < 1.0
+    assert manifest["precision"]["rows_checked"] == 4  # the whole first batch
     assert "min cosine vs float32" in result.output
     for image_id, taps in full.items():
         for key, row in taps.items():
