@@ -84,3 +84,40 @@ def run_cli():
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def head_run(tmp_path_factory):
+    """A real lineage built once: 32-px tinted images -> features -> reduced (whitened PCA) -> one head run.
+
+    resnet50 has `random` weights and vgg16 a weights file, so both kinds of recorded source
+    occur. Tests that change files must copy `root` first (see test_predict.copy_lineage).
+    """
+    from types import SimpleNamespace
+
+    from pipeline import backbones
+    from pipeline.config import ExtractConfig, HeadConfig, ReduceConfig
+    from pipeline.extract import extract
+    from pipeline.reduce import reduce_features
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("lineage")
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(("a", "b", "c")):
+        (root / "images" / name).mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 120, (32, 32, 3))
+            pixels[..., index] += 120  # a class-coloured tint the head can learn
+            Image.fromarray(pixels.astype(np.uint8)).save(root / "images" / name / f"{i}.png")
+    vgg16 = backbones.build_backbone("vgg16", 32)
+    backbones.load_weights(vgg16, "vgg16", "random", seed=5)
+    vgg16.save_weights(root / "vgg16.weights.h5")
+    config = ExtractConfig(
+        taps=("resnet50/conv2_block1_out", "vgg16/block1_pool"), image_size=32, precision="float32", batch_size=8,
+        weights=f"resnet50=random,vgg16={root / 'vgg16.weights.h5'}",
+    )
+    extract(config, root / "images", root / "features")
+    reduce_features(root / "features", root / "reduced", ReduceConfig(components=6, whiten=True, val_fraction=0.25))
+    outcomes = list(train(root / "reduced", root / "runs", [HeadConfig(hidden=(8,), epochs=3, batch_size=8)]))
+    baseline, head = outcomes
+    return SimpleNamespace(root=root, config=config, run=root / "runs" / head.run_id, baseline=root / "runs" / baseline.run_id)

@@ -1,0 +1,188 @@
+"""`pipeline predict`: lineage from a run back to its features, the CSV, errors and the accuracy line."""
+
+import csv
+import hashlib
+import json
+import re
+import shutil
+
+import pytest
+
+from pipeline import backbones
+from pipeline.errors import PipelineError
+from pipeline.predict import load_lineage
+
+
+def copy_lineage(head_run, tmp_path):
+    """A copy of the whole lineage tree (images, weights file, features, reduced, runs); returns its run dir."""
+    root = tmp_path / "copy"
+    shutil.copytree(head_run.root, root)
+    return root / "runs" / head_run.run.name
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reseal(run):
+    """After a deliberate edit upstream, record the new hashes downstream so only the edit itself matters."""
+    reduced, manifest = run.parent.parent / "reduced", run.parent.parent / "features" / "manifest.json"
+    edit_json(reduced / "reduce.json", lambda r: r["inputs"].update(manifest_sha256=sha256(manifest)))
+    edit_json(run / "config.json", lambda c: c["reduced"].update(reduce_json_sha256=sha256(reduced / "reduce.json")))
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+# --- lineage
+
+
+def test_a_moved_tree_is_found_through_its_relative_paths(head_run, tmp_path):
+    run = copy_lineage(head_run, tmp_path)
+    lineage = load_lineage(run)
+    assert (lineage.reduced_dir, lineage.features_dir) == (tmp_path / "copy" / "reduced", tmp_path / "copy" / "features")
+    assert lineage.taps == ("resnet50/conv2_block1_out", "vgg16/block1_pool")
+    assert lineage.classes == ["a", "b", "c"]
+    config = lineage.extract_config()
+    assert (config.image_size, config.pooling, config.resize, config.seed) == (32, "avg", "squash", 0)
+    assert config.weights == f"resnet50=random,vgg16={head_run.root / 'vgg16.weights.h5'}"
+
+
+def test_a_run_moved_alone_falls_back_to_the_absolute_paths(head_run, tmp_path):
+    run = tmp_path / "elsewhere" / "runs" / head_run.run.name
+    shutil.copytree(head_run.run, run)
+    assert load_lineage(run).reduced_dir == head_run.root / "reduced"
+
+
+def test_a_missing_reduced_dir_names_the_file_that_points_to_it(head_run, tmp_path):
+    run = copy_lineage(head_run, tmp_path)
+    shutil.rmtree(tmp_path / "copy" / "reduced")
+    edit_json(run / "config.json", lambda c: c["reduced"].update(absolute=str(tmp_path / "gone")))
+    pointer, gone = re.escape(str(run / "config.json")), re.escape(str(tmp_path / "gone"))
+    with pytest.raises(PipelineError, match=rf"reduced directory that {pointer} points to: no reduce.json in .* nor in {gone}"):
+        load_lineage(run)
+
+
+def test_a_missing_features_dir_names_the_file_that_points_to_it(head_run, tmp_path):
+    run = copy_lineage(head_run, tmp_path)
+    reduced = tmp_path / "copy" / "reduced"
+    shutil.rmtree(tmp_path / "copy" / "features")
+    edit_json(reduced / "reduce.json", lambda r: r["inputs"].update(features_absolute=str(tmp_path / "gone")))
+    edit_json(run / "config.json", lambda c: c["reduced"].update(reduce_json_sha256=sha256(reduced / "reduce.json")))
+    with pytest.raises(PipelineError, match=r"features directory that .*reduce.json points to: no manifest.json in .*features nor in .*gone"):
+        load_lineage(run)
+
+
+def test_features_changed_since_reduce_are_refused(head_run, tmp_path):
+    run = copy_lineage(head_run, tmp_path)
+    edit_json(tmp_path / "copy" / "features" / "manifest.json", lambda m: m["config"].update(pooling="max"))
+    with pytest.raises(PipelineError, match=r"the features changed since reduce: .*manifest.json has sha256 [0-9a-f]{12}, .*reduce and train again"):
+        load_lineage(run)
+
+
+def test_a_reduced_dir_changed_since_training_is_refused(head_run, tmp_path):
+    run = copy_lineage(head_run, tmp_path)
+    edit_json(tmp_path / "copy" / "reduced" / "reduce.json", lambda r: r.update(components=5))
+    with pytest.raises(PipelineError, match=rf"reduce.json changed since run {run.name} was trained on it"):
+        load_lineage(run)
+
+
+def test_settings_missing_from_an_older_manifest_take_their_defaults(head_run, tmp_path):
+    run = copy_lineage(head_run, tmp_path)
+    edit_json(tmp_path / "copy" / "features" / "manifest.json", lambda m: m["config"].pop("fast_decode"))
+    reseal(run)
+    config = load_lineage(run).extract_config()
+    assert config.fast_decode is False and config.image_size == head_run.config.image_size
+
+
+def test_settings_this_version_does_not_know_are_refused(head_run, tmp_path):
+    run = copy_lineage(head_run, tmp_path)
+    edit_json(tmp_path / "copy" / "features" / "manifest.json", lambda m: m["config"].update(colour_jitter=True))
+    reseal(run)
+    with pytest.raises(PipelineError, match=r"records extraction settings this version does not know \(colour_jitter\)"):
+        load_lineage(run).extract_config()
+
+
+def test_only_head_runs_can_predict(head_run, tmp_path):
+    with pytest.raises(PipelineError, match=rf"run {head_run.baseline.name} is a baseline run without a Keras head"):
+        load_lineage(head_run.baseline)
+    with pytest.raises(PipelineError, match=r"is not a run directory: it has no config.json"):
+        load_lineage(tmp_path)
+
+
+def test_a_moved_weights_file_is_named_and_can_be_given_again(head_run, tmp_path, image_tree, run_cli):
+    run = copy_lineage(head_run, tmp_path)
+    moved = tmp_path / "copy" / "vgg16.weights.h5"
+    manifest = tmp_path / "copy" / "features" / "manifest.json"
+    edit_json(manifest, lambda m: m["weights"]["vgg16"].update(source=str(tmp_path / "old" / "vgg16.weights.h5")))
+    reseal(run)
+    source = image_tree(classes=("a",), per_class=2)
+    refused = run_cli("predict", run, source, "--out", tmp_path / "p.csv", code=1)
+    assert f"vgg16 weights file {tmp_path / 'old' / 'vgg16.weights.h5'} (recorded in {manifest}) does not exist" in refused.output
+    assert "--weights vgg16=PATH" in refused.output
+    run_cli("predict", run, source, "--out", tmp_path / "p.csv", "--weights", f"resnet50=random,vgg16={moved}")
+    assert len(read_csv(tmp_path / "p.csv")[1]) == 2
+
+
+def test_weights_with_another_fingerprint_are_refused_before_any_image_runs(head_run, tmp_path, image_tree, run_cli, monkeypatch):
+    other = backbones.build_backbone("vgg16", 32)
+    backbones.load_weights(other, "vgg16", "random", seed=6)
+    other.save_weights(tmp_path / "other.weights.h5")
+    monkeypatch.setattr("pipeline.extract._TapRunner", lambda *a: pytest.fail("the forward pass was built"))
+    recorded = json.loads((head_run.root / "features" / "manifest.json").read_text())["weights"]["vgg16"]["sha256"]
+    result = run_cli("predict", head_run.run, image_tree(), "--out", tmp_path / "p.csv",
+                     "--weights", f"resnet50=random,vgg16={tmp_path / 'other.weights.h5'}", code=1)
+    assert re.search(rf"vgg16 weights from .*other.weights.h5 have sha256 (?!{recorded[:12]})[0-9a-f]{{12}}, "
+                     rf"but the features were extracted with sha256 {recorded[:12]}", result.output)
+    assert not (tmp_path / "p.csv").exists()
+
+
+# --- the CSV
+
+
+def test_every_listed_image_is_a_row_with_top_k_or_an_error(head_run, tmp_path, image_tree, run_cli):
+    source = image_tree(classes=("a", "b", "zebra"), per_class=2, size=40, name="new")
+    (source / "a" / "broken.png").write_text("not a png")
+    result = run_cli("predict", head_run.run, source, "--out", tmp_path / "out" / "p.csv", "--top-k", 5, "--batch-size", 3)
+    columns, rows = read_csv(tmp_path / "out" / "p.csv")
+    assert columns == ["id", "path", "predicted", "probability",
+                       "top1_class", "top1_prob", "top2_class", "top2_prob", "top3_class", "top3_prob", "error"]
+    assert [r["id"] for r in rows] == ["a/000.png", "a/001.png", "a/broken.png", "b/000.png", "b/001.png", "zebra/000.png", "zebra/001.png"]
+    assert all(r["path"] == str(source / r["id"]) for r in rows)
+
+    broken = rows[2]
+    assert broken["error"] and all(broken[c] == "" for c in columns[2:-1])
+    for row in rows[:2] + rows[3:]:
+        probs = [float(row[f"top{k}_prob"]) for k in (1, 2, 3)]
+        assert row["error"] == ""
+        assert (row["predicted"], row["probability"]) == (row["top1_class"], row["top1_prob"])
+        assert {row[f"top{k}_class"] for k in (1, 2, 3)} == {"a", "b", "c"}
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-5)
+
+    assert "predicted 6 images, 1 errors" in result.output and "error: a/broken.png: " in result.output
+    assert "labels the run does not know, left out of the accuracy: zebra (2)" in result.output
+    known = [r for r in rows if r["id"][0] in "ab" and not r["error"]]
+    accuracy = sum(r["predicted"] == r["id"][0] for r in known) / len(known)
+    assert result.output.rstrip().endswith(f"accuracy: {accuracy:.3f} on 4 labelled images")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p.csv"]  # no scratch features left
+
+
+def test_an_unlabelled_csv_source_gets_no_accuracy_line(head_run, tmp_path, image_tree, run_cli):
+    images = image_tree(classes=("x",), per_class=2)
+    listing = tmp_path / "list.csv"
+    listing.write_text("id,path\nfirst,images/x/000.png\nsecond,images/x/001.png\n")
+    result = run_cli("predict", head_run.run, listing, "--out", tmp_path / "p.csv", "--top-k", 1)
+    columns, rows = read_csv(tmp_path / "p.csv")
+    assert columns == ["id", "path", "predicted", "probability", "top1_class", "top1_prob", "error"]
+    assert [(r["id"], r["path"]) for r in rows] == [("first", str(images / "x/000.png")), ("second", str(images / "x/001.png"))]
+    assert "accuracy" not in result.output
+
