@@ -1,0 +1,220 @@
+"""The benchmark report: run statistics, derived ratios, the issue's targets, and bench.md."""
+
+import math
+import statistics
+
+# The issue's targets.
+E2E_OVER_MODEL = 0.90
+E2E_OVER_BASELINE = 2.0
+MODEL_OVER_FLOP_BOUND = 0.80
+MIN_COSINE = 0.99
+REDUCE_RSS_MB = 1536
+REDUCE_ROW_COST_GROWTH = 1.25  # seconds per row at the largest size / at the smallest: at most this (linear)
+
+
+def summarize(values):
+    """{min, median, max, runs} of a list of measurements (each rounded to 4 significant digits)."""
+    values = [float(v) for v in values]
+    return {
+        "min": _round(min(values)),
+        "median": _round(statistics.median(values)),
+        "max": _round(max(values)),
+        "runs": [_round(v) for v in values],
+    }
+
+
+def _round(value):
+    return float(f"{value:.4g}")
+
+
+def ratio(numerator, denominator):
+    """numerator / denominator of two summaries' medians (or plain numbers), rounded; None if either is missing."""
+    if numerator is None or denominator is None:
+        return None
+    numerator, denominator = (v["median"] if isinstance(v, dict) else v for v in (numerator, denominator))
+    return _round(numerator / denominator) if denominator else None
+
+
+def derived(results, policy):
+    """Ratios of medians and single figures the report quotes, by name; a skipped stage's are left out.
+
+    `policy` is the precision `auto` resolved to.
+    """
+    model, extract = results.get("model", {}), results.get("extract", {})
+    flops = results.get("flops", {}).get("policies", {})
+    baseline = results.get("baseline", {})
+    figures = {}
+    for p in dict.fromkeys([*model, *extract]):
+        run = extract.get(p, {})
+        rate = model.get(p, {}).get("images_per_second")
+        figures[f"end to end / model bound, steady state ({p})"] = ratio(run.get("steady_images_per_second"), rate)
+        figures[f"end to end / model bound, start to manifest ({p})"] = ratio(run.get("images_per_second"), rate)
+        model_cost = (1 / rate["median"], 0.0) if rate else None
+        figures[f"images for start to manifest >= {E2E_OVER_MODEL} x model bound ({p})"] = _images_to_reach(E2E_OVER_MODEL, _cost(run), model_cost)
+        figures[f"end to end ({p}) / seed-style baseline, start to end"] = ratio(run.get("images_per_second"), baseline.get("images_per_second"))
+        figures[f"end to end ({p}) / seed-style baseline, steady state"] = ratio(
+            run.get("steady_images_per_second"), baseline.get("steady_images_per_second")
+        )
+        figures[f"images for start to end >= {E2E_OVER_BASELINE} x seed-style baseline ({p})"] = _images_to_reach(
+            E2E_OVER_BASELINE, _cost(run), _cost(baseline)
+        )
+        figures[f"model bound / FLOP bound ({p})"] = flops.get(p, {}).get("fraction_of_bound")
+        figures[f"min cosine vs float32 ({p})"] = run.get("min_cosine_vs_float32")
+    if policy != "float32":
+        for stage in ("model", "extract"):
+            figures[f"{policy} / float32, {stage}"] = ratio(
+                results.get(stage, {}).get(policy, {}).get("images_per_second"),
+                results.get(stage, {}).get("float32", {}).get("images_per_second"),
+            )
+    figures[f"decode bound / model bound ({policy})"] = ratio(
+        results.get("decode", {}).get("images_per_second"), model.get(policy, {}).get("images_per_second")
+    )
+    fast = results.get("fast_decode", {})
+    figures["--fast-decode speed-up on large JPEGs (decode bound)"] = fast.get("speedup")
+    figures["--fast-decode min cosine vs full decode"] = fast.get("min_cosine_vs_full_decode")
+    figures["--fast-decode mean cosine vs full decode"] = fast.get("mean_cosine_vs_full_decode")
+    reduce = results.get("reduce")
+    if reduce:
+        figures["reduce peak RSS at the largest size (MB)"] = reduce["sizes"][-1]["peak_rss_mb"]["median"]
+        figures["reduce seconds per row, largest / smallest size"] = reduce["row_cost_growth"]
+    return {name: value for name, value in figures.items() if value is not None}
+
+
+def _cost(run):
+    """(seconds per image, fixed seconds) of a timed run's medians: seconds = images * per_image + fixed.
+
+    The steady rate after the first batch gives the per-image cost; the rest of the start-to-end
+    time is fixed (start-up, first trace, fidelity check, last write). None without a steady rate.
+    """
+    if not run or not run.get("steady_images_per_second"):
+        return None
+    per_image = 1 / run["steady_images_per_second"]["median"]
+    return per_image, run["images"] / run["images_per_second"]["median"] - run["images"] * per_image
+
+
+def _images_to_reach(goal, ours, theirs):
+    """The smallest corpus on which theirs' seconds / ours' seconds >= goal; None if no size does.
+
+    `ours` and `theirs` are (seconds per image, fixed seconds), as `_cost` gives them.
+    """
+    if ours is None or theirs is None:
+        return None
+    gain_per_image = theirs[0] - goal * ours[0]
+    needed = goal * ours[1] - theirs[1]
+    if needed <= 0:
+        return 1
+    return math.ceil(round(needed / gain_per_image, 6)) if gain_per_image > 0 else None  # round: float noise
+
+
+def targets(figures, policies):
+    """The issue's targets checked against `derived` figures: [{target, measured, required, met}].
+
+    `policies` are the precisions measured, `auto`'s first. A target whose stage was skipped has
+    `measured` and `met` None.
+    """
+    policy = policies[0]
+    checks = [
+        (f"end to end / model bound, steady state ({policy})", ">=", E2E_OVER_MODEL),
+        (f"end to end / model bound, start to manifest ({policy})", ">=", E2E_OVER_MODEL),
+        (f"end to end ({policy}) / seed-style baseline, steady state", ">=", E2E_OVER_BASELINE),
+        (f"end to end ({policy}) / seed-style baseline, start to end", ">=", E2E_OVER_BASELINE),
+        *((f"model bound / FLOP bound ({p})", ">=", MODEL_OVER_FLOP_BOUND) for p in policies),
+        (f"min cosine vs float32 ({policy})", ">=", MIN_COSINE),
+        ("reduce peak RSS at the largest size (MB)", "<", REDUCE_RSS_MB),
+        ("reduce seconds per row, largest / smallest size", "<=", REDUCE_ROW_COST_GROWTH),
+    ]
+    compare = {">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
+    return [
+        {
+            "target": name,
+            "measured": figures.get(name),
+            "required": f"{relation} {threshold}",
+            "met": None if name not in figures else bool(compare[relation](figures[name], threshold)),
+        }
+        for name, relation, threshold in checks
+    ]
+
+
+def render_markdown(report):
+    """bench.md: the machine, the settings, one row per measurement, the ratios and the targets."""
+    machine, settings, results = report["machine"], report["settings"], report["results"]
+    load = report["load_average"]
+    lines = [
+        f"# pipeline bench: {settings['image_size']} px, {settings['images']} images, batch {settings['batch_size']}; "
+        f"{settings['repeats']} timed runs after a warm-up (reduce: {settings['reduce_repeats']} cold run per size)",
+        "",
+        f"Machine: {machine['cpu']} ({machine['cores']} cores), {machine['accelerator']}; "
+        f"TensorFlow {machine['tensorflow']}, Keras {machine['keras']}. Corpus: {settings['corpus']}. "
+        f"Load average (1 min) {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end; "
+        f"total {report['seconds']:.0f} s.",
+        "",
+        "| measurement | precision | min | median | max | unit |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    lines += [_row(*row) for row in _measurement_rows(results)]
+    lines += ["", "| derived figure | value |", "| --- | ---: |"]
+    lines += [f"| {name} | {_number(value, 5)} |" for name, value in report["derived"].items()]
+    lines += ["", "| target | measured | required | met |", "| --- | ---: | --- | --- |"]
+    for target in report["targets"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[target["met"]]
+        lines.append(f"| {target['target']} | {_number(target['measured'], 5)} | {target['required']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def _measurement_rows(results):
+    """(measurement, precision, stats, unit) for every measured stage, in the issue's order."""
+    rows = []
+    for policy, stats in results.get("model", {}).items():
+        rows.append(("model bound: fused tap forward on in-memory batches", policy, stats["images_per_second"], "images/s"))
+    for policy, stats in results.get("extract", {}).items():
+        rows += _run_rows("end to end: `extract`", "manifest", policy, stats)
+    if "decode" in results:
+        rows.append(("decode bound: tf.data read, decode, resize, batch", "-", results["decode"]["images_per_second"], "images/s"))
+    if "baseline" in results:
+        rows += _run_rows("seed-style baseline", "HDF5 written", "float32", results["baseline"])
+    flops = results.get("flops")
+    for policy, stats in (flops or {}).get("policies", {}).items():
+        per_image = f"{flops['gflop_per_image']:.4g} GFLOP per image"
+        rows.append((f"matmul {stats['matmul_size']}x{stats['matmul_size']}", policy, stats["matmul_gflops"], "GFLOP/s"))
+        rows.append((f"FLOP bound: matmul rate / {per_image}", policy, stats["bound_images_per_second"], "images/s"))
+        rows.append((f"achieved: model bound x {per_image}", policy, stats["achieved_gflops"], "GFLOP/s"))
+    fast = results.get("fast_decode")
+    if fast:
+        size = "x".join(map(str, fast["photo_size"]))
+        rows.append((f"decode bound, {size} JPEGs, full decode", "-", fast["full_images_per_second"], "images/s"))
+        rows.append((f"decode bound, {size} JPEGs, --fast-decode", "-", fast["fast_images_per_second"], "images/s"))
+    reduce = results.get("reduce")
+    if reduce:
+        for size in reduce["sizes"]:
+            what = f"reduce {size['rows']:,} x {reduce['dims']:,} float16, {reduce['solver']}"
+            rows.append((what, "-", size["seconds"], "s"))
+            rows.append((f"{what}: peak RSS", "-", size["peak_rss_mb"], "MB"))
+    heads = results.get("heads")
+    if heads:
+        what = f"head experiment, {heads['rows']:,} x {heads['dims']} reduced, hidden {heads['hidden']}"
+        rows.append((what, "float32", heads["seconds"], "s"))
+        rows.append((f"{what}: epochs run (early stopping)", "float32", heads["epochs"], "epochs"))
+        rows.append((f"{what}: per epoch", "float32", heads["seconds_per_epoch"], "s"))
+    return rows
+
+
+def _run_rows(name, end, policy, stats):
+    """Rows of a timed run: start to end, steady state after the first batch, time to the first batch."""
+    rows = [(f"{name}, start to {end}", policy, stats["images_per_second"], "images/s")]
+    if stats["steady_images_per_second"] is not None:
+        rows.append((f"{name}, steady state after the first batch", policy, stats["steady_images_per_second"], "images/s"))
+    rows.append((f"{name}, start to first batch done", policy, stats["first_batch_seconds"], "s"))
+    return rows
+
+
+def _row(name, policy, stats, unit):
+    return f"| {name} | {policy} | {_number(stats['min'])} | {_number(stats['median'])} | {_number(stats['max'])} | {unit} |"
+
+
+def _number(value, digits=4):
+    """A table cell: `digits` significant digits, thousands separated, '-' for a missing value."""
+    if value is None:
+        return "-"
+    if abs(value) >= 10**digits or float(value).is_integer():
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"

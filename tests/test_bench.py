@@ -1,0 +1,219 @@
+"""The benchmark code at tiny sizes: well-formed reports, right arithmetic. No timing is asserted."""
+
+import json
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline import backbones, bench_report, bench_stage_two, shards
+from pipeline.bench import STAGES, BenchOptions, run_bench, seed_style_baseline
+from pipeline.bench_corpus import PHOTO_SIZE, write_corpus
+from pipeline.bench_flops import count_flops, matmul_gflops
+from pipeline.cli import cli
+from pipeline.config import ReduceConfig
+from pipeline.errors import PipelineError
+
+TINY = dict(
+    image_size=32, taps=("vgg16:block1_conv2",), images=4, batch_size=2, repeats=1, matmul_size=64, large_images=1,
+    reduce_rows=(200, 400), shard_rows=200, tap_dims=(8, 8, 8, 8), components=4, head_epochs=1,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """One run of every stage at tiny sizes; (report, out dir)."""
+    out = tmp_path_factory.mktemp("bench")
+    return run_bench(BenchOptions(out=out, **TINY), log=lambda line: None), out
+
+
+def test_report_holds_every_stage_for_every_precision(tiny_report):
+    report, out = tiny_report
+    results = report["results"]
+    policies = list(dict.fromkeys([report["settings"]["precision_auto"], "float32"]))
+    assert set(results) == {"model", "extract", "decode", "baseline", "flops", "fast_decode", "reduce", "heads"}
+    for stage in ("model", "extract"):
+        assert list(results[stage]) == policies
+    assert list(results["flops"]["policies"]) == policies
+    assert [size["rows"] for size in results["reduce"]["sizes"]] == [200, 400]
+    assert results["reduce"]["dims"] == 32
+    assert results["heads"]["rows"] == 200 and results["heads"]["dims"] == 4
+    assert results["extract"][policies[0]]["images"] == 4
+    assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(report))
+    assert not (out / "work").exists()
+
+
+def test_report_statistics_are_ordered_and_ratios_use_medians(tiny_report):
+    report, _ = tiny_report
+    results, policy = report["results"], report["settings"]["precision_auto"]
+    stats = results["model"][policy]["images_per_second"]
+    assert stats["min"] <= stats["median"] <= stats["max"] and len(stats["runs"]) == TINY["repeats"]
+    extract_rate = results["extract"][policy]["images_per_second"]["median"]
+    expected = extract_rate / stats["median"]
+    assert report["derived"][f"end to end / model bound, start to manifest ({policy})"] == pytest.approx(expected, rel=1e-3)
+    flops = results["flops"]
+    fraction = stats["median"] * flops["gflop_per_image"] / flops["policies"][policy]["matmul_gflops"]["median"]
+    assert flops["policies"][policy]["fraction_of_bound"] == pytest.approx(fraction, rel=1e-3)
+    assert 0.9 < results["fast_decode"]["min_cosine_vs_full_decode"] <= 1 + 1e-6
+
+
+def test_markdown_tables_are_well_formed(tiny_report):
+    report, out = tiny_report
+    text = (out / "bench.md").read_text()
+    assert report["machine"]["cpu"] in text
+    tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
+    assert [table[0] for table in tables] == [
+        "| measurement | precision | min | median | max | unit |",
+        "| derived figure | value |",
+        "| target | measured | required | met |",
+    ]
+    for table in tables:
+        assert len({line.count("|") for line in table}) == 1, table
+        assert len(table) > 2
+    assert len(tables[2]) == 2 + len(report["targets"])
+
+
+def test_skipped_stages_are_absent_and_their_targets_not_measured(tmp_path):
+    skip = tuple(stage for stage in STAGES if stage != "decode")
+    report = run_bench(BenchOptions(out=tmp_path, skip=skip, **TINY), log=lambda line: None)
+    assert set(report["results"]) == {"decode"}
+    assert all(target["met"] is None and target["measured"] is None for target in report["targets"])
+    assert "not measured" in (tmp_path / "bench.md").read_text()
+
+
+def test_summarize_and_ratio():
+    assert bench_report.summarize([3, 1, 2]) == {"min": 1.0, "median": 2.0, "max": 3.0, "runs": [3.0, 1.0, 2.0]}
+    assert bench_report.ratio(bench_report.summarize([9, 10, 11]), bench_report.summarize([4, 5, 6])) == 2.0
+    assert bench_report.ratio(None, 3) is None
+    assert bench_report.ratio(3, 0) is None
+
+
+def _run(images, start_to_end, steady):
+    return {
+        "images": images,
+        "images_per_second": bench_report.summarize([start_to_end]),
+        "steady_images_per_second": bench_report.summarize([steady]),
+    }
+
+
+def test_break_even_corpus_sizes_follow_the_fixed_costs():
+    # extract: 64 images at 4/s start to end, 10/s steady -> 0.1 s per image + 9.6 s fixed.
+    # model bound 10/s: 0.9 x needs 0.1 n >= 0.9 (0.1 n + 9.6), n >= 864.
+    # baseline: 64 images at 2/s, 2.5/s steady -> 0.4 s per image + 6.4 s; 2 x needs 0.4 n + 6.4 >= 0.2 n + 19.2, n >= 64.
+    results = {
+        "model": {"float32": {"images_per_second": bench_report.summarize([10.0])}},
+        "extract": {"float32": _run(64, 4.0, 10.0)},
+        "baseline": _run(64, 2.0, 2.5),
+    }
+    figures = bench_report.derived(results, "float32")
+    assert figures["images for start to manifest >= 0.9 x model bound (float32)"] == 864
+    assert figures["images for start to end >= 2.0 x seed-style baseline (float32)"] == 64
+    results["extract"]["float32"] = _run(64, 4.0, 8.0)  # steady below 0.9 x the model bound: no size reaches it
+    assert "images for start to manifest >= 0.9 x model bound (float32)" not in bench_report.derived(results, "float32")
+
+
+def test_targets_compare_against_their_thresholds():
+    figures = {
+        "end to end / model bound, steady state (mixed_bfloat16)": 0.95,
+        "end to end / model bound, start to manifest (mixed_bfloat16)": 0.5,
+        "model bound / FLOP bound (float32)": 0.8,
+        "reduce peak RSS at the largest size (MB)": 1536,
+    }
+    met = {t["target"]: t["met"] for t in bench_report.targets(figures, ["mixed_bfloat16", "float32"])}
+    assert met["end to end / model bound, steady state (mixed_bfloat16)"] is True
+    assert met["end to end / model bound, start to manifest (mixed_bfloat16)"] is False
+    assert met["model bound / FLOP bound (float32)"] is True  # >= is inclusive
+    assert met["reduce peak RSS at the largest size (MB)"] is False  # < is strict
+    assert met["model bound / FLOP bound (mixed_bfloat16)"] is None
+
+
+def test_count_flops_counts_every_conv_and_dense_once_also_nested():
+    inputs = keras.Input((10, 10, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inputs)  # 2 * 10*10 * 3*3*3*8
+    x = keras.layers.Conv2D(16, 3, strides=2)(x)  # 2 * 4*4 * 3*3*8*16
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    inner = keras.Model(inputs, keras.layers.Dense(5)(x))  # 2 * 16*5
+    expected = 2 * 100 * 216 + 2 * 16 * 1152 + 2 * 80
+    assert count_flops(inner) == expected
+    outer_input = keras.Input((10, 10, 3))
+    assert count_flops(keras.Model(outer_input, inner(outer_input))) == expected
+
+
+def test_count_flops_of_a_tap_model_stops_at_the_deepest_tap():
+    trunks = {"vgg16": backbones.build_backbone("vgg16", 32)}
+    model = backbones.build_tap_model(trunks, ("vgg16/block1_conv2",), "avg", 32)
+    assert count_flops(model) == 2 * 32 * 32 * (3 * 3 * 3 * 64 + 3 * 3 * 64 * 64)
+
+
+def test_matmul_rate_is_one_positive_figure_per_run():
+    rates = matmul_gflops("float32", 64, 3)
+    assert len(rates) == 3 and all(rate > 0 for rate in rates)
+
+
+def test_corpus_is_deterministic_jpegs_near_the_photo_size(tmp_path):
+    write_corpus(tmp_path / "a", 8)
+    write_corpus(tmp_path / "b", 8)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    assert len(files) == 8 and {f.parts[0] for f in files} == {"china", "flower"}
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        with Image.open(tmp_path / "a" / name) as image:
+            assert image.format == "JPEG"
+            long_side, short_side = max(image.size), min(image.size)
+            assert 0.9 * PHOTO_SIZE[0] <= long_side <= 1.1 * PHOTO_SIZE[0] + 1
+            assert 0.9 * PHOTO_SIZE[1] <= short_side <= 1.1 * PHOTO_SIZE[1] + 1
+
+
+def test_seed_style_baseline_writes_one_dataset_per_tap(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", 3)
+    paths = sorted(str(p) for p in corpus.rglob("*.jpg"))
+    taps = ("resnet50/conv1_relu", "vgg16/block1_conv2")
+    done = []
+    seed_style_baseline(paths, taps, 32, 2, "random", 0, tmp_path / "features.h5", done.append)
+    assert done == [2, 1]
+    with h5py.File(tmp_path / "features.h5") as f:
+        assert sorted(f) == ["resnet50", "vgg16"]
+        assert f["resnet50/conv1_relu"].shape == (3, 64) and f["vgg16/block1_conv2"].shape == (3, 64)
+        assert np.isfinite(f["vgg16/block1_conv2"][:]).all()
+
+
+def test_synthetic_features_verify_and_a_prefix_is_whole_shards(tmp_path):
+    dims = dict(zip(bench_stage_two.DEFAULT_TAP_DIMS, (4, 4, 2, 2)))
+    full = bench_stage_two.write_synthetic_features(tmp_path / "full", 30, 10, dims)
+    assert shards.verify(full) == []
+    prefix = bench_stage_two.prefix_features(full, tmp_path / "prefix", 20)
+    assert shards.verify(prefix) == [] and shards.read_manifest(prefix)["rows"] == 20
+    with h5py.File(prefix / "shard-00000.h5") as f:
+        assert f["features/resnet50/conv5_block3_out"].dtype == np.float16
+    with pytest.raises(ValueError, match="not a whole number"):
+        bench_stage_two.prefix_features(full, tmp_path / "odd", 15)
+
+
+def test_measure_reduce_reports_the_child_process_own_peak_rss(tmp_path):
+    dims = dict(zip(bench_stage_two.DEFAULT_TAP_DIMS, (8, 8, 8, 8)))
+    features = bench_stage_two.write_synthetic_features(tmp_path / "features", 100, 50, dims)
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MB in this process must not show up in the child's figure
+    measured = bench_stage_two.measure_reduce(features, tmp_path / "reduced", ReduceConfig(solver="incremental", components=4))
+    del ballast
+    assert (tmp_path / "reduced" / "reduced.h5").is_file()
+    assert measured["seconds"] > 0
+    assert 20 < measured["peak_rss_mb"] < 400
+
+
+def test_options_reject_an_unknown_stage_naming_the_valid_ones():
+    with pytest.raises(PipelineError, match="'decoding' is not one of model, extract, decode"):
+        BenchOptions(skip=("decoding",))
+    quick = BenchOptions.quick(images=5)
+    assert (quick.images, quick.image_size) == (5, 64)
+
+
+def test_cli_bench_help_lists_every_stage_and_bad_stage_is_one_line(tmp_path):
+    runner = CliRunner()
+    help_text = runner.invoke(cli, ["bench", "--help"]).output
+    assert all(stage in help_text for stage in STAGES)
+    result = runner.invoke(cli, ["bench", "--out", str(tmp_path), "--skip", "nope"])
+    assert result.exit_code == 1
+    assert "Error: bench stage 'nope' is not one of" in result.output
