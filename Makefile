@@ -11,8 +11,18 @@ WEIGHTS ?= imagenet
 EXTRACT_ARGS ?=
 # The demo: digits upscaled to 64 px, random weights, small enough for ~3 minutes on 2 cores.
 DEMO_SIZE ?= 64
+REDUCED ?= data/reduced
+RUNS ?= data/runs
+REDUCE_ARGS ?=
+TRAIN_ARGS ?=
+# The demo's heads: a four-run sweep on 64 PCA components.
+DEMO_SWEEP ?= data/demo-sweep.toml
+# The benchmark writes bench.json + bench.md to BENCH_OUT; BENCH_ARGS=--quick for a one-minute run, BENCH_DATA=DIR for your images.
+BENCH_OUT ?= bench-out
+BENCH_ARGS ?=
+BENCH_DATA ?=
 
-.PHONY: install data extract demo test test-all clean
+.PHONY: install data extract reduce train demo bench test test-all clean
 
 install: $(VENV)/.installed
 
@@ -28,11 +38,24 @@ data: install
 extract: install
 	$(BIN)/pipeline extract $(DATA) --out $(FEATURES) --weights $(WEIGHTS) $(EXTRACT_ARGS)
 
+reduce: install
+	$(BIN)/pipeline reduce $(FEATURES) --out $(REDUCED) $(REDUCE_ARGS)
+
+train: install
+	$(BIN)/pipeline train $(REDUCED) --runs $(RUNS) $(TRAIN_ARGS)
+	$(BIN)/pipeline runs $(RUNS)
+
 demo: install
 	@echo "demo: digits at $(DEMO_SIZE) px, random weights, 2 CPU cores take about 3 minutes"
 	$(BIN)/pipeline demo-data $(DATA) --size $(DEMO_SIZE)
 	$(BIN)/pipeline extract $(DATA) --out $(FEATURES) --weights random --image-size $(DEMO_SIZE)
 	$(BIN)/pipeline inspect $(FEATURES) --verify
+	$(BIN)/pipeline reduce $(FEATURES) --out $(REDUCED) --components 64
+	$(BIN)/pipeline train $(REDUCED) --runs $(RUNS) --sweep $(DEMO_SWEEP)
+	$(BIN)/pipeline runs $(RUNS)
+
+bench: install
+	$(BIN)/pipeline bench --out $(BENCH_OUT) $(if $(BENCH_DATA),--data $(BENCH_DATA)) $(BENCH_ARGS)
 
 test: install
 	$(BIN)/pytest -q
@@ -41,4 +64,4 @@ test-all: install
 	$(BIN)/pytest -q -m ""
 
 clean:
-	rm -rf $(VENV) data/demo data/features
+	rm -rf $(VENV) data/demo data/features data/reduced data/runs $(BENCH_OUT)

@@ -91,7 +91,7 @@ class Progress:
 
 
 EXTRACT_KEYS = (
-    "backbone", "tap", "pooling", "image_size", "resize", "batch_size", "precision", "xla",
+    "backbone", "tap", "pooling", "image_size", "resize", "fast_decode", "batch_size", "precision", "xla",
     "weights", "seed", "shard_size", "storage_dtype", "on_error", "overwrite",
 )
 
@@ -104,6 +104,7 @@ EXTRACT_KEYS = (
 @click.option("--pooling", default="avg", show_default=True, type=click.Choice(cfg.POOLINGS), help="Global pooling of each tap (avgmax concatenates both).")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32), help="Square input side in pixels.")
 @click.option("--resize", default="squash", show_default=True, type=click.Choice(cfg.RESIZES), help="Squash the whole image, or center-crop to square first.")
+@click.option("--fast-decode/--no-fast-decode", default=False, show_default=True, help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers --image-size (faster, features move slightly).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy; auto = mixed_float16 on GPU, mixed_bfloat16 on bf16 CPUs, else float32.")
 @click.option("--xla/--no-xla", default=None, help="XLA-compile the forward pass. Default: on with a GPU.")
@@ -144,7 +145,7 @@ def extract(ctx, source, out, config_file, **options):
 
 def _print_extract_summary(result):
     m = result.manifest
-    if result.written == 0:
+    if result.up_to_date:
         click.echo(f"{result.out_dir} is up to date ({m['rows']} rows); nothing to do")
         return
     click.echo(
@@ -172,10 +173,10 @@ def _print_extract_summary(result):
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32), help="Input side the shapes are given for.")
 def taps(backbone, image_size):
     """List every tappable layer: name, output shape and stride."""
-    from pipeline.backbones import tap_catalogue
+    from pipeline.backbones import build_backbone, tap_catalogue
 
     for name in backbone or cfg.BACKBONES:
-        catalogue = tap_catalogue(name, image_size)
+        catalogue = tap_catalogue(name, build_backbone(name, image_size))
         width = max(len(info.key) for info in catalogue)
         click.echo(f"{name} at {image_size}x{image_size} ({len(catalogue)} taps; * = default)")
         for info in catalogue:
@@ -212,4 +213,227 @@ def inspect(features, verify):
             raise click.ClickException(f"{len(problems)} problem(s) in {features}")
         click.echo(f"verified: {len(m['shards'])} shards, {m['rows']} rows, no problems")
 
+# --- using a run: predict, export ---
+
+_RUN_WEIGHTS_HELP = (
+    "Load backbone weights from here instead of the recorded sources (imagenet, random, or "
+    "BACKBONE=PATH,... for moved files); their fingerprints must still match."
+)
+
+
+@cli.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write: one row per listed image, sorted by id.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Most likely classes listed per image (at most the run's classes).")
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy of the backbones; float32 gives the probabilities of `pipeline export`.")
+@click.option("--weights", help=_RUN_WEIGHTS_HELP)
+def predict(run, source, out, **options):
+    """Classify the images of SOURCE (a folder tree or a CSV) with the head of RUN into a CSV."""
+    from pipeline.predict import predict as run_predict
+    from pipeline.sources import list_source
+
+    total = len(list_source(source).records)
+    click.echo(f"predict: {total} images from {source} with {run} -> {out}", err=True)
+    progress = Progress(total, "predict")
+    try:
+        result = run_predict(run, source, out, progress=progress, **options)
+    finally:
+        progress.close()
+    click.echo(f"predicted {result.predicted} images, {len(result.errors)} errors, into {result.out}")
+    for error in result.errors[:10]:
+        click.echo(f"  error: {error['id']}: {error['reason']}")
+    if len(result.errors) > 10:
+        click.echo(f"  ... {len(result.errors) - 10} more in the CSV's error column")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if result.unknown_labels:
+        names = ", ".join(f"{name} ({count})" for name, count in sorted(result.unknown_labels.items()))
+        click.echo(f"labels the run does not know, left out of the accuracy: {names}")
+    if result.labelled:
+        click.echo(f"accuracy: {result.accuracy:.3f} on {result.labelled} labelled images")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Keras file to write; must end in .keras.")
+@click.option("--image-size", type=click.IntRange(min=32), help="Side the model resizes every image to. Default: the extraction's, the only one at which it agrees with predict.")
+@click.option("--weights", help=_RUN_WEIGHTS_HELP)
+def export(run, out, image_size, weights):
+    """Save RUN as one Keras model: uint8 RGB images of any size in, class probabilities out."""
+    from pipeline.export import export as run_export
+
+    result = run_export(run, out, image_size=image_size, weights=weights)
+    click.echo(
+        f"exported {run} to {result.out}: uint8 images (batch, height, width, 3) -> {result.resize} to "
+        f"{result.image_size} px -> taps -> PCA ({result.components}) -> head -> {len(result.classes)} probabilities"
+    )
+    click.echo("classes: " + ", ".join(result.classes))
+    click.echo("load it with: import keras, pipeline.layers; keras.saving.load_model(PATH)")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+@cli.command()
+@click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False), help="Directory for bench.json and bench.md.")
+@click.option("--quick", is_flag=True, help="About a minute: 64 px, 32 images, 1 run, tiny stage two; a smoke test, not a measurement.")
+@click.option("--image-size", type=click.IntRange(min=32), help="Model input side. Default: 224 (64 with --quick).")
+@click.option("--tap", "taps", multiple=True, help="BACKBONE:LAYER of stage one, as for extract; repeat. Default: extract's default taps.")
+@click.option("--images", type=click.IntRange(min=1), help="Corpus images for the extract, decode and baseline stages. Default: 64 (32 with --quick).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass. Default: 32 (16 with --quick).")
+@click.option("--repeats", type=click.IntRange(min=1), help="Timed runs per figure, after a warm-up. Default: 3 (1 with --quick).")
+@click.option("--data", envvar="BENCH_DATA", type=click.Path(exists=True), help="Your images (folder or CSV; the first --images) instead of the generated corpus. Env: BENCH_DATA.")
+@click.option("--weights", default="random", show_default=True, help="As for extract; speed does not depend on the values, the fidelity check does.")
+@click.option("--skip", multiple=True, help="Stage not to run, repeat for several: model, extract, decode, baseline, flops, fast-decode, reduce, heads.")
+def bench(out, quick, taps, data, weights, skip, **sizes):
+    """Measure every stage against its bound and a tutorial-style baseline; write bench.json and bench.md."""
+    from pathlib import Path
+
+    from pipeline.bench import BenchOptions, run_bench
+
+    given = {name: value for name, value in sizes.items() if value is not None}  # unset: the mode's default
+    if taps:
+        given["taps"] = taps
+    make = BenchOptions.quick if quick else BenchOptions
+    options = make(out=Path(out), data=Path(data) if data else None, weights=weights, skip=tuple(skip), **given)
+    run_bench(options, log=lambda line: click.echo(f"bench: {line}", err=True))
+    click.echo((Path(out) / "bench.md").read_text(), nl=False)
+
+
 # --- stage two: reduce, train, runs ---
+
+
+def _components(ctx, param, value):
+    """--components: '256' keeps that many components, '0.95' that share of the variance."""
+    text = str(value).strip()
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    try:
+        share = float(text)
+    except ValueError:
+        share = None
+    if share is not None and 0 < share < 1:
+        return share
+    raise click.BadParameter(f"{value!r} is neither a number of components (1, 2, ...) nor a variance share strictly between 0 and 1")
+
+
+_REDUCE = cfg.ReduceConfig()
+_HEAD = cfg.HeadConfig()
+
+
+@cli.command("reduce")
+@click.argument("features", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Reduced directory to write: reduced.h5, transform.joblib, reduce.json, explained_variance.png.")
+@click.option("--tap", "taps", multiple=True, help="BACKBONE/LAYER of the manifest to use; repeat for several. Default: all of its taps.")
+@click.option("--scaling", default=_REDUCE.scaling, show_default=True, type=click.Choice(cfg.SCALINGS), help="standard: every feature to unit variance; block: standard, then every tap to equal total variance; none: as stored.")
+@click.option("--components", default=str(_REDUCE.components), show_default=True, callback=_components, help="Components to keep (an integer), or the share of variance to keep (a number between 0 and 1).")
+@click.option("--whiten", is_flag=True, help="Rescale every kept component to unit variance.")
+@click.option("--solver", default=_REDUCE.solver, show_default=True, type=click.Choice(cfg.SOLVERS), help="PCA solver; auto = full or randomized when the train rows fit in memory, else incremental.")
+@click.option("--batch-rows", default=_REDUCE.batch_rows, show_default=True, type=click.IntRange(min=1), help="Rows read at a time, and per incremental PCA batch; bounds memory.")
+@click.option("--val-fraction", default=_REDUCE.val_fraction, show_default=True, type=float, help="Share of each class hashed to val (rows whose source gave no split).")
+@click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Share of each class hashed to test (rows whose source gave no split).")
+@click.option("--split-seed", default=_REDUCE.split_seed, show_default=True, type=int, help="Salt of the id hash that assigns splits.")
+@click.option("--overwrite", is_flag=True, help="Replace a reduction with other settings in --out.")
+def reduce(features, out, overwrite, **options):
+    """Scale and PCA-reduce the cached taps of FEATURES, fitted on train rows only."""
+    from pipeline.reduce import reduce_features
+
+    result = reduce_features(features, out, cfg.ReduceConfig(**options), overwrite=overwrite)
+    if result.up_to_date:
+        click.echo(f"{out} is up to date (same features manifest and settings); nothing to do")
+        return
+    report = result.report
+    rows, splits = report["splits"]["rows"], report["splits"]
+    click.echo(
+        f"reduced {report['rows']} rows of {len(report['taps'])} taps ({report['features']} features); "
+        f"train {rows['train']}, val {rows['val']}, test {rows['test']} (splits from {splits['source']})"
+    )
+    click.echo(
+        f"PCA ({report['solver']['chosen']}, scaling {report['config']['scaling']}): "
+        f"{report['components']} components keep {report['kept_variance']:.1%} of the scaled variance"
+    )
+    width = max(len(t["key"]) for t in report["taps"])
+    click.echo(f"  {'tap':<{width}}  {'dim':>5}  {'input':>6}  {'kept':>6}")
+    for tap in report["taps"]:
+        click.echo(f"  {tap['key']:<{width}}  {tap['dim']:>5}  {tap['input_share']:>6.1%}  {tap['kept_share']:>6.1%}")
+    click.echo(f"wrote {out} in {report['seconds']:.1f} s")
+
+
+@cli.command("train")
+@click.argument("reduced", type=click.Path(file_okay=False))
+@click.option("--runs", "runs_dir", required=True, type=click.Path(file_okay=False), help="Runs directory: one sub-directory per run, plus leaderboard.csv.")
+@click.option("--hidden", multiple=True, default=_HEAD.hidden, show_default=True, type=click.IntRange(min=1), help="Units of a hidden ReLU layer; repeat for more layers, input side first.")
+@click.option("--dropout", default=_HEAD.dropout, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Dropout rate after every hidden layer.")
+@click.option("--l2", default=_HEAD.l2, show_default=True, type=click.FloatRange(min=0), help="L2 penalty on every Dense kernel.")
+@click.option("--lr", default=_HEAD.lr, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate.")
+@click.option("--batch-size", default=_HEAD.batch_size, show_default=True, type=click.IntRange(min=1), help="Rows per gradient step.")
+@click.option("--epochs", default=_HEAD.epochs, show_default=True, type=click.IntRange(min=1), help="Most epochs; early stopping on val loss usually ends sooner.")
+@click.option("--patience", default=_HEAD.patience, show_default=True, type=click.IntRange(min=1), help="Epochs without a val-loss improvement before stopping.")
+@click.option("--label-smoothing", default=_HEAD.label_smoothing, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of target mass spread over all classes.")
+@click.option("--class-weight", default=_HEAD.class_weight, show_default=True, type=click.Choice(cfg.CLASS_WEIGHTS), help="balanced weights each class inversely to its train rows.")
+@click.option("--seed", default=_HEAD.seed, show_default=True, type=int, help="Seeds weight init, dropout and shuffling; a rerun gives the same metrics.")
+@click.option("--name", help="Run id instead of one made from the config; with --sweep, a prefix of every run id.")
+@click.option("--sweep", type=click.Path(exists=True, dir_okay=False), help="TOML file with a [base] table of head options and a [grid] table of lists; every combination is a run. Options given here override [base].")
+@click.pass_context
+def train_heads(ctx, reduced, runs_dir, name, sweep, **options):
+    """Train Keras heads on REDUCED into RUNS, after a logistic-regression baseline; update the leaderboard."""
+    from pipeline.train import sweep_configs, train
+
+    if sweep:
+        given = {key: value for key, value in options.items() if ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE}
+        configs = sweep_configs(sweep, given)
+    else:
+        configs = [cfg.HeadConfig(**options)]
+    for outcome in train(reduced, runs_dir, configs, name):
+        click.echo(_outcome_line(outcome))
+    click.echo(f"leaderboard: {os.path.join(runs_dir, 'leaderboard.csv')} (`pipeline runs {runs_dir}` prints it)")
+
+
+def _outcome_line(outcome):
+    if outcome.done_before:
+        return f"{outcome.run_id}: already done"
+    metrics = outcome.metrics
+    test = f"{metrics['test']['accuracy']:.4f}" if metrics["test"] else "-"
+    line = f"{outcome.run_id}: val accuracy {metrics['val']['accuracy']:.4f}, test accuracy {test}"
+    if outcome.kind == "baseline":
+        return f"{line} (linear probe, {metrics['seconds']:.1f} s)"
+    return f"{line}, {metrics['epochs']} epochs (best {metrics['best_epoch']}), {metrics['seconds']:.1f} s"
+
+
+_TABLE_COLUMNS = ("run_id", "kind", "val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1", "val_log_loss", "epochs", "seconds", "reduced")
+
+
+@cli.command("runs")
+@click.argument("runs_dir", metavar="RUNS", type=click.Path(file_okay=False))
+@click.option("--sort", default="val_accuracy", show_default=True, help="Leaderboard column to rank by; accuracy and F1 highest first, anything else lowest first.")
+@click.option("--top", default=20, show_default=True, type=click.IntRange(min=1), help="Rows to show.")
+def runs(runs_dir, sort, top):
+    """Print the leaderboard of RUNS as a table, best first; the linear-probe baseline is marked."""
+    from pipeline.train import METRIC_COLUMNS, read_leaderboard, sort_rows
+
+    rows = sort_rows(read_leaderboard(runs_dir), sort)
+    columns = _TABLE_COLUMNS if sort in _TABLE_COLUMNS else (*_TABLE_COLUMNS, sort)
+    cells = [[_cell(column, row[column], METRIC_COLUMNS) for column in columns] for row in rows[:top]]
+    widths = [max([len(column), *(len(line[i]) for line in cells)]) for i, column in enumerate(columns)]
+    click.echo("  ".join(column.ljust(width) for column, width in zip(columns, widths)).rstrip())
+    for line in cells:
+        click.echo("  ".join(_align(value, width) for value, width in zip(line, widths)).rstrip())
+    if len(rows) > top:
+        click.echo(f"({len(rows) - top} more; raise --top to see them)")
+
+
+def _cell(column, value, metric_columns):
+    if column == "kind" and value == "baseline":
+        return "*baseline*"
+    if column in metric_columns and value:
+        return f"{float(value):.4f}"
+    return value
+
+
+def _align(value, width):
+    """Numbers right-aligned, text left-aligned."""
+    try:
+        float(value)
+    except ValueError:
+        return value.ljust(width)
+    return value.rjust(width)
