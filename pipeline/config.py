@@ -133,8 +133,8 @@ class ReduceConfig:
     scaling: str = "block"  # standard: per feature; block: standard, then each tap / sqrt(dim); none
     components: int | float = 256  # an int keeps that many components; a float in (0, 1) that variance share
     whiten: bool = False  # rescale every kept component to unit variance
-    solver: str = "auto"  # PCA solver; auto = full/randomized in memory, incremental when too big
-    batch_rows: int = 8192  # rows read per chunk, and per incremental PCA batch
+    solver: str = "auto"  # PCA solver; auto = full/randomized in memory, incremental (streaming) when too big
+    batch_rows: int = 8192  # rows read per chunk; bounds memory
     val_fraction: float = 0.1  # share of each class hashed to val when the source gave no splits
     test_fraction: float = 0.1  # share of each class hashed to test when the source gave no splits
     split_seed: int = 0  # salt of the id hash that assigns splits

@@ -15,7 +15,7 @@ import joblib
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.decomposition import PCA, IncrementalPCA
+from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
 from pipeline import shards
@@ -98,18 +98,15 @@ class TapTransform(TransformerMixin, BaseEstimator):
     def fit(self, X, y=None):
         """Fit on an in-memory matrix of train rows."""
         self._set_scaling(StandardScaler().fit(X))
-        if self.solver == "incremental":
-            self.pca_ = IncrementalPCA(self.n_components, whiten=self.whiten)
-        else:
-            self.pca_ = PCA(self.n_components, whiten=self.whiten, svd_solver=self.solver, random_state=RANDOMIZED_SEED)
+        self.pca_ = PCA(self.n_components, whiten=self.whiten, svd_solver=self.solver, random_state=RANDOMIZED_SEED)
         self.pca_.fit(self.scale(X))
         return self
 
     def fit_batches(self, batches):
-        """Fit with incremental PCA from `batches()`, a callable returning a fresh iterator of train rows.
+        """Fit from `batches()`, a callable returning a fresh iterator of train-row chunks.
 
-        Two passes (scaler, then PCA), so memory is bounded by one batch; the first batch must
-        hold at least n_components rows.
+        Two streaming passes (scaler statistics, then the covariance of the scaled rows), so
+        memory is one chunk plus a features x features matrix, however many rows there are.
         """
         if self.solver != "incremental":
             raise ValueError(f"fit_batches needs solver='incremental', not {self.solver!r}")
@@ -117,9 +114,7 @@ class TapTransform(TransformerMixin, BaseEstimator):
         for X in batches():
             scaler.partial_fit(X)
         self._set_scaling(scaler)
-        self.pca_ = IncrementalPCA(self.n_components, whiten=self.whiten)
-        for X in batches():
-            self.pca_.partial_fit(self.scale(X))
+        self.pca_ = CovariancePCA(self.n_components, whiten=self.whiten).fit_batches(map(self.scale, batches()))
         return self
 
     def _set_scaling(self, scaler):
@@ -151,6 +146,52 @@ class TapTransform(TransformerMixin, BaseEstimator):
         return [tuple(np.divide(pair, totals, out=np.zeros(2), where=totals > 0)) for pair in per_tap]
 
 
+class CovariancePCA(TransformerMixin, BaseEstimator):
+    """Exact PCA from the covariance matrix, accumulated one chunk of rows at a time.
+
+    Each chunk adds its float32 Gram matrix into a float64 sum; one symmetric eigendecomposition
+    at the end gives the components. The rows it sees are already centered by the scaler, so
+    subtracting the mean afterwards loses no precision. Fitted attributes mirror scikit-learn's
+    PCA (mean_, components_, explained_variance_, explained_variance_ratio_, n_components_),
+    with the same sign convention.
+    """
+
+    def __init__(self, n_components, whiten=False):
+        self.n_components = n_components
+        self.whiten = whiten
+
+    def fit_batches(self, batches):
+        """Fit from an iterable of (rows, features) chunks."""
+        rows, total, gram = 0, None, None
+        for X in batches:
+            X = np.asarray(X, dtype=np.float32)
+            if gram is None:
+                total, gram = np.zeros(X.shape[1]), np.zeros((X.shape[1], X.shape[1]))
+            rows += len(X)
+            total += X.sum(axis=0, dtype=np.float64)
+            gram += X.T @ X  # added in place: no float64 copy of the product
+        self.mean_ = total / rows
+        covariance = (gram - rows * np.outer(self.mean_, self.mean_)) / (rows - 1)
+        variances, vectors = np.linalg.eigh(covariance)  # ascending
+        order = np.argsort(variances)[::-1][: self.n_components]
+        components = vectors[:, order].T
+        # scikit-learn's sign convention: each component's largest-magnitude loading is positive
+        largest = components[np.arange(len(order)), np.abs(components).argmax(axis=1)]
+        self.components_ = (components * np.sign(largest)[:, None]).astype(np.float32)
+        self.explained_variance_ = np.clip(variances[order], 0.0, None)
+        self.explained_variance_ratio_ = self.explained_variance_ / np.trace(covariance)
+        self.n_components_ = len(order)
+        self.n_features_in_ = covariance.shape[0]
+        self.n_samples_ = rows
+        return self
+
+    def transform(self, X):
+        projected = (np.asarray(X, dtype=np.float32) - self.mean_.astype(np.float32)) @ self.components_.T
+        if self.whiten:  # as scikit-learn: divide by sqrt(variance), floored at eps
+            projected /= np.maximum(np.sqrt(self.explained_variance_), np.finfo(np.float64).eps).astype(np.float32)
+        return projected
+
+
 def physical_memory():
     """Bytes of RAM, or 8 GiB where the platform does not say."""
     try:
@@ -180,11 +221,9 @@ def choose_solver(config, n_train, dim, memory_bytes):
     return solver
 
 
-def check_components(components, solver, n_train, dim, batch_rows):
+def check_components(components, n_train, dim):
     """Fail with the maximum when an integer `components` is more than the data allows."""
     limits = {"train rows": n_train, "features": dim}
-    if solver == "incremental":
-        limits["--batch-rows"] = batch_rows
     most = min(limits.values())
     if isinstance(components, int) and components > most:
         parts = ", ".join(f"{value} {name}" for name, value in limits.items())
@@ -223,7 +262,7 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
     tap_dims = tuple(dims[t] for t in config.taps)
     dim = sum(tap_dims)
     solver = choose_solver(config, n_train, dim, physical_memory())
-    check_components(config.components, solver, n_train, dim, config.batch_rows)
+    check_components(config.components, n_train, dim)
 
     transform = TapTransform(tap_dims, config.scaling, config.components, config.whiten, solver)
 
@@ -231,7 +270,7 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
         return _train_chunks(features_dir, manifest, config.taps, is_train, config.batch_rows)
 
     if solver == "incremental":
-        transform.fit_batches(lambda: _rebatch(train_chunks(), config.batch_rows))
+        transform.fit_batches(train_chunks)
     else:
         transform.fit(_stack(train_chunks(), n_train, dim))
 
@@ -357,20 +396,6 @@ def _train_chunks(features_dir, manifest, taps, is_train, chunk_rows):
         start += len(X)
         if mask.any():
             yield X[mask]
-
-
-def _rebatch(chunks, rows):
-    """Regroup chunks of rows into batches of exactly `rows` rows; the last batch may be shorter."""
-    pending, held = [], 0
-    for chunk in chunks:
-        pending.append(chunk)
-        held += len(chunk)
-        while held >= rows:
-            joined = np.concatenate(pending)
-            yield joined[:rows]
-            pending, held = [joined[rows:]], held - rows
-    if held:
-        yield np.concatenate(pending)
 
 
 def _stack(chunks, rows, dim):

@@ -142,10 +142,11 @@ def test_incremental_pca_spans_the_same_subspace_as_full(features_dir, tmp_path)
 
 
 def test_incremental_memory_is_bounded_by_the_chunk(features_dir, tmp_path, monkeypatch):
-    # float16 shards of 2000 rows read 100 at a time; the raw train rows would take 13 MB as float32.
-    features = features_dir(n=8000, taps={"resnet50/conv5_block3_out": 256, "vgg16/block5_conv3": 256},
-                            shard_size=2000, storage_dtype="float16")
-    raw_train_bytes = 6400 * 512 * 4
+    # float16 shards of 4000 rows read 100 at a time; the raw train rows would take 13 MB as float32,
+    # while incremental holds one chunk plus a few 128 x 128 covariance-sized matrices.
+    features = features_dir(n=32000, taps={"resnet50/conv5_block3_out": 64, "vgg16/block5_conv3": 64},
+                            shard_size=4000, storage_dtype="float16")
+    raw_train_bytes = 25600 * 128 * 4
     chunk_rows = []
     real_iter = shards.iter_feature_chunks
 
@@ -186,7 +187,7 @@ def test_variance_share_keeps_the_fewest_components_that_reach_it(features_dir, 
 
 @pytest.mark.parametrize("config, maximum", [
     (ReduceConfig(components=41), "maximum of 40 "),
-    (ReduceConfig(components=31, solver="incremental", batch_rows=30), "maximum of 30 "),
+    (ReduceConfig(components=41, solver="incremental", batch_rows=30), "maximum of 40 "),
 ])
 def test_too_many_components_names_the_maximum(features_dir, tmp_path, config, maximum):
     with pytest.raises(PipelineError, match=maximum):
