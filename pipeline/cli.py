@@ -133,11 +133,12 @@ def extract(ctx, source, out, config_file, **options):
     from pipeline.extract import extract as run_extract
     from pipeline.sources import list_source
 
-    total = len(list_source(source).records)
+    listing = list_source(source)
+    total = len(listing.records)
     click.echo(f"extract: {total} images from {source} -> {out}", err=True)
     progress = Progress(total, "extract")
     try:
-        result = run_extract(config, source, out, overwrite=overwrite, progress=progress)
+        result = run_extract(config, listing, out, overwrite=overwrite, progress=progress)
     finally:
         progress.close()
     _print_extract_summary(result)
@@ -234,11 +235,12 @@ def predict(run, source, out, **options):
     from pipeline.predict import predict as run_predict
     from pipeline.sources import list_source
 
-    total = len(list_source(source).records)
+    listing = list_source(source)
+    total = len(listing.records)
     click.echo(f"predict: {total} images from {source} with {run} -> {out}", err=True)
     progress = Progress(total, "predict")
     try:
-        result = run_predict(run, source, out, progress=progress, **options)
+        result = run_predict(run, listing, out, progress=progress, **options)
     finally:
         progress.close()
     click.echo(f"predicted {result.predicted} images, {len(result.errors)} errors, into {result.out}")

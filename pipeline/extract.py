@@ -18,7 +18,6 @@ from pipeline import backbones, shards
 from pipeline.config import sha256_json, tap_backbone, tap_layer
 from pipeline.errors import PipelineError
 from pipeline.inputs import UndecodableImage, decode_with_pillow, image_batches, resize_image
-from pipeline.sources import list_source
 
 FIDELITY_THRESHOLD = 0.99  # min cosine vs float32 below which a reduced-precision run warns
 _MAX_PENDING_WRITES = 2  # shards buffered for the writer before compute waits
@@ -41,14 +40,13 @@ def resolve(config, gpu, flags):
     return dataclasses.replace(config, precision=policy, xla=xla)
 
 
-def extract(config, source, out_dir, *, overwrite=False, progress=None, expected_weights=None):
-    """Run stage one; `progress(n)` is called as images are done. Returns an ExtractResult.
+def extract(config, listing, out_dir, *, overwrite=False, progress=None, expected_weights=None):
+    """Run stage one over a `sources.Listing`; `progress(n)` is called as images are done.
 
     `expected_weights` ({backbone: {source, sha256}}, as a manifest records them) makes loaded
-    weights with another fingerprint fail before any image is run.
+    weights with another fingerprint fail before any image is run. Returns an ExtractResult.
     """
     out_dir = Path(out_dir)
-    listing = list_source(source)
     gpu = backbones.has_gpu()
     if gpu:
         backbones.enable_gpu_memory_growth()
@@ -58,8 +56,9 @@ def extract(config, source, out_dir, *, overwrite=False, progress=None, expected
     trunks = {name: backbones.build_backbone(name, config.image_size) for name in config.backbones}
     tap_infos = backbones.check_taps(config.taps, trunks)
 
-    run_config = {**config.to_dict(), "source": str(Path(source).resolve()), "source_sha256": listing.fingerprint()}
-    run_sha = sha256_json({"config": config.sha256(), "source_sha256": listing.fingerprint()})
+    source_sha256 = listing.fingerprint()
+    run_config = {**config.to_dict(), "source": str(Path(listing.root).resolve()), "source_sha256": source_sha256}
+    run_sha = sha256_json({"config": config.sha256(), "source_sha256": source_sha256})
     existing = _prepare_out_dir(out_dir, run_sha, run_config, overwrite)
 
     n = len(listing.records)

@@ -23,7 +23,6 @@ from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, read_json
 from pipeline.reduce import FORMAT as REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME
-from pipeline.sources import list_source
 from pipeline.train import CONFIG_NAME
 
 HEAD_NAME = "model.keras"  # the head a run saves (see train._head_run)
@@ -174,8 +173,8 @@ def csv_columns(top_k):
     return ["id", "path", "predicted", "probability", *tops, "error"]
 
 
-def predict(run_dir, source, out, *, batch_size=64, top_k=3, precision="float32", weights=None, progress=None):
-    """Classify every image of `source` with a head run; write one CSV row per listed image, sorted by id.
+def predict(run_dir, listing, out, *, batch_size=64, top_k=3, precision="float32", weights=None, progress=None):
+    """Classify every image of a `sources.Listing` with a head run; one CSV row per image, sorted by id.
 
     `top_k` is capped at the number of classes. Undecodable images get a row with the reason in
     `error` and empty predictions. Returns a PredictResult.
@@ -189,13 +188,12 @@ def predict(run_dir, source, out, *, batch_size=64, top_k=3, precision="float32"
         weights=weights, precision=precision, xla=None, batch_size=batch_size, storage_dtype="float32", on_error="skip"
     )
     transform, head = lineage.load_transform(), lineage.load_head()
-    listing = list_source(source)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     probabilities = {}
     with tempfile.TemporaryDirectory(prefix=".predict-", dir=out.parent) as scratch:
         result = extract(
-            config, source, Path(scratch) / "features", progress=progress, expected_weights=lineage.expected_weights(config)
+            config, listing, Path(scratch) / "features", progress=progress, expected_weights=lineage.expected_weights(config)
         )
         for ids, _, _, X in shards.iter_feature_chunks(result.out_dir, result.manifest, list(lineage.taps), CHUNK_ROWS):
             probabilities.update(zip(ids, predict_proba(head, transform.transform(X))))

@@ -99,6 +99,7 @@ def head_run(tmp_path_factory):
     from pipeline.config import ExtractConfig, HeadConfig, ReduceConfig
     from pipeline.extract import extract
     from pipeline.reduce import reduce_features
+    from pipeline.sources import list_source
     from pipeline.train import train
 
     root = tmp_path_factory.mktemp("lineage")
@@ -116,7 +117,7 @@ def head_run(tmp_path_factory):
         taps=("resnet50/conv2_block1_out", "vgg16/block1_pool"), image_size=32, precision="float32", batch_size=8,
         weights=f"resnet50=random,vgg16={root / 'vgg16.weights.h5'}",
     )
-    extract(config, root / "images", root / "features")
+    extract(config, list_source(root / "images"), root / "features")
     reduce_features(root / "features", root / "reduced", ReduceConfig(components=6, whiten=True, val_fraction=0.25))
     outcomes = list(train(root / "reduced", root / "runs", [HeadConfig(hidden=(8,), epochs=3, batch_size=8)]))
     baseline, head = outcomes

@@ -18,6 +18,7 @@ from pipeline.extract import extract
 from pipeline.inputs import resize_image
 from pipeline.layers import ScaledPCA, SquareResize
 from pipeline.reduce import TapTransform
+from pipeline.sources import list_source
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_exported_model_agrees_with_the_staged_path_and_predict(head_run, export
     pixels = write_images(tmp_path / "new" / "b", 5, 45, 38)  # not the extraction size: the model resizes
     run_cli("predict", head_run.run, tmp_path / "new", "--out", tmp_path / "p.csv")
 
-    features = extract(head_run.config, tmp_path / "new", tmp_path / "features").out_dir
+    features = extract(head_run.config, list_source(tmp_path / "new"), tmp_path / "features").out_dir
     ids, _, _, X = next(shards.iter_feature_chunks(features, shards.read_manifest(features), list(head_run.config.taps), 100))
     transform = joblib.load(head_run.root / "reduced" / "transform.joblib")
     staged = keras.saving.load_model(head_run.run / "model.keras").predict(transform.transform(X), verbose=0)
