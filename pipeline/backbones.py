@@ -250,6 +250,15 @@ def build_tap_model(trunks, taps, pooling, image_size, policy="float32"):
         keras.config.set_dtype_policy(previous)
 
 
+def compile_forward(model, image_size, xla):
+    """`model(x, training=False)` as one tf.function over float32 (B, S, S, 3) batches.
+
+    A fixed signature with a free batch size: the last, shorter batch of a shard reuses the trace.
+    """
+    signature = [tf.TensorSpec((None, image_size, image_size, 3), tf.float32)]
+    return tf.function(lambda images: model(images, training=False), jit_compile=xla, input_signature=signature)
+
+
 def _pool(tensor, pooling, name):
     """Global pooling computed in float32 whatever the compute policy."""
     if pooling == "avgmax":

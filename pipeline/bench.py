@@ -211,8 +211,7 @@ def _trunks(config):
 def tap_forward(trunks, config):
     """(tap model, compiled forward returning numpy) exactly as `extract` builds them."""
     model = backbones.build_tap_model(trunks, config.taps, config.pooling, config.image_size, policy=config.precision)
-    signature = [tf.TensorSpec((None, config.image_size, config.image_size, 3), tf.float32)]
-    compiled = tf.function(lambda x: model(x, training=False), jit_compile=config.xla, input_signature=signature)
+    compiled = backbones.compile_forward(model, config.image_size, config.xla)
     return model, lambda images: {key: value.numpy() for key, value in compiled(images).items()}
 
 

@@ -182,15 +182,13 @@ class _TapRunner:
     """The compiled forward pass, plus the float32 twin used once for the fidelity check."""
 
     def __init__(self, trunks, config):
-        self.policy = config.precision
-        signature = [tf.TensorSpec((None, config.image_size, config.image_size, 3), tf.float32)]
         args = (trunks, config.taps, config.pooling, config.image_size)
         model = backbones.build_tap_model(*args, policy=config.precision)
-        self._forward = tf.function(lambda x: model(x, training=False), jit_compile=config.xla, input_signature=signature)
+        self._forward = backbones.compile_forward(model, config.image_size, config.xla)
         self._reference = None
         if config.precision != "float32":
             reference = backbones.build_tap_model(*args, policy="float32")
-            self._reference = tf.function(lambda x: reference(x, training=False), input_signature=signature)
+            self._reference = backbones.compile_forward(reference, config.image_size, xla=False)
         self.fidelity = None
 
     def __call__(self, images):
