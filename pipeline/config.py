@@ -42,9 +42,23 @@ def tap_layer(tap):
     return tap.split("/", 1)[1]
 
 
+class _Config:
+    """What every run configuration shares: a JSON-ready dict and a hash that names it."""
+
+    _UNHASHED = ()  # fields that do not change what a run writes
+
+    def to_dict(self):
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
+
+    def sha256(self):
+        return sha256_json({key: value for key, value in self.to_dict().items() if key not in self._UNHASHED})
+
+
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(_Config):
     """Everything that decides the bytes stage one writes."""
+
+    _UNHASHED = ("on_error",)  # it only decides whether a run stops
 
     taps: tuple[str, ...] = DEFAULT_TAPS  # "backbone/layer"; each backbone is cut at its deepest tap
     pooling: str = "avg"  # global pooling of each tap: avg, max, or both concatenated
@@ -80,16 +94,6 @@ class ExtractConfig:
     def backbones(self):
         return tuple(b for b in BACKBONES if any(tap_backbone(t) == b for t in self.taps))
 
-    def to_dict(self):
-        d = dataclasses.asdict(self)
-        d["taps"] = list(self.taps)
-        return d
-
-    def sha256(self):
-        """Hash of the fields that decide the output bytes (on_error only decides whether to stop)."""
-        d = self.to_dict()
-        del d["on_error"]
-        return sha256_json(d)
 
 
 def _check_choice(name, value, allowed):
@@ -126,7 +130,7 @@ CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
-class ReduceConfig:
+class ReduceConfig(_Config):
     """Everything that decides the bytes stage two (a) writes: splits, scaling and PCA."""
 
     taps: tuple[str, ...] = ()  # "backbone/layer" subset of the manifest's taps; empty = all of them
@@ -162,17 +166,10 @@ class ReduceConfig:
                 f"{self.val_fraction + self.test_fraction:g} leaves no rows for train; the sum must be below 1"
             )
 
-    def to_dict(self):
-        d = dataclasses.asdict(self)
-        d["taps"] = list(self.taps)
-        return d
-
-    def sha256(self):
-        return sha256_json(self.to_dict())
 
 
 @dataclass(frozen=True)
-class HeadConfig:
+class HeadConfig(_Config):
     """One head experiment: the Keras classifier on the reduced features and how it is fitted."""
 
     hidden: tuple[int, ...] = (512, 128)  # units of each ReLU layer, input side first; () = softmax regression
@@ -208,13 +205,6 @@ class HeadConfig:
     def option_names(cls):
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    def to_dict(self):
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    def sha256(self):
-        return sha256_json(self.to_dict())
 
 
 def _check_scalar_types(config):
