@@ -1,5 +1,8 @@
 """The stage-one commands as a user types them: config files, summaries and every error path."""
 
+import io
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -15,6 +18,25 @@ def test_extract_prints_progress_and_a_closing_summary(tmp_path, image_tree, run
     assert "extracted 6 rows, 0 errors" in result.output
     assert "taps: vgg16/block1_pool (64)" in result.output
     assert "precision: " in result.output and "time: " in result.output
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream, expected", [(Terminal, "10/10 [00:0"), (io.StringIO, "extract: 10/10 images, ")])
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise(monkeypatch, stream, expected):
+    from pipeline.cli import Progress
+
+    monkeypatch.setattr(sys, "stderr", stream())
+    progress = Progress(10, "extract")
+    progress(4)
+    progress(6)
+    progress.close()
+    shown = sys.stderr.getvalue()
+    assert expected in shown
+    assert ("\r" in shown) == (stream is Terminal)  # only the bar redraws itself in place
 
 
 def test_backbone_flag_selects_the_default_taps_of_that_backbone(tmp_path, image_tree, run_cli):

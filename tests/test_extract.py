@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from pipeline import shards
+from pipeline.config import ExtractConfig
+from pipeline.extract import resolve
 
 SMALL_TAPS = ["--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
 
@@ -106,6 +108,33 @@ def test_bfloat16_on_cpu_is_recorded_and_close_to_float32(tmp_path, image_tree, 
             ours = low[image_id][key]
             assert ours.dtype == np.float32
             assert np.dot(ours, row) / np.linalg.norm(ours) / np.linalg.norm(row) > 0.99
+
+
+@pytest.mark.parametrize(
+    "gpu, xla, flags, expected",
+    [
+        (True, None, set(), ("mixed_float16", True)),
+        (False, None, {"avx512_bf16"}, ("mixed_bfloat16", False)),
+        (True, False, set(), ("mixed_float16", False)),
+        (False, True, set(), ("float32", True)),
+    ],
+)
+def test_auto_choices_are_resolved_before_they_are_saved(gpu, xla, flags, expected):
+    config = resolve(ExtractConfig(xla=xla), gpu, frozenset(flags))
+    assert (config.precision, config.xla) == expected
+
+
+def test_the_xla_compiled_forward_gives_the_same_features(tmp_path, image_tree, run_cli):
+    root = image_tree(per_class=2)
+    args = ["--weights", "random", "--image-size", 32, "--precision", "float32", *SMALL_TAPS]
+    run_cli("extract", root, "--out", tmp_path / "xla", "--xla", *args)
+    run_cli("extract", root, "--out", tmp_path / "plain", "--no-xla", *args)
+    compiled, manifest = read_all(tmp_path / "xla")
+    plain, _ = read_all(tmp_path / "plain")
+    assert manifest["precision"]["xla"] is True and manifest["config"]["xla"] is True
+    for image_id, taps in plain.items():
+        for key, row in taps.items():
+            np.testing.assert_allclose(compiled[image_id][key], row, rtol=1e-4, atol=1e-4 * np.abs(row).max())
 
 
 def save(path, image, **kw):
