@@ -2,8 +2,8 @@
 
 TensorFlow decodes JPEG, PNG, GIF, BMP and WebP in parallel inside the graph. An element whose
 decode fails is dropped from the stream by `ignore_errors`; the caller sees the gap in the
-carried indices and decodes that file with Pillow (CMYK JPEG, TIFF, odd PNGs), or records why
-nobody could.
+carried indices and decodes that file with Pillow (TIFF, and whatever else TensorFlow rejects),
+or records why nobody could.
 """
 
 import functools
