@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import BACKBONES, tap_backbone, tap_layer
+from pipeline.config import WeightSource, tap_backbone, tap_layer
 from pipeline.errors import PipelineError
 from pipeline.layers import CaffePreprocess
 
@@ -106,41 +106,15 @@ def enable_gpu_memory_growth():
 # --- weights -------------------------------------------------------------------------------
 
 
-def parse_weights(spec, backbones):
-    """'imagenet' | 'random' | 'resnet50=PATH,vgg16=PATH' -> {backbone: 'imagenet' | 'random' | Path}.
-
-    In the map form each value may also be 'imagenet' or 'random'.
-    """
-    if spec in ("imagenet", "random"):
-        return {b: spec for b in backbones}
-    sources = {}
-    for item in spec.split(","):
-        name, sep, value = item.partition("=")
-        name, value = name.strip(), value.strip()
-        if not sep or name not in BACKBONES or not value:
-            raise PipelineError(
-                f"weights {spec!r} is not imagenet, random or BACKBONE=PATH[,BACKBONE=PATH] "
-                f"with BACKBONE one of {', '.join(BACKBONES)}"
-            )
-        sources[name] = value if value in ("imagenet", "random") else Path(value)
-    missing = [b for b in backbones if b not in sources]
-    if missing:
-        raise PipelineError(f"weights {spec!r} gives no weights for {', '.join(missing)}; add {missing[0]}=PATH")
-    for name, source in sources.items():
-        if isinstance(source, Path) and not source.is_file():
-            raise PipelineError(f"weights file {source} for {name} does not exist")
-    return {b: sources[b] for b in backbones}
-
-
 def keras_cache_dir():
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
 
 
-def load_weights(model, name, source, seed):
+def load_weights(model, name, source: WeightSource):
     """Fill `model` (a full trunk from build_backbone) with weights from `source`."""
-    if source == "random":
-        _randomize(model, name, seed)
-    elif source == "imagenet":
+    if source.kind == "random":
+        _randomize(model, name, source.seed)
+    elif source.kind == "imagenet":
         try:
             reference = _APPLICATIONS[name](include_top=False, weights="imagenet", input_shape=model.input.shape[1:])
         except Exception as e:  # keras raises a bare Exception when the download fails
@@ -151,9 +125,9 @@ def load_weights(model, name, source, seed):
         model.set_weights(reference.get_weights())
     else:
         try:
-            model.load_weights(source)
+            model.load_weights(source.path)
         except Exception as e:
-            raise PipelineError(f"could not load {name} weights from {source}: {_first_line(e)}") from None
+            raise PipelineError(f"could not load {name} weights from {source.path}: {_first_line(e)}") from None
 
 
 def _first_line(error):
@@ -185,18 +159,12 @@ def weights_fingerprint(model):
     return h.hexdigest()
 
 
-def describe_source(source, seed):
-    if source == "random":
-        return f"random(seed={seed})"
-    return str(Path(source).resolve()) if isinstance(source, Path) else source
-
-
-def load_trunk_weights(trunks, weight_sources, seed):
-    """Fill every trunk from its source; return {backbone: {source, sha256}} as the manifest records it."""
+def load_trunk_weights(trunks, weight_sources):
+    """Fill every trunk from its WeightSource; return {backbone: {source, sha256}} as the manifest records it."""
     record = {}
     for name, source in weight_sources.items():
-        load_weights(trunks[name], name, source, seed)
-        record[name] = {"source": describe_source(source, seed), "sha256": weights_fingerprint(trunks[name])}
+        load_weights(trunks[name], name, source)
+        record[name] = {"source": source.to_record(), "sha256": weights_fingerprint(trunks[name])}
     return record
 
 
@@ -204,9 +172,10 @@ def check_fingerprints(loaded, expected):
     """Refuse weights whose fingerprint differs from the recorded one, naming backbone and both prefixes."""
     for name, weights in loaded.items():
         if weights["sha256"] != expected[name]["sha256"]:
+            loaded_from, expected_from = (WeightSource.from_record(w["source"]) for w in (weights, expected[name]))
             raise PipelineError(
-                f"{name} weights from {weights['source']} have sha256 {weights['sha256'][:12]}, but the features "
-                f"were extracted with sha256 {expected[name]['sha256'][:12]} (from {expected[name]['source']}); "
+                f"{name} weights from {loaded_from} have sha256 {weights['sha256'][:12]}, but the features "
+                f"were extracted with sha256 {expected[name]['sha256'][:12]} (from {expected_from}); "
                 "load those weights instead"
             )
 

@@ -49,14 +49,9 @@ def demo_data(out, size):
 
 
 
-def apply_config_file(ctx, path, allowed):
-    """Fill options left at their defaults from a TOML file; flags given on the command line win."""
-    values = cfg.load_toml(path, allowed)
-    params = {p.name: p for p in ctx.command.params}
-    for key, value in values.items():
-        if ctx.get_parameter_source(key) is ParameterSource.DEFAULT:
-            ctx.params[key] = params[key].type_cast_value(ctx, value)
-    return ctx.params
+def given_options(ctx, options):
+    """The options typed on the command line (or set through their environment variable)."""
+    return {key: value for key, value in options.items() if ctx.get_parameter_source(key) is not ParameterSource.DEFAULT}
 
 
 class Progress:
@@ -90,6 +85,8 @@ class Progress:
             self.bar.close()
 
 
+_EXTRACT = cfg.ExtractConfig()
+# Keys a --config file may set: every option below but --out and --config themselves.
 EXTRACT_KEYS = (
     "backbone", "tap", "pooling", "image_size", "resize", "fast_decode", "batch_size", "precision", "xla",
     "weights", "seed", "shard_size", "storage_dtype", "on_error", "overwrite",
@@ -101,34 +98,29 @@ EXTRACT_KEYS = (
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Features directory to write (shards + manifest.json).")
 @click.option("--backbone", multiple=True, type=click.Choice(cfg.BACKBONES), help="Backbone to run; repeat for several. Default: both, or those of --tap.")
 @click.option("--tap", multiple=True, help="BACKBONE:LAYER to pool and store; repeat. Default: conv4/conv5 of ResNet50, block4/5_conv3 of VGG16.")
-@click.option("--pooling", default="avg", show_default=True, type=click.Choice(cfg.POOLINGS), help="Global pooling of each tap (avgmax concatenates both).")
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32), help="Square input side in pixels.")
-@click.option("--resize", default="squash", show_default=True, type=click.Choice(cfg.RESIZES), help="Squash the whole image, or center-crop to square first.")
-@click.option("--fast-decode/--no-fast-decode", default=False, show_default=True, help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers --image-size (faster, features move slightly).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy; auto = mixed_float16 on GPU, mixed_bfloat16 on bf16 CPUs, else float32.")
-@click.option("--xla/--no-xla", default=None, help="XLA-compile the forward pass. Default: on with a GPU.")
-@click.option("--weights", default="imagenet", show_default=True, help="imagenet, random (seeded), or resnet50=PATH,vgg16=PATH.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for --weights random.")
-@click.option("--shard-size", default=4096, show_default=True, type=click.IntRange(min=1), help="Listed images per HDF5 shard.")
-@click.option("--storage-dtype", default="float32", show_default=True, type=click.Choice(cfg.STORAGE_DTYPES), help="Dtype of the stored features.")
-@click.option("--on-error", default="skip", show_default=True, type=click.Choice(cfg.ON_ERROR), help="An undecodable image: record it and go on, or stop.")
+@click.option("--pooling", default=_EXTRACT.pooling, show_default=True, type=click.Choice(cfg.POOLINGS), help="Global pooling of each tap (avgmax concatenates both).")
+@click.option("--image-size", default=_EXTRACT.image_size, show_default=True, type=click.IntRange(cfg.MIN_IMAGE_SIZE, cfg.MAX_IMAGE_SIZE), help="Square input side in pixels.")
+@click.option("--resize", default=_EXTRACT.resize, show_default=True, type=click.Choice(cfg.RESIZES), help="Squash the whole image, or center-crop to square first.")
+@click.option("--fast-decode/--no-fast-decode", default=_EXTRACT.fast_decode, show_default=True, help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers --image-size (faster, features move slightly).")
+@click.option("--batch-size", default=_EXTRACT.batch_size, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--precision", default=_EXTRACT.precision, show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy; auto = mixed_float16 on GPU, mixed_bfloat16 on bf16 CPUs, else float32.")
+@click.option("--xla/--no-xla", default=_EXTRACT.xla, help="XLA-compile the forward pass. Default: on with a GPU.")
+@click.option("--weights", default=_EXTRACT.weights, show_default=True, help="imagenet, random (seeded), or resnet50=PATH,vgg16=PATH.")
+@click.option("--seed", default=_EXTRACT.seed, show_default=True, type=click.IntRange(min=0), help="Seed for --weights random.")
+@click.option("--shard-size", default=_EXTRACT.shard_size, show_default=True, type=click.IntRange(min=1), help="Listed images per HDF5 shard.")
+@click.option("--storage-dtype", default=_EXTRACT.storage_dtype, show_default=True, type=click.Choice(cfg.STORAGE_DTYPES), help="Dtype of the stored features.")
+@click.option("--on-error", default=_EXTRACT.on_error, show_default=True, type=click.Choice(cfg.ON_ERROR), help="An undecodable image: record it and go on, or stop.")
 @click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML file with the same keys as these flags; flags win.")
 @click.pass_context
 def extract(ctx, source, out, config_file, **options):
     """Run the frozen backbone taps over SOURCE (a folder tree or a CSV) into HDF5 shards."""
-    if config_file:
-        options = {k: v for k, v in apply_config_file(ctx, config_file, EXTRACT_KEYS).items() if k in EXTRACT_KEYS}
-    backbones = tuple(options.pop("backbone"))
-    taps = tuple(cfg.parse_tap(t) for t in options.pop("tap")) or tuple(
-        t for t in cfg.DEFAULT_TAPS if not backbones or cfg.tap_backbone(t) in backbones
-    )
-    outside = [t for t in taps if backbones and cfg.tap_backbone(t) not in backbones]
-    if outside:
-        raise click.BadParameter(f"tap {outside[0]!r} is not on the chosen backbone(s) {', '.join(backbones)}", param_hint="--tap")
-    overwrite = options.pop("overwrite")
-    config = cfg.ExtractConfig(taps=taps, **options)
+    values = cfg.load_toml(config_file, EXTRACT_KEYS) if config_file else {}
+    values.update(given_options(ctx, options))
+    try:
+        config, overwrite = _extract_config(values)
+    except PipelineError as e:
+        raise PipelineError(f"config file {config_file}: {e}" if config_file else str(e)) from None
 
     from pipeline.extract import extract as run_extract
     from pipeline.sources import list_source
@@ -142,6 +134,33 @@ def extract(ctx, source, out, config_file, **options):
     finally:
         progress.close()
     _print_extract_summary(result)
+
+
+def _extract_config(values):
+    """(ExtractConfig, overwrite) from flags and config-file values; the dataclass supplies every default."""
+    values = dict(values)
+    backbones, taps = (_as_list(key, values.pop(key, ())) for key in ("backbone", "tap"))
+    unknown = [b for b in backbones if b not in cfg.BACKBONES]
+    if unknown:
+        raise PipelineError(f"backbone {unknown[0]!r} is not one of {', '.join(cfg.BACKBONES)}")
+    taps = tuple(cfg.parse_tap(t) for t in taps) or tuple(
+        t for t in cfg.DEFAULT_TAPS if not backbones or cfg.tap_backbone(t) in backbones
+    )
+    outside = [t for t in taps if backbones and cfg.tap_backbone(t) not in backbones]
+    if outside:
+        raise click.BadParameter(f"tap {outside[0]!r} is not on the chosen backbone(s) {', '.join(backbones)}", param_hint="--tap")
+    overwrite = values.pop("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise PipelineError(f"overwrite {overwrite!r} must be true or false")
+    return cfg.ExtractConfig(taps=taps, **values), overwrite
+
+
+def _as_list(name, value):
+    """A repeatable option's values: a tuple from the command line, a string or a list of strings from TOML."""
+    items = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if items is None or not all(isinstance(item, str) for item in items):
+        raise PipelineError(f"{name} {value!r} must be a string or a list of strings")
+    return items
 
 
 def _print_extract_summary(result):
@@ -201,7 +220,7 @@ def inspect(features, verify):
     for tap in m["taps"]:
         click.echo(f"  tap {tap['key']}: {tap['dim']} dims")
     for name, w in m["weights"].items():
-        click.echo(f"  weights {name}: {w['source']} (sha256 {w['sha256'][:12]})")
+        click.echo(f"  weights {name}: {cfg.WeightSource.from_record(w['source'])} (sha256 {w['sha256'][:12]})")
     p = m["precision"]
     click.echo(f"precision: {p['policy']}, min cosine vs float32 {p['min_cosine_vs_float32']:.5f}")
     for error in m["errors"][:10]:
@@ -291,7 +310,7 @@ def bench(out, quick, taps, data, weights, skip, **sizes):
     """Measure every stage against its bound and a tutorial-style baseline; write bench.json and bench.md."""
     from pathlib import Path
 
-    from pipeline.bench import BenchOptions, run_bench
+    from pipeline.bench.runner import BenchOptions, run_bench
 
     given = {name: value for name, value in sizes.items() if value is not None}  # unset: the mode's default
     if taps:
@@ -334,7 +353,7 @@ _HEAD = cfg.HeadConfig()
 @click.option("--batch-rows", default=_REDUCE.batch_rows, show_default=True, type=click.IntRange(min=1), help="Rows read at a time; bounds memory.")
 @click.option("--val-fraction", default=_REDUCE.val_fraction, show_default=True, type=float, help="Share of each class hashed to val (rows whose source gave no split).")
 @click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Share of each class hashed to test (rows whose source gave no split).")
-@click.option("--split-seed", default=_REDUCE.split_seed, show_default=True, type=int, help="Salt of the id hash that assigns splits.")
+@click.option("--split-seed", default=_REDUCE.split_seed, show_default=True, type=click.IntRange(min=0), help="Salt of the id hash that assigns splits.")
 @click.option("--overwrite", is_flag=True, help="Replace a reduction with other settings in --out.")
 def reduce(features, out, overwrite, **options):
     """Scale and PCA-reduce the cached taps of FEATURES, fitted on train rows only."""
@@ -373,7 +392,7 @@ def reduce(features, out, overwrite, **options):
 @click.option("--patience", default=_HEAD.patience, show_default=True, type=click.IntRange(min=1), help="Epochs without a val-loss improvement before stopping.")
 @click.option("--label-smoothing", default=_HEAD.label_smoothing, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of target mass spread over all classes.")
 @click.option("--class-weight", default=_HEAD.class_weight, show_default=True, type=click.Choice(cfg.CLASS_WEIGHTS), help="balanced weights each class inversely to its train rows.")
-@click.option("--seed", default=_HEAD.seed, show_default=True, type=int, help="Seeds weight init, dropout and shuffling; a rerun gives the same metrics.")
+@click.option("--seed", default=_HEAD.seed, show_default=True, type=click.IntRange(min=0), help="Seeds weight init, dropout and shuffling; a rerun gives the same metrics.")
 @click.option("--name", help="Run id instead of one made from the config; with --sweep, a prefix of every run id.")
 @click.option("--sweep", type=click.Path(exists=True, dir_okay=False), help="TOML file with a [base] table of head options and a [grid] table of lists; every combination is a run. Options given here override [base].")
 @click.pass_context

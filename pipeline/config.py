@@ -4,6 +4,8 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,8 @@ RESIZES = ("squash", "center-crop")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STORAGE_DTYPES = ("float32", "float16")
 ON_ERROR = ("skip", "fail")
+MIN_IMAGE_SIZE = 32  # both backbones downsample 32x
+MAX_IMAGE_SIZE = 2048  # 80x ImageNet's pixels; beyond it one image's activations outgrow a GPU
 DEFAULT_TAPS = (
     "resnet50/conv4_block6_out",
     "resnet50/conv5_block3_out",
@@ -40,6 +44,71 @@ def tap_backbone(tap):
 
 def tap_layer(tap):
     return tap.split("/", 1)[1]
+
+
+WEIGHT_KINDS = ("imagenet", "random", "file")
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where one backbone's weights come from, as the manifest records it."""
+
+    kind: str  # imagenet, random (seeded) or file
+    seed: int | None = None  # random only
+    path: str | None = None  # file only: absolute
+
+    def to_record(self) -> dict:
+        extra = {"seed": self.seed} if self.kind == "random" else {"path": self.path} if self.kind == "file" else {}
+        return {"kind": self.kind, **extra}
+
+    @classmethod
+    def from_record(cls, record: "dict | str") -> "WeightSource":
+        """A record from a manifest; manifests before structured records hold 'imagenet', 'random(seed=N)' or a path."""
+        if isinstance(record, str):
+            if record == "imagenet":
+                return cls("imagenet")
+            if record.startswith("random(seed=") and record.endswith(")"):
+                return cls("random", seed=int(record[len("random(seed="):-1]))
+            return cls("file", path=record)
+        return cls(**record)
+
+    def spec(self) -> str:
+        """The --weights value that loads these weights again."""
+        return self.path if self.kind == "file" else self.kind
+
+    def __str__(self) -> str:
+        return f"random (seed {self.seed})" if self.kind == "random" else self.spec()
+
+
+def parse_weights(spec: str, backbones: tuple[str, ...], seed: int) -> dict[str, WeightSource]:
+    """'imagenet' | 'random' | 'resnet50=PATH,vgg16=PATH' -> {backbone: WeightSource}.
+
+    In the map form each value may also be 'imagenet' or 'random'; files must exist.
+    """
+
+    def source(value):
+        if value in ("imagenet", "random"):
+            return WeightSource(value, seed=seed if value == "random" else None)
+        return WeightSource("file", path=str(Path(value).absolute()))
+
+    if spec in ("imagenet", "random"):
+        return {b: source(spec) for b in backbones}
+    sources = {}
+    for item in spec.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or name not in BACKBONES or not value:
+            raise PipelineError(
+                f"weights {spec!r} is not imagenet, random or BACKBONE=PATH[,BACKBONE=PATH] "
+                f"with BACKBONE one of {', '.join(BACKBONES)}"
+            )
+        sources[name] = source(value)
+    missing = [b for b in backbones if b not in sources]
+    if missing:
+        raise PipelineError(f"weights {spec!r} gives no weights for {', '.join(missing)}; add {missing[0]}=PATH")
+    for name, weights in sources.items():
+        if weights.kind == "file" and not Path(weights.path).is_file():
+            raise PipelineError(f"weights file {weights.path} for {name} does not exist")
+    return {b: sources[b] for b in backbones}
 
 
 class _Config:
@@ -75,6 +144,7 @@ class ExtractConfig(_Config):
     on_error: str = "skip"  # undecodable image: record and go on, or stop the run
 
     def __post_init__(self):
+        _check_types(self)
         taps = tuple(dict.fromkeys(parse_tap(t) for t in self.taps))
         object.__setattr__(self, "taps", taps)
         if not taps:
@@ -84,11 +154,10 @@ class ExtractConfig(_Config):
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         _check_choice("on_error", self.on_error, ON_ERROR)
-        if self.image_size < 32:
-            raise PipelineError(f"image_size {self.image_size} is too small; both backbones need at least 32")
-        for name in ("batch_size", "shard_size"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"{name} {getattr(self, name)} must be a positive integer")
+        _check_range("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        _check_range("batch_size", self.batch_size, 1)
+        _check_range("shard_size", self.shard_size, 1)
+        _check_range("seed", self.seed, 0)
 
     @property
     def backbones(self):
@@ -109,18 +178,31 @@ def load_toml(path, allowed_keys):
     """Read a TOML config file whose keys must be among `allowed_keys` (dashes or underscores)."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise PipelineError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"config file {path} is not UTF-8 text (byte {e.start}); TOML files must be UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise PipelineError(f"config file {path} is not valid TOML: {e}") from None
-    normalized = {key.replace("-", "_"): value for key, value in data.items()}
+    normalized = normalize_keys(data, f"config file {path}")
     unknown = sorted(set(normalized) - set(allowed_keys))
     if unknown:
         raise PipelineError(
             f"config file {path} has unknown key(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(sorted(allowed_keys))}"
         )
+    return normalized
+
+
+def normalize_keys(table, where):
+    """A TOML table with dashes in its keys turned to underscores; a key given both ways is an error."""
+    normalized, spelled = {}, {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name in normalized:
+            raise PipelineError(f"{where} sets {name} twice (as {spelled[name]} and as {key}); keep one")
+        normalized[name], spelled[name] = value, key
     return normalized
 
 
@@ -144,6 +226,7 @@ class ReduceConfig(_Config):
     split_seed: int = 0  # salt of the id hash that assigns splits
 
     def __post_init__(self):
+        _check_types(self)
         object.__setattr__(self, "taps", tuple(dict.fromkeys(parse_tap(t) for t in self.taps)))
         _check_choice("scaling", self.scaling, SCALINGS)
         _check_choice("solver", self.solver, SOLVERS)
@@ -155,8 +238,8 @@ class ReduceConfig(_Config):
             raise PipelineError(
                 f"components {components!r} must be a positive integer or a variance share strictly between 0 and 1"
             )
-        if self.batch_rows < 1:
-            raise PipelineError(f"batch_rows {self.batch_rows} must be a positive integer")
+        _check_range("batch_rows", self.batch_rows, 1)
+        _check_range("split_seed", self.split_seed, 0)
         for name in ("val_fraction", "test_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise PipelineError(f"{name} {getattr(self, name)} must be in [0, 1)")
@@ -184,11 +267,11 @@ class HeadConfig(_Config):
     seed: int = 0  # seeds weight init, dropout and shuffling
 
     def __post_init__(self):
-        _check_scalar_types(self)
-        hidden = (self.hidden,) if isinstance(self.hidden, int) else self.hidden
-        if not isinstance(hidden, (list, tuple)) or not all(isinstance(units, int) and not isinstance(units, bool) and units >= 1 for units in hidden):
-            raise PipelineError(f"hidden {self.hidden!r} must be a list of positive integers (units per layer)")
-        object.__setattr__(self, "hidden", tuple(hidden))
+        if isinstance(self.hidden, int) and not isinstance(self.hidden, bool):
+            object.__setattr__(self, "hidden", (self.hidden,))
+        _check_types(self)
+        if not all(units >= 1 for units in self.hidden):
+            raise PipelineError(f"hidden {list(self.hidden)!r} must be a list of positive integers (units per layer)")
         _check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
         for name, low, high in (("dropout", 0, 1), ("label_smoothing", 0, 1)):
             if not low <= getattr(self, name) < high:
@@ -198,8 +281,8 @@ class HeadConfig(_Config):
         if self.lr <= 0:
             raise PipelineError(f"lr {self.lr} must be positive")
         for name in ("batch_size", "epochs", "patience"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"{name} {getattr(self, name)} must be a positive integer")
+            _check_range(name, getattr(self, name), 1)
+        _check_range("seed", self.seed, 0)
 
     @classmethod
     def option_names(cls):
@@ -207,14 +290,38 @@ class HeadConfig(_Config):
 
 
 
-def _check_scalar_types(config):
-    """Fail on a value of the wrong type (say, from a TOML file); ints become floats in float fields."""
-    names = {int: "an integer", float: "a number", str: "a string"}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_types(config):
+    """Fail with one sentence on a value of the wrong type (say, from a TOML file).
+
+    An int is accepted where a float is expected (and becomes one); a list where a tuple is.
+    A bool is never taken for a number, nor a float for an int (`seed = 1.5` is refused, not cut to 1).
+    """
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.type not in names:
+        allowed = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
+        if value is None and type(None) in allowed:
             continue
-        if f.type is float and isinstance(value, int) and not isinstance(value, bool):
+        if typing.get_origin(f.type) is tuple:
+            item_type = typing.get_args(f.type)[0]
+            if isinstance(value, (list, tuple)) and all(_is_a(item, item_type) for item in value):
+                object.__setattr__(config, f.name, tuple(value))
+                continue
+            raise PipelineError(f"{f.name} {value!r} must be a list of {_TYPE_NAMES[item_type].removeprefix('a ').removeprefix('an ')}s")
+        if float in allowed and int not in allowed and _is_a(value, int):
             object.__setattr__(config, f.name, float(value))
-        elif not isinstance(value, f.type) or isinstance(value, bool):
-            raise PipelineError(f"{f.name} {value!r} must be {names[f.type]}")
+        elif not any(_is_a(value, t) for t in allowed):
+            raise PipelineError(f"{f.name} {value!r} must be {' or '.join(_TYPE_NAMES[t] for t in allowed if t in _TYPE_NAMES)}")
+
+
+def _is_a(value, kind):
+    """isinstance, except that a bool is not an int."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _check_range(name, value, low, high=None):
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise PipelineError(f"{name} {value} must be an integer {bound}")

@@ -16,7 +16,8 @@ import numpy as np
 from pipeline import backbones
 from pipeline.errors import PipelineError
 from pipeline.layers import ClassNames, ScaledPCA, SquareResize
-from pipeline.predict import load_lineage
+from pipeline.config import parse_weights
+from pipeline.lineage import load_lineage
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,8 @@ def export(run_dir, out, *, image_size=None, weights=None):
     config = lineage.extract_config(weights=weights, precision="float32", image_size=image_size or recorded["image_size"])
     trunks = {name: backbones.build_backbone(name, config.image_size) for name in config.backbones}
     backbones.check_taps(config.taps, trunks)
-    sources = backbones.parse_weights(config.weights, config.backbones)
-    loaded = backbones.load_trunk_weights(trunks, sources, config.seed)
-    backbones.check_fingerprints(loaded, lineage.expected_weights(config))
+    loaded = backbones.load_trunk_weights(trunks, parse_weights(config.weights, config.backbones, config.seed))
+    backbones.check_fingerprints(loaded, lineage.expected_weights(config.backbones))
 
     transform = lineage.load_transform()
     model = build_model(trunks, config, transform, lineage.load_head(), lineage.classes)

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import backbones, shards
-from pipeline.config import sha256_json, tap_backbone, tap_layer
+from pipeline.config import parse_weights, sha256_json, tap_backbone, tap_layer
 from pipeline.errors import PipelineError
 from pipeline.inputs import UndecodableImage, decode_with_pillow, image_batches, resize_image
 
@@ -52,7 +52,7 @@ def extract(config, listing, out_dir, *, overwrite=False, progress=None, expecte
         backbones.enable_gpu_memory_growth()
         tf.config.experimental.enable_op_determinism()  # cuDNN autotuning is not deterministic
     config = resolve(config, gpu, backbones.cpu_flags())
-    weight_sources = backbones.parse_weights(config.weights, config.backbones)
+    weight_sources = parse_weights(config.weights, config.backbones, config.seed)
     trunks = {name: backbones.build_backbone(name, config.image_size) for name in config.backbones}
     tap_infos = backbones.check_taps(config.taps, trunks)
 
@@ -68,7 +68,7 @@ def extract(config, listing, out_dir, *, overwrite=False, progress=None, expecte
         return ExtractResult(existing, out_dir, written=0, skipped=len(ranges), up_to_date=True)
 
     started = time.perf_counter()
-    weights = backbones.load_trunk_weights(trunks, weight_sources, config.seed)
+    weights = backbones.load_trunk_weights(trunks, weight_sources)
     if expected_weights is not None:
         backbones.check_fingerprints(weights, expected_weights)
     runner = _TapRunner(trunks, config)

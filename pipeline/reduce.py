@@ -14,25 +14,22 @@ import h5py
 import joblib
 import numpy as np
 from matplotlib.figure import Figure
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.decomposition import PCA
-from sklearn.preprocessing import StandardScaler
 
 from pipeline import shards
 from pipeline.config import ReduceConfig
+# CovariancePCA is imported too because transform.joblib files written before estimators.py existed
+# name both classes under pipeline.reduce; unpickling them looks them up here.
+from pipeline.estimators import CovariancePCA, TapTransform  # noqa: F401
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
+from pipeline.lineage import MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, link, read_record, sha256_file
 
-FORMAT = "pipeline-reduced/1"
 REDUCED_NAME = "reduced.h5"
-TRANSFORM_NAME = "transform.joblib"
-REPORT_NAME = "reduce.json"
 PLOT_NAME = "explained_variance.png"
 OUTPUT_NAMES = (REDUCED_NAME, TRANSFORM_NAME, PLOT_NAME, REPORT_NAME)
 SPLITS = ("train", "val", "test")
 # auto keeps the train rows in memory up to this share of RAM: a full SVD holds about three copies.
 IN_MEMORY_SHARE = 0.25
-RANDOMIZED_SEED = 0  # the randomized SVD is seeded so that a rerun writes the same numbers
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -76,120 +73,6 @@ def split_sha256(ids, labels, splits):
     for row_id, label, split in zip(ids, labels, splits):
         h.update(f"{row_id}\t{label}\t{split}\n".encode())
     return h.hexdigest()
-
-
-class TapTransform(TransformerMixin, BaseEstimator):
-    """Standardize each feature, weight each tap, then PCA; meant to be fitted on train rows only.
-
-    `tap_dims` are the widths of the concatenated taps in column order. Fitted state: `scaler_`
-    (the StandardScaler of the train rows: mean_, var_, scale_), `tap_weights_` (factor per tap
-    after standardizing: 1/sqrt(dim) for block, else 1), `multiplier_` (the resulting factor per
-    feature; all ones for scaling="none") and `pca_` (mean_, components_, explained_variance_).
-    A row x maps to pca_.transform((x - scaler_.mean_) * multiplier_).
-    """
-
-    def __init__(self, tap_dims=(), scaling="block", n_components=256, whiten=False, solver="full"):
-        self.tap_dims = tap_dims
-        self.scaling = scaling
-        self.n_components = n_components
-        self.whiten = whiten
-        self.solver = solver
-
-    def fit(self, X, y=None):
-        """Fit on an in-memory matrix of train rows."""
-        self._set_scaling(StandardScaler().fit(X))
-        self.pca_ = PCA(self.n_components, whiten=self.whiten, svd_solver=self.solver, random_state=RANDOMIZED_SEED)
-        self.pca_.fit(self.scale(X))
-        return self
-
-    def fit_batches(self, batches):
-        """Fit from `batches()`, a callable returning a fresh iterator of train-row chunks.
-
-        Two streaming passes (scaler statistics, then the covariance of the scaled rows), so
-        memory is one chunk plus a features x features matrix, however many rows there are.
-        """
-        if self.solver != "incremental":
-            raise ValueError(f"fit_batches needs solver='incremental', not {self.solver!r}")
-        scaler = StandardScaler()
-        for X in batches():
-            scaler.partial_fit(X)
-        self._set_scaling(scaler)
-        self.pca_ = CovariancePCA(self.n_components, whiten=self.whiten).fit_batches(map(self.scale, batches()))
-        return self
-
-    def _set_scaling(self, scaler):
-        dims = np.asarray(self.tap_dims, dtype=int)
-        if dims.sum() != scaler.n_features_in_:
-            raise ValueError(f"tap_dims add up to {dims.sum()} but X has {scaler.n_features_in_} columns")
-        self.scaler_ = scaler
-        self.tap_weights_ = 1 / np.sqrt(dims) if self.scaling == "block" else np.ones(len(dims))
-        per_feature = np.ones(dims.sum()) if self.scaling == "none" else 1 / scaler.scale_
-        self.multiplier_ = (per_feature * np.repeat(self.tap_weights_, dims)).astype(np.float32)
-
-    def scale(self, X):
-        """The standardized, tap-weighted rows the PCA sees, as float32."""
-        return (np.asarray(X, dtype=np.float32) - self.scaler_.mean_.astype(np.float32)) * self.multiplier_
-
-    def transform(self, X):
-        return self.pca_.transform(self.scale(X)).astype(np.float32, copy=False)
-
-    def tap_shares(self):
-        """Per tap: (share of the scaled input variance, share of the variance the kept components hold).
-
-        A component's variance is split among taps by its squared loadings, which sum to one.
-        """
-        edges = np.cumsum([0, *self.tap_dims])
-        input_variance = self.scaler_.var_ * self.multiplier_.astype(np.float64) ** 2
-        kept_variance = self.pca_.explained_variance_ @ self.pca_.components_.astype(np.float64) ** 2
-        per_tap = [(input_variance[a:b].sum(), kept_variance[a:b].sum()) for a, b in zip(edges[:-1], edges[1:])]
-        totals = np.sum(per_tap, axis=0)
-        return [tuple(np.divide(pair, totals, out=np.zeros(2), where=totals > 0)) for pair in per_tap]
-
-
-class CovariancePCA(TransformerMixin, BaseEstimator):
-    """Exact PCA from the covariance matrix, accumulated one chunk of rows at a time.
-
-    Each chunk adds its float32 Gram matrix into a float64 sum; one symmetric eigendecomposition
-    at the end gives the components. The rows it sees are already centered by the scaler, so
-    subtracting the mean afterwards loses no precision. Fitted attributes mirror scikit-learn's
-    PCA (mean_, components_, explained_variance_, explained_variance_ratio_, n_components_),
-    with the same sign convention.
-    """
-
-    def __init__(self, n_components, whiten=False):
-        self.n_components = n_components
-        self.whiten = whiten
-
-    def fit_batches(self, batches):
-        """Fit from an iterable of (rows, features) chunks."""
-        rows, total, gram = 0, None, None
-        for X in batches:
-            X = np.asarray(X, dtype=np.float32)
-            if gram is None:
-                total, gram = np.zeros(X.shape[1]), np.zeros((X.shape[1], X.shape[1]))
-            rows += len(X)
-            total += X.sum(axis=0, dtype=np.float64)
-            gram += X.T @ X  # added in place: no float64 copy of the product
-        self.mean_ = total / rows
-        covariance = (gram - rows * np.outer(self.mean_, self.mean_)) / (rows - 1)
-        variances, vectors = np.linalg.eigh(covariance)  # ascending
-        order = np.argsort(variances)[::-1][: self.n_components]
-        components = vectors[:, order].T
-        # scikit-learn's sign convention: each component's largest-magnitude loading is positive
-        largest = components[np.arange(len(order)), np.abs(components).argmax(axis=1)]
-        self.components_ = (components * np.sign(largest)[:, None]).astype(np.float32)
-        self.explained_variance_ = np.clip(variances[order], 0.0, None)
-        self.explained_variance_ratio_ = self.explained_variance_ / np.trace(covariance)
-        self.n_components_ = len(order)
-        self.n_features_in_ = covariance.shape[0]
-        self.n_samples_ = rows
-        return self
-
-    def transform(self, X):
-        projected = (np.asarray(X, dtype=np.float32) - self.mean_.astype(np.float32)) @ self.components_.T
-        if self.whiten:  # as scikit-learn: divide by sqrt(variance), floored at eps
-            projected /= np.maximum(np.sqrt(self.explained_variance_), np.finfo(np.float64).eps).astype(np.float32)
-        return projected
 
 
 def physical_memory():
@@ -246,10 +129,10 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
     started = time.perf_counter()
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     manifest = shards.read_manifest(features_dir)
-    manifest_sha256 = hashlib.sha256((features_dir / shards.MANIFEST_NAME).read_bytes()).hexdigest()
+    features = link(features_dir, MANIFEST_NAME, out_dir)
     config = _resolve_taps(config, manifest)
     _check_shards(features_dir, manifest)
-    if _is_up_to_date(out_dir, manifest_sha256, config, overwrite):
+    if _is_up_to_date(out_dir, features.sha256, config, overwrite):
         return ReduceResult(out_dir, read_json(out_dir / REPORT_NAME), True)
 
     ids, labels, given = _read_rows(features_dir, manifest)
@@ -280,12 +163,8 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
         ratios = transform.pca_.explained_variance_ratio_.astype(float)
         _plot_explained_variance(ratios, staging / PLOT_NAME)
         report = {
-            "format": FORMAT,
-            "inputs": {
-                "features": Path(os.path.relpath(features_dir.absolute(), out_dir.absolute())).as_posix(),
-                "features_absolute": str(features_dir.absolute()),
-                "manifest_sha256": manifest_sha256,
-            },
+            "format": REDUCED_FORMAT,
+            "inputs": features.to_json("features"),
             "config": config.to_dict(),
             "config_sha256": config.sha256(),
             "classes": manifest["classes"],
@@ -364,8 +243,9 @@ def _is_up_to_date(out_dir, manifest_sha256, config, overwrite):
 def _changes(previous, manifest_sha256, config):
     """Human-readable differences between a previous reduce.json and this run."""
     changes = []
-    if previous["inputs"]["manifest_sha256"] != manifest_sha256:
-        changes.append(f"made from another features manifest ({previous['inputs']['manifest_sha256'][:12]}, now {manifest_sha256[:12]})")
+    made_from = Link.from_json(previous["inputs"], "features").sha256
+    if made_from != manifest_sha256:
+        changes.append(f"made from another features manifest ({made_from[:12]}, now {manifest_sha256[:12]})")
     for key, value in config.to_dict().items():
         if previous["config"].get(key) != value:
             changes.append(f"{key} {previous['config'].get(key)!r}, now {value!r}")
@@ -419,7 +299,7 @@ def _write_reduced(path, features_dir, manifest, config, transform, ids, labels,
         for _, _, _, chunk in shards.iter_feature_chunks(features_dir, manifest, list(config.taps), config.batch_rows):
             X[start:start + len(chunk)] = transform.transform(chunk)
             start += len(chunk)
-        f.attrs["format"] = FORMAT
+        f.attrs["format"] = REDUCED_FORMAT
         f.attrs["config_sha256"] = config.sha256()
 
 
@@ -485,18 +365,12 @@ def load_reduced(reduced_dir):
     report_path = reduced_dir / REPORT_NAME
     if not report_path.is_file() or not (reduced_dir / REDUCED_NAME).is_file():
         raise PipelineError(f"{reduced_dir} is not a reduced directory (it needs {REPORT_NAME} and {REDUCED_NAME}); run `pipeline reduce` first")
-    raw = report_path.read_bytes()
-    try:
-        report = json.loads(raw)
-    except ValueError:
-        raise PipelineError(f"{report_path} is not readable JSON; reduce again with --overwrite") from None
-    if report.get("format") != FORMAT:
-        raise PipelineError(f"{report_path} has format {report.get('format')!r}; expected {FORMAT!r}")
+    report = read_record(report_path, REDUCED_FORMAT, "reduce again with --overwrite")
     with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
         return Reduced(
             path=reduced_dir,
             report=report,
-            report_sha256=hashlib.sha256(raw).hexdigest(),
+            report_sha256=sha256_file(report_path),
             ids=f["ids"].asstr()[:].tolist(),
             labels=f["labels"][:],
             splits=f["splits"].asstr()[:],

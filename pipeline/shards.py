@@ -9,10 +9,9 @@ import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_path, read_json, write_json
+from pipeline.files import atomic_path, write_json
+from pipeline.lineage import FEATURES_FORMAT as FORMAT, MANIFEST_NAME, read_record
 
-FORMAT = "pipeline-features/1"
-MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.h5$")
 _STR = h5py.string_dtype("utf-8")
 
@@ -118,13 +117,7 @@ def read_manifest(features_dir):
     if not path.exists():
         hint = " (shards without a manifest: the extraction did not finish; rerun it)" if existing_shards(features_dir) else ""
         raise PipelineError(f"{features_dir} is not a features directory: it has no {MANIFEST_NAME}{hint}")
-    try:
-        manifest = read_json(path)
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"{path} is not readable JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise PipelineError(f"{path} has format {manifest.get('format')!r}; expected {FORMAT!r}")
-    return manifest
+    return read_record(path, FORMAT, "extract again into a new --out")
 
 
 def existing_shards(features_dir):

@@ -17,12 +17,12 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, log_loss
 
-from pipeline.config import HeadConfig, load_toml, sha256_json
+from pipeline.config import HeadConfig, load_toml, normalize_keys, sha256_json
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, read_json, write_json
+from pipeline.lineage import HEAD_NAME, REPORT_NAME, RUN_CONFIG_NAME as CONFIG_NAME, link
 from pipeline.reduce import load_reduced
 
-CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
 LEADERBOARD_NAME = "leaderboard.csv"
 BASELINE_MAX_ITER = 1000  # lbfgs iterations for the logistic-regression probe
@@ -55,7 +55,7 @@ def sweep_configs(path, overrides=None):
         value = sweep.get(table, {})
         if not isinstance(value, dict):
             raise PipelineError(f"sweep file {path}: [{table}] must be a table of head options")
-        tables[table] = {key.replace("-", "_"): v for key, v in value.items()}
+        tables[table] = normalize_keys(value, f"sweep file {path}: [{table}]")
         unknown = sorted(set(tables[table]) - set(options))
         if unknown:
             raise PipelineError(
@@ -116,8 +116,10 @@ def _check_same_split(runs_dir, data):
 
 def _plan(runs_dir, data, configs, name):
     """[(run_id, config, run_sha256)]: readable ids, checked against runs already in `runs_dir`."""
-    if name is not None and (not NAME_PATTERN.fullmatch(name) or name.startswith("baseline-")):
-        raise PipelineError(f"--name {name!r} must be letters, digits, '.', '_' or '-' and not start with 'baseline-'")
+    if name is not None and (not NAME_PATTERN.fullmatch(name) or name.startswith("baseline-") or name == LEADERBOARD_NAME):
+        raise PipelineError(
+            f"--name {name!r} must be letters, digits, '.', '_' or '-', not start with 'baseline-' and not be {LEADERBOARD_NAME}"
+        )
     plan = []
     for config in configs:
         run_sha = sha256_json({"head": config.to_dict(), "reduce_json_sha256": data.report_sha256})
@@ -144,13 +146,8 @@ def _rows(data, split):
 
 def _reduced_record(runs_dir, data):
     """How a run's config.json names its reduced dir: path relative to the runs dir, absolute, hashes."""
-    absolute = data.path.absolute()
-    return {
-        "path": Path(os.path.relpath(absolute, runs_dir.absolute())).as_posix(),
-        "absolute": str(absolute),
-        "reduce_json_sha256": data.report_sha256,
-        "split_sha256": data.report["splits"]["sha256"],
-    }
+    reduced = link(data.path, REPORT_NAME, runs_dir)  # relative to the runs dir, as the leaderboard shows it
+    return {**reduced.to_json("reduced"), "split_sha256": data.report["splits"]["sha256"]}
 
 
 def _baseline(runs_dir, data):
@@ -210,7 +207,7 @@ def _head_run(runs_dir, data, run_id, config, run_sha):
         })
         write_json(staging / METRICS_NAME, metrics)
         _write_history(fitted.history, staging / "history.csv")
-        fitted.model.save(staging / "model.keras")
+        fitted.model.save(staging / HEAD_NAME)
         _plot_curves(fitted.history, fitted.best_epoch, staging / "curves.png")
         _plot_confusion(metrics, data.classes, staging / "confusion.png")
     write_leaderboard(runs_dir)

@@ -96,6 +96,7 @@ def head_run(tmp_path_factory):
     from types import SimpleNamespace
 
     from pipeline import backbones
+    from pipeline.config import WeightSource
     from pipeline.config import ExtractConfig, HeadConfig, ReduceConfig
     from pipeline.extract import extract
     from pipeline.reduce import reduce_features
@@ -111,7 +112,7 @@ def head_run(tmp_path_factory):
             pixels[..., index] += 120  # a class-coloured tint the head can learn
             Image.fromarray(pixels.astype(np.uint8)).save(root / "images" / name / f"{i}.png")
     vgg16 = backbones.build_backbone("vgg16", 32)
-    backbones.load_weights(vgg16, "vgg16", "random", seed=5)
+    backbones.load_weights(vgg16, "vgg16", WeightSource("random", seed=5))
     vgg16.save_weights(root / "vgg16.weights.h5")
     config = ExtractConfig(
         taps=("resnet50/conv2_block1_out", "vgg16/block1_pool"), image_size=32, precision="float32", batch_size=8,

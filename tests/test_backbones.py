@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from pipeline import backbones
+from pipeline.config import WeightSource, parse_weights
 from pipeline.errors import PipelineError
 from pipeline.layers import CaffePreprocess
 
@@ -36,7 +37,7 @@ def test_each_backbone_is_cut_at_its_deepest_tap_and_preprocessing_is_shared():
 
 def test_avgmax_pooling_concatenates_avg_then_max():
     trunks = {"vgg16": backbones.build_backbone("vgg16", 32)}
-    backbones.load_weights(trunks["vgg16"], "vgg16", "random", 0)
+    backbones.load_weights(trunks["vgg16"], "vgg16", WeightSource("random", seed=0))
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     both = backbones.build_tap_model(trunks, ["vgg16/block1_pool"], "avgmax", 32)(x)["vgg16/block1_pool"]
     avg = backbones.build_tap_model(trunks, ["vgg16/block1_pool"], "avg", 32)(x)["vgg16/block1_pool"]
@@ -61,7 +62,7 @@ def test_policy_selection(requested, gpu, flags, expected):
 
 def test_reduced_precision_outputs_float32_features_close_to_float32():
     trunks = {"resnet50": backbones.build_backbone("resnet50", 32)}
-    backbones.load_weights(trunks["resnet50"], "resnet50", "random", 0)
+    backbones.load_weights(trunks["resnet50"], "resnet50", WeightSource("random", seed=0))
     x = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
     tap = "resnet50/conv4_block6_out"
     reference = np.asarray(backbones.build_tap_model(trunks, [tap], "avg", 32)(x)[tap])
@@ -78,7 +79,7 @@ def test_random_weights_are_seeded_and_fingerprinted():
     fingerprints = []
     for seed in (0, 0, 1):
         model = backbones.build_backbone("vgg16", 32)
-        backbones.load_weights(model, "vgg16", "random", seed)
+        backbones.load_weights(model, "vgg16", WeightSource("random", seed=seed))
         fingerprints.append(backbones.weights_fingerprint(model))
     assert fingerprints[0] == fingerprints[1] != fingerprints[2]
 
@@ -86,9 +87,10 @@ def test_random_weights_are_seeded_and_fingerprinted():
 def test_a_weights_file_loads_and_matches_its_source(tmp_path):
     source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     source.save_weights(tmp_path / "vgg.weights.h5")
-    spec = backbones.parse_weights(f"vgg16={tmp_path / 'vgg.weights.h5'}", ("vgg16",))
+    sources = parse_weights(f"vgg16={tmp_path / 'vgg.weights.h5'}", ("vgg16",), seed=0)
+    assert sources["vgg16"].to_record() == {"kind": "file", "path": str(tmp_path / "vgg.weights.h5")}
     model = backbones.build_backbone("vgg16", 32)
-    backbones.load_weights(model, "vgg16", spec["vgg16"], seed=0)
+    backbones.load_weights(model, "vgg16", sources["vgg16"])
     assert backbones.weights_fingerprint(model) == backbones.weights_fingerprint(source)
 
 
@@ -103,22 +105,34 @@ def test_a_weights_file_loads_and_matches_its_source(tmp_path):
 )
 def test_bad_weight_specs(spec, message):
     with pytest.raises(PipelineError, match=message):
-        backbones.parse_weights(spec, ("resnet50", "vgg16"))
+        parse_weights(spec, ("resnet50", "vgg16"), seed=0)
 
 
 def test_a_file_that_is_not_weights_fails_clearly(tmp_path):
     (tmp_path / "w.weights.h5").write_text("nope")
     model = backbones.build_backbone("vgg16", 32)
     with pytest.raises(PipelineError, match="could not load vgg16 weights from"):
-        backbones.load_weights(model, "vgg16", tmp_path / "w.weights.h5", 0)
+        backbones.load_weights(model, "vgg16", WeightSource("file", path=str(tmp_path / "w.weights.h5")))
 
 
 def test_imagenet_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     model = backbones.build_backbone("vgg16", 32)
     with pytest.raises(PipelineError) as error:
-        backbones.load_weights(model, "vgg16", "imagenet", 0)
+        backbones.load_weights(model, "vgg16", WeightSource("imagenet"))
     message = str(error.value)
     assert "could not get ImageNet weights for vgg16" in message
     assert f"vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 in {tmp_path / 'keras' / 'models'}" in message
     assert "--weights random" in message and "--weights vgg16=PATH" in message
+
+
+@pytest.mark.parametrize("record, expected", [
+    ("imagenet", WeightSource("imagenet")),
+    ("random(seed=7)", WeightSource("random", seed=7)),
+    ("/models/vgg.weights.h5", WeightSource("file", path="/models/vgg.weights.h5")),
+    ({"kind": "random", "seed": 3}, WeightSource("random", seed=3)),
+])
+def test_weight_sources_load_from_records_old_and_new(record, expected):
+    source = WeightSource.from_record(record)
+    assert source == expected
+    assert WeightSource.from_record(source.to_record()) == source

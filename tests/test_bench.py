@@ -9,10 +9,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import backbones, bench_report, bench_stage_two, shards
-from pipeline.bench import STAGES, BenchOptions, run_bench, seed_style_baseline
-from pipeline.bench_corpus import PHOTO_SIZE, write_corpus
-from pipeline.bench_flops import count_flops, matmul_gflops
+from pipeline import backbones, shards
+from pipeline.bench import report as bench_report, stage_two as bench_stage_two
+from pipeline.bench.corpus import PHOTO_SIZE, write_corpus
+from pipeline.bench.flops import count_flops, matmul_gflops
+from pipeline.bench.runner import STAGES, BenchOptions, run_bench, seed_style_baseline
 from pipeline.cli import cli
 from pipeline.config import ReduceConfig
 from pipeline.errors import PipelineError

@@ -68,7 +68,7 @@ def test_manifest_records_config_weights_classes_and_timing(tmp_path, image_tree
     m = shards.read_manifest(tmp_path / "f")
     assert m["classes"] == ["ant", "zebra"] and m["rows"] == m["listed"] == 6
     assert m["config"]["source"] == str(root.resolve()) and len(m["config"]["source_sha256"]) == 64
-    assert m["weights"]["resnet50"]["source"] == "random(seed=0)" and len(m["weights"]["resnet50"]["sha256"]) == 64
+    assert m["weights"]["resnet50"]["source"] == {"kind": "random", "seed": 0} and len(m["weights"]["resnet50"]["sha256"]) == 64
     assert m["precision"]["policy"] in ("float32", "mixed_bfloat16") and m["timing"]["images"] == 6
     data = shards.read_shard(tmp_path / "f" / "shard-00000.h5")
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1] and data.ids[0] == "ant/000.png"
@@ -82,7 +82,9 @@ def test_manifest_records_config_weights_classes_and_timing(tmp_path, image_tree
         (["--backbone", "vgg16", "--tap", "resnet50:conv2_block1_out"], 2, "is not on the chosen backbone(s) vgg16"),
         (["--backbone", "inception"], 2, "'inception' is not one of 'resnet50', 'vgg16'"),
         (["--pooling", "median"], 2, "'median' is not one of 'avg', 'max', 'avgmax'"),
-        (["--image-size", "16"], 2, "16 is not in the range x>=32"),
+        (["--image-size", "16"], 2, "16 is not in the range 32<=x<=2048"),
+        (["--image-size", "100000"], 2, "100000 is not in the range 32<=x<=2048"),
+        (["--seed", "-1"], 2, "-1 is not in the range x>=0"),
         (["--batch-size", "0"], 2, "0 is not in the range x>=1"),
         (["--shard-size", "0"], 2, "0 is not in the range x>=1"),
         (["--precision", "int8"], 2, "'int8' is not one of"),
@@ -107,14 +109,28 @@ def test_missing_and_empty_sources(tmp_path, run_cli):
     "toml, code, message",
     [
         ('colour = "red"\n', 1, "has unknown key(s) colour; allowed: backbone"),
-        ('pooling = "median"\n', 2, "'median' is not one of"),
+        ('pooling = "median"\n', 1, "c.toml: pooling 'median' is not one of avg, max, avgmax"),
         ("image_size = [\n", 1, "is not valid TOML"),
+        ("seed = 1.5\n", 1, "c.toml: seed 1.5 must be an integer"),
+        ("seed = -3\n", 1, "c.toml: seed -3 must be an integer at least 0"),
+        ('image-size = 40\nimage_size = 48\n', 1, "sets image_size twice (as image-size and as image_size); keep one"),
+        ("image_size = 100000\n", 1, "image_size 100000 must be an integer between 32 and 2048"),
+        ('fast_decode = "yes"\n', 1, "fast_decode 'yes' must be true or false"),
+        ("tap = [3]\n", 1, "tap [3] must be a string or a list of strings"),
+        ('overwrite = "please"\n', 1, "overwrite 'please' must be true or false"),
     ],
 )
 def test_bad_config_files(tmp_path, image_tree, run_cli, toml, code, message):
     (tmp_path / "c.toml").write_text(toml)
     result = run_cli("extract", image_tree(), "--out", tmp_path / "f", "--config", tmp_path / "c.toml", code=code)
-    assert message in result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not (tmp_path / "f").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_one_sentence(tmp_path, image_tree, run_cli):
+    (tmp_path / "c.toml").write_bytes('pooling = "m\u00e4x"\n'.encode("latin-1"))
+    result = run_cli("extract", image_tree(), "--out", tmp_path / "f", "--config", tmp_path / "c.toml", code=1)
+    assert "is not UTF-8 text (byte 12); TOML files must be UTF-8" in result.output
 
 
 def test_taps_lists_every_layer_with_shape_and_stride(run_cli):

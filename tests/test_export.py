@@ -17,7 +17,7 @@ from pipeline.export import pca_arrays
 from pipeline.extract import extract
 from pipeline.inputs import resize_image
 from pipeline.layers import ScaledPCA, SquareResize
-from pipeline.reduce import TapTransform
+from pipeline.estimators import TapTransform
 from pipeline.sources import list_source
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from pipeline import backbones
 from pipeline.errors import PipelineError
-from pipeline.predict import load_lineage
+from pipeline.config import WeightSource
+from pipeline.lineage import load_lineage
 
 
 def copy_lineage(head_run, tmp_path):
@@ -85,14 +86,14 @@ def test_a_missing_features_dir_names_the_file_that_points_to_it(head_run, tmp_p
 def test_features_changed_since_reduce_are_refused(head_run, tmp_path):
     run = copy_lineage(head_run, tmp_path)
     edit_json(tmp_path / "copy" / "features" / "manifest.json", lambda m: m["config"].update(pooling="max"))
-    with pytest.raises(PipelineError, match=r"the features changed since reduce: .*manifest.json has sha256 [0-9a-f]{12}, .*reduce and train again"):
+    with pytest.raises(PipelineError, match=r"manifest.json has sha256 [0-9a-f]{12} but .*reduce.json was made from [0-9a-f]{12}; the features changed since reduce, so reduce and train again"):
         load_lineage(run)
 
 
 def test_a_reduced_dir_changed_since_training_is_refused(head_run, tmp_path):
     run = copy_lineage(head_run, tmp_path)
     edit_json(tmp_path / "copy" / "reduced" / "reduce.json", lambda r: r.update(components=5))
-    with pytest.raises(PipelineError, match=rf"reduce.json changed since run {run.name} was trained on it"):
+    with pytest.raises(PipelineError, match=rf"reduce.json has sha256 [0-9a-f]{{12}} but .*config.json was made from [0-9a-f]{{12}}; it changed since run {run.name} was trained on it"):
         load_lineage(run)
 
 
@@ -123,7 +124,7 @@ def test_a_moved_weights_file_is_named_and_can_be_given_again(head_run, tmp_path
     run = copy_lineage(head_run, tmp_path)
     moved = tmp_path / "copy" / "vgg16.weights.h5"
     manifest = tmp_path / "copy" / "features" / "manifest.json"
-    edit_json(manifest, lambda m: m["weights"]["vgg16"].update(source=str(tmp_path / "old" / "vgg16.weights.h5")))
+    edit_json(manifest, lambda m: m["weights"]["vgg16"].update(source={"kind": "file", "path": str(tmp_path / "old" / "vgg16.weights.h5")}))
     reseal(run)
     source = image_tree(classes=("a",), per_class=2)
     refused = run_cli("predict", run, source, "--out", tmp_path / "p.csv", code=1)
@@ -135,7 +136,7 @@ def test_a_moved_weights_file_is_named_and_can_be_given_again(head_run, tmp_path
 
 def test_weights_with_another_fingerprint_are_refused_before_any_image_runs(head_run, tmp_path, image_tree, run_cli, monkeypatch):
     other = backbones.build_backbone("vgg16", 32)
-    backbones.load_weights(other, "vgg16", "random", seed=6)
+    backbones.load_weights(other, "vgg16", WeightSource("random", seed=6))
     other.save_weights(tmp_path / "other.weights.h5")
     monkeypatch.setattr("pipeline.extract._TapRunner", lambda *a: pytest.fail("the forward pass was built"))
     recorded = json.loads((head_run.root / "features" / "manifest.json").read_text())["weights"]["vgg16"]["sha256"]

@@ -13,6 +13,7 @@ from pipeline import reduce as reduce_module
 from pipeline import shards
 from pipeline.config import ReduceConfig
 from pipeline.errors import PipelineError
+from pipeline.lineage import TRANSFORM_NAME
 from pipeline.reduce import assign_splits, choose_solver, load_reduced, reduce_features
 
 TAPS = {"resnet50/conv5_block3_out": 24, "vgg16/block5_conv3": 16}
@@ -101,7 +102,7 @@ def test_scaler_and_pca_are_fitted_on_train_rows_only(features_dir, tmp_path):
     features = features_dir(n=150)
     reduce_features(features, tmp_path / "reduced", ReduceConfig(components=5, scaling="standard"))
     reduced = load_reduced(tmp_path / "reduced")
-    transform = joblib.load(tmp_path / "reduced" / reduce_module.TRANSFORM_NAME)
+    transform = joblib.load(tmp_path / "reduced" / TRANSFORM_NAME)
     ids, X = read_features(features)
     assert ids == reduced.ids
     X_train = X[reduced.splits == "train"]
@@ -136,7 +137,7 @@ def test_incremental_pca_spans_the_same_subspace_as_full(features_dir, tmp_path)
         features, tmp_path / "incremental", ReduceConfig(components=2, solver="incremental", batch_rows=32)
     ).report
     assert (full["solver"]["chosen"], incremental["solver"]["chosen"]) == ("full", "incremental")
-    pcas = [joblib.load(tmp_path / name / reduce_module.TRANSFORM_NAME).pca_ for name in ("full", "incremental")]
+    pcas = [joblib.load(tmp_path / name / TRANSFORM_NAME).pca_ for name in ("full", "incremental")]
     assert subspace_cosines(pcas[0].components_, pcas[1].components_).min() > 0.999
     np.testing.assert_allclose(incremental["explained_variance_ratio"], full["explained_variance_ratio"], rtol=1e-3)
 
@@ -288,3 +289,19 @@ def test_cli_reduce_refuses_a_directory_that_is_not_features(tmp_path, run_cli):
     result = run_cli("reduce", tmp_path / "images", "--out", tmp_path / "reduced", code=1)
     assert "is not a features directory" in result.output
     assert not (tmp_path / "reduced").exists()
+
+
+def test_a_transform_pickled_before_estimators_py_still_loads(tmp_path, monkeypatch):
+    """transform.joblib files from before the move name the classes under pipeline.reduce."""
+    from pipeline import estimators
+
+    X = np.random.default_rng(0).normal(size=(30, 6)).astype(np.float32)
+    transform = estimators.TapTransform((2, 4), "block", 3, False, "full").fit(X)
+    with monkeypatch.context() as patch:
+        for name in ("TapTransform", "CovariancePCA"):
+            patch.setattr(getattr(estimators, name), "__module__", "pipeline.reduce")
+        joblib.dump(transform, tmp_path / "old.joblib")
+    assert b"pipeline.reduce" in (tmp_path / "old.joblib").read_bytes()
+    loaded = joblib.load(tmp_path / "old.joblib")
+    assert isinstance(loaded, estimators.TapTransform)
+    np.testing.assert_array_equal(loaded.transform(X), transform.transform(X))

@@ -171,8 +171,9 @@ def test_a_named_run_is_skipped_when_done_and_refused_when_different(reduced_dir
     assert list(train(reduced, runs, [HeadConfig(**QUICK)], name="mine"))[1].done_before
     with pytest.raises(PipelineError, match="run mine already exists .* choose another --name"):
         train(reduced, runs, [HeadConfig(**{**QUICK, "dropout": 0.0})], name="mine")
-    with pytest.raises(PipelineError, match="--name 'baseline-x' must be"):
-        train(reduced, runs, [HeadConfig(**QUICK)], name="baseline-x")
+    for reserved in ("baseline-x", "leaderboard.csv"):
+        with pytest.raises(PipelineError, match=f"--name '{reserved}' must be .* not be leaderboard.csv"):
+            train(reduced, runs, [HeadConfig(**QUICK)], name=reserved)
 
 
 def test_a_failed_run_leaves_no_trace(reduced_dir, tmp_path, monkeypatch):

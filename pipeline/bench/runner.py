@@ -1,4 +1,4 @@
-"""`pipeline bench`: every stage against its bound and the seed-style baseline -> bench.json + bench.md.
+"""The `pipeline bench` runner: every stage against its bound and the seed-style baseline -> bench.json + bench.md.
 
 Stage one is measured at the precision `auto` picks and in float32 (each figure is the median of
 `repeats` runs after a warm-up):
@@ -8,7 +8,7 @@ Stage one is measured at the precision `auto` picks and in float32 (each figure 
   baseline     `seed_style_baseline`, the tutorial-style script, float32
   flops        analytic FLOPs per image, the achieved GFLOP/s and the measured matmul rate
   fast-decode  --fast-decode on camera-sized JPEGs: decode speed and feature cosine vs full decode
-Stage two (bench_stage_two) on synthetic shards:
+Stage two (bench.stage_two) on synthetic shards:
   reduce       seconds and peak RSS at growing row counts
   heads        seconds per head experiment on the smallest reduced set
 """
@@ -27,8 +27,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import backbones, bench_corpus, bench_flops, bench_report, bench_stage_two
-from pipeline.config import DEFAULT_TAPS, ExtractConfig, HeadConfig, ReduceConfig, parse_tap, tap_backbone, tap_layer
+from pipeline import backbones
+from pipeline.bench import corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two
+from pipeline.config import DEFAULT_TAPS, ExtractConfig, HeadConfig, ReduceConfig, parse_tap, parse_weights, tap_backbone, tap_layer
 from pipeline.errors import PipelineError
 from pipeline.extract import extract, resolve, row_cosines
 from pipeline.files import write_json
@@ -37,7 +38,7 @@ from pipeline.sources import list_source
 
 FORMAT = "pipeline-bench/1"
 STAGES = ("model", "extract", "decode", "baseline", "flops", "fast-decode", "reduce", "heads")
-FLOPS_METHOD = "analytic: 2 x multiply-adds of every Conv2D/Dense of the truncated tap model (bench_flops.count_flops)"
+FLOPS_METHOD = "analytic: 2 x multiply-adds of every Conv2D/Dense of the truncated tap model (bench.flops.count_flops)"
 _PREPROCESS = {"resnet50": keras.applications.resnet50.preprocess_input, "vgg16": keras.applications.vgg16.preprocess_input}
 
 
@@ -202,9 +203,9 @@ def _stage_one(options, config, policies, corpus, paths, work, log):
 def _trunks(config):
     """The full trunks with the weights `config` names, built once and shared by every stage."""
     trunks = {}
-    for name, source in backbones.parse_weights(config.weights, config.backbones).items():
+    for name, source in parse_weights(config.weights, config.backbones, config.seed).items():
         trunks[name] = backbones.build_backbone(name, config.image_size)
-        backbones.load_weights(trunks[name], name, source, config.seed)
+        backbones.load_weights(trunks[name], name, source)
     return trunks
 
 
@@ -313,9 +314,9 @@ def seed_style_baseline(paths, taps, image_size, batch_size, weights, seed, out_
     `progress(n)` is called after each batch, as `extract` calls it.
     """
     models = {}
-    for backbone, source in backbones.parse_weights(weights, tuple(dict.fromkeys(map(tap_backbone, taps)))).items():
+    for backbone, source in parse_weights(weights, tuple(dict.fromkeys(map(tap_backbone, taps))), seed).items():
         trunk = backbones.build_backbone(backbone, image_size)
-        backbones.load_weights(trunk, backbone, source, seed)
+        backbones.load_weights(trunk, backbone, source)
         keys = [tap for tap in taps if tap_backbone(tap) == backbone]
         pooled = [keras.layers.GlobalAveragePooling2D()(trunk.get_layer(tap_layer(key)).output) for key in keys]
         models[backbone] = (keys, keras.Model(trunk.input, pooled))

@@ -1,0 +1,199 @@
+"""Lineage: how each stage's output names what it was made from, and following that back.
+
+A run's config.json links to its reduced dir, whose reduce.json links to the features dir,
+whose manifest.json holds the extraction config and the weights' fingerprints. A link is a
+relative path (from the reduced dir, or from the runs dir for a run; tried first, so a tree
+moved as a whole still works), the absolute path, and the sha256 of the file it points to, so
+that a file rewritten since is refused. This module owns the names and format tags of the files the chain passes
+through; it imports no stage module, so that every stage can import it.
+"""
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from pipeline.config import ExtractConfig, WeightSource
+from pipeline.errors import PipelineError
+from pipeline.files import read_json
+
+FEATURES_FORMAT = "pipeline-features/1"
+REDUCED_FORMAT = "pipeline-reduced/1"
+MANIFEST_NAME = "manifest.json"  # features/: the extraction's record
+REPORT_NAME = "reduce.json"  # reduced/: the reduction's record, linking to the features
+TRANSFORM_NAME = "transform.joblib"  # reduced/: the fitted scaling + PCA
+RUN_CONFIG_NAME = "config.json"  # runs/<id>/: the run's record, linking to the reduced dir
+HEAD_NAME = "model.keras"  # runs/<id>/: the trained head
+# Manifest config keys that describe the listed images rather than the extraction.
+_SOURCE_KEYS = ("source", "source_sha256")
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_format(path: Path | str, record: Any, expected: str, remedy: str) -> None:
+    """Refuse a record (a parsed JSON file or HDF5 attrs) whose `format` is not `expected`."""
+    found = record.get("format") if isinstance(record, Mapping) else None
+    if found != expected:
+        raise PipelineError(f"{path} has format {found!r}, not {expected!r}; {remedy}")
+
+
+def read_record(path: Path, expected_format: str, remedy: str) -> dict:
+    """A JSON record of the chain, parsed and format-checked; `remedy` ends the sentence when it is not."""
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path} is not readable JSON ({e}); {remedy}") from None
+    check_format(path, record, expected_format, remedy)
+    return record
+
+
+class Link(NamedTuple):
+    """Where a directory was, seen from the file that links to it, and the sha256 of its key file."""
+
+    relative: str  # POSIX path from the linking file's directory
+    absolute: str
+    sha256: str  # of the key file inside the directory
+
+    def to_json(self, kind: str) -> dict:
+        """The link as `kind`'s record stores it (see _JSON_KEYS)."""
+        return dict(zip(_JSON_KEYS[kind], self))
+
+    @classmethod
+    def from_json(cls, record: dict, kind: str) -> "Link":
+        return cls(*(record[key] for key in _JSON_KEYS[kind]))
+
+
+# The keys each record stores a link under: reduce.json's `inputs` links the features, a run's
+# config.json `reduced` links the reduced dir.
+_JSON_KEYS = {
+    "features": ("features", "features_absolute", "manifest_sha256"),
+    "reduced": ("path", "absolute", "reduce_json_sha256"),
+}
+
+
+def link(directory: Path, key_file: str, base: Path) -> Link:
+    """The link from `base` to `directory`, fingerprinted by `directory/key_file`."""
+    absolute = Path(directory).absolute()
+    relative = Path(os.path.relpath(absolute, Path(base).absolute())).as_posix()
+    return Link(relative, str(absolute), sha256_file(absolute / key_file))
+
+
+def follow_link(pointer: Path, recorded: Link, base: Path, key_file: str, what: str, changed: str) -> Path:
+    """The directory that `pointer` (a JSON file) links to, checked to hold the very `key_file` it linked.
+
+    The path relative to `base` (as `link` made it) is tried first, then the absolute one. `what`
+    names the directory when neither holds `key_file`; `changed` ends the sentence when it differs.
+    """
+    candidates = [Path(os.path.normpath(base / recorded.relative)), Path(recorded.absolute)]
+    for directory in candidates:
+        if (directory / key_file).is_file():
+            break
+    else:
+        raise PipelineError(
+            f"cannot find the {what} that {pointer} points to: no {key_file} in {candidates[0]} nor in {candidates[1]}; "
+            "put the directory back where one of these says"
+        )
+    actual = sha256_file(directory / key_file)
+    if actual != recorded.sha256:
+        raise PipelineError(
+            f"{directory / key_file} has sha256 {actual[:12]} but {pointer} was made from {recorded.sha256[:12]}; {changed}"
+        )
+    return directory
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A head run and what it was made from, each file checked to be the one it was made from."""
+
+    run_dir: Path
+    reduced_dir: Path
+    report: dict  # reduce.json
+    features_dir: Path
+    manifest: dict  # the features' manifest.json
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """The taps the transform reads, in its column order."""
+        return tuple(tap["key"] for tap in self.report["taps"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.report["classes"])
+
+    def extract_config(self, weights: str | None = None, **changes) -> ExtractConfig:
+        """The recorded extraction as an ExtractConfig, cut to the transform's taps, with `changes` applied.
+
+        `weights` replaces where the backbone weights come from (say, a file that moved); by
+        default the recorded sources load again: imagenet, random, or the recorded absolute path.
+        """
+        manifest_path = self.features_dir / MANIFEST_NAME
+        recorded = {key: value for key, value in self.manifest["config"].items() if key not in _SOURCE_KEYS}
+        # A setting added after these features were made takes its default, which by design keeps the
+        # old behaviour; a setting this version does not know cannot be rebuilt.
+        unknown = sorted(set(recorded) - {f.name for f in dataclasses.fields(ExtractConfig)})
+        if unknown:
+            raise PipelineError(
+                f"{manifest_path} records extraction settings this version does not know ({', '.join(unknown)}); "
+                "use the pipeline version that made the features"
+            )
+        config = ExtractConfig(**{**recorded, "taps": self.taps, **changes})
+        if weights is None:
+            sources = {name: WeightSource.from_record(self.manifest["weights"][name]["source"]) for name in config.backbones}
+            for name, source in sources.items():
+                if source.kind == "file" and not Path(source.path).is_file():
+                    raise PipelineError(
+                        f"{name} weights file {source.path} (recorded in {manifest_path}) does not exist; "
+                        f"pass --weights {name}=PATH to where it is now"
+                    )
+            weights = ",".join(f"{name}={source.spec()}" for name, source in sources.items())
+        return dataclasses.replace(config, weights=weights)
+
+    def expected_weights(self, backbones: tuple[str, ...]) -> dict:
+        """The recorded {source, sha256} of each of `backbones`."""
+        return {name: self.manifest["weights"][name] for name in backbones}
+
+    def load_transform(self):
+        import joblib
+
+        return joblib.load(self.reduced_dir / TRANSFORM_NAME)
+
+    def load_head(self):
+        import keras
+
+        return keras.saving.load_model(self.run_dir / HEAD_NAME, compile=False)
+
+
+def load_lineage(run_dir: Path | str) -> Lineage:
+    """Follow a head run back to its reduced and features dirs, refusing anything missing or changed since."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / RUN_CONFIG_NAME
+    if not config_path.is_file():
+        raise PipelineError(f"{run_dir} is not a run directory: it has no {RUN_CONFIG_NAME}; give RUNS/<run id>")
+    run = read_json(config_path)
+    if run.get("kind") != "head":
+        raise PipelineError(f"run {run_dir.name} is a {run.get('kind')} run without a Keras head; choose a head run")
+    if not (run_dir / HEAD_NAME).is_file():
+        raise PipelineError(f"run {run_dir} has no {HEAD_NAME}; train it again")
+
+    reduced_dir = follow_link(
+        config_path, Link.from_json(run["reduced"], "reduced"), run_dir.parent, REPORT_NAME, "reduced directory",
+        f"it changed since run {run_dir.name} was trained on it (reduced again?); train the head again on this reduced directory",
+    )
+    report_path = reduced_dir / REPORT_NAME
+    report = read_record(report_path, REDUCED_FORMAT, "reduce again")
+    if not (reduced_dir / TRANSFORM_NAME).is_file():
+        raise PipelineError(f"{reduced_dir} has no {TRANSFORM_NAME}, so it is not a complete reduced directory; reduce again")
+    features_dir = follow_link(
+        report_path, Link.from_json(report["inputs"], "features"), reduced_dir, MANIFEST_NAME, "features directory",
+        "the features changed since reduce, so reduce and train again",
+    )
+    manifest = read_record(features_dir / MANIFEST_NAME, FEATURES_FORMAT, "extract again")
+    return Lineage(run_dir, reduced_dir, report, features_dir, manifest)
+
