@@ -1,5 +1,7 @@
 """Backbones and their taps: the tap catalogue, weights, precision policy and the fused tap model."""
 
+import contextlib
+import dataclasses
 import hashlib
 import os
 import zlib
@@ -35,9 +37,21 @@ class TapInfo:
     stride: int  # input pixels per output pixel
 
 
-def build_backbone(name, image_size):
-    """The full convolutional trunk (no classifier) with uninitialised-by-us weights."""
-    return _APPLICATIONS[name](include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+def build_backbone(name, image_size, policy="float32"):
+    """The full convolutional trunk (no classifier), computing under `policy`, weights not yet loaded."""
+    with dtype_policy(policy):
+        return _APPLICATIONS[name](include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+
+
+@contextlib.contextmanager
+def dtype_policy(policy):
+    """Keras' global dtype policy set to `policy` for the layers built in the block."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def tap_catalogue(name, trunk):
@@ -92,6 +106,13 @@ def choose_policy(requested, gpu, flags):
     if {"avx512_bf16", "amx_bf16"} & set(flags):
         return "mixed_bfloat16"
     return "float32"
+
+
+def resolve(config, gpu, flags):
+    """An ExtractConfig with `auto` choices replaced by what this machine gets, so the saved config says what ran."""
+    policy = choose_policy(config.precision, gpu, flags)
+    xla = gpu if config.xla is None else config.xla
+    return dataclasses.replace(config, precision=policy, xla=xla)
 
 
 def enable_gpu_memory_growth():
@@ -168,18 +189,6 @@ def load_trunk_weights(trunks, weight_sources):
     return record
 
 
-def check_fingerprints(loaded, expected):
-    """Refuse weights whose fingerprint differs from the recorded one, naming backbone and both prefixes."""
-    for name, weights in loaded.items():
-        if weights["sha256"] != expected[name]["sha256"]:
-            loaded_from, expected_from = (WeightSource.from_record(w["source"]) for w in (weights, expected[name]))
-            raise PipelineError(
-                f"{name} weights from {loaded_from} have sha256 {weights['sha256'][:12]}, but the features "
-                f"were extracted with sha256 {expected[name]['sha256'][:12]} (from {expected_from}); "
-                "load those weights instead"
-            )
-
-
 # --- the fused tap model --------------------------------------------------------------------
 
 _POOLERS = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
@@ -189,43 +198,55 @@ def tap_dim(channels, pooling):
     return 2 * channels if pooling == "avgmax" else channels
 
 
-def build_tap_model(trunks, taps, pooling, image_size, policy="float32"):
+def build_tap_model(trunks, taps, pooling, image_size):
     """One model: RGB 0..255 images -> {tap key: pooled float32 (B, dim)}.
 
-    `trunks` maps backbone -> full float32 trunk with weights loaded. Under another policy each
-    backbone is rebuilt with those weights. Each is cut at its deepest requested tap (a
-    functional model holds only the layers its outputs need). The shared caffe preprocessing
-    runs once.
+    `trunks` maps backbone -> full trunk (from build_backbone) with weights loaded; the model
+    computes in the trunks' policy. Each is cut at its deepest requested tap (a functional model
+    holds only the layers its outputs need). The shared caffe preprocessing runs once.
     """
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
-    try:
-        images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
-        shared = CaffePreprocess(name="caffe_preprocess")(images)
-        outputs = {}
-        for backbone, trunk in trunks.items():
-            keys = [t for t in taps if tap_backbone(t) == backbone]
-            rebuilt = trunk
-            if policy != "float32":
-                rebuilt = build_backbone(backbone, image_size)
-                rebuilt.set_weights(trunk.get_weights())
-            cut = keras.Model(
-                rebuilt.input, [rebuilt.get_layer(tap_layer(k)).output for k in keys], name=f"{backbone}_taps"
-            )
-            for key, tensor in zip(keys, cut(shared)):
-                outputs[key] = _pool(tensor, pooling, key.replace("/", "__"))
-        return keras.Model(images, outputs, name="taps")
-    finally:
-        keras.config.set_dtype_policy(previous)
+    images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
+    shared = CaffePreprocess(name="caffe_preprocess")(images)
+    outputs = {}
+    for backbone, trunk in trunks.items():
+        keys = [t for t in taps if tap_backbone(t) == backbone]
+        cut = keras.Model(trunk.input, [trunk.get_layer(tap_layer(k)).output for k in keys], name=f"{backbone}_taps")
+        for key, tensor in zip(keys, cut(shared)):
+            outputs[key] = _pool(tensor, pooling, key.replace("/", "__"))
+    return keras.Model(images, outputs, name="taps")
 
 
-def compile_forward(model, image_size, xla):
+def float32_twin(trunks, config):
+    """The compiled float32 forward of the same taps and weights as `trunks`, for the fidelity check."""
+    twins = {}
+    for name, trunk in trunks.items():
+        twins[name] = build_backbone(name, config.image_size)
+        twins[name].set_weights(trunk.get_weights())
+    model = build_tap_model(twins, config.taps, config.pooling, config.image_size)
+    return compile_forward(model, config.image_size, xla=False)
+
+
+def compile_forward(model, image_size, xla, batch_size=None):
     """`model(x, training=False)` as one tf.function over float32 (B, S, S, 3) batches.
 
-    A fixed signature with a free batch size: the last, shorter batch of a shard reuses the trace.
+    Without XLA the batch size is free, so the last, shorter batch of a shard reuses the trace.
+    XLA compiles one program per shape, so with XLA every batch is padded to `batch_size` and
+    the padding's rows are cut from the outputs.
     """
-    signature = [tf.TensorSpec((None, image_size, image_size, 3), tf.float32)]
-    return tf.function(lambda images: model(images, training=False), jit_compile=xla, input_signature=signature)
+    if not xla:
+        signature = [tf.TensorSpec((None, image_size, image_size, 3), tf.float32)]
+        return tf.function(lambda images: model(images, training=False), input_signature=signature)
+    signature = [tf.TensorSpec((batch_size, image_size, image_size, 3), tf.float32)]
+    fixed = tf.function(lambda images: model(images, training=False), jit_compile=True, input_signature=signature)
+
+    def padded(images):
+        rows = int(images.shape[0])
+        if rows == batch_size:
+            return fixed(images)
+        filler = tf.zeros((batch_size - rows, image_size, image_size, 3), tf.float32)
+        return {key: value[:rows] for key, value in fixed(tf.concat([images, filler], axis=0)).items()}
+
+    return padded
 
 
 def _pool(tensor, pooling, name):

@@ -5,6 +5,7 @@ commands so that `pipeline --help` stays fast.
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -17,14 +18,29 @@ from pipeline.errors import PipelineError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info logs off the user's screen
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every cleanup on the way out runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 class PipelineGroup(click.Group):
-    """Turns a PipelineError from any command into one `Error: ...` line and exit status 1."""
+    """Turns a PipelineError from any command into one `Error: ...` line and exit status 1.
+
+    Ctrl-C (SIGINT) and SIGTERM end in one line and the shell's usual status, 130 or 143: every
+    command keeps what it finished, so rerunning it resumes.
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except PipelineError as e:
             raise click.ClickException(str(e)) from None
+        except (KeyboardInterrupt, Terminated) as e:
+            click.echo("interrupted; rerun the same command to resume", err=True)
+            ctx.exit(143 if isinstance(e, Terminated) else 130)
 
 
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +50,7 @@ def cli():
 
 
 def main():
+    signal.signal(signal.SIGTERM, _raise_terminated)
     cli(prog_name="pipeline")
 
 
@@ -55,28 +72,39 @@ def given_options(ctx, options):
 
 
 class Progress:
-    """A tqdm bar on a terminal; a plain line every `interval` seconds otherwise."""
+    """A tqdm bar on a terminal; a plain line every `interval` seconds otherwise.
 
-    def __init__(self, total, label, interval=10.0):
-        self.total, self.label, self.interval = total, label, interval
-        self.done, self.started, self.last = 0, time.monotonic(), time.monotonic()
+    `start` gives the total and the images an earlier run finished; the rate and ETA count only
+    the images computed now.
+    """
+
+    def __init__(self, label, interval=10.0):
+        self.label, self.interval = label, interval
+        self.total = self.done = self.computed = 0
         self.bar = None
+
+    def start(self, total, done):
+        self.total, self.done = total, done
+        self.started = self.last = time.monotonic()
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="img", desc=label, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, unit="img", desc=self.label, dynamic_ncols=True)
+        elif done:
+            click.echo(f"{self.label}: {done}/{total} images done by an earlier run", err=True)
 
     def __call__(self, n):
         if not n:
             return
         self.done += n
+        self.computed += n
         if self.bar is not None:
             self.bar.update(n)
             return
         now = time.monotonic()
         if now - self.last >= self.interval or self.done >= self.total:
             self.last = now
-            rate = self.done / max(now - self.started, 1e-9)
+            rate = self.computed / max(now - self.started, 1e-9)
             eta = (self.total - self.done) / rate if rate else float("inf")
             click.echo(f"{self.label}: {self.done}/{self.total} images, {rate:.1f} images/s, ETA {eta:.0f} s", err=True)
 
@@ -111,10 +139,13 @@ EXTRACT_KEYS = (
 @click.option("--storage-dtype", default=_EXTRACT.storage_dtype, show_default=True, type=click.Choice(cfg.STORAGE_DTYPES), help="Dtype of the stored features.")
 @click.option("--on-error", default=_EXTRACT.on_error, show_default=True, type=click.Choice(cfg.ON_ERROR), help="An undecodable image: record it and go on, or stop.")
 @click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out.")
+@click.option("--num-workers", type=click.IntRange(min=1), help="Job arrays: this task computes only shards k with k % N == --worker-index and writes no manifest. Default: $SLURM_ARRAY_TASK_COUNT, else 1.")
+@click.option("--worker-index", type=click.IntRange(min=0), help="Job arrays: this task's index, 0..N-1. Default: from $SLURM_ARRAY_TASK_ID (minus $SLURM_ARRAY_TASK_MIN, over $SLURM_ARRAY_TASK_STEP).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML file with the same keys as these flags; flags win.")
 @click.pass_context
-def extract(ctx, source, out, config_file, **options):
+def extract(ctx, source, out, config_file, num_workers, worker_index, **options):
     """Run the frozen backbone taps over SOURCE (a folder tree or a CSV) into HDF5 shards."""
+    num_workers, worker_index = _job_array(num_workers, worker_index)
     values = cfg.load_toml(config_file, EXTRACT_KEYS) if config_file else {}
     values.update(given_options(ctx, options))
     try:
@@ -128,12 +159,29 @@ def extract(ctx, source, out, config_file, **options):
     listing = list_source(source)
     total = len(listing.records)
     click.echo(f"extract: {total} images from {source} -> {out}", err=True)
-    progress = Progress(total, "extract")
+    progress = Progress("extract")
     try:
-        result = run_extract(config, listing, out, overwrite=overwrite, progress=progress)
+        result = run_extract(
+            config, listing, out, overwrite=overwrite, progress=progress, num_workers=num_workers, worker_index=worker_index
+        )
     finally:
         progress.close()
-    _print_extract_summary(result)
+    _print_extract_summary(result, num_workers, worker_index)
+
+
+def _job_array(num_workers, worker_index):
+    """(N, I) from the flags, else from a Slurm array job's environment, else (1, 0)."""
+    env = os.environ
+    if num_workers is None and "SLURM_ARRAY_TASK_COUNT" in env:
+        num_workers = int(env["SLURM_ARRAY_TASK_COUNT"])
+        if worker_index is None:
+            step = int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+            worker_index = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // step
+    num_workers = num_workers or 1
+    worker_index = worker_index or 0
+    if worker_index >= num_workers:
+        raise click.BadParameter(f"{worker_index} is not below --num-workers {num_workers}", param_hint="--worker-index")
+    return num_workers, worker_index
 
 
 def _extract_config(values):
@@ -163,8 +211,15 @@ def _as_list(name, value):
     return items
 
 
-def _print_extract_summary(result):
+def _print_extract_summary(result, num_workers, worker_index):
     m = result.manifest
+    if m is None:
+        click.echo(
+            f"job-array task {worker_index} of {num_workers}: {result.written} shards written into {result.out_dir}"
+            f"{' (all done before)' if result.up_to_date else ''}; when every task has finished, rerun the same "
+            "command without --num-workers/--worker-index to write the manifest"
+        )
+        return
     if result.up_to_date:
         click.echo(f"{result.out_dir} is up to date ({m['rows']} rows); nothing to do")
         return
@@ -257,7 +312,7 @@ def predict(run, source, out, **options):
     listing = list_source(source)
     total = len(listing.records)
     click.echo(f"predict: {total} images from {source} with {run} -> {out}", err=True)
-    progress = Progress(total, "predict")
+    progress = Progress("predict")
     try:
         result = run_predict(run, listing, out, progress=progress, **options)
     finally:

@@ -17,7 +17,7 @@ from pipeline import backbones
 from pipeline.errors import PipelineError
 from pipeline.layers import ClassNames, ScaledPCA, SquareResize
 from pipeline.config import parse_weights
-from pipeline.lineage import load_lineage
+from pipeline.lineage import check_fingerprints, load_lineage
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def export(run_dir, out, *, image_size=None, weights=None):
     trunks = {name: backbones.build_backbone(name, config.image_size) for name in config.backbones}
     backbones.check_taps(config.taps, trunks)
     loaded = backbones.load_trunk_weights(trunks, parse_weights(config.weights, config.backbones, config.seed))
-    backbones.check_fingerprints(loaded, lineage.expected_weights(config.backbones))
+    check_fingerprints(loaded, lineage.expected_weights(config.backbones))
 
     transform = lineage.load_transform()
     model = build_model(trunks, config, transform, lineage.load_head(), lineage.classes)

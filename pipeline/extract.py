@@ -1,327 +1,346 @@
-"""Stage one: plan shards over the sorted listing, skip finished ones, run the fused taps, write.
+"""Stage one: plan shards over the sorted listing, skip finished ones, run the rest on an engine, write the manifest.
 
-The forward pass runs on the main thread over a prefetched tf.data stream; finished shards go
-to a one-thread background writer so HDF5 writing overlaps compute. The manifest is written
-last, so a directory without one is an unfinished run that a rerun completes.
+Shard k holds the listed images k*S .. (k+1)*S-1 of the id-sorted listing. Each shard records
+what the manifest needs (config hash, weights, taps, errors, fidelity), so the manifest is
+rebuilt from the shards alone and written last: by the driver, or by a plain rerun after
+job-array tasks (which write shards only). A directory without a manifest is an unfinished run
+that a rerun completes. This module does not import TensorFlow: an up-to-date rerun, or one that
+only writes the manifest, never loads it or builds a model.
 """
 
 import dataclasses
+import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-import tensorflow as tf
 
-from pipeline import backbones, shards
-from pipeline.config import parse_weights, sha256_json, tap_backbone, tap_layer
+from pipeline import shards
+from pipeline.config import ExtractConfig, parse_weights, sha256_json
 from pipeline.errors import PipelineError
-from pipeline.inputs import UndecodableImage, decode_with_pillow, image_batches, resize_image
+from pipeline.files import leftover_temps, locked, make_dir, remove
+from pipeline.lineage import MANIFEST_NAME, check_fingerprints
+from pipeline.sources import Listing
 
 FIDELITY_THRESHOLD = 0.99  # min cosine vs float32 below which a reduced-precision run warns
-_MAX_PENDING_WRITES = 2  # shards buffered for the writer before compute waits
+LOCK_NAME = ".pipeline.lock"  # in the features dir: one writer at a time (job-array tasks share it)
+_SOURCE_KEYS = ("source", "source_sha256")  # run config keys that describe the images, not the extraction
+_AUTO = {"precision": "auto", "xla": None}  # requested values that any resolved value satisfies
+_SPACE_MARGIN = 1.1  # free disk space wanted beyond the estimated size of the pending shards
+
+
+class ProgressSink(Protocol):
+    """What `extract` reports progress to."""
+
+    def start(self, total: int, done: int) -> None:
+        """`total` listed images, of which `done` were finished by an earlier run."""
+
+    def __call__(self, images: int) -> None:
+        """`images` more were computed (or found undecodable)."""
 
 
 @dataclass
 class ExtractResult:
-    manifest: dict
+    manifest: shards.Manifest | None  # None for a job-array task, which writes no manifest
     out_dir: Path
     written: int  # shards computed by this call
-    skipped: int  # shards already finished by an earlier call
+    skipped: int  # shards already finished by an earlier call (or left to other job-array tasks)
     up_to_date: bool = False  # the directory already held this run, manifest included
     warnings: list = field(default_factory=list)
 
 
-def resolve(config, gpu, flags):
-    """Replace `auto` choices by what this machine gets, so the saved config says what ran."""
-    policy = backbones.choose_policy(config.precision, gpu, flags)
-    xla = gpu if config.xla is None else config.xla
-    return dataclasses.replace(config, precision=policy, xla=xla)
+@dataclass(frozen=True)
+class _Run:
+    """A run found in (or planned for) the output directory."""
+
+    config_sha256: str
+    config: dict  # resolved config plus source keys, as shards and manifest record it
+    manifest: shards.Manifest | None = None
 
 
-def extract(config, listing, out_dir, *, overwrite=False, progress=None, expected_weights=None):
-    """Run stage one over a `sources.Listing`; `progress(n)` is called as images are done.
+def extract(
+    config: ExtractConfig, listing: Listing, out_dir: Path | str, *, overwrite: bool = False,
+    progress: ProgressSink | None = None, expected_weights: dict | None = None,
+    engine: str = "local", engine_options: dict | None = None, num_workers: int = 1, worker_index: int = 0,
+) -> ExtractResult:
+    """Run stage one over a `sources.Listing` into `out_dir`.
 
     `expected_weights` ({backbone: {source, sha256}}, as a manifest records them) makes loaded
-    weights with another fingerprint fail before any image is run. Returns an ExtractResult.
+    weights with another fingerprint fail before any image is run. `engine` is "local" or "ray"
+    (with `engine_options` for it). With `num_workers` > 1 this process is job-array task
+    `worker_index`: it computes only the shards k with k % num_workers == worker_index and writes
+    no manifest.
     """
-    out_dir = Path(out_dir)
-    gpu = backbones.has_gpu()
-    if gpu:
-        backbones.enable_gpu_memory_growth()
-        tf.config.experimental.enable_op_determinism()  # cuDNN autotuning is not deterministic
-    config = resolve(config, gpu, backbones.cpu_flags())
-    weight_sources = parse_weights(config.weights, config.backbones, config.seed)
-    trunks = {name: backbones.build_backbone(name, config.image_size) for name in config.backbones}
-    tap_infos = backbones.check_taps(config.taps, trunks)
-
-    source_sha256 = listing.fingerprint()
-    run_config = {**config.to_dict(), "source": str(Path(listing.root).resolve()), "source_sha256": source_sha256}
-    run_sha = sha256_json({"config": config.sha256(), "source_sha256": source_sha256})
-    existing = _prepare_out_dir(out_dir, run_sha, run_config, overwrite)
-
-    n = len(listing.records)
-    ranges = [(start, min(start + config.shard_size, n)) for start in range(0, n, config.shard_size)]
-    done = {k for k in range(len(ranges)) if _is_finished(out_dir / shards.shard_filename(k), run_sha, k)}
-    if existing is not None and len(done) == len(ranges):
-        return ExtractResult(existing, out_dir, written=0, skipped=len(ranges), up_to_date=True)
-
     started = time.perf_counter()
-    weights = backbones.load_trunk_weights(trunks, weight_sources)
-    if expected_weights is not None:
-        backbones.check_fingerprints(weights, expected_weights)
-    runner = _TapRunner(trunks, config)
+    parse_weights(config.weights, config.backbones, config.seed)  # a bad spec fails before the directory is touched
+    if not 0 <= worker_index < num_workers:
+        raise PipelineError(f"worker index {worker_index} must be in 0..{num_workers - 1} for {num_workers} workers")
+    progress = progress or _NoProgress()
+    out_dir = make_dir(out_dir, "--out")
+    with locked(out_dir / LOCK_NAME, f"features directory {out_dir}", shared=num_workers > 1):
+        return _extract_locked(
+            config, listing, out_dir, overwrite, progress, expected_weights, engine, engine_options or {},
+            (num_workers, worker_index), started,
+        )
 
-    pending = [k for k in range(len(ranges)) if k not in done]
-    paths = [r.path for r in listing.records]
-    batches = image_batches(
-        paths, [ranges[k] for k in pending], config.batch_size, config.image_size, config.resize, config.fast_decode
+
+def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weights, engine_name, engine_options, array, started):
+    num_workers, worker_index = array
+    source_sha256 = listing.fingerprint()
+    ranges = [(start, min(start + config.shard_size, len(listing.records))) for start in range(0, len(listing.records), config.shard_size)]
+    existing = _existing_run(out_dir)
+    resumed = existing is not None and _same_run(existing.config, config, source_sha256)
+    if existing is not None and not resumed and not overwrite:
+        raise PipelineError(
+            f"{out_dir} holds features of a different run ({_differences(existing.config, config, source_sha256, out_dir, listing, ranges)}); "
+            "use another --out or pass --overwrite"
+        )
+    done = _finished(out_dir, existing.config_sha256, len(ranges)) if resumed else set()
+    if resumed and len(done) == len(ranges):
+        return _finish_without_computing(existing, listing, out_dir, progress, expected_weights, num_workers > 1, started)
+
+    to_run = _run_config_to_extract(existing.config, config) if resumed else config
+    from pipeline.engines import make_engine  # TensorFlow loads here, once there is something to compute
+
+    engine = make_engine(engine_name, **engine_options)
+    try:
+        worker = engine.start(to_run)
+        resolved = dataclasses.replace(worker.config, on_error=config.on_error)
+        run = _Run(
+            sha256_json({"config": resolved.sha256(), "source_sha256": source_sha256}),
+            {**resolved.to_dict(), "source": str(Path(listing.root).resolve()), "source_sha256": source_sha256},
+        )
+        if expected_weights is not None:
+            check_fingerprints(worker.weights, expected_weights)
+        if resumed:
+            _check_same_weights(out_dir, done, worker.weights)
+        elif existing is not None:  # --overwrite, now that the new run is known to load
+            _remove_outputs(out_dir)
+        if num_workers == 1:
+            for leftover in leftover_temps(out_dir):  # only this run writes here now
+                remove(leftover)
+        pending = [k for k in range(len(ranges)) if k not in done and k % num_workers == worker_index]
+        _check_space(out_dir, ranges, pending, worker.taps, resolved.storage_dtype)
+        from pipeline.engines.worker import RunIdentity, ShardJob
+
+        progress.start(sum(stop - start for k, (start, stop) in enumerate(ranges) if k in pending or k in done), _images(ranges, done))
+        jobs = [ShardJob(k, listing.records[slice(*ranges[k])]) for k in pending]
+        engine.run(jobs, RunIdentity(run.config_sha256, run.config, worker.weights, worker.taps), out_dir, progress)
+    finally:
+        engine.close()
+    computed = _images(ranges, pending)
+    if num_workers > 1:
+        return ExtractResult(None, out_dir, written=len(pending), skipped=len(ranges) - len(pending))
+    manifest = _write_manifest(out_dir, run, listing, len(ranges), started, computed)
+    return ExtractResult(manifest, out_dir, written=len(pending), skipped=len(done), warnings=_warnings(manifest))
+
+
+class _NoProgress:
+    def start(self, total, done):
+        pass
+
+    def __call__(self, images):
+        pass
+
+
+def _images(ranges, indices):
+    return sum(ranges[k][1] - ranges[k][0] for k in indices)
+
+
+def _existing_run(out_dir):
+    """The run whose outputs `out_dir` holds (from its manifest, else a shard), or None when it holds none.
+
+    A directory holding other files and no features is refused: it is not ours to fill.
+    """
+    try:
+        manifest = shards.read_manifest(out_dir)
+    except PipelineError:
+        manifest = None
+    if manifest is not None:
+        return _Run(manifest["config_sha256"], manifest["config"], manifest)
+    attrs = next(filter(None, map(shards.read_shard_attrs, shards.existing_shards(out_dir))), None)
+    if attrs is not None:
+        return _Run(attrs["config_sha256"], attrs["config"])
+    ours = {LOCK_NAME, MANIFEST_NAME} | {p.name for p in leftover_temps(out_dir)} | {p.name for p in shards.existing_shards(out_dir)}
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
+    if foreign:
+        raise PipelineError(
+            f"output directory {out_dir} is not empty and holds no features (it has {foreign[0]}); choose an empty or new directory"
+        )
+    return None
+
+
+def _same_run(recorded, config, source_sha256):
+    """Whether a recorded run config is what `config` asks for on these images (`auto` matches what it resolved to)."""
+    if recorded.get("source_sha256") != source_sha256:
+        return False
+    wanted = config.to_dict()
+    return all(
+        recorded.get(key) == value or (key in _AUTO and value == _AUTO[key])
+        for key, value in wanted.items()
+        if key not in ExtractConfig._UNHASHED
     )
-    meta = {"run_sha": run_sha, "run_config": run_config, "storage_dtype": config.storage_dtype}
-    with _ShardWriter(out_dir, meta) as writer:
-        dims = {key: backbones.tap_dim(info.channels, config.pooling) for key, info in tap_infos.items()}
-        assembler = _ShardAssembler(listing, config, dims, ranges, runner, writer, progress)
-        for indices, images in batches:
-            features = runner(images)
-            if runner.fidelity is None:
-                runner.check_fidelity(images, features)
-            assembler.add(indices.numpy(), features)
-        assembler.finish(pending)
-    if runner.fidelity is None:  # everything was written before; check on the first batch anyway
-        first = image_batches(paths, [ranges[0]], config.batch_size, config.image_size, config.resize, config.fast_decode)
-        indices, images = next(iter(first))
-        runner.check_fidelity(images)
-    seconds = time.perf_counter() - started
 
-    entries, errors = [], []
-    for k in range(len(ranges)):
+
+def _run_config_to_extract(recorded, config):
+    """The recorded run's resolved config, to finish it exactly as it began (with this call's on_error)."""
+    settings = {key: value for key, value in recorded.items() if key not in _SOURCE_KEYS}
+    return dataclasses.replace(ExtractConfig(**settings), on_error=config.on_error)
+
+
+def _differences(recorded, config, source_sha256, out_dir, listing, ranges):
+    wanted = config.to_dict()
+    keys = [
+        key for key in wanted
+        if key not in ExtractConfig._UNHASHED and recorded.get(key) != wanted[key] and not (key in _AUTO and wanted[key] == _AUTO[key])
+    ]
+    if keys:
+        return ", ".join(f"{key}: {recorded.get(key)!r} -> {wanted[key]!r}" for key in keys)
+    return _changed_images(out_dir, listing, ranges) or "same settings, other images"
+
+
+def _changed_images(out_dir, listing, ranges):
+    """A sentence naming the first listed image that differs from what the shards in `out_dir` were made from."""
+    for path in shards.existing_shards(out_dir):
+        listed = shards.read_listed(path)
+        index = int(shards.SHARD_PATTERN.match(path.name).group(1))
+        if listed is None:
+            return None  # shards written before listings were stored: nothing to compare
+        now = listing.records[slice(*ranges[index])] if index < len(ranges) else ()
+        for k, record in enumerate(now):
+            if k >= len(listed.ids) or listed.ids[k] != record.id:
+                missing = sorted(set(listed.ids) - {r.id for r in now})
+                if missing:
+                    return f"{missing[0]} was listed then but not now"
+                return f"{record.id} is listed now but was not then"
+            if (int(listed.sizes[k]), int(listed.mtimes_ns[k])) != (record.size, record.mtime_ns):
+                return (
+                    f"{record.id} changed since: {int(listed.sizes[k])} -> {record.size} bytes, "
+                    f"modified {_when(listed.mtimes_ns[k])} -> {_when(record.mtime_ns)}"
+                )
+        if len(listed.ids) > len(now):
+            return f"{listed.ids[len(now)]} was listed then but not now"
+    return None
+
+
+def _when(mtime_ns):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(mtime_ns) / 1e9))
+
+
+def _finished(out_dir, run_sha, count):
+    """Indices of the shards of this run that are complete on disk."""
+    done = set()
+    for k in range(count):
         attrs = shards.read_shard_attrs(out_dir / shards.shard_filename(k))
-        entries.append({"file": shards.shard_filename(k), "rows": int(attrs["rows"])})
-        errors.extend(attrs["errors"])
-    computed = sum(stop - start for k, (start, stop) in enumerate(ranges) if k in pending)
+        if attrs is not None and attrs["config_sha256"] == run_sha and int(attrs["shard_index"]) == k:
+            done.add(k)
+    return done
+
+
+def _finish_without_computing(existing, listing, out_dir, progress, expected_weights, task, started):
+    """Every shard is done: report up to date, or (re)write the manifest from the shards, without a model."""
+    count = len(listing.records)
+    progress.start(count, count)
+    attrs = _all_attrs(out_dir, existing.config_sha256)
+    weights = attrs[0]["weights"] if attrs else None
+    if expected_weights is not None and weights is not None:
+        check_fingerprints(weights, expected_weights)
+    skipped = len(attrs)
+    if task:
+        return ExtractResult(None, out_dir, written=0, skipped=skipped, up_to_date=True)
+    manifest = existing.manifest
+    if manifest is not None and _manifest_matches(manifest, attrs):
+        return ExtractResult(manifest, out_dir, written=0, skipped=skipped, up_to_date=True)
+    warnings = [] if manifest is None else [f"{out_dir / MANIFEST_NAME} did not match its shards, so it was rebuilt from them"]
+    manifest = _write_manifest(out_dir, existing, listing, skipped, started, computed=0)
+    return ExtractResult(manifest, out_dir, written=0, skipped=skipped, warnings=warnings + _warnings(manifest))
+
+
+def _all_attrs(out_dir, run_sha):
+    attrs = []
+    for path in shards.existing_shards(out_dir):
+        found = shards.read_shard_attrs(path)
+        if found is not None and found["config_sha256"] == run_sha:
+            attrs.append(found)
+    return sorted(attrs, key=lambda a: int(a["shard_index"]))
+
+
+def _manifest_matches(manifest, attrs):
+    """Whether a manifest says what the shards say (a hand-edited or stale one does not)."""
+    try:
+        return (
+            [(s["file"], s["rows"]) for s in manifest["shards"]]
+            == [(shards.shard_filename(int(a["shard_index"])), int(a["rows"])) for a in attrs]
+            and manifest["rows"] == sum(int(a["rows"]) for a in attrs)
+            and manifest["errors"] == [e for a in attrs for e in a["errors"]]
+            and manifest["listed"] == manifest["rows"] + len(manifest["errors"])
+        )
+    except (KeyError, TypeError):
+        return False
+
+
+def _write_manifest(out_dir, run, listing, count, started, computed):
+    """The manifest from the shards' attrs (every one must be there), written last and atomically."""
+    attrs = _all_attrs(out_dir, run.config_sha256)
+    if [int(a["shard_index"]) for a in attrs] != list(range(count)):
+        raise PipelineError(f"{out_dir} lacks shards of this run; rerun the same command to compute them")
+    checked = [a["fidelity"] for a in attrs if a["fidelity"] and a["fidelity"]["rows_checked"]]
+    seconds = time.perf_counter() - started
     manifest = shards.make_manifest(
-        config=run_config,
-        config_sha256=run_sha,
-        weights=weights,
-        taps=[_tap_entry(info, config.pooling) for info in tap_infos.values()],
+        config=run.config,
+        config_sha256=run.config_sha256,
+        weights=attrs[0]["weights"],
+        taps=attrs[0]["taps"],
         classes=listing.classes,
-        shards=entries,
-        listed=n,
-        errors=errors,
-        precision={"policy": config.precision, "xla": config.xla, **runner.fidelity},
+        shards=[{"file": shards.shard_filename(int(a["shard_index"])), "rows": int(a["rows"])} for a in attrs],
+        listed=len(listing.records),
+        errors=[e for a in attrs for e in a["errors"]],
+        precision={
+            "policy": run.config["precision"],
+            "xla": run.config["xla"],
+            "min_cosine_vs_float32": min((f["min_cosine_vs_float32"] for f in checked), default=1.0),
+            "rows_checked": sum(f["rows_checked"] for f in checked),
+        },
         timing={"seconds": round(seconds, 3), "images": computed, "images_per_second": round(computed / seconds, 2)},
     )
     shards.write_manifest(out_dir, manifest)
-    warnings = []
-    if runner.fidelity["min_cosine_vs_float32"] < FIDELITY_THRESHOLD:
-        warnings.append(
-            f"{config.precision} features differ from float32: min cosine "
-            f"{runner.fidelity['min_cosine_vs_float32']:.4f} < {FIDELITY_THRESHOLD}; consider --precision float32"
-        )
-    return ExtractResult(manifest, out_dir, written=len(pending), skipped=len(done), warnings=warnings)
+    return manifest
 
 
-def _tap_entry(info, pooling):
-    return {
-        "key": info.key,
-        "backbone": tap_backbone(info.key),
-        "layer": tap_layer(info.key),
-        "channels": info.channels,
-        "dim": backbones.tap_dim(info.channels, pooling),
-        "pooling": pooling,
-        "stride": info.stride,
-    }
+def _warnings(manifest):
+    precision = manifest["precision"]
+    if precision["min_cosine_vs_float32"] < FIDELITY_THRESHOLD:
+        return [
+            f"{precision['policy']} features differ from float32: min cosine "
+            f"{precision['min_cosine_vs_float32']:.4f} < {FIDELITY_THRESHOLD}; consider --precision float32"
+        ]
+    return []
 
 
-def _is_finished(path, run_sha, index):
-    attrs = shards.read_shard_attrs(path)
-    return attrs is not None and attrs["config_sha256"] == run_sha and int(attrs["shard_index"]) == index
+def _check_same_weights(out_dir, done, weights):
+    """A resumed run must load the weights its finished shards were computed with (a weights file may have changed)."""
+    for k in sorted(done)[:1]:
+        recorded = shards.read_shard_attrs(out_dir / shards.shard_filename(k))["weights"]
+        if recorded is not None:
+            check_fingerprints(weights, recorded)
 
 
-def _prepare_out_dir(out_dir, run_sha, run_config, overwrite):
-    """Make `out_dir` ready for this run; return its manifest if it already holds this run."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / shards.MANIFEST_NAME
-    ours = shards.existing_shards(out_dir) + ([manifest_path] if manifest_path.exists() else [])
-    if overwrite:
-        for path in sorted(ours, key=lambda p: p != manifest_path):  # manifest first: never stale
-            path.unlink()
-        return None
-    for leftover in out_dir.glob("*.tmp"):  # half-written files of an interrupted run
-        leftover.unlink()
-    previous = None
-    if manifest_path.exists():
-        previous = shards.read_manifest(out_dir)
-        previous_sha, previous_config = previous["config_sha256"], previous["config"]
-    else:
-        attrs = next(filter(None, map(shards.read_shard_attrs, shards.existing_shards(out_dir))), None)
-        if attrs is None:
-            if any(out_dir.iterdir()):
-                raise PipelineError(
-                    f"output directory {out_dir} is not empty and holds no features; choose an empty or new directory"
-                )
-            return None
-        previous_sha, previous_config = attrs["config_sha256"], attrs["config"]
-    if previous_sha != run_sha:
+def _remove_outputs(out_dir):
+    """Delete a previous run's manifest (first, so it is never stale) and shards."""
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for path in shards.existing_shards(out_dir):
+        path.unlink()
+
+
+def _check_space(out_dir, ranges, pending, taps, storage_dtype):
+    """Fail before computing when the pending shards cannot fit on the output's filesystem."""
+    row_bytes = sum(tap["dim"] for tap in taps) * np.dtype(storage_dtype).itemsize + 256  # plus ids and bookkeeping
+    needed = int(_images(ranges, pending) * row_bytes * _SPACE_MARGIN)
+    free = shutil.disk_usage(out_dir).free
+    if needed > free:
         raise PipelineError(
-            f"{out_dir} holds features of a different run ({_differences(previous_config, run_config)}); "
-            "use another --out or pass --overwrite"
+            f"{len(pending)} shards need about {needed / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB are free "
+            f"where {out_dir} is; free space (or use another --out) and rerun"
         )
-    return previous
-
-
-def _differences(old, new):
-    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in ("on_error", "source")]
-    if not keys:
-        return "same settings, other images"
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
-
-
-class _TapRunner:
-    """The compiled forward pass, plus the float32 twin used once for the fidelity check."""
-
-    def __init__(self, trunks, config):
-        args = (trunks, config.taps, config.pooling, config.image_size)
-        model = backbones.build_tap_model(*args, policy=config.precision)
-        self._forward = backbones.compile_forward(model, config.image_size, config.xla)
-        self._reference = None
-        if config.precision != "float32":
-            reference = backbones.build_tap_model(*args, policy="float32")
-            self._reference = backbones.compile_forward(reference, config.image_size, xla=False)
-        self.fidelity = None
-
-    def __call__(self, images):
-        return {key: value.numpy() for key, value in self._forward(images).items()}
-
-    def check_fidelity(self, images, features=None):
-        """Min cosine similarity between this policy's and float32's features on one batch.
-
-        `features` are this policy's outputs for `images` when the caller already has them.
-        """
-        rows = int(images.shape[0])
-        if self._reference is None:
-            self.fidelity = {"min_cosine_vs_float32": 1.0, "rows_checked": rows}
-            return
-        ours = self(images) if features is None else features
-        reference = {key: value.numpy() for key, value in self._reference(images).items()}
-        cosines = [row_cosines(ours[key], reference[key]) for key in ours]
-        self.fidelity = {"min_cosine_vs_float32": float(np.min(cosines)), "rows_checked": rows}
-
-
-def row_cosines(a, b):
-    """Cosine similarity of each row of `a` with the same row of `b` (1.0 where a row is all zeros)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    dots = np.sum(a * b, axis=1)
-    both_zero = norms == 0
-    return np.where(both_zero, 1.0, dots / np.where(both_zero, 1.0, norms))
-
-
-class _ShardAssembler:
-    """Collects batch outputs per shard; fills TensorFlow's decode gaps with Pillow; hands off."""
-
-    def __init__(self, listing, config, dims, ranges, runner, writer, progress):
-        self.records, self.config, self.dims, self.ranges = listing.records, config, dims, ranges
-        self.runner, self.writer, self.progress = runner, writer, progress or (lambda n: None)
-        self.current, self.parts = None, []
-
-    def add(self, indices, features):
-        shard = int(indices[0]) // self.config.shard_size
-        if shard != self.current:
-            self._flush()
-            self.current = shard
-        self.parts.append((indices, features))
-        self.progress(len(indices))
-
-    def finish(self, pending):
-        self._flush()
-        for shard in pending:  # shards where every image needed the fallback
-            if not self.writer.has(shard):
-                self.current = shard
-                self._flush()
-
-    def _flush(self):
-        if self.current is None:
-            return
-        shard, parts = self.current, self.parts
-        self.current, self.parts = None, []
-        start, stop = self.ranges[shard]
-        seen = {int(i) for indices, _ in parts for i in indices}
-        missing = [i for i in range(start, stop) if i not in seen]
-        rescued, errors = self._fallback(missing)
-        self.progress(len(missing))
-        if rescued:
-            parts.append(rescued)
-        indices = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-        order = np.argsort(indices, kind="stable")
-        indices = indices[order]
-        features = {
-            key: (np.concatenate([p[1][key] for p in parts])[order] if parts else np.zeros((0, dim), np.float32))
-            for key, dim in self.dims.items()
-        }
-        records = [self.records[i] for i in indices]
-        data = shards.ShardData(
-            ids=[r.id for r in records],
-            labels=np.array([r.label for r in records], np.int32),
-            splits=[r.split for r in records],
-            features=features,
-            errors=errors,
-        )
-        self.writer.submit(shard, data)
-
-    def _fallback(self, missing):
-        """Decode what TensorFlow could not; return (indices, features) and error entries."""
-        rescued, pictures, errors = [], [], []
-        for index in missing:
-            record = self.records[index]
-            try:
-                pixels = decode_with_pillow(record.path)
-            except UndecodableImage as e:
-                if self.config.on_error == "fail":
-                    raise PipelineError(f"cannot decode {record.path}: {e} (--on-error fail stops here)") from None
-                errors.append({"id": record.id, "path": record.path, "reason": str(e)})
-                continue
-            rescued.append(index)
-            pictures.append(resize_image(tf.constant(pixels), self.config.image_size, self.config.resize))
-        if not rescued:
-            return None, errors
-        batch = self.config.batch_size
-        outputs = [self.runner(tf.stack(pictures[i : i + batch])) for i in range(0, len(pictures), batch)]
-        features = {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
-        return (np.array(rescued, np.int64), features), errors
-
-
-class _ShardWriter:
-    """One background thread writing finished shards; at most a few wait in memory."""
-
-    def __init__(self, out_dir, meta):
-        self.out_dir, self.meta = out_dir, meta
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self.futures = {}
-
-    def has(self, shard):
-        return shard in self.futures
-
-    def submit(self, shard, data):
-        waiting = [f for f in self.futures.values() if not f.done()]
-        if len(waiting) >= _MAX_PENDING_WRITES:
-            waiting[0].result()
-        self.futures[shard] = self.pool.submit(
-            shards.write_shard,
-            self.out_dir / shards.shard_filename(shard),
-            data,
-            index=shard,
-            config_sha256=self.meta["run_sha"],
-            config=self.meta["run_config"],
-            storage_dtype=self.meta["storage_dtype"],
-        )
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.pool.shutdown(wait=True)
-        if exc[0] is None:
-            for future in self.futures.values():
-                future.result()  # surface a failed write

@@ -1,16 +1,52 @@
-"""Atomic file writes: a crash leaves either the old file or the complete new one."""
+"""Every write that must be all-or-nothing, and the locks that keep two writers apart.
+
+A crash at any moment leaves either the old file (or directory) or the complete new one:
+new content goes to a uniquely named hidden sibling first and is renamed into place. Unique
+temp names mean that two processes never share (or delete) each other's half-written files.
+"""
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
+import secrets
+import shutil
+import socket
 from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+# .<name>.<pid>.<8 hex>.tmp: what temp_sibling makes, so leftovers can be told from a user's own files.
+_TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def temp_sibling(path):
+    """A unique hidden path next to `path`, for content that will be renamed onto it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def leftover_temps(directory):
+    """Temp files and dirs that temp_sibling made in `directory` (say, by a killed run)."""
+    return sorted(p for p in Path(directory).iterdir() if _TEMP_PATTERN.match(p.name))
+
+
+def remove(path):
+    """Delete a file or a directory tree; a missing one is fine."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary sibling path; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -18,11 +54,79 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield an empty sibling directory that replaces `path` only when the block succeeds.
+
+    An existing `path` is renamed aside before the new one is renamed in, so a crash leaves the
+    old directory, the new one, or none (which a rerun recomputes), never a mix.
+    """
+    path = Path(path).absolute()
+    staging = temp_sibling(path)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if path.exists():
+            old = temp_sibling(path)
+            path.rename(old)
+            staging.rename(path)
+            remove(old)
+        else:
+            staging.rename(path)
+    finally:
+        remove(staging)
+
+
 def write_json(path, obj):
-    """Write `obj` as indented JSON, atomically."""
+    """Write `obj` as indented, strict JSON (no NaN), atomically."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
 
 
 def read_json(path):
     return json.loads(Path(path).read_text())
+
+
+def make_dir(path, what="output directory"):
+    """mkdir -p with one clear sentence when it cannot be made (a file in the way, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise PipelineError(f"{what} {path} cannot be made: {path} or one of its parents is a file") from None
+    except OSError as e:
+        raise PipelineError(f"{what} {path} cannot be made: {e.strerror}") from None
+    return path
+
+
+@contextlib.contextmanager
+def locked(lock_file, what, *, shared=False, wait=False):
+    """Hold an advisory lock (fcntl.flock) on `lock_file` for the block.
+
+    `what` names the thing guarded in the error. Without `wait`, a lock held by another process
+    fails at once naming that process. The kernel drops a dead process's lock, so a lock file
+    left by a killed run is simply taken over. Shared holders exclude exclusive ones only.
+    """
+    lock_file = Path(lock_file)
+    try:
+        handle = open(lock_file, "a+")
+    except OSError as e:
+        raise PipelineError(f"cannot write to {lock_file.parent} ({e.strerror}); {what} needs a writable directory") from None
+    with handle:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(handle, mode if wait else mode | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise PipelineError(
+                f"{what} is in use by {holder} (lock {lock_file}); wait for it to finish or stop it, then rerun"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield

@@ -7,6 +7,7 @@ or records why nobody could.
 """
 
 import functools
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -53,10 +54,12 @@ def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_deco
     """Dataset of (indices int64 (B,), images float32 (B, S, S, 3)) over the given shard ranges.
 
     Batches never cross a shard boundary, so a shard's batches (and so its bytes) are the same
-    whether a run does every shard or resumes at this one. Indices point into `paths`.
+    whether a run does every shard or resumes at this one. Indices point into `paths`; a path
+    that is None is never read (it shows as a gap, as a failed decode does).
     `fast_decode` decodes large JPEGs at a reduced DCT scale (see `_decode_fast`).
     """
-    paths = tf.constant(list(paths), dtype=tf.string)
+    readable = tf.constant([path is not None for path in paths], dtype=tf.bool)
+    paths = tf.constant([b"" if path is None else os.fsencode(path) for path in paths], dtype=tf.string)
     decode = functools.partial(_decode_fast, image_size=image_size) if fast_decode else _decode
 
     def load(index):
@@ -66,6 +69,7 @@ def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_deco
     def shard(start, stop):
         return (
             tf.data.Dataset.range(start, stop)
+            .filter(lambda index: readable[index])
             .map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
             .ignore_errors()
             .batch(batch_size)

@@ -108,6 +108,18 @@ def follow_link(pointer: Path, recorded: Link, base: Path, key_file: str, what: 
     return directory
 
 
+def check_fingerprints(loaded, expected):
+    """Refuse weights whose fingerprint differs from the recorded one, naming backbone and both prefixes."""
+    for name, weights in loaded.items():
+        if weights["sha256"] != expected[name]["sha256"]:
+            loaded_from, expected_from = (WeightSource.from_record(w["source"]) for w in (weights, expected[name]))
+            raise PipelineError(
+                f"{name} weights from {loaded_from} have sha256 {weights['sha256'][:12]}, but the features "
+                f"were extracted with sha256 {expected[name]['sha256'][:12]} (from {expected_from}); "
+                "load those weights instead"
+            )
+
+
 @dataclass(frozen=True)
 class Lineage:
     """A head run and what it was made from, each file checked to be the one it was made from."""

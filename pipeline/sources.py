@@ -1,6 +1,7 @@
 """Listing images from a folder tree or a CSV into (id, path, label, split) records."""
 
 import csv
+import json
 import hashlib
 import os
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ class ImageRecord:
     path: str  # absolute path to read
     label: int  # index into Listing.classes, or -1
     split: str  # "train", "val", "test" or ""
+    size: int = 0  # bytes
+    mtime_ns: int = 0
+    problem: str = ""  # why the file cannot be read, or "" when it can
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Listing:
         h = hashlib.sha256()
         for r in self.records:
             name = self.classes[r.label] if r.label >= 0 else ""
-            h.update(f"{r.id}\t{name}\t{r.split}\n".encode())
+            h.update(json.dumps([r.id, name, r.split, r.size, r.mtime_ns]).encode() + b"\n")
         return h.hexdigest()
 
 
@@ -123,10 +127,21 @@ def _build_listing(root, entries, path_of):
     records = tuple(
         sorted(
             (
-                ImageRecord(image_id, path_of(image_id), index[name] if name is not None else UNLABELED, split)
+                ImageRecord(image_id, path_of(image_id), index[name] if name is not None else UNLABELED, split, *_stat(path_of(image_id)))
                 for image_id, name, split in entries
             ),
             key=lambda r: r.id,
         )
     )
     return Listing(str(root), records, classes)
+
+
+def _stat(path):
+    """(size, mtime_ns, problem) of a file to be read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return 0, 0, "file not found"
+    except OSError as e:
+        return 0, 0, e.strerror
+    return st.st_size, st.st_mtime_ns, ""

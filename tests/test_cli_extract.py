@@ -30,7 +30,8 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise(monkeypatch, 
     from pipeline.cli import Progress
 
     monkeypatch.setattr(sys, "stderr", stream())
-    progress = Progress(10, "extract")
+    progress = Progress("extract")
+    progress.start(10, 0)
     progress(4)
     progress(6)
     progress.close()

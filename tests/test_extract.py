@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline import shards
 from pipeline.config import ExtractConfig
-from pipeline.extract import resolve
+from pipeline.backbones import resolve
 
 SMALL_TAPS = ["--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
 

@@ -138,7 +138,7 @@ def test_weights_with_another_fingerprint_are_refused_before_any_image_runs(head
     other = backbones.build_backbone("vgg16", 32)
     backbones.load_weights(other, "vgg16", WeightSource("random", seed=6))
     other.save_weights(tmp_path / "other.weights.h5")
-    monkeypatch.setattr("pipeline.extract._TapRunner", lambda *a: pytest.fail("the forward pass was built"))
+    monkeypatch.setattr("pipeline.engines.worker.ShardWorker.run", lambda *a, **k: pytest.fail("an image was run"))
     recorded = json.loads((head_run.root / "features" / "manifest.json").read_text())["weights"]["vgg16"]["sha256"]
     result = run_cli("predict", head_run.run, image_tree(), "--out", tmp_path / "p.csv",
                      "--weights", f"resnet50=random,vgg16={tmp_path / 'other.weights.h5'}", code=1)

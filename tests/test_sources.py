@@ -1,3 +1,5 @@
+import os
+
 import pytest
 from PIL import Image
 
@@ -73,10 +75,14 @@ def test_csv_with_only_paths_uses_the_path_as_id(tmp_path):
     assert record.id == "sub/x.png" and record.label == UNLABELED
 
 
-def test_the_fingerprint_follows_ids_labels_and_splits_not_location(tmp_path):
-    touch_image(tmp_path / "one/cat/a.png")
-    touch_image(tmp_path / "two/cat/a.png")
+def test_the_fingerprint_follows_ids_labels_splits_sizes_and_mtimes_not_location(tmp_path):
+    for tree in ("one", "two"):
+        touch_image(tmp_path / tree / "cat/a.png")
+        os.utime(tmp_path / tree / "cat/a.png", ns=(10**18, 10**18))
     assert list_source(tmp_path / "one").fingerprint() == list_source(tmp_path / "two").fingerprint()
+    os.utime(tmp_path / "two/cat/a.png", ns=(10**18, 10**18 + 1))
+    assert list_source(tmp_path / "one").fingerprint() != list_source(tmp_path / "two").fingerprint()
+    os.utime(tmp_path / "two/cat/a.png", ns=(10**18, 10**18))
     touch_image(tmp_path / "two/cat/b.png")
     assert list_source(tmp_path / "one").fingerprint() != list_source(tmp_path / "two").fingerprint()
 

@@ -31,7 +31,8 @@ from pipeline import backbones
 from pipeline.bench import corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two
 from pipeline.config import DEFAULT_TAPS, ExtractConfig, HeadConfig, ReduceConfig, parse_tap, parse_weights, tap_backbone, tap_layer
 from pipeline.errors import PipelineError
-from pipeline.extract import extract, resolve, row_cosines
+from pipeline.engines.worker import row_cosines
+from pipeline.extract import extract
 from pipeline.files import write_json
 from pipeline.inputs import image_batches
 from pipeline.sources import list_source
@@ -91,7 +92,7 @@ def run_bench(options, log=print):
     if gpu:
         backbones.enable_gpu_memory_growth()
     requested = ExtractConfig(taps=options.taps, image_size=options.image_size, batch_size=options.batch_size, weights=options.weights)
-    config = resolve(requested, gpu, backbones.cpu_flags())
+    config = backbones.resolve(requested, gpu, backbones.cpu_flags())
     policies = list(dict.fromkeys([config.precision, "float32"]))
     try:
         corpus, corpus_name = _corpus(options, work)
@@ -171,9 +172,8 @@ def _stage_one(options, config, policies, corpus, paths, work, log):
         results["decode"] = {"images_per_second": bench_report.summarize(measure_decode(paths, config, options.repeats))}
     models, forwards = {}, {}
     if wanted & {"model", "flops", "fast-decode"}:
-        trunks = _trunks(config)
         for policy in policies:
-            models[policy], forwards[policy] = tap_forward(trunks, dataclasses.replace(config, precision=policy))
+            models[policy], forwards[policy] = tap_forward(dataclasses.replace(config, precision=policy))
     first = [(0, min(len(paths), config.batch_size))]
     batch = next(iter(image_batches(paths, first, config.batch_size, config.image_size, config.resize)))[1]
     for policy in policies:
@@ -200,19 +200,14 @@ def _stage_one(options, config, policies, corpus, paths, work, log):
     return results
 
 
-def _trunks(config):
-    """The full trunks with the weights `config` names, built once and shared by every stage."""
+def tap_forward(config):
+    """(tap model, compiled forward returning numpy) exactly as `extract` builds them, with `config`'s weights."""
     trunks = {}
     for name, source in parse_weights(config.weights, config.backbones, config.seed).items():
-        trunks[name] = backbones.build_backbone(name, config.image_size)
+        trunks[name] = backbones.build_backbone(name, config.image_size, config.precision)
         backbones.load_weights(trunks[name], name, source)
-    return trunks
-
-
-def tap_forward(trunks, config):
-    """(tap model, compiled forward returning numpy) exactly as `extract` builds them."""
-    model = backbones.build_tap_model(trunks, config.taps, config.pooling, config.image_size, policy=config.precision)
-    compiled = backbones.compile_forward(model, config.image_size, config.xla)
+    model = backbones.build_tap_model(trunks, config.taps, config.pooling, config.image_size)
+    compiled = backbones.compile_forward(model, config.image_size, config.xla, config.batch_size)
     return model, lambda images: {key: value.numpy() for key, value in compiled(images).items()}
 
 
@@ -256,6 +251,9 @@ class RunClock:
     def __init__(self):
         self.started = time.perf_counter()
         self.done = []  # (seconds since start, images) per progress call
+
+    def start(self, total, done):
+        pass
 
     def __call__(self, n):
         if n:

@@ -1,0 +1,283 @@
+"""One extraction worker: builds the fused tap model once, then turns whole shards into shard files.
+
+Every engine runs shards through this class (the local engine in its own process, a Ray actor
+on another machine, a job-array task), so every shard gets the same bytes through the same
+writer. The forward pass runs on the calling thread over a prefetched tf.data stream; finished
+shards go to a one-thread background writer so HDF5 writing overlaps compute.
+"""
+
+import errno
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import backbones, shards
+from pipeline.config import ExtractConfig, parse_weights, tap_backbone, tap_layer
+from pipeline.errors import PipelineError
+from pipeline.inputs import UndecodableImage, decode_with_pillow, image_batches, resize_image
+from pipeline.sources import ImageRecord
+
+FIDELITY_ROWS = 8  # rows of each shard's first batch also run in float32 to check reduced precision
+_MAX_PENDING_WRITES = 2  # shards buffered for the writer before compute waits
+# errno values of a write that fails for lack of room or rights, not because of a bug
+_STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to compute: its index and the listed images it covers, in id order."""
+
+    index: int
+    records: tuple[ImageRecord, ...]
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What every shard of a run records about the run (the shard attrs besides its own data)."""
+
+    config_sha256: str
+    config: dict  # the resolved config plus source and source_sha256
+    weights: dict  # backbone -> {source, sha256}
+    taps: list  # tap entries as the manifest lists them
+
+
+class ShardWorker:
+    """The model of one resolved config, loaded once; `run` computes and writes shards with it."""
+
+    def __init__(self, config: ExtractConfig):
+        gpu = backbones.has_gpu()
+        if gpu:
+            backbones.enable_gpu_memory_growth()
+            tf.config.experimental.enable_op_determinism()  # cuDNN autotuning is not deterministic
+        self.config = backbones.resolve(config, gpu, backbones.cpu_flags())
+        sources = parse_weights(self.config.weights, self.config.backbones, self.config.seed)
+        trunks = {name: backbones.build_backbone(name, self.config.image_size, self.config.precision) for name in self.config.backbones}
+        tap_infos = backbones.check_taps(self.config.taps, trunks)
+        self.weights = backbones.load_trunk_weights(trunks, sources)
+        self.taps = [_tap_entry(info, self.config.pooling) for info in tap_infos.values()]
+        self.dims = {tap["key"]: tap["dim"] for tap in self.taps}
+        self._runner = _TapRunner(trunks, self.config)
+
+    def run(self, jobs: list[ShardJob], run: RunIdentity, out_dir, progress=None) -> None:
+        """Compute every job and write its shard into `out_dir`; `progress(n)` as images are done."""
+        progress = progress or (lambda n: None)
+        records = [record for job in jobs for record in job.records]
+        offsets = np.cumsum([0, *(len(job.records) for job in jobs)])
+        batches = image_batches(
+            [None if r.problem else r.path for r in records],
+            list(zip(offsets[:-1].tolist(), offsets[1:].tolist())),
+            self.config.batch_size, self.config.image_size, self.config.resize, self.config.fast_decode,
+        )
+        with _ShardWriter(Path(out_dir), run, self.config.storage_dtype) as writer:
+            assembler = _ShardAssembler(self, jobs, offsets, writer, progress)
+            for indices, images in batches:
+                assembler.add(indices.numpy(), images)
+                writer.raise_failure()
+            assembler.finish()
+
+
+def _tap_entry(info, pooling):
+    return {
+        "key": info.key,
+        "backbone": tap_backbone(info.key),
+        "layer": tap_layer(info.key),
+        "channels": info.channels,
+        "dim": backbones.tap_dim(info.channels, pooling),
+        "pooling": pooling,
+        "stride": info.stride,
+    }
+
+
+class _TapRunner:
+    """The compiled forward pass, plus its float32 twin for the fidelity check (built when first needed)."""
+
+    def __init__(self, trunks, config):
+        self.config = config
+        model = backbones.build_tap_model(trunks, config.taps, config.pooling, config.image_size)
+        self._forward = backbones.compile_forward(model, config.image_size, config.xla, config.batch_size)
+        self._trunks = trunks if config.precision != "float32" else None
+        self._reference = None
+
+    def __call__(self, images):
+        return {key: value.numpy() for key, value in self._forward(images).items()}
+
+    def fidelity(self, images, features):
+        """{min_cosine_vs_float32, rows_checked} of this policy's `features` of `images` (first FIDELITY_ROWS)."""
+        rows = min(int(images.shape[0]), FIDELITY_ROWS)
+        if self._trunks is None:
+            return {"min_cosine_vs_float32": 1.0, "rows_checked": rows}
+        if self._reference is None:
+            self._reference = backbones.float32_twin(self._trunks, self.config)
+        reference = {key: value.numpy() for key, value in self._reference(images[:rows]).items()}
+        cosines = np.concatenate([row_cosines(features[key][:rows], reference[key]) for key in reference])
+        return {"min_cosine_vs_float32": float(cosines.min()), "rows_checked": rows}
+
+
+def row_cosines(a, b):
+    """Cosine similarity of each row of `a` with the same row of `b`; 1.0 where both rows are all zeros.
+
+    Rows must be finite (the worker refuses non-finite features before it gets here).
+    """
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.sum(a * b, axis=1)
+    both_zero = ~a.any(axis=1) & ~b.any(axis=1)
+    return np.where(both_zero, 1.0, np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0))
+
+
+class _ShardAssembler:
+    """Collects batch outputs per shard; fills TensorFlow's decode gaps with Pillow; hands shards to the writer."""
+
+    def __init__(self, worker, jobs, offsets, writer, progress):
+        self.worker, self.jobs, self.offsets, self.writer, self.progress = worker, jobs, offsets, writer, progress
+        self.config = worker.config
+        self.current, self.parts, self.fidelity = None, [], None
+
+    def add(self, indices, images):
+        job = int(np.searchsorted(self.offsets, indices[0], side="right")) - 1
+        if job != self.current:
+            self._flush()
+            self.current = job
+        features = self._compute(indices, images)
+        self.parts.append((indices, features))
+        self.progress(len(indices))
+
+    def finish(self):
+        self._flush()
+        for job in range(len(self.jobs)):  # shards where no image decoded through TensorFlow
+            if not self.writer.has(self.jobs[job].index):
+                self.current = job
+                self._flush()
+
+    def _compute(self, indices, images):
+        """Features of one batch; the shard's first batch also gets the fidelity check."""
+        features = self.worker._runner(images)
+        for key, values in features.items():
+            bad = ~np.isfinite(values).all(axis=1)
+            if bad.any():
+                record = self._record(indices[np.flatnonzero(bad)[0]])
+                raise PipelineError(
+                    f"{self.config.precision} gives non-finite features (NaN or Inf) for {record.id} at tap {key}; "
+                    "rerun with --precision float32"
+                )
+        if self.fidelity is None:
+            self.fidelity = self.worker._runner.fidelity(images, features)
+        return features
+
+    def _record(self, index):
+        job = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.jobs[job].records[index - self.offsets[job]]
+
+    def _flush(self):
+        if self.current is None:
+            return
+        job, parts = self.jobs[self.current], self.parts
+        start = self.offsets[self.current]
+        self.current, self.parts = None, []
+        seen = {int(i) for indices, _ in parts for i in indices}
+        missing = [i for i in range(start, start + len(job.records)) if i not in seen]
+        rescued, errors = self._fallback(missing)
+        self.progress(len(missing))
+        if rescued:
+            parts.append(rescued)
+        indices = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        order = np.argsort(indices, kind="stable")
+        features = {
+            key: (np.concatenate([p[1][key] for p in parts])[order] if parts else np.zeros((0, dim), np.float32))
+            for key, dim in self.worker.dims.items()
+        }
+        records = [self._record(i) for i in indices[order]]
+        data = shards.ShardData(
+            ids=[r.id for r in records],
+            labels=np.array([r.label for r in records], np.int32),
+            splits=[r.split for r in records],
+            features=features,
+            errors=errors,
+            fidelity=self.fidelity or {"min_cosine_vs_float32": 1.0, "rows_checked": 0},
+            listed=shards.Listed(
+                [r.id for r in job.records],
+                np.array([r.size for r in job.records], np.int64),
+                np.array([r.mtime_ns for r in job.records], np.int64),
+            ),
+        )
+        self.fidelity = None
+        self.writer.submit(job.index, data)
+
+    def _fallback(self, missing):
+        """Decode what TensorFlow could not; return (indices, features) and error entries."""
+        rescued, pictures, errors = [], [], []
+        for index in missing:
+            record = self._record(index)
+            try:
+                if record.problem:
+                    raise UndecodableImage(record.problem)
+                pixels = decode_with_pillow(record.path)
+            except UndecodableImage as e:
+                if self.config.on_error == "fail":
+                    raise PipelineError(f"cannot decode {record.path}: {e} (--on-error fail stops here)") from None
+                errors.append({"id": record.id, "path": record.path, "reason": str(e)})
+                continue
+            rescued.append(index)
+            pictures.append(resize_image(tf.constant(pixels), self.config.image_size, self.config.resize))
+        if not rescued:
+            return None, errors
+        batch = self.config.batch_size
+        indices = np.array(rescued, np.int64)
+        outputs = [self._compute(indices[i : i + batch], tf.stack(pictures[i : i + batch])) for i in range(0, len(pictures), batch)]
+        features = {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
+        return (indices, features), errors
+
+
+class _ShardWriter:
+    """One background thread writing finished shards; at most a few wait in memory.
+
+    A failed write stops the run at the next batch (`raise_failure`), not after every image.
+    """
+
+    def __init__(self, out_dir, run, storage_dtype):
+        self.out_dir, self.run, self.storage_dtype = out_dir, run, storage_dtype
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.futures = {}
+
+    def has(self, shard):
+        return shard in self.futures
+
+    def submit(self, shard, data):
+        self.raise_failure()
+        waiting = [f for f in self.futures.values() if not f.done()]
+        if len(waiting) >= _MAX_PENDING_WRITES:
+            waiting[0].result()
+            self.raise_failure()
+        self.futures[shard] = self.pool.submit(self._write, shard, data)
+
+    def _write(self, shard, data):
+        path = self.out_dir / shards.shard_filename(shard)
+        try:
+            shards.write_shard(
+                path, data, index=shard, config_sha256=self.run.config_sha256, config=self.run.config,
+                storage_dtype=self.storage_dtype, weights=self.run.weights, taps=self.run.taps,
+            )
+        except OSError as e:
+            if e.errno not in _STORAGE_ERRORS:
+                raise
+            raise PipelineError(
+                f"cannot write {path}: {_STORAGE_ERRORS[e.errno]}; the shards written so far are kept, "
+                "so free space (or fix the rights) and rerun the same command to resume"
+            ) from None
+
+    def raise_failure(self):
+        for future in self.futures.values():
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True)
+        if exc[0] is None:
+            for future in self.futures.values():
+                future.result()  # surface a failed write
