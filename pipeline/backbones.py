@@ -217,27 +217,34 @@ def build_tap_model(trunks, taps, pooling, image_size):
 
 
 def float32_twin(trunks, config):
-    """The compiled float32 forward of the same taps and weights as `trunks`, for the fidelity check."""
+    """The float32 tap model with the same taps and weights as `trunks`, for the fidelity check.
+
+    It runs eagerly on a few rows per shard, so it is not traced.
+    """
     twins = {}
     for name, trunk in trunks.items():
         twins[name] = build_backbone(name, config.image_size)
         twins[name].set_weights(trunk.get_weights())
-    model = build_tap_model(twins, config.taps, config.pooling, config.image_size)
-    return compile_forward(model, config.image_size, xla=False)
+    return build_tap_model(twins, config.taps, config.pooling, config.image_size)
 
 
-def compile_forward(model, image_size, xla, batch_size=None):
+def compile_forward(model, image_size, xla, batch_size=None, trace=False):
     """`model(x, training=False)` as one tf.function over float32 (B, S, S, 3) batches.
 
     Without XLA the batch size is free, so the last, shorter batch of a shard reuses the trace.
     XLA compiles one program per shape, so with XLA every batch is padded to `batch_size` and
-    the padding's rows are cut from the outputs.
+    the padding's rows are cut from the outputs. `trace` traces now rather than at the first call.
     """
     if not xla:
         signature = [tf.TensorSpec((None, image_size, image_size, 3), tf.float32)]
-        return tf.function(lambda images: model(images, training=False), input_signature=signature)
+        forward = tf.function(lambda images: model(images, training=False), input_signature=signature, autograph=False)
+        if trace:
+            forward.get_concrete_function()
+        return forward
     signature = [tf.TensorSpec((batch_size, image_size, image_size, 3), tf.float32)]
-    fixed = tf.function(lambda images: model(images, training=False), jit_compile=True, input_signature=signature)
+    fixed = tf.function(lambda images: model(images, training=False), jit_compile=True, input_signature=signature, autograph=False)
+    if trace:
+        fixed.get_concrete_function()
 
     def padded(images):
         rows = int(images.shape[0])

@@ -106,7 +106,9 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
 
     engine = make_engine(engine_name, **engine_options)
     try:
-        worker = engine.start(to_run)
+        # Two batches or fewer do not repay tracing the forward pass (it decides on the whole listing,
+        # so a resumed run decides as the first did).
+        worker = engine.start(to_run, eager=len(listing.records) <= 2 * config.batch_size)
         resolved = dataclasses.replace(worker.config, on_error=config.on_error)
         run = _Run(
             sha256_json({"config": resolved.sha256(), "source_sha256": source_sha256}),

@@ -138,3 +138,14 @@ def test_weight_sources_load_from_records_old_and_new(record, expected):
     source = WeightSource.from_record(record)
     assert source == expected
     assert WeightSource.from_record(source.to_record()) == source
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_the_eager_and_traced_forward_agree(policy):
+    trunk = backbones.build_backbone("resnet50", 32, policy)
+    backbones.load_weights(trunk, "resnet50", WeightSource("random", seed=0))
+    model = backbones.build_tap_model({"resnet50": trunk}, ["resnet50/conv3_block1_out"], "avg", 32)
+    x = np.random.default_rng(2).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    traced = backbones.compile_forward(model, 32, xla=False, trace=True)(x)["resnet50/conv3_block1_out"]
+    eager = model(x, training=False)["resnet50/conv3_block1_out"]
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(traced), rtol=1e-6, atol=1e-6 * float(np.abs(traced).max()))

@@ -6,9 +6,9 @@ from pipeline.engines.worker import ShardWorker
 class LocalEngine:
     """Start a worker (model built, weights loaded); run shard jobs on it."""
 
-    def start(self, config):
+    def start(self, config, eager=False):
         """Build the worker for `config`; return it, so the driver can read its resolved config, weights and taps."""
-        self.worker = ShardWorker(config)
+        self.worker = ShardWorker(config, eager)
         return self.worker
 
     def run(self, jobs, run, out_dir, progress):

@@ -45,9 +45,13 @@ class RunIdentity:
 
 
 class ShardWorker:
-    """The model of one resolved config, loaded once; `run` computes and writes shards with it."""
+    """The model of one resolved config, loaded once; `run` computes and writes shards with it.
 
-    def __init__(self, config: ExtractConfig):
+    `eager` skips tracing the forward pass (a second or two of start-up) for runs too small to
+    repay it; the features are the same.
+    """
+
+    def __init__(self, config: ExtractConfig, eager: bool = False):
         gpu = backbones.has_gpu()
         if gpu:
             backbones.enable_gpu_memory_growth()
@@ -56,10 +60,14 @@ class ShardWorker:
         sources = parse_weights(self.config.weights, self.config.backbones, self.config.seed)
         trunks = {name: backbones.build_backbone(name, self.config.image_size, self.config.precision) for name in self.config.backbones}
         tap_infos = backbones.check_taps(self.config.taps, trunks)
-        self.weights = backbones.load_trunk_weights(trunks, sources)
         self.taps = [_tap_entry(info, self.config.pooling) for info in tap_infos.values()]
         self.dims = {tap["key"]: tap["dim"] for tap in self.taps}
-        self._runner = _TapRunner(trunks, self.config)
+        # Loading weights (numpy's generator, HDF5 reads, hashing) releases the GIL, so it overlaps tracing.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights") as pool:
+            loading = pool.submit(backbones.load_trunk_weights, trunks, sources)
+            self._runner = _TapRunner(trunks, self.config, eager and not self.config.xla)
+            self.weights = loading.result()
+        self._runner.start_twin()
 
     def run(self, jobs: list[ShardJob], run: RunIdentity, out_dir, progress=None) -> None:
         """Compute every job and write its shard into `out_dir`; `progress(n)` as images are done."""
@@ -92,14 +100,26 @@ def _tap_entry(info, pooling):
 
 
 class _TapRunner:
-    """The compiled forward pass, plus its float32 twin for the fidelity check (built when first needed)."""
+    """The forward pass (traced unless eager), plus its float32 twin for the fidelity check.
 
-    def __init__(self, trunks, config):
-        self.config = config
+    The twin is built on a background thread once the weights are in, while the first batch
+    decodes and computes; building Keras layers is Python work, computing them is not.
+    """
+
+    def __init__(self, trunks, config, eager):
+        self.config, self._trunks = config, trunks
         model = backbones.build_tap_model(trunks, config.taps, config.pooling, config.image_size)
-        self._forward = backbones.compile_forward(model, config.image_size, config.xla, config.batch_size)
-        self._trunks = trunks if config.precision != "float32" else None
-        self._reference = None
+        if eager:
+            self._forward = lambda images: model(images, training=False)
+        else:
+            self._forward = backbones.compile_forward(model, config.image_size, config.xla, config.batch_size, trace=True)
+        self._twin = None
+
+    def start_twin(self):
+        if self.config.precision != "float32":
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="float32-twin")
+            self._twin = pool.submit(backbones.float32_twin, self._trunks, self.config)
+            pool.shutdown(wait=False)
 
     def __call__(self, images):
         return {key: value.numpy() for key, value in self._forward(images).items()}
@@ -107,11 +127,9 @@ class _TapRunner:
     def fidelity(self, images, features):
         """{min_cosine_vs_float32, rows_checked} of this policy's `features` of `images` (first FIDELITY_ROWS)."""
         rows = min(int(images.shape[0]), FIDELITY_ROWS)
-        if self._trunks is None:
+        if self._twin is None:
             return {"min_cosine_vs_float32": 1.0, "rows_checked": rows}
-        if self._reference is None:
-            self._reference = backbones.float32_twin(self._trunks, self.config)
-        reference = {key: value.numpy() for key, value in self._reference(images[:rows]).items()}
+        reference = {key: value.numpy() for key, value in self._twin.result()(images[:rows], training=False).items()}
         cosines = np.concatenate([row_cosines(features[key][:rows], reference[key]) for key in reference])
         return {"min_cosine_vs_float32": float(cosines.min()), "rows_checked": rows}
 
