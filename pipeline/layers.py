@@ -12,9 +12,24 @@ from keras import ops
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
+def caffe_preprocessing(name="caffe_preprocess"):
+    """A frozen Dense(3) on the channel axis: RGB 0..255 -> BGR minus the ImageNet means (float32).
+
+    The kernel is the channel permutation and the bias the negated means, so each output is
+    x * 1 + 0 + 0 - mean: exactly what flipping and subtracting give.
+    """
+    layer = keras.layers.Dense(3, dtype="float32", trainable=False, name=name)
+    layer.build((None, 3))
+    layer.set_weights([np.eye(3, dtype=np.float32)[::-1], -np.asarray(CAFFE_MEAN_BGR, dtype=np.float32)])
+    return layer
+
+
 @keras.saving.register_keras_serializable(package="pipeline")
 class CaffePreprocess(keras.layers.Layer):
-    """RGB images in 0..255 -> BGR with the ImageNet channel means subtracted (float32)."""
+    """RGB images in 0..255 -> BGR with the ImageNet channel means subtracted (float32).
+
+    Extraction now uses `caffe_preprocessing`, with the same numbers; exports still hold this.
+    """
 
     def __init__(self, **kwargs):
         kwargs.setdefault("dtype", "float32")
