@@ -282,7 +282,7 @@ def predict(run, source, out, **options):
 @click.option("--image-size", type=click.IntRange(min=32), help="Side the model resizes every image to. Default: the extraction's, the only one at which it agrees with predict.")
 @click.option("--weights", help=_RUN_WEIGHTS_HELP)
 def export(run, out, image_size, weights):
-    """Save RUN as one Keras model: uint8 RGB images of any size in, class probabilities out."""
+    """Save RUN as one Keras model: uint8 RGB images of any size in, class probabilities and names out."""
     from pipeline.export import export as run_export
 
     result = run_export(run, out, image_size=image_size, weights=weights)
@@ -291,7 +291,7 @@ def export(run, out, image_size, weights):
         f"{result.image_size} px -> taps -> PCA ({result.components}) -> head -> {len(result.classes)} probabilities"
     )
     click.echo("classes: " + ", ".join(result.classes))
-    click.echo("load it with: import keras, pipeline.layers; keras.saving.load_model(PATH)")
+    click.echo(f"load it with: keras.saving.load_model({str(result.out)!r}); nothing from pipeline is needed")
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
 

@@ -1,9 +1,9 @@
-"""`pipeline export`: a head run as one Keras model, uint8 images in, class probabilities out.
+"""`pipeline export`: a head run as one Keras model, uint8 images in, class probabilities and names out.
 
-The model chains, all in float32: SquareResize (extraction's resize), the fused tap model
-(caffe preprocessing, trunks cut at their deepest tap, global pooling), the taps concatenated
-in the transform's order, ScaledPCA (scaling and PCA as fixed weights), the trained head, and
-ClassNames (which names the output columns).
+The model is built from built-in Keras layers only, all float32 and frozen: the extraction's
+resize (Rescaling to float32, then Resizing), the fused tap model (caffe preprocessing, trunks cut
+at their deepest tap, global pooling), the taps concatenated in the transform's order, scaling +
+PCA folded into one Dense, the trained head, and a StringLookup naming the top class.
 """
 
 import os
@@ -14,9 +14,9 @@ import keras
 import numpy as np
 
 from pipeline import backbones
-from pipeline.errors import PipelineError
-from pipeline.layers import ClassNames, ScaledPCA, SquareResize
 from pipeline.config import parse_weights
+from pipeline.errors import PipelineError
+from pipeline.layers import square_resize
 from pipeline.lineage import load_lineage
 
 
@@ -75,35 +75,43 @@ def _disagreements(config, recorded):
 
 
 def build_model(trunks, config, transform, head, classes):
-    """uint8 images (B, H, W, 3) of any one size -> float32 probabilities (B, classes); nothing trainable."""
+    """uint8 images (B, H, W, 3) of any one size -> {"probabilities": (B, classes) float32, "predicted": (B,) names}.
+
+    Nothing is trainable. The class names are the vocabulary of the `class_names` layer.
+    """
     images = keras.Input((None, None, 3), dtype="uint8", name="images")
-    resized = SquareResize(config.image_size, config.resize, name="resize")(images)
+    resized = square_resize(images, config.image_size, config.resize)
     taps = backbones.build_tap_model(trunks, config.taps, config.pooling, config.image_size)(resized)
     columns = [taps[key] for key in config.taps]
     features = keras.layers.Concatenate(dtype="float32", name="concat_taps")(columns) if len(columns) > 1 else columns[0]
-    pca = ScaledPCA(int(transform.pca_.n_components_), name="scaled_pca")
-    reduced = pca(features)
-    pca.set_transform(**pca_arrays(transform))
-    probabilities = ClassNames(classes, name="probabilities")(head(reduced))
-    model = keras.Model(images, probabilities, name="image_classifier")
+    probabilities = head(scaled_pca(transform)(features))
+    names = keras.layers.StringLookup(vocabulary=list(classes), invert=True, num_oov_indices=0, name="class_names")
+    predicted = names(keras.ops.argmax(probabilities, axis=-1))
+    model = keras.Model(images, {"probabilities": probabilities, "predicted": predicted}, name="image_classifier")
     model.trainable = False  # an inference artefact: batch norm stays in inference mode even under fit()
     return model
 
 
-def pca_arrays(transform):
-    """ScaledPCA's weights from a fitted TapTransform, so that the layer computes transform.transform."""
+def scaled_pca(transform):
+    """A frozen Dense computing `transform.transform`: scaling, PCA and whitening are one affine map.
+
+    transform(x) = ((x - mean) * multiplier - pca_mean) @ components.T / scale, so the kernel is
+    diag(multiplier) @ components.T / scale and the bias -((mean * multiplier + pca_mean) @
+    components.T) / scale, folded in float64 and stored as float32.
+    """
     pca = transform.pca_
-    scale = np.ones(pca.n_components_, dtype=np.float32)
-    if pca.whiten:  # scikit-learn divides by sqrt(variance), floored at the dtype's eps
+    components = pca.components_.astype(np.float64)
+    multiplier = transform.multiplier_.astype(np.float64)
+    scale = np.ones(pca.n_components_)
+    if pca.whiten:  # scikit-learn divides by sqrt(variance), floored at that dtype's eps
         scale = np.sqrt(pca.explained_variance_)
-        scale = np.maximum(scale, np.finfo(scale.dtype).eps)
-    return {
-        "feature_mean": transform.scaler_.mean_,
-        "feature_multiplier": transform.multiplier_,
-        "pca_mean": pca.mean_,
-        "components": pca.components_,
-        "component_scale": scale,
-    }
+        scale = np.maximum(scale, np.finfo(scale.dtype).eps).astype(np.float64)
+    kernel = multiplier[:, None] * components.T / scale
+    bias = -((transform.scaler_.mean_ * multiplier + pca.mean_) @ components.T) / scale
+    layer = keras.layers.Dense(pca.n_components_, dtype="float32", trainable=False, name="scaled_pca")
+    layer.build((None, len(multiplier)))
+    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return layer
 
 
 def _save_atomically(model, path):
