@@ -1,4 +1,4 @@
-"""`pipeline export`: the Keras file, loaded where pipeline is not, agreeing with predict; the built-in layers."""
+"""`pipeline export`: both formats, loaded where pipeline is not, agreeing with predict; the built-in layers."""
 
 import csv
 import json
@@ -34,20 +34,21 @@ def invoke(*args, code=0):
 
 @pytest.fixture(scope="module")
 def exports(head_run, tmp_path_factory):
-    """The head run exported once, and `pipeline predict` on IMAGES."""
+    """The head run exported once per format, and `pipeline predict` on IMAGES."""
     root = tmp_path_factory.mktemp("export")
     rng = np.random.default_rng(3)
     for name, height, width in IMAGES:
         (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "images" / name)
     keras_out = invoke("export", head_run.run, "--out", root / "model.keras").output
+    saved_out = invoke("export", head_run.run, "--out", root / "serving", "--format", "saved_model").output
     invoke("predict", head_run.run, root / "images", "--out", root / "p.csv")
     with open(root / "p.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["id"] for row in rows] == [name for name, _, _ in IMAGES]
     predicted = {row["id"]: [float({row[f"top{k}_class"]: row[f"top{k}_prob"] for k in (1, 2, 3)}[c]) for c in CLASSES] for row in rows}
     return SimpleNamespace(
-        root=root, keras_out=keras_out, probabilities=predicted, classes={row["id"]: row["predicted"] for row in rows},
+        root=root, keras_out=keras_out, saved_out=saved_out, probabilities=predicted, classes={row["id"]: row["predicted"] for row in rows},
     )
 
 
@@ -87,6 +88,13 @@ def walk(layer):
 
 report = {}
 
+served = tf.saved_model.load(f"{root}/serving/1")
+report["signatures"] = {
+    name: [str(spec) for spec in function.structured_input_signature[1].values()] for name, function in served.signatures.items()
+}
+report["bytes"] = as_lists(served.signatures["serving_default"](images=tf.constant(encoded)))  # mixed sizes and formats
+report["pixels"] = [as_lists(served.signatures["pixels"](images=image[None])) for image in pixels]
+
 model = keras.saving.load_model(f"{root}/model.keras")
 report["keras"] = [as_lists(model(image[None])) for image in pixels]  # eager: predict would trace each size
 report["vocabulary"] = [str(name) for name in model.get_layer("class_names").get_vocabulary()]
@@ -113,7 +121,7 @@ print(json.dumps(report))
 
 @pytest.fixture(scope="module")
 def loaded(exports, tmp_path_factory):
-    """The export (and an old-style file) loaded in one fresh process that starts without pipeline."""
+    """Both exports (and an old-style file) loaded in one fresh process that starts without pipeline."""
     rng = np.random.default_rng(0)
     X = (rng.normal(size=(40, 3)) * 30 + 100).astype(np.float32)
     model = legacy_model(TapTransform((3,), "block", 2, True, "full").fit(X))
@@ -136,7 +144,20 @@ def loaded(exports, tmp_path_factory):
 def test_the_cli_says_what_it_wrote_and_how_to_load_it(exports):
     assert "uint8 images (batch, height, width, 3) -> squash to 32 px -> taps -> PCA (6) -> head -> 3 probabilities" in exports.keras_out
     assert "keras.saving.load_model(" in exports.keras_out and "nothing from pipeline is needed" in exports.keras_out
-    assert "classes: a, b, c" in exports.keras_out
+    assert f"to {exports.root / 'serving' / '1'}: encoded images (serving_default) or uint8 pixels (pixels)" in exports.saved_out
+    assert "classes: a, b, c" in exports.keras_out and "classes: a, b, c" in exports.saved_out
+    assert sorted(os.listdir(exports.root / "serving")) == ["1"]  # no partial directory left behind
+    assert {"saved_model.pb", "variables"} <= set(os.listdir(exports.root / "serving" / "1"))
+
+
+def test_the_saved_model_loads_where_pipeline_was_never_imported(loaded):
+    assert loaded.pipeline_modules == []
+    assert loaded.signatures == {
+        "serving_default": ["TensorSpec(shape=(None,), dtype=tf.string, name='images')"],
+        "pixels": ["TensorSpec(shape=(None, None, None, 3), dtype=tf.uint8, name='images')"],
+    }
+    assert loaded.bytes["classes"] == [CLASSES] * len(IMAGES)
+    assert [output["classes"] for output in loaded.pixels] == [[CLASSES]] * len(IMAGES)
 
 
 def test_the_keras_file_has_only_built_in_layers(loaded):
@@ -150,11 +171,18 @@ def test_the_keras_file_has_only_built_in_layers(loaded):
     np.testing.assert_allclose(loaded.after_plain_import["probabilities"], loaded.keras[0]["probabilities"], atol=1e-6)
 
 
-def test_the_keras_file_agrees_with_predict(exports, loaded):
+def test_both_formats_agree_with_predict(exports, loaded):
     names = [name for name, _, _ in IMAGES]
     expected = np.array([exports.probabilities[name] for name in names])
-    np.testing.assert_allclose([o["probabilities"][0] for o in loaded.keras], expected, atol=1e-4)
-    assert [o["predicted"][0] for o in loaded.keras] == [exports.classes[name] for name in names]
+    results = {
+        "saved_model bytes": (loaded.bytes["probabilities"], loaded.bytes["predicted"]),
+        "saved_model pixels": ([o["probabilities"][0] for o in loaded.pixels], [o["predicted"][0] for o in loaded.pixels]),
+        "keras": ([o["probabilities"][0] for o in loaded.keras], [o["predicted"][0] for o in loaded.keras]),
+    }
+    for what, (probabilities, predicted) in results.items():
+        np.testing.assert_allclose(probabilities, expected, atol=1e-4, err_msg=what)
+        assert predicted == [exports.classes[name] for name in names], what
+    np.testing.assert_allclose(np.sum(loaded.bytes["probabilities"], axis=1), 1, atol=1e-5)
 
 
 def test_an_older_export_still_loads_with_the_layers_module(loaded):
@@ -186,6 +214,28 @@ def test_scaling_and_pca_fold_into_one_dense(scaling, whiten, solver):
     np.testing.assert_allclose(np.asarray(scaled_pca(transform)(X[40:])), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
+def test_an_existing_version_is_replaced_only_with_overwrite(head_run, exports, tmp_path):
+    serving = tmp_path / "serving"
+    (serving / "3").mkdir(parents=True)
+    (serving / "3" / "old").write_text("")
+    weights = f"resnet50=random,vgg16={head_run.root / 'vgg16.weights.h5'}"
+    args = ("export", head_run.run, "--out", serving, "--format", "saved_model", "--version", 3, "--image-size", 48, "--weights", weights)
+    refused = invoke(*args, code=1)
+    assert f"{serving / '3'} already exists; pass --version N for a new version, or --overwrite to replace it" in refused.output
+    assert os.listdir(serving / "3") == ["old"]
+
+    result = invoke(*args, "--overwrite")
+    assert "squash to 48 px" in result.output
+    assert "warning: the model resizes to 48 px but the head learned from features at 32 px" in result.output
+    assert os.listdir(serving) == ["3"] and "old" not in os.listdir(serving / "3")
+    pixels = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 20, 30, 3), dtype=np.uint8))
+    at_48, at_32 = (
+        tf.saved_model.load(str(path)).signatures["pixels"](images=pixels)["probabilities"].numpy()
+        for path in (serving / "3", exports.root / "serving" / "1")
+    )
+    assert at_48.shape == (2, 3) and not np.allclose(at_48, at_32, atol=1e-4)
+
+
 def test_another_image_size_in_a_keras_file(head_run, tmp_path):
     result = invoke("export", head_run.run, "--out", tmp_path / "m48.keras", "--image-size", 48)
     assert "warning: the model resizes to 48 px but the head learned from features at 32 px" in result.output
@@ -195,13 +245,24 @@ def test_another_image_size_in_a_keras_file(head_run, tmp_path):
 
 
 @pytest.mark.parametrize("out, args, code, message", [
-    ("model.h5", [], 1, "--out {tmp}/model.h5 must end in .keras, the file type Keras saves whole models as"),
+    ("model.h5", [], 1, "--out {tmp}/model.h5 must end in .keras, the file type Keras saves whole models as (--format saved_model writes a directory)"),
     ("model.keras", ["--image-size", 16], 2, "Invalid value for '--image-size'"),
+    ("model.keras", ["--format", "onnx"], 2, "Invalid value for '--format': 'onnx' is not one of 'keras', 'saved_model'"),
+    ("model.keras", ["--version", 2], 1, "--version 2 applies only to --format saved_model; a .keras file has no versions"),
+    ("model.keras", ["--format", "saved_model"], 1, "--out {tmp}/model.keras is a .keras file name, but --format saved_model writes a directory"),
+    ("serving", ["--format", "saved_model", "--version", 0], 2, "Invalid value for '--version': 0 is not in the range x>=1"),
 ])
 def test_bad_options_are_one_clear_error(head_run, tmp_path, out, args, code, message):
     result = invoke("export", head_run.run, "--out", tmp_path / out, *args, code=code)
     assert message.format(tmp=tmp_path) in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_a_file_where_the_saved_model_directory_should_be_is_refused(head_run, tmp_path):
+    (tmp_path / "serving").write_text("")
+    result = invoke("export", head_run.run, "--out", tmp_path / "serving", "--format", "saved_model", code=1)
+    assert f"--out {tmp_path / 'serving'} is a file; --format saved_model writes a directory (OUT/VERSION/)" in result.output
+    assert os.listdir(tmp_path) == ["serving"]
 
 
 def test_a_baseline_run_cannot_be_exported(head_run, tmp_path):
