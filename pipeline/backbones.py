@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from pipeline.config import WeightSource, tap_backbone, tap_layer
 from pipeline.errors import PipelineError
-from pipeline.layers import CaffePreprocess
+from pipeline.layers import caffe_preprocessing
 
 _APPLICATIONS = {"resnet50": keras.applications.ResNet50, "vgg16": keras.applications.VGG16}
 IMAGENET_FILES = {
@@ -206,7 +206,7 @@ def build_tap_model(trunks, taps, pooling, image_size):
     holds only the layers its outputs need). The shared caffe preprocessing runs once.
     """
     images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
-    shared = CaffePreprocess(name="caffe_preprocess")(images)
+    shared = caffe_preprocessing()(images)
     outputs = {}
     for backbone, trunk in trunks.items():
         keys = [t for t in taps if tap_backbone(t) == backbone]

@@ -333,20 +333,27 @@ def predict(run, source, out, **options):
 
 @cli.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Keras file to write; must end in .keras.")
+@click.option("--out", required=True, type=click.Path(), help="Where to write: a .keras file, or for saved_model a directory that receives OUT/VERSION/ (point TF Serving at OUT).")
+@click.option("--format", "format_", default="keras", show_default=True, type=click.Choice(cfg.EXPORT_FORMATS), help="keras: one .keras file; saved_model: a TensorFlow SavedModel whose signatures take encoded image bytes or uint8 pixels.")
+@click.option("--version", type=click.IntRange(min=1), help="saved_model only: the version directory to write under OUT. Default: 1.")
+@click.option("--overwrite", is_flag=True, help="saved_model only: replace an existing OUT/VERSION/ (a .keras file is always replaced).")
 @click.option("--image-size", type=click.IntRange(min=32), help="Side the model resizes every image to. Default: the extraction's, the only one at which it agrees with predict.")
 @click.option("--weights", help=_RUN_WEIGHTS_HELP)
-def export(run, out, image_size, weights):
-    """Save RUN as one Keras model: uint8 RGB images of any size in, class probabilities out."""
+def export(run, out, format_, **options):
+    """Save RUN as one model: images of any size in, class probabilities and names out."""
     from pipeline.export import export as run_export
 
-    result = run_export(run, out, image_size=image_size, weights=weights)
+    result = run_export(run, out, format=format_, **options)
+    inputs = "encoded images (serving_default) or uint8 pixels (pixels)" if result.format == "saved_model" else "uint8 images (batch, height, width, 3)"
     click.echo(
-        f"exported {run} to {result.out}: uint8 images (batch, height, width, 3) -> {result.resize} to "
-        f"{result.image_size} px -> taps -> PCA ({result.components}) -> head -> {len(result.classes)} probabilities"
+        f"exported {run} to {result.out}: {inputs} -> {result.resize} to {result.image_size} px -> taps -> "
+        f"PCA ({result.components}) -> head -> {len(result.classes)} probabilities"
     )
     click.echo("classes: " + ", ".join(result.classes))
-    click.echo("load it with: import keras, pipeline.layers; keras.saving.load_model(PATH)")
+    if result.format == "saved_model":
+        click.echo(f"load it with: tf.saved_model.load({str(result.out)!r}); or TF Serving with --model_base_path={result.out.parent.absolute()}")
+    else:
+        click.echo(f"load it with: keras.saving.load_model({str(result.out)!r}); nothing from pipeline is needed")
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
 

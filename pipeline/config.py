@@ -17,6 +17,7 @@ RESIZES = ("squash", "center-crop")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STORAGE_DTYPES = ("float32", "float16")
 ON_ERROR = ("skip", "fail")
+EXPORT_FORMATS = ("keras", "saved_model")
 MIN_IMAGE_SIZE = 32  # both backbones downsample 32x
 MAX_IMAGE_SIZE = 2048  # 80x ImageNet's pixels; beyond it one image's activations outgrow a GPU
 DEFAULT_TAPS = (

@@ -1,28 +1,37 @@
-"""`pipeline export`: a head run as one Keras model, uint8 images in, class probabilities out.
+"""`pipeline export`: a head run as one model, images in, class probabilities and names out.
 
-The model chains, all in float32: SquareResize (extraction's resize), the fused tap model
-(caffe preprocessing, trunks cut at their deepest tap, global pooling), the taps concatenated
-in the transform's order, ScaledPCA (scaling and PCA as fixed weights), the trained head, and
-ClassNames (which names the output columns).
+The model is built from built-in Keras layers only, all float32 and frozen: the extraction's
+resize (Rescaling to float32, then Resizing), the fused tap model (caffe preprocessing, trunks cut
+at their deepest tap, global pooling), the taps concatenated in the transform's order, scaling +
+PCA folded into one Dense, the trained head, and a StringLookup naming the top class. It is
+written as a .keras file, or as a TensorFlow SavedModel in TF Serving's `DIR/<version>/` layout
+whose signatures take encoded image bytes (`serving_default`) or uint8 pixels (`pixels`).
 """
 
+import functools
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from pipeline import backbones
+from pipeline.config import EXPORT_FORMATS, parse_weights
 from pipeline.errors import PipelineError
-from pipeline.layers import ClassNames, ScaledPCA, SquareResize
-from pipeline.config import parse_weights
+from pipeline.inputs import decode_image
+from pipeline.layers import resize_image, square_resize
 from pipeline.lineage import check_fingerprints, load_lineage
+
+DEFAULT_VERSION = 1
 
 
 @dataclass(frozen=True)
 class ExportResult:
-    out: Path
+    out: Path  # the .keras file, or the SavedModel's version directory
+    format: str
     model: keras.Model
     classes: list
     image_size: int  # the side the model resizes every image to
@@ -31,15 +40,15 @@ class ExportResult:
     warnings: list  # where the model will not agree with `pipeline predict`
 
 
-def export(run_dir, out, *, image_size=None, weights=None):
-    """Build the image -> probabilities model of a head run and save it to `out` (a .keras file).
+def export(run_dir, out, *, format="keras", version=None, overwrite=False, image_size=None, weights=None):
+    """Build the image -> probabilities model of a head run and write it to `out`.
 
+    `format` "keras" writes `out` (a .keras file, replaced if it exists); "saved_model" writes
+    the directory `out/<version>/` (default 1), refusing an existing one unless `overwrite`.
     `image_size` defaults to the extraction's; `weights` replaces the recorded weight sources
     (whose fingerprints must still match).
     """
-    out = Path(out)
-    if out.suffix != ".keras":
-        raise PipelineError(f"--out {out} must end in .keras, the file type Keras saves whole models as")
+    target = _target(Path(out), format, version, overwrite)
     lineage = load_lineage(run_dir)
     recorded = lineage.manifest["config"]
     config = lineage.extract_config(weights=weights, precision="float32", image_size=image_size or recorded["image_size"])
@@ -50,12 +59,39 @@ def export(run_dir, out, *, image_size=None, weights=None):
 
     transform = lineage.load_transform()
     model = build_model(trunks, config, transform, lineage.load_head(), lineage.classes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save_atomically(model, out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if format == "keras":
+        _save_keras(model, target)
+    else:
+        _save_saved_model(serving_archive(model, config.image_size, config.resize, lineage.classes), target)
     return ExportResult(
-        out, model, lineage.classes, config.image_size, config.resize, int(transform.pca_.n_components_),
+        target, format, model, lineage.classes, config.image_size, config.resize, int(transform.pca_.n_components_),
         warnings=_disagreements(config, recorded),
     )
+
+
+def _target(out, format, version, overwrite):
+    """The path `export` writes, refused before any work when it cannot be written."""
+    if format not in EXPORT_FORMATS:
+        raise PipelineError(f"--format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    if format == "keras":
+        if version is not None:
+            raise PipelineError(f"--version {version} applies only to --format saved_model; a .keras file has no versions")
+        if out.suffix != ".keras":
+            raise PipelineError(
+                f"--out {out} must end in .keras, the file type Keras saves whole models as (--format saved_model writes a directory)"
+            )
+        if out.is_dir():
+            raise PipelineError(f"--out {out} is a directory; give a .keras file name")
+        return out
+    if out.suffix == ".keras":
+        raise PipelineError(f"--out {out} is a .keras file name, but --format saved_model writes a directory; give a directory")
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is a file; --format saved_model writes a directory (OUT/VERSION/)")
+    target = out / str(DEFAULT_VERSION if version is None else version)
+    if target.exists() and not overwrite:
+        raise PipelineError(f"{target} already exists; pass --version N for a new version, or --overwrite to replace it")
+    return target
 
 
 def _disagreements(config, recorded):
@@ -75,38 +111,86 @@ def _disagreements(config, recorded):
 
 
 def build_model(trunks, config, transform, head, classes):
-    """uint8 images (B, H, W, 3) of any one size -> float32 probabilities (B, classes); nothing trainable."""
+    """uint8 images (B, H, W, 3) of any one size -> {"probabilities": (B, classes) float32, "predicted": (B,) names}.
+
+    Nothing is trainable. The class names are the vocabulary of the `class_names` layer.
+    """
     images = keras.Input((None, None, 3), dtype="uint8", name="images")
-    resized = SquareResize(config.image_size, config.resize, name="resize")(images)
+    resized = square_resize(images, config.image_size, config.resize)
     taps = backbones.build_tap_model(trunks, config.taps, config.pooling, config.image_size)(resized)
     columns = [taps[key] for key in config.taps]
     features = keras.layers.Concatenate(dtype="float32", name="concat_taps")(columns) if len(columns) > 1 else columns[0]
-    pca = ScaledPCA(int(transform.pca_.n_components_), name="scaled_pca")
-    reduced = pca(features)
-    pca.set_transform(**pca_arrays(transform))
-    probabilities = ClassNames(classes, name="probabilities")(head(reduced))
-    model = keras.Model(images, probabilities, name="image_classifier")
+    probabilities = head(scaled_pca(transform)(features))
+    names = keras.layers.StringLookup(vocabulary=list(classes), invert=True, num_oov_indices=0, name="class_names")
+    predicted = names(keras.ops.argmax(probabilities, axis=-1))
+    model = keras.Model(images, {"probabilities": probabilities, "predicted": predicted}, name="image_classifier")
     model.trainable = False  # an inference artefact: batch norm stays in inference mode even under fit()
     return model
 
 
-def pca_arrays(transform):
-    """ScaledPCA's weights from a fitted TapTransform, so that the layer computes transform.transform."""
+def scaled_pca(transform):
+    """A frozen Dense computing `transform.transform`: scaling, PCA and whitening are one affine map.
+
+    transform(x) = ((x - mean) * multiplier - pca_mean) @ components.T / scale, so the kernel is
+    diag(multiplier) @ components.T / scale and the bias -((mean * multiplier + pca_mean) @
+    components.T) / scale, folded in float64 and stored as float32.
+    """
     pca = transform.pca_
-    scale = np.ones(pca.n_components_, dtype=np.float32)
-    if pca.whiten:  # scikit-learn divides by sqrt(variance), floored at the dtype's eps
+    components = pca.components_.astype(np.float64)
+    multiplier = transform.multiplier_.astype(np.float64)
+    scale = np.ones(pca.n_components_)
+    if pca.whiten:  # scikit-learn divides by sqrt(variance), floored at that dtype's eps
         scale = np.sqrt(pca.explained_variance_)
-        scale = np.maximum(scale, np.finfo(scale.dtype).eps)
-    return {
-        "feature_mean": transform.scaler_.mean_,
-        "feature_multiplier": transform.multiplier_,
-        "pca_mean": pca.mean_,
-        "components": pca.components_,
-        "component_scale": scale,
-    }
+        scale = np.maximum(scale, np.finfo(scale.dtype).eps).astype(np.float64)
+    kernel = multiplier[:, None] * components.T / scale
+    bias = -((transform.scaler_.mean_ * multiplier + pca.mean_) @ components.T) / scale
+    layer = keras.layers.Dense(pca.n_components_, dtype="float32", trainable=False, name="scaled_pca")
+    layer.build((None, len(multiplier)))
+    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return layer
 
 
-def _save_atomically(model, path):
+def serving_archive(model, image_size, resize, classes):
+    """The SavedModel's signatures around `model`; each returns probabilities, predicted and classes.
+
+    `serving_default(images)`: encoded images (tf.string, (B,)), each decoded and resized as
+    extraction does, so one batch may mix sizes and formats. `pixels(images)`: uint8
+    (B, H, W, 3) of one size. `classes` is the vocabulary repeated per row, (B, classes), so
+    that every output has the batch dimension TF Serving's row format needs.
+    """
+    # The same layers from the resized pixels on: the bytes path resizes image by image.
+    after_resize = keras.Model(model.get_layer("resize").output, model.output)
+    vocabulary = tf.constant(list(classes))
+
+    def nothing():
+        return {"probabilities": tf.zeros((0, len(classes))), "predicted": tf.zeros((0,), tf.string)}
+
+    def outputs(classify, images):
+        rows = tf.shape(images)[0]
+        # oneDNN's convolution fails on an empty batch, so that one is answered without the model.
+        result = tf.cond(rows > 0, lambda: classify(images), nothing)
+        return {**result, "classes": tf.tile(vocabulary[None], [rows, 1])}
+
+    def from_bytes(images):
+        pixels = tf.map_fn(
+            lambda contents: resize_image(decode_image(contents), image_size, resize), images,
+            fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.float32),
+        )
+        return after_resize(pixels, training=False)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default", functools.partial(outputs, from_bytes), [tf.TensorSpec((None,), tf.string, name="images")]
+    )
+    archive.add_endpoint(
+        "pixels", functools.partial(outputs, functools.partial(model, training=False)),
+        [tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")],
+    )
+    return archive
+
+
+def _save_keras(model, path):
     """Save to a hidden sibling, then rename it over `path` (Keras insists on the .keras suffix)."""
     partial = path.with_name(f".{path.stem}.partial.keras")
     try:
@@ -114,3 +198,20 @@ def _save_atomically(model, path):
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _save_saved_model(archive, target):
+    """Write into a hidden sibling of `target`, then rename it into place (after moving an old one aside).
+
+    TF Serving only loads directories named by a number, so it never sees the partial one.
+    """
+    partial, replaced = (target.with_name(f".{target.name}.{what}-{os.getpid()}") for what in ("partial", "replaced"))
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        archive.write_out(partial, verbose=False)
+        if target.exists():  # only with overwrite: _target refused it otherwise
+            os.rename(target, replaced)
+        os.rename(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageSequence
 
-from pipeline.layers import resize_image  # shared with the exported model's SquareResize layer
+from pipeline.layers import resize_image  # shared with the exported SavedModel's bytes signature
 
 AUTOTUNE = tf.data.AUTOTUNE
 JPEG_RATIOS = (8, 4, 2)  # DCT downscales libjpeg offers, largest first
@@ -23,14 +23,15 @@ class UndecodableImage(Exception):
     """Neither TensorFlow nor Pillow could turn the file into pixels."""
 
 
-def _decode(contents):
+def decode_image(contents):
+    """Encoded bytes -> uint8 (H, W, 3): TensorFlow's decoders, the first frame of an animation."""
     image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
 
 
 def _decode_fast(contents, image_size):
-    """Like `_decode`, but a JPEG is decoded at the smallest DCT scale that still covers the size.
+    """Like `decode_image`, but a JPEG is decoded at the smallest DCT scale that still covers the size.
 
     libjpeg can scale by 1/2, 1/4 or 1/8 while decoding (output side = ceil(side / ratio)); the
     largest ratio whose short side stays >= image_size is used, so nothing is upsampled later.
@@ -43,9 +44,9 @@ def _decode_fast(contents, image_size):
             (short_side >= (image_size - 1) * ratio + 1, functools.partial(tf.io.decode_jpeg, contents, channels=3, ratio=ratio))
             for ratio in JPEG_RATIOS
         ]
-        return tf.case(branches, default=functools.partial(_decode, contents))
+        return tf.case(branches, default=functools.partial(decode_image, contents))
 
-    image = tf.cond(tf.io.is_jpeg(contents), scaled_jpeg, functools.partial(_decode, contents))
+    image = tf.cond(tf.io.is_jpeg(contents), scaled_jpeg, functools.partial(decode_image, contents))
     image.set_shape([None, None, 3])
     return image
 
@@ -60,7 +61,7 @@ def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_deco
     """
     readable = tf.constant([path is not None for path in paths], dtype=tf.bool)
     paths = tf.constant([b"" if path is None else os.fsencode(path) for path in paths], dtype=tf.string)
-    decode = functools.partial(_decode_fast, image_size=image_size) if fast_decode else _decode
+    decode = functools.partial(_decode_fast, image_size=image_size) if fast_decode else decode_image
 
     def load(index):
         image = decode(tf.io.read_file(paths[index]))

@@ -1,6 +1,9 @@
-"""Keras layers this project registers, so saved models load with plain `keras.saving.load_model`.
+"""The resize and preprocessing shared by extraction and export, as built-in Keras layers.
 
-An exported model needs only this module imported (it registers the layers) and TensorFlow.
+Extraction and new exports use only built-in layers, so an exported .keras file loads with plain
+`keras.saving.load_model` and nothing from pipeline. The four registered classes at the end
+(CaffePreprocess, SquareResize, ScaledPCA, ClassNames) are what exports written before that
+contain: they stay, unused here, so that those files still load after `import pipeline.layers`.
 """
 
 import keras
@@ -10,6 +13,50 @@ from keras import ops
 
 # keras.applications' "caffe" mode, shared by ResNet50 and VGG16: RGB -> BGR, minus ImageNet means.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def caffe_preprocessing(name="caffe_preprocess"):
+    """A frozen Dense(3) on the channel axis: RGB 0..255 -> BGR minus the ImageNet means (float32).
+
+    The kernel is the channel permutation and the bias the negated means, so each output is
+    x * 1 + 0 + 0 - mean: exactly what flipping and subtracting give.
+    """
+    layer = keras.layers.Dense(3, dtype="float32", trainable=False, name=name)
+    layer.build((None, 3))
+    layer.set_weights([np.eye(3, dtype=np.float32)[::-1], -np.asarray(CAFFE_MEAN_BGR, dtype=np.float32)])
+    return layer
+
+
+def resize_image(images, image_size, resize):
+    """uint8 (H, W, 3) or a batch (B, H, W, 3) -> float32 (S, S, 3) in 0..255: bilinear, antialiased.
+
+    `center-crop` first cuts the largest centered square; `squash` resizes the whole image.
+    Extraction resizes one image at a time, `square_resize`'s layers a batch, with the same numbers.
+    """
+    if resize == "center-crop":
+        shape = tf.shape(images)
+        height, width = shape[-3], shape[-2]
+        side = tf.minimum(height, width)
+        images = tf.image.crop_to_bounding_box(images, (height - side) // 2, (width - side) // 2, side, side)
+    return tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
+
+
+def square_resize(images, image_size, resize):
+    """`resize_image` on a symbolic uint8 batch, as built-in layers (named `to_float32` and `resize`).
+
+    Resizing crops the same centered square. The cast comes first because Resizing rounds its
+    output back to an integer input's dtype when called eagerly. `training=False` is stored in
+    the graph because Resizing's call defaults to training=True, which Keras hands on to the
+    layers after it: `model(images)` would otherwise run the head's dropout.
+    """
+    pixels = keras.layers.Rescaling(1.0, dtype="float32", name="to_float32")(images)
+    return keras.layers.Resizing(
+        image_size, image_size, interpolation="bilinear", antialias=True,
+        crop_to_aspect_ratio=resize == "center-crop", dtype="float32", name="resize",
+    )(pixels, training=False)
+
+
+# --- the layers of exports written before the built-in ones -----------------------------------------
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -23,20 +70,6 @@ class CaffePreprocess(keras.layers.Layer):
     def call(self, images):
         bgr = ops.flip(ops.cast(images, "float32"), axis=-1)
         return bgr - ops.convert_to_tensor(CAFFE_MEAN_BGR, dtype="float32")
-
-
-def resize_image(images, image_size, resize):
-    """uint8 (H, W, 3) or a batch (B, H, W, 3) -> float32 (S, S, 3) in 0..255: bilinear, antialiased.
-
-    `center-crop` first cuts the largest centered square; `squash` resizes the whole image.
-    Extraction resizes one image at a time and SquareResize a batch, with the same numbers.
-    """
-    if resize == "center-crop":
-        shape = tf.shape(images)
-        height, width = shape[-3], shape[-2]
-        side = tf.minimum(height, width)
-        images = tf.image.crop_to_bounding_box(images, (height - side) // 2, (width - side) // 2, side, side)
-    return tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -64,8 +97,7 @@ class ScaledPCA(keras.layers.Layer):
     """Fixed scaling then PCA: ((x - feature_mean) * feature_multiplier - pca_mean) @ projection / component_scale.
 
     `projection` is the PCA's components transposed; `component_scale` the square root of each
-    component's variance when whitening, else ones. The weights never train: set them with
-    `set_transform`.
+    component's variance when whitening, else ones. The weights never train.
     """
 
     def __init__(self, components, **kwargs):
@@ -83,11 +115,6 @@ class ScaledPCA(keras.layers.Layer):
             ("component_scale", (self.components,)),
         ):
             setattr(self, name, self.add_weight(shape=shape, initializer="zeros", trainable=False, name=name))
-
-    def set_transform(self, feature_mean, feature_multiplier, pca_mean, components, component_scale):
-        """Load the fitted arrays; `components` as PCA gives them, one row per component."""
-        arrays = (feature_mean, feature_multiplier, pca_mean, np.transpose(components), component_scale)
-        self.set_weights([np.asarray(array, dtype=np.float32) for array in arrays])  # the order build made them
 
     def call(self, features):
         centered = (features - self.feature_mean) * self.feature_multiplier - self.pca_mean

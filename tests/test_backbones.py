@@ -5,7 +5,7 @@ import pytest
 from pipeline import backbones
 from pipeline.config import WeightSource, parse_weights
 from pipeline.errors import PipelineError
-from pipeline.layers import CaffePreprocess
+from pipeline.layers import CaffePreprocess, caffe_preprocessing
 
 
 def test_catalogue_declares_shapes_and_strides():
@@ -29,10 +29,17 @@ def test_each_backbone_is_cut_at_its_deepest_tap_and_preprocessing_is_shared():
     assert "conv2_block1_out" in inner["resnet50_taps"]
     assert not any(name.startswith(("conv3", "conv4", "conv5")) for name in inner["resnet50_taps"])
     assert "block2_pool" in inner["vgg16_taps"] and not any(n.startswith("block3") for n in inner["vgg16_taps"])
-    assert sum(isinstance(layer, CaffePreprocess) for layer in model.layers) == 1
+    assert [layer.name for layer in model.layers if layer.name.startswith("caffe")] == ["caffe_preprocess"]
     outputs = model(np.zeros((2, 32, 32, 3), np.float32))
     assert outputs["resnet50/conv2_block1_out"].shape == (2, 256)
     assert outputs["vgg16/block2_pool"].shape == (2, 128)
+
+
+def test_the_caffe_preprocessing_dense_flips_and_subtracts_exactly():
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 5, 7, 3)).astype(np.float32)  # resized: not integers
+    built_in = np.asarray(caffe_preprocessing()(pixels))
+    np.testing.assert_array_equal(built_in, keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode="caffe"))
+    np.testing.assert_array_equal(built_in, np.asarray(CaffePreprocess()(pixels)))  # the layer older exports hold
 
 
 def test_avgmax_pooling_concatenates_avg_then_max():

@@ -1,144 +1,271 @@
-"""`pipeline export`: the one-file model, its round trip, and agreement with the staged path and predict."""
+"""`pipeline export`: both formats, loaded where pipeline is not, agreeing with predict; the built-in layers."""
 
 import csv
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
-import joblib
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import shards
-from pipeline.export import pca_arrays
-from pipeline.extract import extract
-from pipeline.inputs import resize_image
-from pipeline.layers import ScaledPCA, SquareResize
+import pipeline
+from pipeline.cli import cli
 from pipeline.estimators import TapTransform
-from pipeline.sources import list_source
+from pipeline.export import scaled_pca
+from pipeline.layers import CaffePreprocess, ClassNames, ScaledPCA, SquareResize, resize_image, square_resize
+
+CLASSES = ["a", "b", "c"]
+# (file, height, width): PNG and JPEG of other sizes than the extraction's 32 px, odd ones too
+IMAGES = [("x/0.png", 45, 38), ("x/1.jpg", 32, 32), ("x/2.png", 77, 31), ("x/3.jpg", 50, 64), ("x/4.png", 33, 101)]
+
+
+def invoke(*args, code=0):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == code, f"exit {result.exit_code}: {result.output}"
+    return result
 
 
 @pytest.fixture(scope="module")
-def exported(head_run, tmp_path_factory):
-    """The head run exported once through the CLI: (path, CLI output)."""
-    from click.testing import CliRunner
-
-    from pipeline.cli import cli
-
-    out = tmp_path_factory.mktemp("export") / "model.keras"
-    result = CliRunner().invoke(cli, ["export", str(head_run.run), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out, result.output
-
-
-def write_images(folder, count, height, width, seed=0):
-    """`count` random RGB PNGs of one size; returns their uint8 pixels, in file name order."""
-    folder.mkdir(parents=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
-    for i, image in enumerate(pixels):
-        Image.fromarray(image).save(folder / f"{i:03d}.png")
-    return pixels
-
-
-def test_square_resize_crops_a_batch_as_extraction_crops_each_image():
-    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
-    batch = np.asarray(SquareResize(24, "center-crop")(pixels))
-    one_by_one = np.stack([np.asarray(resize_image(tf.constant(image), 24, "center-crop")) for image in pixels])
-    central_square = np.stack([np.asarray(resize_image(tf.constant(image[:, 8:40]), 24, "squash")) for image in pixels])
-    np.testing.assert_array_equal(batch, one_by_one)
-    np.testing.assert_array_equal(batch, central_square)
-
-
-@pytest.mark.parametrize("scaling, whiten", [("block", False), ("standard", True), ("none", False)])
-def test_scaled_pca_layer_computes_the_fitted_transform(scaling, whiten):
-    rng = np.random.default_rng(0)
-    X = (rng.normal(size=(60, 12)) * rng.uniform(0.1, 20, 12) + rng.uniform(-50, 50, 12)).astype(np.float32)
-    transform = TapTransform((5, 7), scaling, 4, whiten, "full").fit(X[:40])
-    layer = ScaledPCA(4)
-    layer.build((None, 12))
-    layer.set_transform(**pca_arrays(transform))
-    expected = transform.transform(X[40:])
-    np.testing.assert_allclose(np.asarray(layer(X[40:])), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-
-
-def test_exported_model_agrees_with_the_staged_path_and_predict(head_run, exported, tmp_path, run_cli):
-    model_path, _ = exported
-    pixels = write_images(tmp_path / "new" / "b", 5, 45, 38)  # not the extraction size: the model resizes
-    run_cli("predict", head_run.run, tmp_path / "new", "--out", tmp_path / "p.csv")
-
-    features = extract(head_run.config, list_source(tmp_path / "new"), tmp_path / "features").out_dir
-    ids, _, _, X = next(shards.iter_feature_chunks(features, shards.read_manifest(features), list(head_run.config.taps), 100))
-    transform = joblib.load(head_run.root / "reduced" / "transform.joblib")
-    staged = keras.saving.load_model(head_run.run / "model.keras").predict(transform.transform(X), verbose=0)
-
-    exported_probs = keras.saving.load_model(model_path).predict(pixels, verbose=0)
-    with open(tmp_path / "p.csv", newline="") as f:
+def exports(head_run, tmp_path_factory):
+    """The head run exported once per format, and `pipeline predict` on IMAGES."""
+    root = tmp_path_factory.mktemp("export")
+    rng = np.random.default_rng(3)
+    for name, height, width in IMAGES:
+        (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "images" / name)
+    keras_out = invoke("export", head_run.run, "--out", root / "model.keras").output
+    saved_out = invoke("export", head_run.run, "--out", root / "serving", "--format", "saved_model").output
+    invoke("predict", head_run.run, root / "images", "--out", root / "p.csv")
+    with open(root / "p.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["id"] for r in rows] == ids == [f"b/{i:03d}.png" for i in range(5)]
-    predicted = [[float(dict((r[f"top{k}_class"], r[f"top{k}_prob"]) for k in (1, 2, 3))[c]) for c in "abc"] for r in rows]
-
-    assert exported_probs.dtype == np.float32
-    np.testing.assert_allclose(exported_probs, staged, atol=1e-4)
-    np.testing.assert_allclose(predicted, staged, atol=1e-4)
-    classes = ["abc"[i] for i in staged.argmax(axis=1)]
-    assert ["abc"[i] for i in exported_probs.argmax(axis=1)] == classes == [r["predicted"] for r in rows]
+    assert [row["id"] for row in rows] == [name for name, _, _ in IMAGES]
+    predicted = {row["id"]: [float({row[f"top{k}_class"]: row[f"top{k}_prob"] for k in (1, 2, 3)}[c]) for c in CLASSES] for row in rows}
+    return SimpleNamespace(
+        root=root, keras_out=keras_out, saved_out=saved_out, probabilities=predicted, classes={row["id"]: row["predicted"] for row in rows},
+    )
 
 
-ROUND_TRIP = """
+def legacy_model(transform):
+    """A small model made of the layers exports used to contain, with a fitted ScaledPCA."""
+    images = keras.Input((None, None, 3), dtype="uint8")
+    pooled = keras.layers.GlobalAveragePooling2D()(CaffePreprocess()(SquareResize(8, "center-crop")(images)))
+    pca = ScaledPCA(2, name="scaled_pca")
+    reduced = pca(pooled)
+    whitening = np.sqrt(transform.pca_.explained_variance_)
+    pca.set_weights([
+        np.asarray(array, np.float32) for array in
+        (transform.scaler_.mean_, transform.multiplier_, transform.pca_.mean_, transform.pca_.components_.T, whitening)
+    ])
+    probabilities = keras.layers.Dense(3, activation="softmax", kernel_initializer="ones")(reduced)
+    return keras.Model(images, ClassNames(CLASSES, name="probabilities")(probabilities))
+
+
+LOAD = """
 import json, sys
-import keras, numpy as np
+import keras, numpy as np, tensorflow as tf
+
+root, checkout = sys.argv[1], sys.argv[2]
+files = json.loads(sys.argv[3])
+encoded = [open(f"{root}/images/{name}", "rb").read() for name in files]
+pixels = [tf.io.decode_image(data, channels=3, expand_animations=False) for data in encoded]
+
+
+def as_lists(outputs):
+    arrays = {key: np.asarray(value) for key, value in outputs.items()}
+    return {key: (a.astype(bytes).astype(str) if a.dtype == object else a).tolist() for key, a in arrays.items()}
+
+
+def walk(layer):
+    return [type(layer), *(kind for sub in getattr(layer, "layers", []) for kind in walk(sub))]
+
+
+report = {}
+
+served = tf.saved_model.load(f"{root}/serving/1")
+report["signatures"] = {
+    name: [str(spec) for spec in function.structured_input_signature[1].values()] for name, function in served.signatures.items()
+}
+report["bytes"] = as_lists(served.signatures["serving_default"](images=tf.constant(encoded)))  # mixed sizes and formats
+report["pixels"] = [as_lists(served.signatures["pixels"](images=image[None])) for image in pixels]
+
+model = keras.saving.load_model(f"{root}/model.keras")
+report["keras"] = [as_lists(model(image[None])) for image in pixels]  # eager: predict would trace each size
+report["vocabulary"] = [str(name) for name in model.get_layer("class_names").get_vocabulary()]
+report["layer_modules"] = sorted({kind.__module__.split(".")[0] for kind in walk(model)})
+report["input"] = [model.input.dtype, list(model.input.shape)]
+report["trainable"] = len(model.trainable_weights)
+report["pipeline_modules"] = sorted(name for name in sys.modules if name.split(".")[0] == "pipeline")
+
+sys.path.insert(0, checkout)
+import pipeline
+report["plain_import"] = pipeline.__file__
+report["after_plain_import"] = as_lists(keras.saving.load_model(f"{root}/model.keras").predict(pixels[0][None], verbose=0))
+try:
+    keras.saving.load_model(f"{root}/legacy.keras")
+except Exception as e:
+    report["legacy_without_layers"] = str(e)
 import pipeline.layers
-model = keras.saving.load_model(sys.argv[1])
-pixels = np.random.default_rng(1).integers(0, 256, (3, 64, 50, 3), dtype=np.uint8)
-print(json.dumps({
-    "probabilities": model.predict(pixels, verbose=0).tolist(),
-    "classes": model.get_layer("probabilities").class_names,
-    "input": [str(model.input.dtype), list(model.input.shape)],
-    "trainable": len(model.trainable_weights),
-    "pipeline_modules": sorted(name for name in sys.modules if name.split(".")[0] == "pipeline"),
-}))
+legacy = keras.saving.load_model(f"{root}/legacy.keras")
+report["legacy"] = legacy.predict(np.asarray(pixels[0])[None], verbose=0).tolist()
+report["legacy_classes"] = legacy.get_layer("probabilities").class_names
+print(json.dumps(report))
 """
 
 
-def test_the_file_loads_in_a_fresh_process_that_imports_only_the_layers_module(exported, tmp_path):
-    model_path, output = exported
-    assert "exported" in output and "classes: a, b, c" in output
-    done = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(model_path)], capture_output=True, text=True, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def loaded(exports, tmp_path_factory):
+    """Both exports (and an old-style file) loaded in one fresh process that starts without pipeline."""
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(40, 3)) * 30 + 100).astype(np.float32)
+    model = legacy_model(TapTransform((3,), "block", 2, True, "full").fit(X))
+    model.save(exports.root / "legacy.keras")
+    first = np.asarray(Image.open(exports.root / "images" / IMAGES[0][0]).convert("RGB"))
+    expected_legacy = model.predict(first[None], verbose=0)
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    checkout = Path(pipeline.__file__).parents[1]
+    files = json.dumps([name for name, _, _ in IMAGES])
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD, str(exports.root), str(checkout), files],
+        capture_output=True, text=True, cwd=tmp_path_factory.mktemp("fresh"), env=env,
+    )
     assert done.returncode == 0, done.stderr
-    loaded = json.loads(done.stdout.strip().splitlines()[-1])
-    assert loaded["pipeline_modules"] == ["pipeline", "pipeline.layers"]
-    assert loaded["classes"] == ["a", "b", "c"]
-    assert loaded["input"] == ["uint8", [None, None, None, 3]]
-    assert loaded["trainable"] == 0
-    pixels = np.random.default_rng(1).integers(0, 256, (3, 64, 50, 3), dtype=np.uint8)
-    here = keras.saving.load_model(model_path).predict(pixels, verbose=0)
-    np.testing.assert_allclose(loaded["probabilities"], here, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(here.sum(axis=1), 1, atol=1e-5)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return SimpleNamespace(**report, checkout=checkout, expected_legacy=expected_legacy)
 
 
-def test_another_image_size_is_built_and_warned_about(head_run, tmp_path, run_cli):
-    result = run_cli("export", head_run.run, "--out", tmp_path / "m48.keras", "--image-size", 48)
+def test_the_cli_says_what_it_wrote_and_how_to_load_it(exports):
+    assert "uint8 images (batch, height, width, 3) -> squash to 32 px -> taps -> PCA (6) -> head -> 3 probabilities" in exports.keras_out
+    assert "keras.saving.load_model(" in exports.keras_out and "nothing from pipeline is needed" in exports.keras_out
+    assert f"to {exports.root / 'serving' / '1'}: encoded images (serving_default) or uint8 pixels (pixels)" in exports.saved_out
+    assert "classes: a, b, c" in exports.keras_out and "classes: a, b, c" in exports.saved_out
+    assert sorted(os.listdir(exports.root / "serving")) == ["1"]  # no partial directory left behind
+    assert {"saved_model.pb", "variables"} <= set(os.listdir(exports.root / "serving" / "1"))
+
+
+def test_the_saved_model_loads_where_pipeline_was_never_imported(loaded):
+    assert loaded.pipeline_modules == []
+    assert loaded.signatures == {
+        "serving_default": ["TensorSpec(shape=(None,), dtype=tf.string, name='images')"],
+        "pixels": ["TensorSpec(shape=(None, None, None, 3), dtype=tf.uint8, name='images')"],
+    }
+    assert loaded.bytes["classes"] == [CLASSES] * len(IMAGES)
+    assert [output["classes"] for output in loaded.pixels] == [[CLASSES]] * len(IMAGES)
+
+
+def test_the_keras_file_has_only_built_in_layers(loaded):
+    assert loaded.pipeline_modules == []
+    assert loaded.layer_modules == ["keras"]
+    assert loaded.vocabulary == CLASSES
+    assert loaded.input == ["uint8", [None, None, None, 3]]
+    assert loaded.trainable == 0
+    assert Path(loaded.plain_import).is_relative_to(loaded.checkout)
+    # predict there, an eager call here: equal, so `model(images)` runs no dropout
+    np.testing.assert_allclose(loaded.after_plain_import["probabilities"], loaded.keras[0]["probabilities"], atol=1e-6)
+
+
+def test_both_formats_agree_with_predict(exports, loaded):
+    names = [name for name, _, _ in IMAGES]
+    expected = np.array([exports.probabilities[name] for name in names])
+    results = {
+        "saved_model bytes": (loaded.bytes["probabilities"], loaded.bytes["predicted"]),
+        "saved_model pixels": ([o["probabilities"][0] for o in loaded.pixels], [o["predicted"][0] for o in loaded.pixels]),
+        "keras": ([o["probabilities"][0] for o in loaded.keras], [o["predicted"][0] for o in loaded.keras]),
+    }
+    for what, (probabilities, predicted) in results.items():
+        np.testing.assert_allclose(probabilities, expected, atol=1e-4, err_msg=what)
+        assert predicted == [exports.classes[name] for name in names], what
+    np.testing.assert_allclose(np.sum(loaded.bytes["probabilities"], axis=1), 1, atol=1e-5)
+
+
+def test_an_older_export_still_loads_with_the_layers_module(loaded):
+    assert "Could not locate class 'SquareResize'" in loaded.legacy_without_layers
+    np.testing.assert_allclose(loaded.legacy, loaded.expected_legacy, rtol=1e-6)
+    assert loaded.legacy_classes == CLASSES
+
+
+@pytest.mark.parametrize("resize", ["squash", "center-crop"])
+def test_the_built_in_resize_is_extractions_resize(resize):
+    images = keras.Input((None, None, 3), dtype="uint8")
+    model = keras.Model(images, square_resize(images, 24, resize))
+    for height, width in [(31, 47), (47, 31), (33, 33), (45, 38), (17, 95), (5, 5), (24, 24), (1, 9)]:
+        pixels = np.random.default_rng(height).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+        one_by_one = np.stack([resize_image(tf.constant(image), 24, resize).numpy() for image in pixels])
+        np.testing.assert_array_equal(np.asarray(model(pixels)), one_by_one)
+        np.testing.assert_array_equal(model.predict(pixels, verbose=0), one_by_one)
+        np.testing.assert_array_equal(np.asarray(SquareResize(24, resize)(pixels)), one_by_one)  # what older exports hold
+
+
+@pytest.mark.parametrize("scaling", ["block", "standard", "none"])
+@pytest.mark.parametrize("whiten, solver", [(False, "full"), (True, "full"), (True, "incremental")])
+def test_scaling_and_pca_fold_into_one_dense(scaling, whiten, solver):
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(60, 12)) * rng.uniform(0.1, 20, 12) + rng.uniform(-50, 50, 12)).astype(np.float32)
+    transform = TapTransform((5, 7), scaling, 4, whiten, solver)
+    transform = transform.fit(X[:40]) if solver == "full" else transform.fit_batches(lambda: iter([X[:20], X[20:40]]))
+    expected = transform.transform(X[40:])
+    np.testing.assert_allclose(np.asarray(scaled_pca(transform)(X[40:])), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_an_existing_version_is_replaced_only_with_overwrite(head_run, exports, tmp_path):
+    serving = tmp_path / "serving"
+    (serving / "3").mkdir(parents=True)
+    (serving / "3" / "old").write_text("")
+    weights = f"resnet50=random,vgg16={head_run.root / 'vgg16.weights.h5'}"
+    args = ("export", head_run.run, "--out", serving, "--format", "saved_model", "--version", 3, "--image-size", 48, "--weights", weights)
+    refused = invoke(*args, code=1)
+    assert f"{serving / '3'} already exists; pass --version N for a new version, or --overwrite to replace it" in refused.output
+    assert os.listdir(serving / "3") == ["old"]
+
+    result = invoke(*args, "--overwrite")
     assert "squash to 48 px" in result.output
     assert "warning: the model resizes to 48 px but the head learned from features at 32 px" in result.output
+    assert os.listdir(serving) == ["3"] and "old" not in os.listdir(serving / "3")
+    pixels = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 20, 30, 3), dtype=np.uint8))
+    at_48, at_32 = (
+        tf.saved_model.load(str(path)).signatures["pixels"](images=pixels)["probabilities"].numpy()
+        for path in (serving / "3", exports.root / "serving" / "1")
+    )
+    assert at_48.shape == (2, 3) and not np.allclose(at_48, at_32, atol=1e-4)
+
+
+def test_another_image_size_in_a_keras_file(head_run, tmp_path):
+    result = invoke("export", head_run.run, "--out", tmp_path / "m48.keras", "--image-size", 48)
+    assert "warning: the model resizes to 48 px but the head learned from features at 32 px" in result.output
     model = keras.saving.load_model(tmp_path / "m48.keras")
-    assert model.get_layer("resize").image_size == 48
-    assert model.predict(np.zeros((1, 20, 30, 3), np.uint8), verbose=0).shape == (1, 3)
+    assert model.get_layer("resize").height == 48
+    assert model.predict(np.zeros((1, 20, 30, 3), np.uint8), verbose=0)["probabilities"].shape == (1, 3)
 
 
-@pytest.mark.parametrize("name, args, code, message", [
-    ("model.h5", [], 1, "model.h5 must end in .keras"),
+@pytest.mark.parametrize("out, args, code, message", [
+    ("model.h5", [], 1, "--out {tmp}/model.h5 must end in .keras, the file type Keras saves whole models as (--format saved_model writes a directory)"),
     ("model.keras", ["--image-size", 16], 2, "Invalid value for '--image-size'"),
+    ("model.keras", ["--format", "onnx"], 2, "Invalid value for '--format': 'onnx' is not one of 'keras', 'saved_model'"),
+    ("model.keras", ["--version", 2], 1, "--version 2 applies only to --format saved_model; a .keras file has no versions"),
+    ("model.keras", ["--format", "saved_model"], 1, "--out {tmp}/model.keras is a .keras file name, but --format saved_model writes a directory"),
+    ("serving", ["--format", "saved_model", "--version", 0], 2, "Invalid value for '--version': 0 is not in the range x>=1"),
 ])
-def test_bad_options_are_one_clear_error(head_run, tmp_path, run_cli, name, args, code, message):
-    result = run_cli("export", head_run.run, "--out", tmp_path / name, *args, code=code)
-    assert message in result.output
+def test_bad_options_are_one_clear_error(head_run, tmp_path, out, args, code, message):
+    result = invoke("export", head_run.run, "--out", tmp_path / out, *args, code=code)
+    assert message.format(tmp=tmp_path) in result.output
     assert not list(tmp_path.iterdir())
 
 
-def test_a_baseline_run_cannot_be_exported(head_run, tmp_path, run_cli):
-    result = run_cli("export", head_run.baseline, "--out", tmp_path / "m.keras", code=1)
+def test_a_file_where_the_saved_model_directory_should_be_is_refused(head_run, tmp_path):
+    (tmp_path / "serving").write_text("")
+    result = invoke("export", head_run.run, "--out", tmp_path / "serving", "--format", "saved_model", code=1)
+    assert f"--out {tmp_path / 'serving'} is a file; --format saved_model writes a directory (OUT/VERSION/)" in result.output
+    assert os.listdir(tmp_path) == ["serving"]
+
+
+def test_a_baseline_run_cannot_be_exported(head_run, tmp_path):
+    result = invoke("export", head_run.baseline, "--out", tmp_path / "m.keras", code=1)
     assert "is a baseline run without a Keras head; choose a head run" in result.output
     assert not (tmp_path / "m.keras").exists()
