@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from pipeline import config as cfg
+from pipeline.bench import STAGES as BENCH_STAGES
 from pipeline.errors import PipelineError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info logs off the user's screen
@@ -367,7 +368,7 @@ def export(run, out, format_, **options):
 @click.option("--repeats", type=click.IntRange(min=1), help="Timed runs per figure, after a warm-up. Default: 3 (1 with --quick).")
 @click.option("--data", envvar="BENCH_DATA", type=click.Path(exists=True), help="Your images (folder or CSV; the first --images) instead of the generated corpus. Env: BENCH_DATA.")
 @click.option("--weights", default="random", show_default=True, help="As for extract; speed does not depend on the values, the fidelity check does.")
-@click.option("--skip", multiple=True, help="Stage not to run, repeat for several: model, extract, decode, baseline, flops, fast-decode, reduce, heads.")
+@click.option("--skip", multiple=True, help=f"Stage not to run, repeat for several: {', '.join(BENCH_STAGES)}.")
 def bench(out, quick, taps, data, weights, skip, **sizes):
     """Measure every stage against its bound and a tutorial-style baseline; write bench.json and bench.md."""
     from pathlib import Path

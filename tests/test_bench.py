@@ -35,7 +35,7 @@ def test_report_holds_every_stage_for_every_precision(tiny_report):
     report, out = tiny_report
     results = report["results"]
     policies = list(dict.fromkeys([report["settings"]["precision_auto"], "float32"]))
-    assert set(results) == {"model", "extract", "decode", "baseline", "flops", "fast_decode", "reduce", "heads"}
+    assert set(results) == {"model", "extract", "decode", "baseline", "flops", "fast_decode", "startup", "reduce", "heads"}
     for stage in ("model", "extract"):
         assert list(results[stage]) == policies
     assert list(results["flops"]["policies"]) == policies
@@ -81,8 +81,29 @@ def test_skipped_stages_are_absent_and_their_targets_not_measured(tmp_path):
     skip = tuple(stage for stage in STAGES if stage != "decode")
     report = run_bench(BenchOptions(out=tmp_path, skip=skip, **TINY), log=lambda line: None)
     assert set(report["results"]) == {"decode"}
-    assert all(target["met"] is None and target["measured"] is None for target in report["targets"])
+    assert all(target["measured"] is None for target in report["targets"])
+    assert {target["met"] for target in report["targets"]} <= {None, bench_report.NOT_APPLICABLE}
     assert "not measured" in (tmp_path / "bench.md").read_text()
+
+
+def test_start_up_phases_come_in_order_and_reruns_are_timed(tiny_report):
+    report, out = tiny_report
+    startup = report["results"]["startup"]
+    for phases in startup["first_batch"].values():
+        medians = [phases[phase]["median"] for phase in ("imports", "listing", "model_ready", "first_batch", "end")]
+        assert medians == sorted(medians) and medians[0] > 0
+    assert 0 < startup["up_to_date_seconds"]["median"] and 0 < startup["predict_one_seconds"]["median"]
+    assert "command start to first batch computed" in (out / "bench.md").read_text()
+
+
+def test_a_target_that_needs_reduced_precision_is_not_applicable_where_auto_picks_float32():
+    figures = {"min cosine vs float32 (float32)": 1.0, "model bound / FLOP bound (float32)": 0.5}
+    met = {t["target"]: t["met"] for t in bench_report.targets(figures, ["float32"])}
+    assert met["min cosine vs float32 (float32)"] == bench_report.NOT_APPLICABLE
+    assert met["model bound / FLOP bound (float32)"] is False
+    figures = {"min cosine vs float32 (mixed_bfloat16)": 0.98}
+    assert {t["target"]: t["met"] for t in bench_report.targets(figures, ["mixed_bfloat16", "float32"])}[
+        "min cosine vs float32 (mixed_bfloat16)"] is False
 
 
 def test_summarize_and_ratio():

@@ -5,4 +5,8 @@ corpus     benchmark images cut from scikit-learn's sample photos
 flops      analytic FLOPs of a Keras graph and the machine's matmul rate
 stage_two  reduce and head experiments on synthetic shards
 report     statistics, derived ratios, targets and the markdown table
+startup    fresh-process start-up: first batch, up-to-date rerun, predict on one image
 """
+
+# Every stage `pipeline bench --skip` can leave out, in the order they run.
+STAGES = ("model", "extract", "decode", "baseline", "flops", "fast-decode", "startup", "reduce", "heads")

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import backbones
-from pipeline.bench import corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two
+from pipeline.bench import STAGES, corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two, startup
 from pipeline.config import DEFAULT_TAPS, ExtractConfig, HeadConfig, ReduceConfig, parse_tap, parse_weights, tap_backbone, tap_layer
 from pipeline.errors import PipelineError
 from pipeline.engines.worker import row_cosines
@@ -38,7 +38,8 @@ from pipeline.inputs import image_batches
 from pipeline.sources import list_source
 
 FORMAT = "pipeline-bench/1"
-STAGES = ("model", "extract", "decode", "baseline", "flops", "fast-decode", "reduce", "heads")
+# CPU flags that decide the precision `auto` picks and how fast it runs, reported with the machine.
+REPORTED_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "fma"})
 FLOPS_METHOD = "analytic: 2 x multiply-adds of every Conv2D/Dense of the truncated tap model (bench.flops.count_flops)"
 _PREPROCESS = {"resnet50": keras.applications.resnet50.preprocess_input, "vgg16": keras.applications.vgg16.preprocess_input}
 
@@ -98,6 +99,8 @@ def run_bench(options, log=print):
         corpus, corpus_name = _corpus(options, work)
         paths = [record.path for record in list_source(corpus).records]
         results = _stage_one(options, config, policies, corpus, paths, work, log)
+        if "startup" not in options.skip:
+            results["startup"] = measure_startup(options, config, policies, corpus, work, log)
         results.update(_stage_two(options, work, log))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -147,6 +150,7 @@ def _machine(gpu):
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "python": platform.python_version(),
+        "cpu_flags": sorted(backbones.cpu_flags() & REPORTED_FLAGS),
     }
 
 
@@ -165,7 +169,7 @@ def _read_lines(path):
 
 
 def _stage_one(options, config, policies, corpus, paths, work, log):
-    wanted = {stage for stage in STAGES[:6] if stage not in options.skip}
+    wanted = {stage for stage in ("model", "extract", "decode", "baseline", "flops", "fast-decode") if stage not in options.skip}
     results = {}
     if "decode" in wanted:
         log("decode bound")
@@ -354,6 +358,23 @@ def measure_fast_decode(options, config, forward, work):
         "mean_cosine_vs_full_decode": float(cosines.mean()),
         "precision": config.precision,
     }
+
+
+def measure_startup(options, config, policies, corpus, work, log):
+    """Fresh-process start-up: time to the first batch per policy, an up-to-date rerun, predict on one image."""
+    results = {"first_batch": {}}
+    for policy in policies:
+        log(f"start-up, first batch, {policy}")
+        runs = [startup.measure_first_batch(corpus, work / "startup-features", dataclasses.replace(config, precision=policy))
+                for _ in range(options.repeats)]
+        results["first_batch"][policy] = {phase: bench_report.summarize([run[phase] for run in runs]) for phase in runs[0]}
+    log("start-up, up-to-date rerun and predict on one image")
+    argv = startup.extract_argv(corpus, work / "startup-features", dataclasses.replace(config, precision=policies[-1]))
+    results["up_to_date_seconds"] = bench_report.summarize([startup.time_command(argv) for _ in range(options.repeats)])
+    run_dir, one = startup.prepare_run(corpus, work / "startup-run", dataclasses.replace(config, precision="float32"))
+    predict = startup.predict_argv(run_dir, one, work / "startup-run" / "one.csv")
+    results["predict_one_seconds"] = bench_report.summarize([startup.time_command(predict) for _ in range(options.repeats)])
+    return results
 
 
 # --- stage two -----------------------------------------------------------------------------
