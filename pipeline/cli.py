@@ -246,7 +246,7 @@ def _print_extract_summary(result, num_workers, worker_index):
 
 @cli.command()
 @click.option("--backbone", multiple=True, type=click.Choice(cfg.BACKBONES), help="Only this backbone; repeat for several. Default: all.")
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=32), help="Input side the shapes are given for.")
+@click.option("--image-size", default=_EXTRACT.image_size, show_default=True, type=click.IntRange(cfg.MIN_IMAGE_SIZE, cfg.MAX_IMAGE_SIZE), help="Input side the shapes are given for.")
 def taps(backbone, image_size):
     """List every tappable layer: name, output shape and stride."""
     from pipeline.backbones import build_backbone, tap_catalogue
@@ -301,7 +301,7 @@ _RUN_WEIGHTS_HELP = (
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write: one row per listed image, sorted by id.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--batch-size", default=_EXTRACT.batch_size, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Most likely classes listed per image (at most the run's classes).")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy of the backbones; float32 gives the probabilities of `pipeline export`.")
 @click.option("--weights", help=_RUN_WEIGHTS_HELP)
