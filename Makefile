@@ -12,8 +12,10 @@ EXTRACT_ARGS ?=
 # The demo: digits upscaled to 64 px, random weights, small enough for ~3 minutes on 2 cores.
 DEMO_SIZE ?= 64
 REDUCED ?= data/reduced
+PROBE ?= data/probe
 RUNS ?= data/runs
 REDUCE_ARGS ?=
+PROBE_ARGS ?=
 TRAIN_ARGS ?=
 # The demo's heads: a four-run sweep on 64 PCA components.
 DEMO_SWEEP ?= data/demo-sweep.toml
@@ -22,7 +24,7 @@ BENCH_OUT ?= bench-out
 BENCH_ARGS ?=
 BENCH_DATA ?=
 
-.PHONY: install data extract reduce train demo bench test test-all clean
+.PHONY: install data extract reduce probe train demo bench test test-all clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +43,9 @@ extract: install
 reduce: install
 	$(BIN)/pipeline reduce $(FEATURES) --out $(REDUCED) $(REDUCE_ARGS)
 
+probe: install
+	$(BIN)/pipeline probe $(REDUCED) --out $(PROBE) $(PROBE_ARGS)
+
 train: install
 	$(BIN)/pipeline train $(REDUCED) --runs $(RUNS) $(TRAIN_ARGS)
 	$(BIN)/pipeline runs $(RUNS)
@@ -51,6 +56,7 @@ demo: install
 	$(BIN)/pipeline extract $(DATA) --out $(FEATURES) --weights random --image-size $(DEMO_SIZE)
 	$(BIN)/pipeline inspect $(FEATURES) --verify
 	$(BIN)/pipeline reduce $(FEATURES) --out $(REDUCED) --components 64
+	$(BIN)/pipeline probe $(REDUCED) --out $(PROBE)
 	$(BIN)/pipeline train $(REDUCED) --runs $(RUNS) --sweep $(DEMO_SWEEP)
 	$(BIN)/pipeline runs $(RUNS)
 
@@ -64,4 +70,4 @@ test-all: install
 	$(BIN)/pytest -q -m ""
 
 clean:
-	rm -rf $(VENV) data/demo data/features data/reduced data/runs $(BENCH_OUT)
+	rm -rf $(VENV) data/demo data/features data/reduced data/probe data/runs $(BENCH_OUT)

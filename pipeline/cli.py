@@ -521,3 +521,47 @@ def _align(value, width):
     except ValueError:
         return value.ljust(width)
     return value.rjust(width)
+
+
+# --- which taps carry the signal: probe ---
+
+
+@cli.command("probe")
+@click.argument("source", metavar="REDUCED_OR_FEATURES", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for probe.json and probe.png (created if needed; both are replaced).")
+@click.option("--tap", "taps", multiple=True, help="BACKBONE/LAYER of the manifest to probe; repeat for several. Default: the reduced dir's taps, or all of the manifest's.")
+@click.option("--scaling", type=click.Choice(cfg.SCALINGS), help=f"As for reduce. Default: the reduced dir's, or {_REDUCE.scaling}.")
+@click.option("--components", type=click.IntRange(min=1), help=f"PCA components of every group (at most its dims and the train rows). Default: the reduced dir's, or {_REDUCE.components}.")
+@click.option("--whiten/--no-whiten", default=None, help="Rescale every kept component to unit variance. Default: as the reduced dir, or off.")
+@click.option("--batch-rows", type=click.IntRange(min=1), help=f"Rows read at a time; bounds memory. Default: the reduced dir's, or {_REDUCE.batch_rows}.")
+@click.option("--val-fraction", default=_REDUCE.val_fraction, show_default=True, type=float, help="Features dir only (a reduced dir keeps its split): share of each class hashed to val, as reduce.")
+@click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Features dir only: share of each class hashed to test, as reduce.")
+@click.option("--split-seed", default=_REDUCE.split_seed, show_default=True, type=click.IntRange(min=0), help="Features dir only: salt of the id hash that assigns splits, as reduce.")
+@click.option("--jobs", type=click.IntRange(min=1), help="Groups fitted at once, BLAS threads per job capped at cores / jobs. Default: one per core (one BLAS thread each).")
+@click.pass_context
+def probe(ctx, source, out, jobs, **options):
+    """Fit the logistic-regression probe on each tap, each backbone and all taps of REDUCED_OR_FEATURES; rank them."""
+    from pipeline.probe import CHART_NAME, PROBE_NAME, probe as run_probe, ranked
+
+    report = run_probe(source, out, jobs=jobs, **given_options(ctx, options)).report
+    splits, settings = report["splits"], report["settings"]
+    rows = splits["rows"]
+    click.echo(
+        f"probed {len(settings['taps'])} taps of {report['inputs']['kind']} dir {source}: train {rows['train']}, "
+        f"val {rows['val']}, test {rows['test']} labelled rows (split sha256 {splits['sha256'][:12]}); "
+        f"scaling {settings['scaling']}, up to {settings['components']} components"
+    )
+    header = ("group", "kind", "dims", "pca", "val acc", "test acc", "val F1", "test F1", "val loss", "seconds")
+    lines = [header]
+    for entry in ranked(report["groups"]):
+        val, test = entry["val"], entry["test"]
+        lines.append((
+            entry["name"], entry["kind"], str(entry["input_dims"]), str(entry["components"]),
+            f"{val['accuracy']:.4f}", f"{test['accuracy']:.4f}" if test else "-",
+            f"{val['macro_f1']:.4f}", f"{test['macro_f1']:.4f}" if test else "-",
+            f"{val['log_loss']:.4f}", f"{entry['seconds']:.1f}",
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        click.echo("  ".join(value.ljust(w) if i < 2 else value.rjust(w) for i, (value, w) in enumerate(zip(line, widths))).rstrip())
+    click.echo(f"wrote {os.path.join(out, PROBE_NAME)} and {os.path.join(out, CHART_NAME)} in {report['seconds']:.1f} s")

@@ -130,12 +130,12 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     manifest = shards.read_manifest(features_dir)
     features = link(features_dir, MANIFEST_NAME, out_dir)
-    config = _resolve_taps(config, manifest)
-    _check_shards(features_dir, manifest)
+    config = resolve_taps(config, manifest)
+    check_shards(features_dir, manifest)
     if _is_up_to_date(out_dir, features.sha256, config, overwrite):
         return ReduceResult(out_dir, read_json(out_dir / REPORT_NAME), True)
 
-    ids, labels, given = _read_rows(features_dir, manifest)
+    ids, labels, given = read_rows(features_dir, manifest)
     splits = assign_splits(ids, labels, given, config.val_fraction, config.test_fraction, config.split_seed)
     is_train = splits == "train"
     n_train = int(is_train.sum())
@@ -150,7 +150,7 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
     transform = TapTransform(tap_dims, config.scaling, config.components, config.whiten, solver)
 
     def train_chunks():
-        return _train_chunks(features_dir, manifest, config.taps, is_train, config.batch_rows)
+        return masked_chunks(features_dir, manifest, config.taps, is_train, config.batch_rows)
 
     if solver == "incremental":
         transform.fit_batches(train_chunks)
@@ -179,7 +179,7 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
             "kept_variance": float(ratios.sum()),
             "rows": len(ids),
             "splits": {
-                "source": _split_source(given),
+                "source": split_source(given),
                 "rows": {name: int((splits == name).sum()) for name in SPLITS},
                 "unlabeled": int((np.asarray(labels) < 0).sum()),
                 "sha256": split_sha256(ids, labels, splits),
@@ -190,7 +190,7 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
     return ReduceResult(out_dir, report, False)
 
 
-def _resolve_taps(config, manifest):
+def resolve_taps(config, manifest):
     """The config with its taps checked against the manifest and put in manifest order (empty = all)."""
     available = [t["key"] for t in manifest["taps"]]
     unknown = [t for t in config.taps if t not in available]
@@ -200,7 +200,7 @@ def _resolve_taps(config, manifest):
     return dataclasses.replace(config, taps=tuple(chosen))
 
 
-def _check_shards(features_dir, manifest):
+def check_shards(features_dir, manifest):
     """Every listed shard exists and was written by the extraction the manifest describes."""
     for entry in manifest["shards"]:
         path = features_dir / entry["file"]
@@ -252,7 +252,7 @@ def _changes(previous, manifest_sha256, config):
     return changes
 
 
-def _read_rows(features_dir, manifest):
+def read_rows(features_dir, manifest):
     """ids, labels and given splits of all rows in order, without reading any features."""
     ids, labels, given = [], [], []
     for entry in manifest["shards"]:
@@ -263,19 +263,20 @@ def _read_rows(features_dir, manifest):
     return ids, np.concatenate(labels) if labels else np.zeros(0, np.int32), given
 
 
-def _split_source(given):
+def split_source(given):
+    """Where the splits came from: "source" (every row gave one), "hash" (none did) or "source+hash"."""
     provided = sum(1 for s in given if s)
     return "source" if provided == len(given) else "hash" if provided == 0 else "source+hash"
 
 
-def _train_chunks(features_dir, manifest, taps, is_train, chunk_rows):
-    """The train rows of each chunk of `chunk_rows` rows, in order."""
+def masked_chunks(features_dir, manifest, taps, mask, chunk_rows):
+    """The rows where `mask` is true, read `chunk_rows` rows at a time, in order (float32, `taps` concatenated)."""
     start = 0
     for _, _, _, X in shards.iter_feature_chunks(features_dir, manifest, list(taps), chunk_rows):
-        mask = is_train[start:start + len(X)]
+        keep = mask[start:start + len(X)]
         start += len(X)
-        if mask.any():
-            yield X[mask]
+        if keep.any():
+            yield X[keep]
 
 
 def _stack(chunks, rows, dim):

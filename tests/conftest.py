@@ -32,11 +32,12 @@ def image_tree(tmp_path):
 def features_dir(tmp_path):
     """Factory: a synthetic features/ dir in the real format, without running any CNN.
 
-    Features are class-dependent Gaussians so that heads can learn something.
+    Features are class-dependent Gaussians so that heads can learn something. `signal` scales a
+    tap's class centers (default 1; 0 makes the tap pure noise), `scales` the whole tap.
     """
 
     def make(n=120, taps=None, classes=("a", "b", "c"), splits=None, shard_size=50,
-             storage_dtype="float32", seed=0, name="features", scales=None):
+             storage_dtype="float32", seed=0, name="features", scales=None, signal=None):
         taps = taps or {"resnet50/conv5_block3_out": 24, "vgg16/block5_conv3": 16}
         rng = np.random.default_rng(seed)
         out = tmp_path / name
@@ -44,7 +45,7 @@ def features_dir(tmp_path):
         ids = [f"img{i:05d}.png" for i in range(n)]
         labels = (np.arange(n) % len(classes)).astype(np.int32)
         split_of = splits or (lambda i: "")
-        centers = {t: rng.normal(size=(len(classes), d)) for t, d in taps.items()}
+        centers = {t: rng.normal(size=(len(classes), d)) * (signal or {}).get(t, 1.0) for t, d in taps.items()}
         config = {"taps": list(taps), "pooling": "avg", "synthetic_seed": seed}
         sha = "synthetic-%d" % seed
         entries = []
