@@ -99,7 +99,10 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
         )
     done = _finished(out_dir, existing.config_sha256, len(ranges)) if resumed else set()
     if resumed and len(done) == len(ranges):
-        return _finish_without_computing(existing, listing, out_dir, progress, expected_weights, num_workers > 1, started)
+        return _finish_without_computing(existing, listing, len(ranges), out_dir, progress, expected_weights, num_workers > 1, started)
+    pending = [k for k in range(len(ranges)) if k not in done and k % num_workers == worker_index]
+    if not pending:  # a job-array task whose shards are all done, while others' are not
+        return ExtractResult(None, out_dir, written=0, skipped=len(ranges), up_to_date=True)
 
     to_run = _run_config_to_extract(existing.config, config) if resumed else config
     from pipeline.engines import make_engine  # TensorFlow loads here, once there is something to compute
@@ -123,7 +126,6 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
         if num_workers == 1:
             for leftover in leftover_temps(out_dir):  # only this run writes here now
                 remove(leftover)
-        pending = [k for k in range(len(ranges)) if k not in done and k % num_workers == worker_index]
         _check_space(out_dir, ranges, pending, worker.taps, resolved.storage_dtype)
         from pipeline.engines.worker import RunIdentity, ShardJob
 
@@ -241,22 +243,21 @@ def _finished(out_dir, run_sha, count):
     return done
 
 
-def _finish_without_computing(existing, listing, out_dir, progress, expected_weights, task, started):
-    """Every shard is done: report up to date, or (re)write the manifest from the shards, without a model."""
-    count = len(listing.records)
-    progress.start(count, count)
+def _finish_without_computing(existing, listing, count, out_dir, progress, expected_weights, task, started):
+    """All `count` shards are done: report up to date, or (re)write the manifest from the shards, without a model."""
+    progress.start(len(listing.records), len(listing.records))
     attrs = _all_attrs(out_dir, existing.config_sha256)
     weights = attrs[0]["weights"] if attrs else None
     if expected_weights is not None and weights is not None:
         check_fingerprints(weights, expected_weights)
-    skipped = len(attrs)
+    skipped = count
     if task:
         return ExtractResult(None, out_dir, written=0, skipped=skipped, up_to_date=True)
     manifest = existing.manifest
     if manifest is not None and _manifest_matches(manifest, attrs):
         return ExtractResult(manifest, out_dir, written=0, skipped=skipped, up_to_date=True)
     warnings = [] if manifest is None else [f"{out_dir / MANIFEST_NAME} did not match its shards, so it was rebuilt from them"]
-    manifest = _write_manifest(out_dir, existing, listing, skipped, started, computed=0)
+    manifest = _write_manifest(out_dir, existing, listing, count, started, computed=0)
     return ExtractResult(manifest, out_dir, written=0, skipped=skipped, warnings=warnings + _warnings(manifest))
 
 

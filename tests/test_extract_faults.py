@@ -279,3 +279,10 @@ def test_an_interrupted_run_says_so_in_one_line_and_resumes(tmp_path, image_tree
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     resumed = run_cli("extract", *argv[4:])
     assert "already done" in resumed.output and shards.verify(out) == []
+
+
+def test_a_job_array_task_without_shards_of_its_own_builds_no_model(tmp_path, image_tree, run_cli, monkeypatch):
+    monkeypatch.setattr("pipeline.engines.make_engine", lambda *a, **k: pytest.fail("a model was built"))
+    result = run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST, "--num-workers", 4, "--worker-index", 3)
+    assert "job-array task 3 of 4: 0 shards written" in result.output  # 6 images make one shard, task 0's
+    assert not list((tmp_path / "f").glob("shard-*"))
