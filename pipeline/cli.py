@@ -134,6 +134,8 @@ def extract(ctx, source, out, config_file, **options):
     from pipeline.sources import list_source
 
     listing = list_source(source)
+    for warning in listing.warnings:
+        click.echo(f"warning: {warning}", err=True)
     total = len(listing.records)
     click.echo(f"extract: {total} images from {source} -> {out}", err=True)
     progress = Progress(total, "extract")
@@ -236,6 +238,8 @@ def predict(run, source, out, **options):
     from pipeline.sources import list_source
 
     listing = list_source(source)
+    for warning in listing.warnings:
+        click.echo(f"warning: {warning}", err=True)
     total = len(listing.records)
     click.echo(f"predict: {total} images from {source} with {run} -> {out}", err=True)
     progress = Progress(total, "predict")

@@ -74,7 +74,7 @@ def extract(config, listing, out_dir, *, overwrite=False, progress=None, expecte
     runner = _TapRunner(trunks, config)
 
     pending = [k for k in range(len(ranges)) if k not in done]
-    paths = [r.path for r in listing.records]
+    paths = [None if r.problem else r.path for r in listing.records]  # a record with a problem is never read
     batches = image_batches(
         paths, [ranges[k] for k in pending], config.batch_size, config.image_size, config.resize, config.fast_decode
     )
@@ -276,6 +276,8 @@ class _ShardAssembler:
         for index in missing:
             record = self.records[index]
             try:
+                if record.problem:
+                    raise UndecodableImage(record.problem)
                 pixels = decode_with_pillow(record.path)
             except UndecodableImage as e:
                 if self.config.on_error == "fail":
