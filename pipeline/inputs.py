@@ -22,16 +22,10 @@ from pipeline.layers import resize_image  # shared with the exported model's Squ
 
 AUTOTUNE = tf.data.AUTOTUNE
 JPEG_RATIOS = (8, 4, 2)  # DCT downscales libjpeg offers, largest first
-# 1 GiB: an uncompressed 16-bit RGB TIFF from the largest camera sensor (151 MP) is 0.9 GB; a
-# file is held in memory while it decodes.
-MAX_FILE_BYTES = 1 << 30
-# ~179 MP: TensorFlow's JPEG decoder refuses more than 2^29 bytes of RGB and Pillow's default
-# bomb limit is the same; the largest camera sensors are 151 MP. Decoded, that is 0.5 GB of RGB.
-MAX_PIXELS = (1 << 29) // 3
-# Pillow refuses an image over twice this from its header, before allocating (it is Pillow's
-# default too); its warning between once and twice is for images we accept.
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+MAX_FILE_BYTES = 1 << 30  # 1 GiB: an uncompressed 16-bit RGB TIFF from the largest camera sensor (151 MP) is 0.9 GB
+MAX_PIXELS = (1 << 29) // 3  # ~179 MP, 0.5 GB of RGB: TensorFlow's own JPEG limit; camera sensors stop at 151 MP
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2  # Pillow refuses twice this from the header, before allocating (its default)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # Pillow's warning is for images we accept
 # What Pillow may take a file for: never EPS (it runs Ghostscript) or its other plugins.
 PILLOW_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 _FILE_KINDS = {
