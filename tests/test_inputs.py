@@ -237,6 +237,7 @@ def fuzz_target(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz") / "image", decode
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on corrupt TIFF tags
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(data=fuzzed())
 def test_fuzzed_files_decode_to_pixels_or_a_reason(fuzz_target, data):
