@@ -158,6 +158,8 @@ def extract(ctx, source, out, config_file, num_workers, worker_index, **options)
     from pipeline.sources import list_source
 
     listing = list_source(source)
+    for warning in listing.warnings:
+        click.echo(f"warning: {warning}", err=True)
     total = len(listing.records)
     click.echo(f"extract: {total} images from {source} -> {out}", err=True)
     progress = Progress("extract")
@@ -311,6 +313,8 @@ def predict(run, source, out, **options):
     from pipeline.sources import list_source
 
     listing = list_source(source)
+    for warning in listing.warnings:
+        click.echo(f"warning: {warning}", err=True)
     total = len(listing.records)
     click.echo(f"predict: {total} images from {source} with {run} -> {out}", err=True)
     progress = Progress("predict")

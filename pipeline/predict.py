@@ -93,7 +93,8 @@ def _score(listing, probabilities, classes):
 def _write_csv(path, records, probabilities, errors, classes, top_k):
     """Rows in the listing's (sorted-id) order, written atomically."""
     with atomic_path(path) as tmp:
-        with tmp.open("w", newline="") as f:
+        # A path whose name is not UTF-8 is written as its own bytes (the id column escapes them).
+        with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(csv_columns(top_k))
             for record in records:

@@ -1,29 +1,40 @@
-"""Listing images from a folder tree or a CSV into (id, path, label, split) records."""
+"""Listing images from a folder tree or a CSV into (id, path, label, split) records.
+
+Each listed file is stat'ed once, following symlinks. A file that cannot be read safely (not a
+regular file, over the size cap, a dangling symlink or a symlink loop) is still listed, with
+the reason in `problem`, so it ends as an error entry instead of silently vanishing.
+"""
 
 import csv
-import json
+import errno
 import hashlib
+import io
+import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import PipelineError
+from pipeline.inputs import file_problem
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # First-level folder names that mean "split", not "class"; validation is an alias of val.
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 UNLABELED = -1
+# Folders that zip archives made on macOS carry: resource forks, never images.
+IGNORED_FOLDERS = frozenset({"__MACOSX"})
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    id: str  # path relative to the source root, POSIX separators (or the CSV's id column)
-    path: str  # absolute path to read
+    id: str  # path relative to the source root, POSIX separators (or the CSV's id column); valid UTF-8
+    path: str  # absolute path to read: the listed path, symlinks not resolved
     label: int  # index into Listing.classes, or -1
     split: str  # "train", "val", "test" or ""
-    size: int = 0  # bytes
-    mtime_ns: int = 0
-    problem: str = ""  # why the file cannot be read, or "" when it can
+    size: int = 0  # bytes, from the stat (0 when it failed)
+    mtime_ns: int = 0  # modification time, from the stat (0 when it failed)
+    problem: str = ""  # why the file is not read ("" when it is), e.g. "not a regular file (named pipe)"
 
 
 @dataclass(frozen=True)
@@ -31,9 +42,10 @@ class Listing:
     root: str
     records: tuple[ImageRecord, ...]  # sorted by id
     classes: tuple[str, ...]  # index -> class name, sorted
+    warnings: tuple[str, ...] = ()  # for the user: what was ignored and why
 
     def fingerprint(self):
-        """sha256 of what decides the rows: ids, class names and splits (not where the files are)."""
+        """sha256 of what decides the rows: ids, class names, splits, file sizes and mtimes (not where the files are)."""
         h = hashlib.sha256()
         for r in self.records:
             name = self.classes[r.label] if r.label >= 0 else ""
@@ -48,10 +60,12 @@ def list_source(source):
         raise PipelineError(f"source {source} does not exist; give a folder of images or a CSV file")
     if source.is_dir():
         listing = _list_folder(source)
-    elif source.suffix.lower() == ".csv":
-        listing = _list_csv(source)
-    else:
+    elif source.suffix.lower() != ".csv":
         raise PipelineError(f"source {source} is neither a folder nor a .csv file")
+    elif not source.is_file():
+        raise PipelineError(f"source {source} is not a regular file; give a folder of images or a CSV file")
+    else:
+        listing = _list_csv(source)
     if not listing.records:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise PipelineError(f"source {source} holds no images (looked for {exts}, any case)")
@@ -62,40 +76,114 @@ def is_image_name(name):
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk_images(root):
-    """Relative POSIX paths of image files under root, skipping hidden files and folders."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if is_image_name(name):
-                yield PurePosixPath(Path(dirpath, name).relative_to(root).as_posix())
+def _text_of_name(name):
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 become backslash escapes (\\xe9)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _list_folder(root):
-    top_dirs = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    split_mode = bool(top_dirs) and all(d.lower() in SPLIT_NAMES for d in top_dirs)
-    entries = []  # (id, class name or None, split)
-    for rel in _walk_images(root):
-        parts = rel.parts
+    files, top_folders, warnings = _walk(root)
+    with_images = {parts[0] for parts, _, _ in files if len(parts) > 1}
+    for name in sorted(top_folders - with_images):
+        warnings.append(f"folder {name} holds no images; ignored")
+    split_mode = bool(with_images) and all(d.lower() in SPLIT_NAMES for d in with_images)
+    entries, found = [], {}  # (id, class name or None, split); id -> (path, size, mtime_ns, problem)
+    for parts, path, facts in files:
+        image_id = "/".join(parts)
         split = ""
         if split_mode and len(parts) > 1:
             split, parts = SPLIT_NAMES[parts[0].lower()], parts[1:]
         class_name = parts[0] if len(parts) > 1 else None
-        entries.append((rel.as_posix(), class_name, split))
-    return _build_listing(root, entries, lambda rel: str((root / rel).resolve()))
+        entries.append((image_id, class_name, split))
+        found[image_id] = (path, *facts)
+    return _build_listing(root, entries, found, warnings)
+
+
+def _walk(root):
+    """Image-named files under root: [(id parts as text, path, (size, mtime_ns, problem))], top folders read, warnings.
+
+    Hidden entries are skipped. Folder symlinks are followed, but each real folder is walked
+    once, so a symlink loop ends. A folder that cannot be read is a warning, not an abort.
+    """
+    files, top_folders, warnings = [], set(), []
+    seen = set()  # (device, inode) of walked folders
+    pending = [((), str(Path(root).absolute()), os.stat(root))]
+    while pending:
+        parts, folder, info = pending.pop()
+        shown = "/".join(parts) or "."
+        if (info.st_dev, info.st_ino) in seen:
+            warnings.append(f"folder {shown} was already listed through another path (a symlink loop?); skipped")
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError as e:
+            warnings.append(f"folder {shown} cannot be read ({_stat_failure(e, folder)}); skipped")
+            continue
+        if len(parts) == 1:
+            top_folders.add(parts[0])
+        folders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            name = _text_of_name(entry.name)
+            info, failure = _stat(entry.path)
+            if info is not None and stat.S_ISDIR(info.st_mode):
+                if entry.name in IGNORED_FOLDERS:
+                    warnings.append(f"folder {'/'.join((*parts, name))} (macOS archive metadata) ignored")
+                    continue
+                folders.append(((*parts, name), entry.path, info))
+            elif is_image_name(entry.name):
+                files.append(((*parts, name), entry.path, _file_facts(info, failure)))
+        pending.extend(reversed(folders))  # walked in name order
+    return files, top_folders, warnings
+
+
+def _file_facts(info, failure):
+    """(size, mtime_ns, problem) from a stat result, or from the reason the stat failed."""
+    return (info.st_size, info.st_mtime_ns, file_problem(info)) if info is not None else (0, 0, failure)
+
+
+def _stat(path):
+    """(os.stat result following symlinks, "") or (None, why it failed)."""
+    try:
+        return os.stat(path), ""
+    except OSError as e:
+        return None, _stat_failure(e, path)
+    except ValueError:  # a NUL character, from a CSV
+        return None, "invalid path (it contains a NUL character)"
+
+
+def _stat_failure(error, path):
+    if error.errno == errno.ELOOP:
+        return "symlink loop"
+    if isinstance(error, FileNotFoundError):
+        return "dangling symlink" if os.path.islink(path) else "file not found"
+    return (error.strerror or str(error)).lower()
 
 
 def _list_csv(csv_path):
     base = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise PipelineError(
+            f"CSV {csv_path} is not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} is not valid UTF-8; save it as UTF-8"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         columns = reader.fieldnames or []
         if "path" not in columns:
             raise PipelineError(
                 f"CSV {csv_path} needs a 'path' column (optional: label, split, id); found {', '.join(columns) or 'none'}"
             )
         rows = list(reader)
-    entries, paths = [], {}
+    except csv.Error as e:
+        raise PipelineError(f"CSV {csv_path} line {reader.line_num} cannot be parsed: {e}") from None
+    entries, found = [], {}
     for line, row in enumerate(rows, start=2):
         raw_path = (row.get("path") or "").strip()
         if not raw_path:
@@ -106,13 +194,17 @@ def _list_csv(csv_path):
                 f"CSV {csv_path} line {line} has split {split_raw!r}; use train, val (or validation), test or leave it empty"
             )
         image_id = (row.get("id") or "").strip() or PurePosixPath(Path(raw_path).as_posix()).as_posix()
+        if "\x00" in image_id:
+            raise PipelineError(f"CSV {csv_path} line {line} has a NUL character in its id")
         label = (row.get("label") or "").strip() or None
         entries.append((image_id, label, SPLIT_NAMES.get(split_raw.lower(), "")))
-        paths[image_id] = str((base / raw_path).resolve())
-    return _build_listing(csv_path, entries, paths.__getitem__)
+        path = str((base / raw_path).absolute())
+        found[image_id] = (path, *_file_facts(*_stat(path)))
+    return _build_listing(csv_path, entries, found)
 
 
-def _build_listing(root, entries, path_of):
+def _build_listing(root, entries, found, warnings=()):
+    """`found` maps each id to (path, size, mtime_ns, problem)."""
     ids = [e[0] for e in entries]
     if len(set(ids)) != len(ids):
         seen, dup = set(), None
@@ -124,24 +216,10 @@ def _build_listing(root, entries, path_of):
         raise PipelineError(f"source {root} lists id {dup!r} more than once; ids must be unique")
     classes = tuple(sorted({e[1] for e in entries if e[1] is not None}))
     index = {name: i for i, name in enumerate(classes)}
-    records = tuple(
-        sorted(
-            (
-                ImageRecord(image_id, path_of(image_id), index[name] if name is not None else UNLABELED, split, *_stat(path_of(image_id)))
-                for image_id, name, split in entries
-            ),
-            key=lambda r: r.id,
-        )
-    )
-    return Listing(str(root), records, classes)
 
+    def record(image_id, name, split):
+        path, size, mtime_ns, problem = found[image_id]
+        return ImageRecord(image_id, path, index[name] if name is not None else UNLABELED, split, size, mtime_ns, problem)
 
-def _stat(path):
-    """(size, mtime_ns, problem) of a file to be read."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return 0, 0, "file not found"
-    except OSError as e:
-        return 0, 0, e.strerror
-    return st.st_size, st.st_mtime_ns, ""
+    records = tuple(sorted((record(*entry) for entry in entries), key=lambda r: r.id))
+    return Listing(str(root), records, classes, tuple(warnings))

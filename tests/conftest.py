@@ -124,3 +124,41 @@ def head_run(tmp_path_factory):
     outcomes = list(train(root / "reduced", root / "runs", [HeadConfig(hidden=(8,), epochs=3, batch_size=8)]))
     baseline, head = outcomes
     return SimpleNamespace(root=root, config=config, run=root / "runs" / head.run_id, baseline=root / "runs" / baseline.run_id)
+
+
+@pytest.fixture(scope="session")
+def bomb_bytes():
+    """{format: bytes} of tiny files whose headers claim 100,000 x 100,000 pixels (65,535 where the field is 16-bit)."""
+    import io
+    import struct
+    import zlib
+
+    def small(fmt, **options):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(buffer, format=fmt, **options)
+        return bytearray(buffer.getvalue())
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    big, big16 = 100_000, 65_535
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", big, big, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(b"\x00" * 3000)) + chunk(b"IEND", b"")
+    jpeg = small("JPEG")
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5 : sof + 9] = struct.pack(">HH", big16, big16)
+    gif = small("GIF")
+    gif[6:10] = struct.pack("<HH", big16, big16)
+    descriptor = gif.index(b"\x2c", 13)
+    gif[descriptor + 5 : descriptor + 9] = struct.pack("<HH", big16, big16)
+    bmp = small("BMP")
+    bmp[18:26] = struct.pack("<ii", big, big)
+    tiff = small("TIFF")
+    (ifd,) = struct.unpack("<I", tiff[4:8])
+    for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack("<H", tiff[ifd : ifd + 2])[0], 12):
+        if struct.unpack("<H", tiff[entry : entry + 2])[0] in (256, 257):  # ImageWidth, ImageLength as LONG
+            tiff[entry + 2 : entry + 12] = struct.pack("<HII", 4, 1, big)
+    vp8 = bytes(small("WEBP")[12:])
+    extended = b"VP8X" + struct.pack("<I", 10) + bytes(4) + (big - 1).to_bytes(3, "little") + (big - 1).to_bytes(3, "little")
+    webp = b"RIFF" + struct.pack("<I", 4 + len(extended) + len(vp8)) + b"WEBP" + extended + vp8
+    return {"png": png, "jpeg": bytes(jpeg), "gif": bytes(gif), "bmp": bytes(bmp), "tiff": bytes(tiff), "webp": webp}

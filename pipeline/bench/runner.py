@@ -136,7 +136,7 @@ def _corpus(options, work):
     with open(source, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "path", "label"])
-        for r in listing.records[: options.images]:
+        for r in [r for r in listing.records if not r.problem][: options.images]:  # no pipes or oversized files
             writer.writerow([r.id, r.path, listing.classes[r.label] if r.label >= 0 else ""])
     return source, name
 
