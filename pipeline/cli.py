@@ -141,11 +141,23 @@ EXTRACT_KEYS = (
 @click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out.")
 @click.option("--num-workers", type=click.IntRange(min=1), help="Job arrays: this task computes only shards k with k % N == --worker-index and writes no manifest. Default: $SLURM_ARRAY_TASK_COUNT, else 1.")
 @click.option("--worker-index", type=click.IntRange(min=0), help="Job arrays: this task's index, 0..N-1. Default: from $SLURM_ARRAY_TASK_ID (minus $SLURM_ARRAY_TASK_MIN, over $SLURM_ARRAY_TASK_STEP).")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(("local", "ray")), help="Run shards in this process, or on Ray actors (several GPUs or machines).")
+@click.option("--ray-address", help="--engine ray: `auto` or HOST:PORT of a running Ray cluster. Default: start a local Ray on this machine.")
+@click.option("--workers", type=click.IntRange(min=1), help="--engine ray: actors to start. Default: one per --gpus-per-worker GPUs Ray sees, else one per --cpus-per-worker CPUs.")
+@click.option("--cpus-per-worker", type=click.IntRange(min=1), help="--engine ray: CPUs per actor (decoding, TensorFlow threads). Default: a GPU node's CPUs shared among its actors; without GPUs, a whole node's, or the most that fit --workers.")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="--engine ray: GPUs per actor (a fraction shares one). Default: 1 when Ray sees a GPU, else 0 (CPU actors).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML file with the same keys as these flags; flags win.")
 @click.pass_context
-def extract(ctx, source, out, config_file, num_workers, worker_index, **options):
+def extract(ctx, source, out, config_file, num_workers, worker_index, engine, ray_address, workers, cpus_per_worker, gpus_per_worker, **options):
     """Run the frozen backbone taps over SOURCE (a folder tree or a CSV) into HDF5 shards."""
     num_workers, worker_index = _job_array(num_workers, worker_index)
+    engine_options = {"address": ray_address, "workers": workers, "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker}
+    if engine == "local":
+        given = [name for name, value in engine_options.items() if value is not None]
+        if given:
+            flag = "--ray-address" if given[0] == "address" else f"--{given[0].replace('_', '-')}"
+            raise click.BadParameter(f"{flag} is an option of --engine ray; add --engine ray or drop it", param_hint=flag)
+        engine_options = {}
     values = cfg.load_toml(config_file, EXTRACT_KEYS) if config_file else {}
     values.update(given_options(ctx, options))
     try:
@@ -162,7 +174,8 @@ def extract(ctx, source, out, config_file, num_workers, worker_index, **options)
     progress = Progress("extract")
     try:
         result = run_extract(
-            config, listing, out, overwrite=overwrite, progress=progress, num_workers=num_workers, worker_index=worker_index
+            config, listing, out, overwrite=overwrite, progress=progress, engine=engine, engine_options=engine_options,
+            num_workers=num_workers, worker_index=worker_index,
         )
     finally:
         progress.close()
@@ -360,7 +373,7 @@ def export(run, out, image_size, weights):
 @click.option("--repeats", type=click.IntRange(min=1), help="Timed runs per figure, after a warm-up. Default: 3 (1 with --quick).")
 @click.option("--data", envvar="BENCH_DATA", type=click.Path(exists=True), help="Your images (folder or CSV; the first --images) instead of the generated corpus. Env: BENCH_DATA.")
 @click.option("--weights", default="random", show_default=True, help="As for extract; speed does not depend on the values, the fidelity check does.")
-@click.option("--skip", multiple=True, help="Stage not to run, repeat for several: model, extract, decode, baseline, flops, fast-decode, reduce, heads.")
+@click.option("--skip", multiple=True, help="Stage not to run, repeat for several: model, extract, decode, baseline, flops, fast-decode, ray, reduce, heads.")
 def bench(out, quick, taps, data, weights, skip, **sizes):
     """Measure every stage against its bound and a tutorial-style baseline; write bench.json and bench.md."""
     from pathlib import Path
