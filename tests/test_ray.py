@@ -102,6 +102,88 @@ def test_worker_plans():
         plan_workers(one_gpu_nodes, workers=5)
 
 
+# --- the driver's scheduling, on a fake Ray: what happens when workers die ---------------------------
+
+
+class FakeRay:
+    """Just what RayEngine.run uses: wait (the newest ref is ready first), get, and the exception types."""
+
+    class exceptions:
+        class RayActorError(Exception):
+            pass
+
+        class ActorDiedError(RayActorError):
+            pass
+
+        class RayTaskError(Exception):
+            cause = None
+
+    def wait(self, refs, num_returns, timeout):
+        return refs[-1:], refs[:-1]
+
+    def get(self, item):
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class FakeActor:
+    """Runs shards by a script: each call of run_shard takes the next behaviour ('ok', 'die'; 'ok' once the script ends)."""
+
+    def __init__(self, out_dir, script=(), revives=True):
+        self.out_dir, self.script, self.revives, self.shards = out_dir, list(script), revives, []
+        self.run_shard = self.ping = self  # actor.method.remote(...) is self.remote(...)
+        self.pings = 0
+
+    def remote(self, *args):
+        if not args:  # a ping
+            self.pings += 1
+            return True if self.revives else FakeRay.exceptions.ActorDiedError("gone")
+        job = args[0]
+        behaviour = self.script.pop(0) if self.script else "ok"
+        if behaviour == "die":
+            return iter([1, FakeRay.exceptions.RayActorError("worker died")])
+        self.shards.append(job.index)
+        (self.out_dir / shards.shard_filename(job.index)).touch()
+        return iter([len(job.records)])
+
+
+def run_fake(tmp_path, actors, shard_count=4, size=3):
+    from pipeline.engines import ShardJob
+    from pipeline.engines.ray import RayEngine
+
+    engine = RayEngine()
+    engine._ray, engine._actors = FakeRay(), actors
+    shown = []
+    jobs = [ShardJob(k, (None,) * size) for k in range(shard_count)]
+    engine.run(jobs, None, tmp_path, shown.append)
+    return sum(shown)
+
+
+def test_a_shard_whose_worker_dies_is_redone_and_counted_once(tmp_path):
+    dying, steady = FakeActor(tmp_path, ["die"]), FakeActor(tmp_path)
+    assert run_fake(tmp_path, [dying, steady]) == 12  # the lost attempt's image is not counted twice
+    assert sorted(dying.shards + steady.shards) == [0, 1, 2, 3] and dying.pings == 1  # asked whether Ray restarted it
+
+
+def test_a_shard_that_keeps_killing_its_worker_stops_the_run(tmp_path):
+    with pytest.raises(PipelineError, match=r"shard-00000.h5 killed its Ray worker 3 times \(last: worker died\); look for an image"):
+        run_fake(tmp_path, [FakeActor(tmp_path, ["die"] * 3)])
+
+
+def test_when_no_worker_is_left_the_run_stops(tmp_path):
+    with pytest.raises(PipelineError, match="every Ray worker died and Ray could not restart any; rerun the same command"):
+        run_fake(tmp_path, [FakeActor(tmp_path, ["die"], revives=False)])
+
+
+def test_shards_a_worker_wrote_elsewhere_are_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.engines.ray.VISIBLE_SECONDS", 0)
+    actor = FakeActor(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(PipelineError, match=r"shard-00000.h5 was written by a Ray worker but is not in .* as this machine sees it"):
+        run_fake(tmp_path, [actor], shard_count=1)
+
+
 # --- slow: errors from inside actors, two nodes, faults --------------------------------------------
 
 

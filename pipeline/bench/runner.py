@@ -8,6 +8,8 @@ Stage one is measured at the precision `auto` picks and in float32 (each figure 
   baseline     `seed_style_baseline`, the tutorial-style script, float32
   flops        analytic FLOPs per image, the achieved GFLOP/s and the measured matmul rate
   fast-decode  --fast-decode on camera-sized JPEGs: decode speed and feature cosine vs full decode
+  ray          `extract` with engine ray (a local Ray started per run, default workers), auto precision,
+               compared with the extract stage's local engine on the same corpus
 Stage two (bench.stage_two) on synthetic shards:
   reduce       seconds and peak RSS at growing row counts
   heads        seconds per head experiment on the smallest reduced set
@@ -38,7 +40,8 @@ from pipeline.inputs import image_batches
 from pipeline.sources import list_source
 
 FORMAT = "pipeline-bench/1"
-STAGES = ("model", "extract", "decode", "baseline", "flops", "fast-decode", "reduce", "heads")
+STAGE_ONE = ("model", "extract", "decode", "baseline", "flops", "fast-decode", "ray")
+STAGES = (*STAGE_ONE, "reduce", "heads")
 FLOPS_METHOD = "analytic: 2 x multiply-adds of every Conv2D/Dense of the truncated tap model (bench.flops.count_flops)"
 _PREPROCESS = {"resnet50": keras.applications.resnet50.preprocess_input, "vgg16": keras.applications.vgg16.preprocess_input}
 
@@ -165,7 +168,7 @@ def _read_lines(path):
 
 
 def _stage_one(options, config, policies, corpus, paths, work, log):
-    wanted = {stage for stage in STAGES[:6] if stage not in options.skip}
+    wanted = {stage for stage in STAGE_ONE if stage not in options.skip}
     results = {}
     if "decode" in wanted:
         log("decode bound")
@@ -191,6 +194,10 @@ def _stage_one(options, config, policies, corpus, paths, work, log):
             runs = measure_extract(dataclasses.replace(config, precision=policy), corpus, work / "features", options.repeats)
             fidelity = min(run["min_cosine_vs_float32"] for run in runs)
             results.setdefault("extract", {})[policy] = {**_summarize_runs(runs), "min_cosine_vs_float32": fidelity}
+    if "ray" in wanted:
+        log(f"end to end, engine ray, {config.precision}")
+        runs = measure_extract(config, corpus, work / "features", options.repeats, engine="ray")
+        results["ray"] = {config.precision: _summarize_runs(runs)}
     if "baseline" in wanted:
         log("seed-style baseline, float32")
         results["baseline"] = _summarize_runs(measure_baseline(paths, config, work / "baseline.h5", options.repeats))
@@ -233,13 +240,13 @@ def measure_decode(paths, config, repeats, fast_decode=False):
     return rates[1:]
 
 
-def measure_extract(config, corpus, out_dir, repeats):
-    """`repeats` full `extract` runs into a fresh `out_dir`, after a warm-up run; a summary of each."""
+def measure_extract(config, corpus, out_dir, repeats, engine="local"):
+    """`repeats` full `extract` runs on `engine` into a fresh `out_dir`, after a warm-up run; a summary of each."""
     runs = []
     for _ in range(repeats + 1):
         shutil.rmtree(out_dir, ignore_errors=True)
         clock = RunClock()
-        result = extract(config, list_source(corpus), out_dir, progress=clock)  # listing is part of the run
+        result = extract(config, list_source(corpus), out_dir, progress=clock, engine=engine)  # listing is part of the run
         runs.append({**clock.finish(), "min_cosine_vs_float32": result.manifest["precision"]["min_cosine_vs_float32"]})
     shutil.rmtree(out_dir, ignore_errors=True)
     return runs[1:]

@@ -121,8 +121,7 @@ class ShardActor:
 
     def start(self):
         """Build the model; say what it resolved to, so the driver can check that all workers agree."""
-        worker = self._built()
-        return WorkerSummary(worker.config, worker.weights, worker.taps, socket.gethostname())
+        return self._summary()
 
     def ping(self):
         return True
@@ -131,6 +130,10 @@ class ShardActor:
         """Compute and write one shard; yields the images done after each batch (a Ray streaming generator)."""
         self._check_run(run, out_dir)
         yield from self._built().steps([job], run, out_dir)
+
+    def _summary(self):
+        worker = self._built()
+        return WorkerSummary(worker.config, worker.weights, worker.taps, socket.gethostname())
 
     def _built(self):
         if self._worker is None:
@@ -149,7 +152,7 @@ class ShardActor:
                     "on a filesystem every node mounts at the same path"
                 )
         settings = ExtractConfig(**{key: value for key, value in run.config.items() if key not in _SOURCE_KEYS})
-        problem = disagreement([WorkerSummary(settings, run.weights, run.taps, "the run's first workers"), self.start()])
+        problem = disagreement([WorkerSummary(settings, run.weights, run.taps, "the run's first workers"), self._summary()])
         if problem:
             raise PipelineError(problem)
 
@@ -189,67 +192,12 @@ class RayEngine:
 
     def run(self, jobs, run, out_dir, progress):
         """Compute every job on the actors, redoing the shard of a worker that dies; `progress(n)` over all of them."""
-        ray = self._ray
-        pending = collections.deque(jobs)
-        idle = collections.deque(self._actors)
-        running = {}  # streaming generator -> [actor, job, images it reported]
-        reviving = {}  # ping of a dead actor Ray is restarting -> actor
-        counted = collections.Counter()  # images of each shard shown so far (a redone shard counts once)
-        deaths = collections.Counter()
-        down_since = None
-        while pending or running:
-            while pending and idle:
-                actor, job = idle.popleft(), pending.popleft()
-                running[actor.run_shard.remote(job, run, str(out_dir))] = [actor, job, 0]
-            if running or idle:
-                down_since = None
-            elif not reviving:
-                raise PipelineError("every Ray worker died and Ray could not restart any; rerun the same command to resume")
-            else:
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > REVIVE_SECONDS:
-                    raise PipelineError(
-                        f"no Ray worker has been alive for {REVIVE_SECONDS} s (Ray could not restart them: too few CPUs or GPUs "
-                        "left?); rerun the same command to resume"
-                    )
-            ready, _ = ray.wait([*running, *reviving], num_returns=1, timeout=_POLL_SECONDS)
+        pool = _Pool(self._ray, self._actors, jobs, progress)
+        while pool.unfinished():
+            pool.dispatch(run, str(out_dir))
+            ready, _ = self._ray.wait(pool.waiting(), num_returns=1, timeout=_POLL_SECONDS)
             for ref in ready:
-                if ref in reviving:
-                    actor = reviving.pop(ref)
-                    try:
-                        ray.get(ref)
-                        idle.append(actor)
-                    except ray.exceptions.ActorDiedError:
-                        pass  # gone for good; the others carry on
-                    except ray.exceptions.RayActorError:
-                        time.sleep(1.0)  # still restarting: ask again in a moment
-                        reviving[actor.ping.remote()] = actor
-                    continue
-                attempt = running[ref]
-                actor, job = attempt[0], attempt[1]
-                try:
-                    images = ray.get(next(ref))
-                except StopIteration:
-                    del running[ref]
-                    idle.append(actor)
-                    continue
-                except ray.exceptions.RayActorError as e:
-                    del running[ref]
-                    deaths[job.index] += 1
-                    if deaths[job.index] >= MAX_ATTEMPTS:
-                        raise PipelineError(
-                            f"{shards.shard_filename(job.index)} killed its Ray worker {MAX_ATTEMPTS} times (last: {_first_line(e)}); "
-                            "look for an image in it that crashes the decoder or needs more memory than a worker has"
-                        ) from None
-                    pending.appendleft(job)
-                    reviving[actor.ping.remote()] = actor
-                    continue
-                except ray.exceptions.RayTaskError as e:
-                    raise _user_error(e)
-                attempt[2] += images
-                if attempt[2] > counted[job.index]:
-                    progress(attempt[2] - counted[job.index])
-                    counted[job.index] = attempt[2]
+                pool.handle(ref)
         _wait_until_visible(Path(out_dir), [job.index for job in jobs])
 
     def close(self):
@@ -270,6 +218,99 @@ class RayEngine:
                 f"a Ray worker died while {doing} ({_first_line(e)}); every node needs this project installed "
                 "(with its ray extra) and memory for the model"
             ) from None
+
+
+class _Pool:
+    """The driver's view of one run: shards pending, running (a streaming generator each) and done; actors idle or restarting."""
+
+    def __init__(self, ray, actors, jobs, progress):
+        self.ray, self.progress = ray, progress
+        self.pending = collections.deque(jobs)
+        self.idle = collections.deque(actors)
+        self.running = {}  # streaming generator of run_shard -> _Attempt
+        self.reviving = {}  # ping of a dead actor Ray is restarting -> actor
+        self.counted = collections.Counter()  # images of each shard shown so far (a redone shard counts once)
+        self.deaths = collections.Counter()  # workers lost while running each shard
+        self.down_since = None
+
+    def unfinished(self):
+        return bool(self.pending or self.running)
+
+    def waiting(self):
+        return [*self.running, *self.reviving]
+
+    def dispatch(self, run, out_dir):
+        """Hand pending shards to idle actors; fail when no actor is left, or none came back in time."""
+        while self.pending and self.idle:
+            actor, job = self.idle.popleft(), self.pending.popleft()
+            self.running[actor.run_shard.remote(job, run, out_dir)] = _Attempt(actor, job)
+        if self.running or self.idle:
+            self.down_since = None
+        elif not self.reviving:
+            raise PipelineError("every Ray worker died and Ray could not restart any; rerun the same command to resume")
+        else:
+            self.down_since = self.down_since or time.monotonic()
+            if time.monotonic() - self.down_since > REVIVE_SECONDS:
+                raise PipelineError(
+                    f"no Ray worker has been alive for {REVIVE_SECONDS} s (Ray could not restart them: too few CPUs or GPUs "
+                    "left?); rerun the same command to resume"
+                )
+
+    def handle(self, ref):
+        """Act on a ready ref: a restarted actor's ping, or the next item (progress, end or error) of a shard."""
+        if ref in self.reviving:
+            self._revived(ref)
+            return
+        attempt = self.running[ref]
+        try:
+            images = self.ray.get(next(ref))
+        except StopIteration:
+            del self.running[ref]
+            self.idle.append(attempt.actor)
+            return
+        except self.ray.exceptions.RayActorError as e:
+            del self.running[ref]
+            self._lost(attempt, e)
+            return
+        except self.ray.exceptions.RayTaskError as e:
+            raise _user_error(e)
+        attempt.images += images
+        index = attempt.job.index
+        if attempt.images > self.counted[index]:
+            self.progress(attempt.images - self.counted[index])
+            self.counted[index] = attempt.images
+
+    def _lost(self, attempt, error):
+        """The actor died mid-shard: its shard goes first in line for another actor, and Ray restarts it."""
+        index = attempt.job.index
+        self.deaths[index] += 1
+        if self.deaths[index] >= MAX_ATTEMPTS:
+            raise PipelineError(
+                f"{shards.shard_filename(index)} killed its Ray worker {MAX_ATTEMPTS} times (last: {_first_line(error)}); "
+                "look for an image in it that crashes the decoder or needs more memory than a worker has"
+            ) from None
+        self.pending.appendleft(attempt.job)
+        self.reviving[attempt.actor.ping.remote()] = attempt.actor
+
+    def _revived(self, ref):
+        actor = self.reviving.pop(ref)
+        try:
+            self.ray.get(ref)
+            self.idle.append(actor)
+        except self.ray.exceptions.ActorDiedError:
+            pass  # gone for good; the others carry on
+        except self.ray.exceptions.RayActorError:
+            time.sleep(1.0)  # still restarting: ask again in a moment
+            self.reviving[actor.ping.remote()] = actor
+
+
+@dataclass
+class _Attempt:
+    """One shard handed to one actor, and the images it has reported so far."""
+
+    actor: object
+    job: object
+    images: int = 0
 
 
 def _user_error(error):

@@ -32,6 +32,8 @@ def connected(address=None, **init_options):
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address:  # its workers are this command's work: not at Ray's default nice 15, which loses to any other load
+        init_options = {"_system_config": {"worker_niceness": 0}, **init_options}
     main_thread = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
