@@ -1,5 +1,6 @@
 """`extract --engine ray`: the same bytes as the local engine, on one machine or two nodes, through worker faults."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from ray.cluster_utils import Cluster
 
 from pipeline import shards
 from pipeline.config import ExtractConfig
-from pipeline.engines.ray import plan_workers
+from pipeline.engines.ray import WorkerSummary, disagreement, plan_workers
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.sources import list_source
@@ -100,6 +101,20 @@ def test_worker_plans():
         plan_workers(one_gpu_nodes, gpus_per_worker=4)
     with pytest.raises(PipelineError, match=r"--workers 5 with 1 CPUs and 1 GPUs each do not fit"):
         plan_workers(one_gpu_nodes, workers=5)
+
+
+def test_workers_that_resolved_or_loaded_differently_are_one_sentence():
+    config = ExtractConfig(taps=TAPS, precision="mixed_float16", xla=True)
+    weights = {"resnet50": {"source": {"kind": "random", "seed": 0}, "sha256": "a" * 64}}
+    gpu = WorkerSummary(config, weights, [], "gpu-node")
+    assert disagreement([gpu, WorkerSummary(config, weights, [], "gpu-node-2")]) is None
+    cpu = WorkerSummary(dataclasses.replace(config, precision="float32"), weights, [], "cpu-node")
+    assert disagreement([gpu, cpu]) == (
+        "Ray workers resolved precision differently (mixed_float16 on gpu-node, float32 on cpu-node); "
+        "pass --precision and --xla explicitly so that every worker computes alike"
+    )
+    other = WorkerSummary(config, {"resnet50": {**weights["resnet50"], "sha256": "b" * 64}}, [], "old-node")
+    assert "Ray workers loaded different resnet50 weights (sha256 aaaaaaaaaaaa on gpu-node, bbbbbbbbbbbb on old-node)" in disagreement([gpu, other])
 
 
 # --- the driver's scheduling, on a fake Ray: what happens when workers die ---------------------------
