@@ -119,7 +119,7 @@ def test_break_even_corpus_sizes_follow_the_fixed_costs():
 def test_ray_over_local_figures_and_break_even():
     # local: 64 images at 4/s start to end, 10/s steady -> 0.1 s per image + 9.6 s fixed.
     # ray: 64 images at 2/s, 10/s steady -> 0.1 s per image + 25.6 s; 0.9 x needs 0.1 n + 9.6 >= 0.9 (0.1 n + 25.6), n >= 1344.
-    results = {"extract": {"float32": _run(64, 4.0, 10.0)}, "ray": {"float32": _run(64, 2.0, 10.0)}}
+    results = {"ray": {"float32": {"local": _run(64, 4.0, 10.0), "ray": _run(64, 2.0, 10.0)}}}
     figures = bench_report.derived(results, "float32")
     assert figures["ray engine / local engine, steady state (float32)"] == 1.0
     assert figures["ray engine / local engine, start to manifest (float32)"] == 0.5

@@ -61,8 +61,8 @@ def derived(results, policy):
         )
         figures[f"model bound / FLOP bound ({p})"] = flops.get(p, {}).get("fraction_of_bound")
         figures[f"min cosine vs float32 ({p})"] = run.get("min_cosine_vs_float32")
-    for p, run in results.get("ray", {}).items():
-        local = extract.get(p, {})
+    for p, engines in results.get("ray", {}).items():
+        run, local = engines["ray"], engines["local"]
         figures[f"ray engine / local engine, steady state ({p})"] = ratio(run.get("steady_images_per_second"), local.get("steady_images_per_second"))
         figures[f"ray engine / local engine, start to manifest ({p})"] = ratio(run.get("images_per_second"), local.get("images_per_second"))
         figures[f"images for ray start to manifest >= {RAY_OVER_LOCAL} x local ({p})"] = _images_to_reach(
@@ -178,8 +178,9 @@ def _measurement_rows(results):
         rows.append(("model bound: fused tap forward on in-memory batches", policy, stats["images_per_second"], "images/s"))
     for policy, stats in results.get("extract", {}).items():
         rows += _run_rows("end to end: `extract`", "manifest", policy, stats)
-    for policy, stats in results.get("ray", {}).items():
-        rows += _run_rows("end to end: `extract --engine ray`", "manifest", policy, stats)
+    for policy, engines in results.get("ray", {}).items():
+        for engine, stats in engines.items():
+            rows += _run_rows(f"engines, alternating runs: `extract --engine {engine}`", "manifest", policy, stats)
     if "decode" in results:
         rows.append(("decode bound: tf.data read, decode, resize, batch", "-", results["decode"]["images_per_second"], "images/s"))
     if "baseline" in results:

@@ -8,8 +8,8 @@ Stage one is measured at the precision `auto` picks and in float32 (each figure 
   baseline     `seed_style_baseline`, the tutorial-style script, float32
   flops        analytic FLOPs per image, the achieved GFLOP/s and the measured matmul rate
   fast-decode  --fast-decode on camera-sized JPEGs: decode speed and feature cosine vs full decode
-  ray          `extract` with engine ray (a local Ray started per run, default workers), auto precision,
-               compared with the extract stage's local engine on the same corpus
+  ray          `extract` with engine ray (a local Ray started per run, default workers) against engine
+               local, auto precision, runs alternating so that both see the same machine load
 Stage two (bench.stage_two) on synthetic shards:
   reduce       seconds and peak RSS at growing row counts
   heads        seconds per head experiment on the smallest reduced set
@@ -195,9 +195,9 @@ def _stage_one(options, config, policies, corpus, paths, work, log):
             fidelity = min(run["min_cosine_vs_float32"] for run in runs)
             results.setdefault("extract", {})[policy] = {**_summarize_runs(runs), "min_cosine_vs_float32": fidelity}
     if "ray" in wanted:
-        log(f"end to end, engine ray, {config.precision}")
-        runs = measure_extract(config, corpus, work / "features", options.repeats, engine="ray")
-        results["ray"] = {config.precision: _summarize_runs(runs)}
+        log(f"end to end, engine ray vs local, {config.precision}")
+        runs = measure_engines(config, corpus, work / "features", options.repeats)
+        results["ray"] = {config.precision: {engine: _summarize_runs(engine_runs) for engine, engine_runs in runs.items()}}
     if "baseline" in wanted:
         log("seed-style baseline, float32")
         results["baseline"] = _summarize_runs(measure_baseline(paths, config, work / "baseline.h5", options.repeats))
@@ -240,16 +240,28 @@ def measure_decode(paths, config, repeats, fast_decode=False):
     return rates[1:]
 
 
-def measure_extract(config, corpus, out_dir, repeats, engine="local"):
-    """`repeats` full `extract` runs on `engine` into a fresh `out_dir`, after a warm-up run; a summary of each."""
-    runs = []
-    for _ in range(repeats + 1):
-        shutil.rmtree(out_dir, ignore_errors=True)
-        clock = RunClock()
-        result = extract(config, list_source(corpus), out_dir, progress=clock, engine=engine)  # listing is part of the run
-        runs.append({**clock.finish(), "min_cosine_vs_float32": result.manifest["precision"]["min_cosine_vs_float32"]})
-    shutil.rmtree(out_dir, ignore_errors=True)
+def measure_extract(config, corpus, out_dir, repeats):
+    """`repeats` full `extract` runs into a fresh `out_dir`, after a warm-up run; a summary of each."""
+    runs = [_timed_extract(config, corpus, out_dir) for _ in range(repeats + 1)]
     return runs[1:]
+
+
+def measure_engines(config, corpus, out_dir, repeats):
+    """{local, ray}: `repeats` runs of each engine after a warm-up, alternating so that load on the machine hits both alike."""
+    runs = {"local": [], "ray": []}
+    for _ in range(repeats + 1):
+        for engine, engine_runs in runs.items():
+            engine_runs.append(_timed_extract(config, corpus, out_dir, engine))
+    return {engine: engine_runs[1:] for engine, engine_runs in runs.items()}
+
+
+def _timed_extract(config, corpus, out_dir, engine="local"):
+    """One `extract` on `engine` into a fresh `out_dir` (removed after): RunClock's summary plus the fidelity check."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    clock = RunClock()
+    result = extract(config, list_source(corpus), out_dir, progress=clock, engine=engine)  # listing is part of the run
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {**clock.finish(), "min_cosine_vs_float32": result.manifest["precision"]["min_cosine_vs_float32"]}
 
 
 class RunClock:
