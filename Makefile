@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # cpu -> tensorflow-cpu, gpu -> tensorflow[and-cuda]; detected from nvidia-smi unless set.
 TF_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+# More extras for every target, comma-separated: EXTRAS=ray gives `extract --engine ray`.
+EXTRAS ?=
+comma := ,
+INSTALL_EXTRAS := $(TF_EXTRA)$(if $(EXTRAS),$(comma)$(EXTRAS))
 
 DATA ?= data/demo
 FEATURES ?= data/features
@@ -26,12 +30,13 @@ BENCH_DATA ?=
 
 .PHONY: install data extract reduce probe train demo bench test test-all clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(INSTALL_EXTRAS)
 
-$(VENV)/.installed: pyproject.toml
+# One stamp per set of extras: asking for another set installs it. The test extra pulls in ray.
+$(VENV)/.installed-%: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[$(TF_EXTRA),test]"
+	$(BIN)/pip install --quiet -e ".[$*]"
 	touch $@
 
 data: install
@@ -60,13 +65,13 @@ demo: install
 	$(BIN)/pipeline train $(REDUCED) --runs $(RUNS) --sweep $(DEMO_SWEEP)
 	$(BIN)/pipeline runs $(RUNS)
 
-bench: install
+bench: $(VENV)/.installed-$(INSTALL_EXTRAS),ray
 	$(BIN)/pipeline bench --out $(BENCH_OUT) $(if $(BENCH_DATA),--data $(BENCH_DATA)) $(BENCH_ARGS)
 
-test: install
+test: $(VENV)/.installed-$(INSTALL_EXTRAS),test
 	$(BIN)/pytest -q
 
-test-all: install
+test-all: $(VENV)/.installed-$(INSTALL_EXTRAS),test
 	$(BIN)/pytest -q -m ""
 
 clean:

@@ -142,11 +142,17 @@ EXTRACT_KEYS = (
 @click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out.")
 @click.option("--num-workers", type=click.IntRange(min=1), help="Job arrays: this task computes only shards k with k % N == --worker-index and writes no manifest. Default: $SLURM_ARRAY_TASK_COUNT, else 1.")
 @click.option("--worker-index", type=click.IntRange(min=0), help="Job arrays: this task's index, 0..N-1. Default: from $SLURM_ARRAY_TASK_ID (minus $SLURM_ARRAY_TASK_MIN, over $SLURM_ARRAY_TASK_STEP).")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(("local", "ray")), help="Run shards in this process, or on Ray actors (several GPUs or machines).")
+@click.option("--ray-address", help="--engine ray: `auto` or HOST:PORT of a running Ray cluster. Default: $RAY_ADDRESS, else start a local Ray on this machine.")
+@click.option("--workers", type=click.IntRange(min=1), help="--engine ray: actors to start. Default: one per --gpus-per-worker GPUs Ray sees, else one per --cpus-per-worker CPUs.")
+@click.option("--cpus-per-worker", type=click.IntRange(min=1), help="--engine ray: CPUs per actor (decoding, TensorFlow threads). Default: a GPU node's CPUs shared among its actors; without GPUs, a whole node's, or the most that fit --workers.")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="--engine ray: GPUs per actor (a fraction shares one). Default: 1 when Ray sees a GPU, else 0 (CPU actors).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML file with the same keys as these flags; flags win.")
 @click.pass_context
-def extract(ctx, source, out, config_file, num_workers, worker_index, **options):
+def extract(ctx, source, out, config_file, num_workers, worker_index, engine, ray_address, workers, cpus_per_worker, gpus_per_worker, **options):
     """Run the frozen backbone taps over SOURCE (a folder tree or a CSV) into HDF5 shards."""
     num_workers, worker_index = _job_array(num_workers, worker_index)
+    engine_options = _engine_options(engine, address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     values = cfg.load_toml(config_file, EXTRACT_KEYS) if config_file else {}
     values.update(given_options(ctx, options))
     try:
@@ -165,11 +171,24 @@ def extract(ctx, source, out, config_file, num_workers, worker_index, **options)
     progress = Progress("extract")
     try:
         result = run_extract(
-            config, listing, out, overwrite=overwrite, progress=progress, num_workers=num_workers, worker_index=worker_index
+            config, listing, out, overwrite=overwrite, progress=progress, engine=engine, engine_options=engine_options,
+            num_workers=num_workers, worker_index=worker_index,
         )
     finally:
         progress.close()
     _print_extract_summary(result, num_workers, worker_index)
+
+
+_RAY_FLAGS = {"address": "--ray-address", "workers": "--workers", "cpus_per_worker": "--cpus-per-worker", "gpus_per_worker": "--gpus-per-worker"}
+
+
+def _engine_options(engine, **values):
+    """The options given for the engine (RayEngine's defaults fill the rest); Ray's flags with --engine local are an error."""
+    given = {key: value for key, value in values.items() if value is not None}
+    if engine == "local" and given:
+        flag = _RAY_FLAGS[next(iter(given))]
+        raise click.BadParameter(f"{flag} is an option of --engine ray; add --engine ray or drop it", param_hint=flag)
+    return given
 
 
 def _job_array(num_workers, worker_index):

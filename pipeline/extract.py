@@ -105,7 +105,7 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
         return ExtractResult(None, out_dir, written=0, skipped=len(ranges), up_to_date=True)
 
     to_run = _run_config_to_extract(existing.config, config) if resumed else config
-    from pipeline.engines import make_engine  # TensorFlow loads here, once there is something to compute
+    from pipeline.engines import RunIdentity, ShardJob, make_engine  # the local engine loads TensorFlow, once there is something to compute
 
     engine = make_engine(engine_name, **engine_options)
     try:
@@ -124,14 +124,13 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
         elif existing is not None:  # --overwrite, now that the new run is known to load
             _remove_outputs(out_dir)
         if num_workers == 1:
-            for leftover in leftover_temps(out_dir):  # only this run writes here now
-                remove(leftover)
+            _remove_leftovers(out_dir)
         _check_space(out_dir, ranges, pending, worker.taps, resolved.storage_dtype)
-        from pipeline.engines.worker import RunIdentity, ShardJob
-
         progress.start(sum(stop - start for k, (start, stop) in enumerate(ranges) if k in pending or k in done), _images(ranges, done))
         jobs = [ShardJob(k, listing.records[slice(*ranges[k])]) for k in pending]
         engine.run(jobs, RunIdentity(run.config_sha256, run.config, worker.weights, worker.taps), out_dir, progress)
+        if num_workers == 1:
+            _remove_leftovers(out_dir)  # a worker killed while writing (a Ray actor) leaves its temp file
     finally:
         engine.close()
     computed = _images(ranges, pending)
@@ -147,6 +146,12 @@ class _NoProgress:
 
     def __call__(self, images):
         pass
+
+
+def _remove_leftovers(out_dir):
+    """Delete the temp files of killed writers; only while this run is the directory's one writer."""
+    for leftover in leftover_temps(out_dir):
+        remove(leftover)
 
 
 def _images(ranges, indices):

@@ -26,9 +26,9 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
-    """One run of every stage at tiny sizes; (report, out dir)."""
+    """One run of every stage but ray (tests/test_ray.py runs the engine) at tiny sizes; (report, out dir)."""
     out = tmp_path_factory.mktemp("bench")
-    return run_bench(BenchOptions(out=out, **TINY), log=lambda line: None), out
+    return run_bench(BenchOptions(out=out, skip=("ray",), **TINY), log=lambda line: None), out
 
 
 def test_report_holds_every_stage_for_every_precision(tiny_report):
@@ -135,6 +135,19 @@ def test_break_even_corpus_sizes_follow_the_fixed_costs():
     assert figures["images for start to end >= 2.0 x seed-style baseline (float32)"] == 64
     results["extract"]["float32"] = _run(64, 4.0, 8.0)  # steady below 0.9 x the model bound: no size reaches it
     assert "images for start to manifest >= 0.9 x model bound (float32)" not in bench_report.derived(results, "float32")
+
+
+def test_ray_over_local_figures_and_break_even():
+    # local: 64 images at 4/s start to end, 10/s steady -> 0.1 s per image + 9.6 s fixed.
+    # ray: 64 images at 2/s, 10/s steady -> 0.1 s per image + 25.6 s; 0.9 x needs 0.1 n + 9.6 >= 0.9 (0.1 n + 25.6), n >= 1344.
+    results = {"ray": {"float32": {"local": _run(64, 4.0, 10.0), "ray": _run(64, 2.0, 10.0)}}}
+    figures = bench_report.derived(results, "float32")
+    assert figures["ray engine / local engine, steady state (float32)"] == 1.0
+    assert figures["ray engine / local engine, start to manifest (float32)"] == 0.5
+    assert figures["images for ray start to manifest >= 0.9 x local (float32)"] == 1344
+    met = {t["target"]: t["met"] for t in bench_report.targets(figures, ["float32"])}
+    assert met["ray engine / local engine, steady state (float32)"] is True
+    assert met["ray engine / local engine, start to manifest (float32)"] is False
 
 
 def test_targets_compare_against_their_thresholds():

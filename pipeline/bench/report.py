@@ -5,6 +5,7 @@ import statistics
 
 # The targets.
 E2E_OVER_MODEL = 0.90
+RAY_OVER_LOCAL = 0.90  # the ray engine's images/s over the local engine's on the same machine
 E2E_OVER_BASELINE = 2.0
 MODEL_OVER_FLOP_BOUND = 0.80
 MIN_COSINE = 0.99
@@ -62,6 +63,13 @@ def derived(results, policy):
         )
         figures[f"model bound / FLOP bound ({p})"] = flops.get(p, {}).get("fraction_of_bound")
         figures[f"min cosine vs float32 ({p})"] = run.get("min_cosine_vs_float32")
+    for p, engines in results.get("ray", {}).items():
+        run, local = engines["ray"], engines["local"]
+        figures[f"ray engine / local engine, steady state ({p})"] = ratio(run.get("steady_images_per_second"), local.get("steady_images_per_second"))
+        figures[f"ray engine / local engine, start to manifest ({p})"] = ratio(run.get("images_per_second"), local.get("images_per_second"))
+        figures[f"images for ray start to manifest >= {RAY_OVER_LOCAL} x local ({p})"] = _images_to_reach(
+            RAY_OVER_LOCAL, _cost(run), _cost(local)
+        )
     if policy != "float32":
         for stage in ("model", "extract"):
             figures[f"{policy} / float32, {stage}"] = ratio(
@@ -130,6 +138,8 @@ def targets(figures, policies):
         (f"end to end ({policy}) / seed-style baseline, start to end", ">=", E2E_OVER_BASELINE, False),
         *((f"model bound / FLOP bound ({p})", ">=", MODEL_OVER_FLOP_BOUND, False) for p in policies),
         (f"min cosine vs float32 ({policy})", ">=", MIN_COSINE, True),
+        (f"ray engine / local engine, steady state ({policy})", ">=", RAY_OVER_LOCAL, False),
+        (f"ray engine / local engine, start to manifest ({policy})", ">=", RAY_OVER_LOCAL, False),
         ("start-up: up-to-date extract rerun, whole command (s)", "<", UP_TO_DATE_SECONDS, False),
         ("reduce peak RSS at the largest size (MB)", "<", REDUCE_RSS_MB, False),
         ("reduce seconds per row, largest / smallest size", "<=", REDUCE_ROW_COST_GROWTH, False),
@@ -179,6 +189,9 @@ def _measurement_rows(results):
         rows.append(("model bound: fused tap forward on in-memory batches", policy, stats["images_per_second"], "images/s"))
     for policy, stats in results.get("extract", {}).items():
         rows += _run_rows("end to end: `extract`", "manifest", policy, stats)
+    for policy, engines in results.get("ray", {}).items():
+        for engine, stats in engines.items():
+            rows += _run_rows(f"engines, alternating runs: `extract --engine {engine}`", "manifest", policy, stats)
     if "decode" in results:
         rows.append(("decode bound: tf.data read, decode, resize, batch", "-", results["decode"]["images_per_second"], "images/s"))
     if "baseline" in results:

@@ -8,6 +8,8 @@ Stage one is measured at the precision `auto` picks and in float32 (each figure 
   baseline     `seed_style_baseline`, the tutorial-style script, float32
   flops        analytic FLOPs per image, the achieved GFLOP/s and the measured matmul rate
   fast-decode  --fast-decode on camera-sized JPEGs: decode speed and feature cosine vs full decode
+  ray          `extract` with engine ray (a local Ray started per run, default workers) against engine
+               local, auto precision, runs alternating so that both see the same machine load
 Stage two (bench.stage_two) on synthetic shards:
   reduce       seconds and peak RSS at growing row counts
   heads        seconds per head experiment on the smallest reduced set
@@ -40,6 +42,7 @@ from pipeline.sources import list_source
 FORMAT = "pipeline-bench/1"
 # CPU flags that decide the precision `auto` picks and how fast it runs, reported with the machine.
 REPORTED_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "fma"})
+STAGE_ONE = ("model", "extract", "decode", "baseline", "flops", "fast-decode", "ray")  # measured by _stage_one
 FLOPS_METHOD = "analytic: 2 x multiply-adds of every Conv2D/Dense of the truncated tap model (bench.flops.count_flops)"
 _PREPROCESS = {"resnet50": keras.applications.resnet50.preprocess_input, "vgg16": keras.applications.vgg16.preprocess_input}
 
@@ -169,7 +172,7 @@ def _read_lines(path):
 
 
 def _stage_one(options, config, policies, corpus, paths, work, log):
-    wanted = {stage for stage in ("model", "extract", "decode", "baseline", "flops", "fast-decode") if stage not in options.skip}
+    wanted = {stage for stage in STAGE_ONE if stage not in options.skip}
     results = {}
     if "decode" in wanted:
         log("decode bound")
@@ -195,6 +198,10 @@ def _stage_one(options, config, policies, corpus, paths, work, log):
             runs = measure_extract(dataclasses.replace(config, precision=policy), corpus, work / "features", options.repeats)
             fidelity = min(run["min_cosine_vs_float32"] for run in runs)
             results.setdefault("extract", {})[policy] = {**_summarize_runs(runs), "min_cosine_vs_float32": fidelity}
+    if "ray" in wanted:
+        log(f"end to end, engine ray vs local, {config.precision}")
+        runs = measure_engines(config, corpus, work / "features", options.repeats)
+        results["ray"] = {config.precision: {engine: _summarize_runs(engine_runs) for engine, engine_runs in runs.items()}}
     if "baseline" in wanted:
         log("seed-style baseline, float32")
         results["baseline"] = _summarize_runs(measure_baseline(paths, config, work / "baseline.h5", options.repeats))
@@ -239,14 +246,26 @@ def measure_decode(paths, config, repeats, fast_decode=False):
 
 def measure_extract(config, corpus, out_dir, repeats):
     """`repeats` full `extract` runs into a fresh `out_dir`, after a warm-up run; a summary of each."""
-    runs = []
-    for _ in range(repeats + 1):
-        shutil.rmtree(out_dir, ignore_errors=True)
-        clock = RunClock()
-        result = extract(config, list_source(corpus), out_dir, progress=clock)  # listing is part of the run
-        runs.append({**clock.finish(), "min_cosine_vs_float32": result.manifest["precision"]["min_cosine_vs_float32"]})
-    shutil.rmtree(out_dir, ignore_errors=True)
+    runs = [_timed_extract(config, corpus, out_dir) for _ in range(repeats + 1)]
     return runs[1:]
+
+
+def measure_engines(config, corpus, out_dir, repeats):
+    """{local, ray}: `repeats` runs of each engine after a warm-up, alternating so that load on the machine hits both alike."""
+    runs = {"local": [], "ray": []}
+    for _ in range(repeats + 1):
+        for engine, engine_runs in runs.items():
+            engine_runs.append(_timed_extract(config, corpus, out_dir, engine))
+    return {engine: engine_runs[1:] for engine, engine_runs in runs.items()}
+
+
+def _timed_extract(config, corpus, out_dir, engine="local"):
+    """One `extract` on `engine` into a fresh `out_dir` (removed after): RunClock's summary plus the fidelity check."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    clock = RunClock()
+    result = extract(config, list_source(corpus), out_dir, progress=clock, engine=engine)  # listing is part of the run
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {**clock.finish(), "min_cosine_vs_float32": result.manifest["precision"]["min_cosine_vs_float32"]}
 
 
 class RunClock:

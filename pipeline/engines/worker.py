@@ -6,9 +6,9 @@ writer. The forward pass runs on the calling thread over a prefetched tf.data st
 shards go to a one-thread background writer so HDF5 writing overlaps compute.
 """
 
+import contextlib
 import errno
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,32 +16,14 @@ import tensorflow as tf
 
 from pipeline import backbones, shards
 from pipeline.config import ExtractConfig, parse_weights, tap_backbone, tap_layer
+from pipeline.engines import RunIdentity, ShardJob
 from pipeline.errors import PipelineError
 from pipeline.inputs import UndecodableImage, decode_with_pillow, image_batches, resize_image
-from pipeline.sources import ImageRecord
 
 FIDELITY_ROWS = 8  # rows of each shard's first batch also run in float32 to check reduced precision
 _MAX_PENDING_WRITES = 2  # shards buffered for the writer before compute waits
 # errno values of a write that fails for lack of room or rights, not because of a bug
 _STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    """One shard to compute: its index and the listed images it covers, in id order."""
-
-    index: int
-    records: tuple[ImageRecord, ...]
-
-
-@dataclass(frozen=True)
-class RunIdentity:
-    """What every shard of a run records about the run (the shard attrs besides its own data)."""
-
-    config_sha256: str
-    config: dict  # the resolved config plus source and source_sha256
-    weights: dict  # backbone -> {source, sha256}
-    taps: list  # tap entries as the manifest lists them
 
 
 class ShardWorker:
@@ -71,7 +53,14 @@ class ShardWorker:
 
     def run(self, jobs: list[ShardJob], run: RunIdentity, out_dir, progress=None) -> None:
         """Compute every job and write its shard into `out_dir`; `progress(n)` as images are done."""
-        progress = progress or (lambda n: None)
+        with contextlib.closing(self.steps(jobs, run, out_dir)) as steps:  # closing: an error here still waits for the writer
+            for images in steps:
+                if progress is not None:
+                    progress(images)
+
+    def steps(self, jobs: list[ShardJob], run: RunIdentity, out_dir):
+        """`run` as a generator: yields the images done since the last yield, after every batch; ends once every shard is written."""
+        done = []
         records = [record for job in jobs for record in job.records]
         offsets = np.cumsum([0, *(len(job.records) for job in jobs)])
         batches = image_batches(
@@ -80,11 +69,20 @@ class ShardWorker:
             self.config.batch_size, self.config.image_size, self.config.resize, self.config.fast_decode,
         )
         with _ShardWriter(Path(out_dir), run, self.config.storage_dtype) as writer:
-            assembler = _ShardAssembler(self, jobs, offsets, writer, progress)
+            assembler = _ShardAssembler(self, jobs, offsets, writer, done.append)
             for indices, images in batches:
                 assembler.add(indices.numpy(), images)
                 writer.raise_failure()
+                yield _take(done)
             assembler.finish()
+            yield _take(done)
+
+
+def _take(counts):
+    """The sum of `counts`, which are then cleared."""
+    total = sum(counts)
+    counts.clear()
+    return total
 
 
 def _tap_entry(info, pooling):

@@ -1,0 +1,341 @@
+"""The Ray engine: pending shards handed to a pool of Ray actors, one ShardWorker each.
+
+Each actor builds the fused tap model once (TensorFlow is imported inside the actor, after Ray
+has given the process its CPUs and GPU) and then computes whole shards, writing them straight
+into the output directory through the same writer as the local engine, so the bytes are the
+same. On a cluster that directory and the images must be on a filesystem every node mounts at
+the same path. The driver (this process) never imports TensorFlow: it plans, shows progress,
+turns a worker's PipelineError into the same one sentence, and redoes the shard of a worker
+that died on another worker (Ray restarts the dead one, which rebuilds its model).
+"""
+
+import collections
+import contextlib
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import shards
+from pipeline.config import ExtractConfig
+from pipeline.engines import ray_cluster
+from pipeline.errors import PipelineError
+
+MAX_ATTEMPTS = 3  # a shard whose worker dies this many times stops the run (a crashing image, too little memory)
+REVIVE_SECONDS = 300  # how long the run waits for Ray to restart a worker when none is alive
+VISIBLE_SECONDS = 60  # how long a finished shard may take to show up on the driver (NFS attribute caching)
+_POLL_SECONDS = 5.0
+_SOURCE_KEYS = ("source", "source_sha256")  # run config keys that are not ExtractConfig fields
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many actors, and the CPUs and GPUs each one asks Ray for."""
+
+    workers: int
+    cpus: int
+    gpus: float
+
+
+def plan_workers(nodes, workers=None, cpus_per_worker=None, gpus_per_worker=None):
+    """The WorkerPlan for alive Ray `nodes`, given as (CPUs, GPUs) pairs; None means the default.
+
+    GPUs: one worker per `gpus_per_worker` (default 1 when any node has a GPU, else 0: CPU
+    workers). CPUs per worker default to a GPU node's CPUs shared among its workers (decoding
+    needs them), or for CPU workers to a whole node's CPUs (each worker already uses every core
+    it gets and holds its own model). With `workers` given, CPUs are the most that let them fit.
+    Every worker must fit on a node as the cluster is now.
+    """
+    gpus = gpus_per_worker if gpus_per_worker is not None else (1 if any(g > 0 for _, g in nodes) else 0)
+    if gpus > 0 and not any(g > 0 for _, g in nodes):
+        raise PipelineError(f"--gpus-per-worker {gpus:g} needs GPUs, but the Ray cluster has none; pass --gpus-per-worker 0 for CPU workers")
+    # (CPUs, worker slots the GPUs allow; None = unlimited) of each node a worker can use
+    usable = [(int(c), math.floor(g / gpus + 1e-9) if gpus else None) for c, g in nodes if c >= 1]
+    usable = [(c, slots) for c, slots in usable if slots != 0]
+    if not usable:
+        raise PipelineError(f"--gpus-per-worker {gpus:g} is more than any Ray node has (at most {max(g for _, g in nodes):g} GPUs)")
+
+    def fit(cpus):
+        return sum(c // cpus if slots is None else min(slots, c // cpus) for c, slots in usable)
+
+    most = max(c for c, _ in usable)
+    cpus = cpus_per_worker
+    if cpus is None and workers is not None:
+        cpus = next((n for n in range(most, 0, -1) if fit(n) >= workers), 1)
+    elif cpus is None:
+        cpus = min(c // slots if slots else c for c, slots in usable) or 1
+    if cpus > most:
+        raise PipelineError(f"--cpus-per-worker {cpus} is more than any Ray node has (at most {most} CPUs)")
+    workers = workers or fit(cpus)
+    if fit(cpus) < workers:
+        each = f"{cpus} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
+        raise PipelineError(
+            f"--workers {workers} with {each} each do not fit in the Ray cluster ({fit(cpus)} fit on its "
+            f"{len(nodes)} node(s)); lower --workers or --cpus-per-worker"
+        )
+    return WorkerPlan(workers, cpus, gpus)
+
+
+@dataclass(frozen=True)
+class WorkerSummary:
+    """What one actor's model resolved to (the driver's `.config`, `.weights`, `.taps`), and where it runs."""
+
+    config: ExtractConfig
+    weights: dict
+    taps: list
+    host: str
+
+
+def disagreement(summaries):
+    """One sentence on how the workers' models differ, or None when they all agree."""
+    first = summaries[0]
+    for other in summaries[1:]:
+        where = (first.host, other.host)
+        for key in ("precision", "xla"):
+            values = (getattr(first.config, key), getattr(other.config, key))
+            if values[0] != values[1]:
+                return (
+                    f"Ray workers resolved {key} differently ({values[0]} on {where[0]}, {values[1]} on {where[1]}); "
+                    "pass --precision and --xla explicitly so that every worker computes alike"
+                )
+        for name, record in first.weights.items():
+            theirs = other.weights.get(name, {}).get("sha256", "none")
+            if record["sha256"] != theirs:
+                return (
+                    f"Ray workers loaded different {name} weights (sha256 {record['sha256'][:12]} on {where[0]}, "
+                    f"{theirs[:12]} on {where[1]}); give every node the same weights"
+                )
+        if (first.config, first.taps) != (other.config, other.taps):
+            return f"Ray workers on {where[0]} and {where[1]} built different models; install the same version of this project on every node"
+    return None
+
+
+class ShardActor:
+    """One Ray worker process: a ShardWorker built on first use (again after a restart), then fed whole shards."""
+
+    def __init__(self, config, eager=False):
+        self.config, self.eager = config, eager
+        self._worker = None
+
+    def start(self):
+        """Build the model; say what it resolved to, so the driver can check that all workers agree."""
+        return self._summary()
+
+    def ping(self):
+        return True
+
+    def run_shard(self, job, run, out_dir):
+        """Compute and write one shard; yields the images done after each batch (a Ray streaming generator)."""
+        self._check_run(run, out_dir)
+        yield from self._built().steps([job], run, out_dir)
+
+    def _summary(self):
+        worker = self._built()
+        return WorkerSummary(worker.config, worker.weights, worker.taps, socket.gethostname())
+
+    def _built(self):
+        if self._worker is None:
+            from pipeline.engines.worker import ShardWorker  # TensorFlow loads here, in the process Ray set up
+
+            self._worker = ShardWorker(self.config, self.eager)
+        return self._worker
+
+    def _check_run(self, run, out_dir):
+        """A restarted worker may have landed on other hardware or a node that lacks the files."""
+        host = socket.gethostname()
+        for what, path in (("source", run.config["source"]), ("--out", out_dir)):
+            if not Path(path).exists():
+                raise PipelineError(
+                    f"{what} {path} does not exist on Ray node {host}; on a cluster the images and --out must be "
+                    "on a filesystem every node mounts at the same path"
+                )
+        settings = ExtractConfig(**{key: value for key, value in run.config.items() if key not in _SOURCE_KEYS})
+        problem = disagreement([WorkerSummary(settings, run.weights, run.taps, "the run's first workers"), self._summary()])
+        if problem:
+            raise PipelineError(problem)
+
+
+class RayEngine:
+    """Pending shards on a pool of Ray actors (see the module docstring); options as `pipeline extract` takes them."""
+
+    def __init__(self, address=None, workers=None, cpus_per_worker=None, gpus_per_worker=None):
+        ray_cluster.require_ray()  # a missing extra fails before anything starts
+        self.address, self.workers, self.cpus_per_worker, self.gpus_per_worker = address, workers, cpus_per_worker, gpus_per_worker
+        self._stack = contextlib.ExitStack()
+        self._ray = None
+        self._actors = []
+
+    def start(self, config, eager=False):
+        """Connect to Ray, start the actors and build their models; return their (agreed) WorkerSummary."""
+        ray = self._ray = self._stack.enter_context(ray_cluster.connected(self.address))
+        nodes = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]]
+        self.plan = plan_workers(nodes, self.workers, self.cpus_per_worker, self.gpus_per_worker)
+        threads = str(self.plan.cpus)
+        env = {
+            "TF_NUM_INTRAOP_THREADS": threads,  # TensorFlow's pools sized to the CPUs Ray gave, not the node's
+            "TF_NUM_INTEROP_THREADS": threads,
+            "HDF5_USE_FILE_LOCKING": os.environ.get("HDF5_USE_FILE_LOCKING", "FALSE"),  # as h5py advises on NFS
+        }
+        if not self.plan.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker on a GPU node stays off the GPUs
+        actor_class = ray.remote(ShardActor).options(
+            num_cpus=self.plan.cpus, num_gpus=self.plan.gpus, max_restarts=-1, max_task_retries=0, runtime_env={"env_vars": env},
+        )
+        self._actors = [actor_class.remote(config, eager) for _ in range(self.plan.workers)]
+        summaries = self._get([actor.start.remote() for actor in self._actors], "building its model")
+        problem = disagreement(summaries)
+        if problem:
+            raise PipelineError(problem)
+        return summaries[0]
+
+    def run(self, jobs, run, out_dir, progress):
+        """Compute every job on the actors, redoing the shard of a worker that dies; `progress(n)` over all of them."""
+        pool = _Pool(self._ray, self._actors, jobs, progress)
+        while pool.unfinished():
+            pool.dispatch(run, str(out_dir))
+            ready, _ = self._ray.wait(pool.waiting(), num_returns=1, timeout=_POLL_SECONDS)
+            for ref in ready:
+                pool.handle(ref)
+        _wait_until_visible(Path(out_dir), [job.index for job in jobs])
+
+    def close(self):
+        """Stop the actors, and the Ray this engine started (a Ray it found running is left running)."""
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors = []
+        self._stack.close()
+
+    def _get(self, refs, doing):
+        ray = self._ray
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            raise _user_error(e)
+        except ray.exceptions.RayActorError as e:
+            raise PipelineError(
+                f"a Ray worker died while {doing} ({_first_line(e)}); every node needs this project installed "
+                "(with its ray extra) and memory for the model"
+            ) from None
+
+
+class _Pool:
+    """The driver's view of one run: shards pending, running (a streaming generator each) and done; actors idle or restarting."""
+
+    def __init__(self, ray, actors, jobs, progress):
+        self.ray, self.progress = ray, progress
+        self.pending = collections.deque(jobs)
+        self.idle = collections.deque(actors)
+        self.running = {}  # streaming generator of run_shard -> _Attempt
+        self.reviving = {}  # ping of a dead actor Ray is restarting -> actor
+        self.counted = collections.Counter()  # images of each shard shown so far (a redone shard counts once)
+        self.deaths = collections.Counter()  # workers lost while running each shard
+        self.down_since = None
+
+    def unfinished(self):
+        return bool(self.pending or self.running)
+
+    def waiting(self):
+        return [*self.running, *self.reviving]
+
+    def dispatch(self, run, out_dir):
+        """Hand pending shards to idle actors; fail when no actor is left, or none came back in time."""
+        while self.pending and self.idle:
+            actor, job = self.idle.popleft(), self.pending.popleft()
+            self.running[actor.run_shard.remote(job, run, out_dir)] = _Attempt(actor, job)
+        if self.running or self.idle:
+            self.down_since = None
+        elif not self.reviving:
+            raise PipelineError("every Ray worker died and Ray could not restart any; rerun the same command to resume")
+        else:
+            self.down_since = self.down_since or time.monotonic()
+            if time.monotonic() - self.down_since > REVIVE_SECONDS:
+                raise PipelineError(
+                    f"no Ray worker has been alive for {REVIVE_SECONDS} s (Ray could not restart them: too few CPUs or GPUs "
+                    "left?); rerun the same command to resume"
+                )
+
+    def handle(self, ref):
+        """Act on a ready ref: a restarted actor's ping, or the next item (progress, end or error) of a shard."""
+        if ref in self.reviving:
+            self._revived(ref)
+            return
+        attempt = self.running[ref]
+        try:
+            images = self.ray.get(next(ref))
+        except StopIteration:
+            del self.running[ref]
+            self.idle.append(attempt.actor)
+            return
+        except self.ray.exceptions.RayActorError as e:
+            del self.running[ref]
+            self._lost(attempt, e)
+            return
+        except self.ray.exceptions.RayTaskError as e:
+            raise _user_error(e)
+        attempt.images += images
+        index = attempt.job.index
+        if attempt.images > self.counted[index]:
+            self.progress(attempt.images - self.counted[index])
+            self.counted[index] = attempt.images
+
+    def _lost(self, attempt, error):
+        """The actor died mid-shard: its shard goes first in line for another actor, and Ray restarts it."""
+        index = attempt.job.index
+        self.deaths[index] += 1
+        if self.deaths[index] >= MAX_ATTEMPTS:
+            raise PipelineError(
+                f"{shards.shard_filename(index)} killed its Ray worker {MAX_ATTEMPTS} times (last: {_first_line(error)}); "
+                "look for an image in it that crashes the decoder or needs more memory than a worker has"
+            ) from None
+        self.pending.appendleft(attempt.job)
+        self.reviving[attempt.actor.ping.remote()] = attempt.actor
+
+    def _revived(self, ref):
+        actor = self.reviving.pop(ref)
+        try:
+            self.ray.get(ref)
+            self.idle.append(actor)
+        except self.ray.exceptions.ActorDiedError:
+            pass  # gone for good; the others carry on
+        except self.ray.exceptions.RayActorError:
+            time.sleep(1.0)  # still restarting: ask again in a moment
+            self.reviving[actor.ping.remote()] = actor
+
+
+@dataclass
+class _Attempt:
+    """One shard handed to one actor, and the images it has reported so far."""
+
+    actor: object
+    job: object
+    images: int = 0
+
+
+def _user_error(error):
+    """A worker's PipelineError as the same one sentence; anything else (a bug) keeps its remote traceback."""
+    if isinstance(error.cause, PipelineError):
+        return PipelineError(str(error.cause))
+    return error
+
+
+def _first_line(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _wait_until_visible(out_dir, indices):
+    """Fail with one sentence when shards the workers wrote do not show up here: --out is not shared."""
+    deadline = time.monotonic() + VISIBLE_SECONDS
+    while True:
+        present = {path.name for path in shards.existing_shards(out_dir)}
+        missing = [shards.shard_filename(k) for k in indices if shards.shard_filename(k) not in present]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if missing:
+        raise PipelineError(
+            f"{missing[0]} was written by a Ray worker but is not in {out_dir} as this machine sees it; on a cluster "
+            "--out must be a filesystem every node mounts at the same path"
+        )
