@@ -395,6 +395,17 @@ def _components(ctx, param, value):
 
 _REDUCE = cfg.ReduceConfig()
 _HEAD = cfg.HeadConfig()
+_PARALLEL = cfg.ParallelConfig()
+
+
+def _engine_options(engine_help):
+    """--engine (with `engine_help`) and --ray-address, for the stage-two commands that can use Ray."""
+
+    def add(command):
+        command = click.option("--ray-address", default=_PARALLEL.ray_address, help="With --engine ray: 'auto' or HOST:PORT of a running cluster. Default: start a local Ray.")(command)
+        return click.option("--engine", default=_PARALLEL.engine, show_default=True, type=click.Choice(cfg.ENGINES), help=engine_help)(command)
+
+    return add
 
 
 @cli.command("reduce")
@@ -410,11 +421,15 @@ _HEAD = cfg.HeadConfig()
 @click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Share of each class hashed to test (rows whose source gave no split).")
 @click.option("--split-seed", default=_REDUCE.split_seed, show_default=True, type=click.IntRange(min=0), help="Salt of the id hash that assigns splits.")
 @click.option("--overwrite", is_flag=True, help="Replace a reduction with other settings in --out.")
-def reduce(features, out, overwrite, **options):
+@_engine_options("Where the incremental solver's per-shard sums are computed: here, or as Ray tasks (implies --solver incremental).")
+def reduce(features, out, overwrite, engine, ray_address, **options):
     """Scale and PCA-reduce the cached taps of FEATURES, fitted on train rows only."""
     from pipeline.reduce import reduce_features
 
-    result = reduce_features(features, out, cfg.ReduceConfig(**options), overwrite=overwrite)
+    parallel = cfg.ParallelConfig(engine=engine, ray_address=ray_address)
+    result = reduce_features(features, out, cfg.ReduceConfig(**options), overwrite, parallel.engine, parallel.ray_address)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if result.up_to_date:
         click.echo(f"{out} is up to date (same features manifest and settings); nothing to do")
         return
