@@ -465,17 +465,20 @@ def reduce(features, out, overwrite, engine, ray_address, **options):
 @click.option("--seed", default=_HEAD.seed, show_default=True, type=click.IntRange(min=0), help="Seeds weight init, dropout and shuffling; a rerun gives the same metrics.")
 @click.option("--name", help="Run id instead of one made from the config; with --sweep, a prefix of every run id.")
 @click.option("--sweep", type=click.Path(exists=True, dir_okay=False), help="TOML file with a [base] table of head options and a [grid] table of lists; every combination is a run. Options given here override [base].")
+@click.option("--jobs", default=_PARALLEL.jobs, show_default=True, type=click.IntRange(min=1), help="Runs trained at once, each in its own worker process with cores/jobs threads (1: one after another, here).")
+@_engine_options("Where the runs train: on this machine (see --jobs), or on a Ray cluster (--jobs runs at once).")
 @click.pass_context
-def train_heads(ctx, reduced, runs_dir, name, sweep, **options):
+def train_heads(ctx, reduced, runs_dir, name, sweep, jobs, engine, ray_address, **options):
     """Train Keras heads on REDUCED into RUNS, after a logistic-regression baseline; update the leaderboard."""
     from pipeline.train import sweep_configs, train
 
+    parallel = cfg.ParallelConfig(engine=engine, jobs=jobs, ray_address=ray_address)
     if sweep:
         given = {key: value for key, value in options.items() if ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE}
         configs = sweep_configs(sweep, given)
     else:
         configs = [cfg.HeadConfig(**options)]
-    for outcome in train(reduced, runs_dir, configs, name):
+    for outcome in train(reduced, runs_dir, configs, name, parallel, on_warning=lambda w: click.echo(f"warning: {w}", err=True)):
         click.echo(_outcome_line(outcome))
     click.echo(f"leaderboard: {os.path.join(runs_dir, 'leaderboard.csv')} (`pipeline runs {runs_dir}` prints it)")
 
@@ -500,9 +503,12 @@ _TABLE_COLUMNS = ("run_id", "kind", "val_accuracy", "test_accuracy", "val_macro_
 @click.option("--top", default=20, show_default=True, type=click.IntRange(min=1), help="Rows to show.")
 def runs(runs_dir, sort, top):
     """Print the leaderboard of RUNS as a table, best first; the linear-probe baseline is marked."""
-    from pipeline.train import METRIC_COLUMNS, read_leaderboard, sort_rows
+    from pipeline.train import METRIC_COLUMNS, leaderboard, sort_rows
 
-    rows = sort_rows(read_leaderboard(runs_dir), sort)
+    rows, warnings = leaderboard(runs_dir)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    rows = sort_rows(rows, sort)
     columns = _TABLE_COLUMNS if sort in _TABLE_COLUMNS else (*_TABLE_COLUMNS, sort)
     cells = [[_cell(column, row[column], METRIC_COLUMNS) for column in columns] for row in rows[:top]]
     widths = [max([len(column), *(len(line[i]) for line in cells)]) for i, column in enumerate(columns)]

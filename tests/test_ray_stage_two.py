@@ -1,4 +1,4 @@
-"""Stage two on a local two-CPU Ray: the incremental solver's per-shard sums as Ray tasks."""
+"""Stage two on a local two-CPU Ray: per-shard reduce sums and a sweep through joblib's Ray backend."""
 
 import joblib
 import numpy as np
@@ -6,12 +6,25 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from test_parallel import SWEEP, run_files  # noqa: E402
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module (the commands use a Ray that is already up, and leave it running)."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def test_a_ray_sweep_gives_the_metrics_of_a_sequential_one(local_ray, features_dir, tmp_path, run_cli):
+    run_cli("reduce", features_dir(n=120), "--out", tmp_path / "reduced", "--components", 6)
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(SWEEP)
+    run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "one", "--sweep", sweep)
+    on_ray = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "ray", "--sweep", sweep, "--engine", "ray", "--jobs", 2)
+    assert on_ray.output.count("val accuracy") == 3
+    assert run_files(tmp_path / "ray") == run_files(tmp_path / "one")
 
 
 def test_ray_reduce_equals_the_local_incremental_solver(local_ray, features_dir, tmp_path, run_cli):
