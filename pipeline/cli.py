@@ -352,7 +352,7 @@ def export(run, out, image_size, weights):
 
 @cli.command()
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False), help="Directory for bench.json and bench.md.")
-@click.option("--quick", is_flag=True, help="About a minute: 64 px, 32 images, 1 run, tiny stage two; a smoke test, not a measurement.")
+@click.option("--quick", is_flag=True, help="A few minutes: 64 px, 32 images, 1 run, tiny stage two; a smoke test, not a measurement.")
 @click.option("--image-size", type=click.IntRange(min=32), help="Model input side. Default: 224 (64 with --quick).")
 @click.option("--tap", "taps", multiple=True, help="BACKBONE:LAYER of stage one, as for extract; repeat. Default: extract's default taps.")
 @click.option("--images", type=click.IntRange(min=1), help="Corpus images for the extract, decode and baseline stages. Default: 64 (32 with --quick).")
@@ -360,7 +360,7 @@ def export(run, out, image_size, weights):
 @click.option("--repeats", type=click.IntRange(min=1), help="Timed runs per figure, after a warm-up. Default: 3 (1 with --quick).")
 @click.option("--data", envvar="BENCH_DATA", type=click.Path(exists=True), help="Your images (folder or CSV; the first --images) instead of the generated corpus. Env: BENCH_DATA.")
 @click.option("--weights", default="random", show_default=True, help="As for extract; speed does not depend on the values, the fidelity check does.")
-@click.option("--skip", multiple=True, help="Stage not to run, repeat for several: model, extract, decode, baseline, flops, fast-decode, reduce, heads.")
+@click.option("--skip", multiple=True, help="Stage not to run, repeat for several: model, extract, decode, baseline, flops, fast-decode, reduce, heads, sweep.")
 def bench(out, quick, taps, data, weights, skip, **sizes):
     """Measure every stage against its bound and a tutorial-style baseline; write bench.json and bench.md."""
     from pathlib import Path
