@@ -251,3 +251,17 @@ def test_a_damaged_transform_or_head_is_one_sentence_naming_it(head_run, tmp_pat
     result = run_cli(*args, code=1)
     assert f"{run / 'model.keras'} is damaged: its sha256 is not the one config.json recorded" in result.output
     assert "rerun the `pipeline train` command that made it" in result.output and "Traceback" not in result.output
+
+
+def test_dirs_from_before_the_sha256_fields_still_load(head_run, tmp_path):
+    from pipeline.reduce import load_reduced
+
+    run = copy_lineage(head_run, tmp_path)
+    reduced = tmp_path / "copy" / "reduced"
+    edit_json(reduced / "reduce.json", lambda r: r.pop("outputs"))
+    edit_json(run / "config.json", lambda c: c.pop("model_sha256"))
+    reseal(run)
+    lineage = load_lineage(run)
+    assert lineage.load_transform().pca_.n_components_ == 6
+    assert lineage.load_head().output_shape == (None, 3)
+    assert load_reduced(reduced).X.shape == (24, 6)
