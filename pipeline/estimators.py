@@ -125,18 +125,12 @@ class TapTransform(TransformerMixin, BaseEstimator):
         self.pca_.fit(self.scale(X))
         return self
 
-    def fit_batches(self, batches):
-        """Fit from `batches()`, a callable returning a fresh iterator of train-row chunks.
-
-        Two streaming passes (scaler statistics, then the covariance of the scaled rows), so
-        memory is one chunk plus a features x features matrix, however many rows there are.
-        """
-        dim = int(np.sum(self.tap_dims))
-        self.fit_scaling(moment_sums(batches(), dim))
-        return self.fit_covariance(gram_sums(map(self.scale, batches()), dim))
-
     def fit_scaling(self, moments):
-        """First step of a streaming fit: the scaling, from the Moments of the train rows."""
+        """First step of a streaming fit (solver="incremental"): the scaling, from the Moments of the train rows.
+
+        Two streaming passes (this, then fit_covariance), so memory is one chunk plus a features x
+        features matrix, however many rows there are.
+        """
         self._set_scaling(moments.standard_scaler())
         return self
 
@@ -180,8 +174,8 @@ class CovariancePCA(TransformerMixin, BaseEstimator):
     """Exact PCA from the covariance matrix, accumulated one chunk of rows at a time.
 
     Each chunk adds its float32 Gram matrix into a float64 sum (GramSums); one symmetric
-    eigendecomposition at the end gives the components. The rows it sees are already centered by the scaler, so
-    subtracting the mean afterwards loses no precision. Fitted attributes mirror scikit-learn's
+    eigendecomposition at the end gives the components. The rows it sees are already centered by
+    the scaler, so subtracting the mean afterwards loses no precision. Fitted attributes mirror scikit-learn's
     PCA (mean_, components_, explained_variance_, explained_variance_ratio_, n_components_),
     with the same sign convention.
     """
