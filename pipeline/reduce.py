@@ -294,11 +294,17 @@ def _previous(out_dir, manifest_sha256, config, overwrite):
 def output_damage(reduced_dir, report):
     """What is missing or changed among a reduced dir's outputs (a sentence's start), or None when they are intact.
 
-    Reduced dirs written before reduce.json recorded its outputs' sha256 are checked for presence only.
+    A reduced dir written before reduce.json recorded its outputs' sha256 only needs a reduced.h5 that opens.
     """
     missing = [name for name in OUTPUT_NAMES if not (reduced_dir / name).is_file()]
     if missing:
         return f"{reduced_dir} lacks {', '.join(missing)}"
+    if "outputs" not in report:
+        try:
+            with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
+                f["X"].shape
+        except (OSError, KeyError) as e:
+            return f"{reduced_dir / REDUCED_NAME} cannot be read ({str(e).splitlines()[0]})"
     for name, recorded in report.get("outputs", {}).items():
         actual = sha256_file(reduced_dir / name)
         if actual != recorded:

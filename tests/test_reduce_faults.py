@@ -133,6 +133,18 @@ def test_a_truncated_reduced_h5_is_rebuilt_by_reduce_and_refused_by_train(reduce
     assert "already done" in run_cli("train", out, "--runs", tmp_path / "runs", "--hidden", 4, "--epochs", 1).output
 
 
+def test_a_truncated_reduced_h5_from_before_the_sha256_fields_is_reduced_again(reduced, run_cli):
+    features, out = reduced
+    report = json.loads((out / "reduce.json").read_text())
+    del report["outputs"]
+    (out / "reduce.json").write_text(json.dumps(report))
+    data = (out / "reduced.h5").read_bytes()
+    (out / "reduced.h5").write_bytes(data[: len(data) // 2])
+    repaired = run_cli("reduce", features, "--out", out, "--components", 4)
+    assert f"{out / 'reduced.h5'} cannot be read (" in repaired.output and "so it was reduced again" in repaired.output
+    assert load_reduced(out).X.shape == (90, 4)
+
+
 def test_reruns_write_byte_identical_reduced_files(features_dir, tmp_path):
     features = features_dir(n=90, shard_size=30)
     for name in ("one", "two"):
