@@ -147,7 +147,7 @@ def locked(lock_file, what, *, shared=False, wait=False):
     """
     lock_file = Path(lock_file)
     try:
-        handle = open(lock_file, "a+")
+        handle = open(lock_file, "a+b", buffering=0)  # unbuffered: nothing is left to flush (and fail) at close
     except OSError as e:
         raise PipelineError(f"cannot write to {lock_file.parent} ({e.strerror}); {what} needs a writable directory") from None
     with handle:
@@ -158,12 +158,13 @@ def locked(lock_file, what, *, shared=False, wait=False):
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = handle.read().decode(errors="replace").strip() or "another process"
             raise LockBusy(
                 f"{what} is in use by {holder} (lock {lock_file}); wait for it to finish or stop it, then rerun"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
+        try:
+            handle.truncate(0)
+            handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only without the note of who holds it
         yield

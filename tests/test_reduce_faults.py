@@ -49,6 +49,14 @@ def test_a_second_reduce_into_one_out_fails_naming_the_process(reduced, run_cli)
     assert load_reduced(out).X.shape[1] == 5
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_lock_whose_holder_note_cannot_be_written_still_locks():
+    """Regression: on a full disk the lock file's buffered note failed at close, masking the command's own error."""
+    with pytest.raises(RuntimeError, match="the command's own error"):
+        with locked("/dev/full", "test"):  # every write to /dev/full fails with ENOSPC
+            raise RuntimeError("the command's own error")
+
+
 def test_two_reduces_with_other_settings_at_once_leave_one_consistent_reduction(features_dir, tmp_path):
     """Regression: both used to write one fixed .partial dir, leaving reduce.json of one and transform.joblib of the other."""
     features, out = features_dir(n=300, shard_size=50), tmp_path / "reduced"
