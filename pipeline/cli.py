@@ -383,7 +383,7 @@ def export(run, out, format_, **options):
 
 @cli.command()
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False), help="Directory for bench.json and bench.md.")
-@click.option("--quick", is_flag=True, help="About a minute: 64 px, 32 images, 1 run, tiny stage two; a smoke test, not a measurement.")
+@click.option("--quick", is_flag=True, help="A few minutes: 64 px, 32 images, 1 run, tiny stage two; a smoke test, not a measurement.")
 @click.option("--image-size", type=click.IntRange(min=32), help="Model input side. Default: 224 (64 with --quick).")
 @click.option("--tap", "taps", multiple=True, help="BACKBONE:LAYER of stage one, as for extract; repeat. Default: extract's default taps.")
 @click.option("--images", type=click.IntRange(min=1), help="Corpus images for the extract, decode and baseline stages. Default: 64 (32 with --quick).")
@@ -426,6 +426,17 @@ def _components(ctx, param, value):
 
 _REDUCE = cfg.ReduceConfig()
 _HEAD = cfg.HeadConfig()
+_PARALLEL = cfg.ParallelConfig()
+
+
+def _engine_options(engine_help):
+    """--engine (with `engine_help`) and --ray-address, for the stage-two commands that can use Ray."""
+
+    def add(command):
+        command = click.option("--ray-address", default=_PARALLEL.ray_address, help="With --engine ray: 'auto' or HOST:PORT of a running cluster. Default: start a local Ray.")(command)
+        return click.option("--engine", default=_PARALLEL.engine, show_default=True, type=click.Choice(cfg.ENGINES), help=engine_help)(command)
+
+    return add
 
 
 @cli.command("reduce")
@@ -441,11 +452,15 @@ _HEAD = cfg.HeadConfig()
 @click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Share of each class hashed to test (rows whose source gave no split).")
 @click.option("--split-seed", default=_REDUCE.split_seed, show_default=True, type=click.IntRange(min=0), help="Salt of the id hash that assigns splits.")
 @click.option("--overwrite", is_flag=True, help="Replace a reduction with other settings in --out.")
-def reduce(features, out, overwrite, **options):
+@_engine_options("Where the incremental solver's per-shard sums are computed: here, or as Ray tasks (implies --solver incremental).")
+def reduce(features, out, overwrite, engine, ray_address, **options):
     """Scale and PCA-reduce the cached taps of FEATURES, fitted on train rows only."""
     from pipeline.reduce import reduce_features
 
-    result = reduce_features(features, out, cfg.ReduceConfig(**options), overwrite=overwrite)
+    parallel = cfg.ParallelConfig(engine=engine, ray_address=ray_address)
+    result = reduce_features(features, out, cfg.ReduceConfig(**options), overwrite, parallel.engine, parallel.ray_address)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if result.up_to_date:
         click.echo(f"{out} is up to date (same features manifest and settings); nothing to do")
         return
@@ -481,17 +496,20 @@ def reduce(features, out, overwrite, **options):
 @click.option("--seed", default=_HEAD.seed, show_default=True, type=click.IntRange(min=0), help="Seeds weight init, dropout and shuffling; a rerun gives the same metrics.")
 @click.option("--name", help="Run id instead of one made from the config; with --sweep, a prefix of every run id.")
 @click.option("--sweep", type=click.Path(exists=True, dir_okay=False), help="TOML file with a [base] table of head options and a [grid] table of lists; every combination is a run. Options given here override [base].")
+@click.option("--jobs", default=_PARALLEL.jobs, show_default=True, type=click.IntRange(min=1), help="Runs trained at once, each in its own worker process with cores/jobs threads (1: one after another, here).")
+@_engine_options("Where the runs train: on this machine (see --jobs), or on a Ray cluster (--jobs runs at once).")
 @click.pass_context
-def train_heads(ctx, reduced, runs_dir, name, sweep, **options):
+def train_heads(ctx, reduced, runs_dir, name, sweep, jobs, engine, ray_address, **options):
     """Train Keras heads on REDUCED into RUNS, after a logistic-regression baseline; update the leaderboard."""
     from pipeline.train import sweep_configs, train
 
+    parallel = cfg.ParallelConfig(engine=engine, jobs=jobs, ray_address=ray_address)
     if sweep:
         given = {key: value for key, value in options.items() if ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE}
         configs = sweep_configs(sweep, given)
     else:
         configs = [cfg.HeadConfig(**options)]
-    for outcome in train(reduced, runs_dir, configs, name):
+    for outcome in train(reduced, runs_dir, configs, name, parallel, on_warning=lambda w: click.echo(f"warning: {w}", err=True)):
         click.echo(_outcome_line(outcome))
     click.echo(f"leaderboard: {os.path.join(runs_dir, 'leaderboard.csv')} (`pipeline runs {runs_dir}` prints it)")
 
@@ -516,9 +534,12 @@ _TABLE_COLUMNS = ("run_id", "kind", "val_accuracy", "test_accuracy", "val_macro_
 @click.option("--top", default=20, show_default=True, type=click.IntRange(min=1), help="Rows to show.")
 def runs(runs_dir, sort, top):
     """Print the leaderboard of RUNS as a table, best first; the linear-probe baseline is marked."""
-    from pipeline.train import METRIC_COLUMNS, read_leaderboard, sort_rows
+    from pipeline.train import METRIC_COLUMNS, leaderboard, sort_rows
 
-    rows = sort_rows(read_leaderboard(runs_dir), sort)
+    rows, warnings = leaderboard(runs_dir)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    rows = sort_rows(rows, sort)
     columns = _TABLE_COLUMNS if sort in _TABLE_COLUMNS else (*_TABLE_COLUMNS, sort)
     cells = [[_cell(column, row[column], METRIC_COLUMNS) for column in columns] for row in rows[:top]]
     widths = [max([len(column), *(len(line[i]) for line in cells)]) for i, column in enumerate(columns)]

@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.engines import ENGINES  # noqa: F401  (the CLI offers them from here)
 from pipeline.errors import PipelineError
 
 BACKBONES = ("resnet50", "vgg16")
@@ -288,6 +289,22 @@ class HeadConfig(_Config):
     @classmethod
     def option_names(cls):
         return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Where stage two computes. It changes no output beyond the order of float64 additions, so it is not hashed."""
+
+    engine: str = "local"  # local: this machine; ray: a Ray cluster (reduce: per-shard sums; train: the sweep's runs)
+    jobs: int = 1  # train: runs trained at once, each in its own process (1 = in this process)
+    ray_address: str | None = None  # engine ray: "auto", HOST:PORT, or None to start a local Ray
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_choice("engine", self.engine, ENGINES)
+        _check_range("jobs", self.jobs, 1)
+        if self.ray_address is not None and self.engine != "ray":
+            raise PipelineError(f"--ray-address {self.ray_address} is for --engine ray; add --engine ray or leave it out")
 
 
 

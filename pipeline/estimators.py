@@ -1,7 +1,10 @@
 """The fitted estimators of stage two (a): per-tap scaling + PCA, and the streaming covariance PCA.
 
 Both follow scikit-learn's conventions (parameters in __init__, learned state ends in `_`), so
-they pickle into transform.joblib and compose with scikit-learn tools.
+they pickle into transform.joblib and compose with scikit-learn tools. The streaming fit is two
+sums over chunks of train rows (`Moments`, then `GramSums` of the scaled rows); a sum over part of
+the rows (one shard, on a Ray worker) adds to the sums of the other parts, so the same functions
+serve the local loop and the distributed one.
 """
 
 import numpy as np
@@ -11,6 +14,97 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
 RANDOMIZED_SEED = 0  # the randomized SVD is seeded so that a rerun writes the same numbers
+_EPS = np.finfo(np.float64).eps
+
+
+class Moments:
+    """Per-feature count, sum and sum of squared deviations from the mean of the rows added so far.
+
+    Two parts merge exactly (Chan, Golub and LeVeque's pairwise update), so the order in which
+    chunks or shards are added changes the result only by float64 rounding.
+    """
+
+    def __init__(self, dim):
+        self.count = 0
+        self.total = np.zeros(dim)
+        self.squares = np.zeros(dim)
+
+    def add_rows(self, X):
+        """Add a chunk of rows (float32 or float64); the chunk's own statistics are taken in float64."""
+        part = Moments(X.shape[1])
+        if len(X):
+            part.count = len(X)
+            part.total = X.sum(axis=0, dtype=np.float64)
+            deviations = X - part.total / part.count  # float64
+            part.squares = np.einsum("ij,ij->j", deviations, deviations)
+        self += part
+        return self
+
+    def __iadd__(self, other):
+        if other.count:
+            count = self.count + other.count
+            gap = other.total / other.count - (self.total / self.count if self.count else 0.0)
+            self.squares = self.squares + other.squares + gap**2 * (self.count * other.count / count)
+            self.total = self.total + other.total
+            self.count = count
+        return self
+
+    def standard_scaler(self):
+        """A fitted StandardScaler of these rows, as StandardScaler.fit would make it (constant features get scale 1)."""
+        scaler = StandardScaler()
+        scaler.n_features_in_ = len(self.total)
+        scaler.n_samples_seen_ = self.count
+        scaler.mean_ = self.total / self.count
+        scaler.var_ = self.squares / self.count
+        scale = np.sqrt(scaler.var_)
+        # scikit-learn's test for a constant feature: a variance within float64 rounding of zero
+        constant = scaler.var_ <= self.count * _EPS * scaler.var_ + (self.count * scaler.mean_ * _EPS) ** 2
+        scale[constant] = 1.0
+        scaler.scale_ = scale
+        return scaler
+
+
+class GramSums:
+    """Row count, column sums and Gram matrix (X.T @ X) of the rows added so far, in float64."""
+
+    def __init__(self, dim):
+        self.count = 0
+        self.total = np.zeros(dim)
+        self.gram = np.zeros((dim, dim))
+
+    def add_rows(self, X):
+        X = np.asarray(X, dtype=np.float32)
+        self.count += len(X)
+        self.total += X.sum(axis=0, dtype=np.float64)
+        self.gram += X.T @ X  # a float32 product added in place: no float64 copy of it
+        return self
+
+    def __iadd__(self, other):
+        self.count += other.count
+        self.total += other.total
+        self.gram += other.gram
+        return self
+
+    def mean_and_covariance(self):
+        """The rows' mean and unbiased covariance; exact when the rows are (roughly) centered, as scaled rows are."""
+        mean = self.total / self.count
+        return mean, (self.gram - self.count * np.outer(mean, mean)) / (self.count - 1)
+
+
+def moment_sums(chunks, dim):
+    """Moments of every row of an iterable of (rows, dim) chunks."""
+    moments = Moments(dim)
+    for X in chunks:
+        moments.add_rows(X)
+    return moments
+
+
+def gram_sums(chunks, dim):
+    """GramSums of every row of an iterable of (rows, dim) chunks."""
+    sums = GramSums(dim)
+    for X in chunks:
+        sums.add_rows(X)
+    return sums
 
 
 class TapTransform(TransformerMixin, BaseEstimator):
@@ -37,19 +131,19 @@ class TapTransform(TransformerMixin, BaseEstimator):
         self.pca_.fit(self.scale(X))
         return self
 
-    def fit_batches(self, batches):
-        """Fit from `batches()`, a callable returning a fresh iterator of train-row chunks.
+    def fit_scaling(self, moments):
+        """First step of a streaming fit (solver="incremental"): the scaling, from the Moments of the train rows.
 
-        Two streaming passes (scaler statistics, then the covariance of the scaled rows), so
-        memory is one chunk plus a features x features matrix, however many rows there are.
+        Two streaming passes (this, then fit_covariance), so memory is one chunk plus a features x
+        features matrix, however many rows there are.
         """
+        return self.set_scaling(moments.standard_scaler())
+
+    def fit_covariance(self, sums):
+        """Second step of a streaming fit: the PCA, from the GramSums of the scaled train rows."""
         if self.solver != "incremental":
-            raise ValueError(f"fit_batches needs solver='incremental', not {self.solver!r}")
-        scaler = StandardScaler()
-        for X in batches():
-            scaler.partial_fit(X)
-        self.set_scaling(scaler)
-        self.pca_ = CovariancePCA(self.n_components, whiten=self.whiten).fit_batches(map(self.scale, batches()))
+            raise ValueError(f"a streaming fit needs solver='incremental', not {self.solver!r}")
+        self.pca_ = CovariancePCA(self.n_components, whiten=self.whiten).fit_sums(sums)
         return self
 
     def set_scaling(self, scaler):
@@ -83,40 +177,23 @@ class TapTransform(TransformerMixin, BaseEstimator):
         return [tuple(np.divide(pair, totals, out=np.zeros(2), where=totals > 0)) for pair in per_tap]
 
 
-def batch_covariance(batches):
-    """(mean, unbiased covariance, rows) of an iterable of (rows, features) chunks, in one pass.
-
-    Each chunk adds its float32 Gram matrix into a float64 sum, so the rows should be (roughly)
-    centered already: subtracting the mean at the end then loses no precision.
-    """
-    rows, total, gram = 0, None, None
-    for X in batches:
-        X = np.asarray(X, dtype=np.float32)
-        if gram is None:
-            total, gram = np.zeros(X.shape[1]), np.zeros((X.shape[1], X.shape[1]))
-        rows += len(X)
-        total += X.sum(axis=0, dtype=np.float64)
-        gram += X.T @ X  # added in place: no float64 copy of the product
-    mean = total / rows
-    return mean, (gram - rows * np.outer(mean, mean)) / (rows - 1), rows
-
-
 class CovariancePCA(TransformerMixin, BaseEstimator):
-    """Exact PCA from the covariance matrix, accumulated one chunk of rows at a time (batch_covariance).
+    """Exact PCA from the covariance matrix, accumulated one chunk of rows at a time.
 
-    One symmetric eigendecomposition of the top n_components gives the components. The rows
-    reduce feeds it are already centered by the scaler, so subtracting the mean afterwards loses
-    no precision. Fitted attributes mirror scikit-learn's PCA (mean_, components_,
-    explained_variance_, explained_variance_ratio_, n_components_), with the same sign convention.
+    Each chunk adds its float32 Gram matrix into a float64 sum (GramSums); one symmetric
+    eigendecomposition of the top n_components at the end gives the components. The rows it sees
+    are already centered by the scaler, so subtracting the mean afterwards loses no precision.
+    Fitted attributes mirror scikit-learn's PCA (mean_, components_, explained_variance_,
+    explained_variance_ratio_, n_components_), with the same sign convention.
     """
 
     def __init__(self, n_components, whiten=False):
         self.n_components = n_components
         self.whiten = whiten
 
-    def fit_batches(self, batches):
-        """Fit from an iterable of (rows, features) chunks."""
-        return self.fit_covariance(*batch_covariance(batches))
+    def fit_sums(self, sums):
+        """Fit from the GramSums of the rows."""
+        return self.fit_covariance(*sums.mean_and_covariance(), sums.count)
 
     def fit_covariance(self, mean, covariance, rows):
         """Fit from the mean and (unbiased) covariance of `rows` rows, say one block of a wider covariance."""

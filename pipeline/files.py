@@ -20,6 +20,15 @@ from pipeline.errors import PipelineError
 
 # .<name>.<pid>.<8 hex>.tmp: what temp_sibling makes, so leftovers can be told from a user's own files.
 _TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+# errno values of a write that fails for lack of room or rights, not because of a bug
+STORAGE_ERRORS = {
+    errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+}
+
+
+class LockBusy(PipelineError):
+    """`locked` without `wait` found the lock held by another process."""
 
 
 def temp_sibling(path):
@@ -28,9 +37,27 @@ def temp_sibling(path):
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def leftover_temps(directory):
-    """Temp files and dirs that temp_sibling made in `directory` (say, by a killed run)."""
-    return sorted(p for p in Path(directory).iterdir() if _TEMP_PATTERN.match(p.name))
+def leftover_temps(directory, name=None):
+    """Temp files and dirs that temp_sibling made in `directory` (say, by a killed run); only those for `name` if given."""
+    found = ((p, _TEMP_PATTERN.match(p.name)) for p in Path(directory).iterdir())
+    return sorted(p for p, match in found if match and name in (None, match["name"]))
+
+
+def lock_beside(path):
+    """The lock file of an output that is replaced by renaming (so a lock inside it would move away with it)."""
+    path = Path(path).absolute()
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def storage_errors(what, remedy):
+    """Turn a write that fails for lack of room or rights into one sentence: `what` could not be written; `remedy`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        raise PipelineError(f"cannot write {what}: {STORAGE_ERRORS[e.errno]}; {remedy}") from None
 
 
 def remove(path):
@@ -66,15 +93,25 @@ def atomic_dir(path):
     staging.mkdir(parents=True)
     try:
         yield staging
-        if path.exists():
-            old = temp_sibling(path)
-            path.rename(old)
-            staging.rename(path)
-            remove(old)
-        else:
-            staging.rename(path)
+        replace_dir(staging, path)
     finally:
         remove(staging)
+
+
+def replace_dir(new, path):
+    """Rename the directory `new` to `path`; an existing `path` is renamed aside first and deleted afterwards."""
+    path = Path(path)
+    if not path.exists():
+        Path(new).rename(path)
+        return
+    old = temp_sibling(path)
+    path.rename(old)
+    try:
+        Path(new).rename(path)
+    except BaseException:
+        old.rename(path)  # put the old directory back rather than leave none
+        raise
+    remove(old)
 
 
 def write_json(path, obj):
@@ -110,7 +147,7 @@ def locked(lock_file, what, *, shared=False, wait=False):
     """
     lock_file = Path(lock_file)
     try:
-        handle = open(lock_file, "a+")
+        handle = open(lock_file, "a+b", buffering=0)  # unbuffered: nothing is left to flush (and fail) at close
     except OSError as e:
         raise PipelineError(f"cannot write to {lock_file.parent} ({e.strerror}); {what} needs a writable directory") from None
     with handle:
@@ -121,12 +158,13 @@ def locked(lock_file, what, *, shared=False, wait=False):
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise PipelineError(
+            holder = handle.read().decode(errors="replace").strip() or "another process"
+            raise LockBusy(
                 f"{what} is in use by {holder} (lock {lock_file}); wait for it to finish or stop it, then rerun"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
+        try:
+            handle.truncate(0)
+            handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only without the note of who holds it
         yield

@@ -129,6 +129,7 @@ class Lineage:
     report: dict  # reduce.json
     features_dir: Path
     manifest: dict  # the features' manifest.json
+    run: dict = dataclasses.field(default_factory=dict)  # the run's config.json
 
     @property
     def taps(self) -> tuple[str, ...]:
@@ -172,14 +173,33 @@ class Lineage:
         return {name: self.manifest["weights"][name] for name in backbones}
 
     def load_transform(self):
+        """The fitted scaling + PCA, checked against the sha256 reduce.json recorded (when it recorded one)."""
         import joblib
 
-        return joblib.load(self.reduced_dir / TRANSFORM_NAME)
+        path = self.reduced_dir / TRANSFORM_NAME
+        remedy = "rerun the `pipeline reduce` command that made it (the same settings rebuild it)"
+        _check_sha256(path, self.report.get("outputs", {}).get(TRANSFORM_NAME), REPORT_NAME, remedy)
+        try:
+            return joblib.load(path)
+        except Exception as e:  # unpickling a damaged file fails in many ways (EOFError, KeyError, UnpicklingError, ...)
+            raise PipelineError(f"{path} cannot be loaded ({type(e).__name__}: {e}); it is damaged, so {remedy}") from None
 
     def load_head(self):
+        """The trained head, checked against the sha256 the run recorded (when it recorded one)."""
         import keras
 
-        return keras.saving.load_model(self.run_dir / HEAD_NAME, compile=False)
+        path = self.run_dir / HEAD_NAME
+        remedy = "rerun the `pipeline train` command that made it, which trains a damaged run again"
+        _check_sha256(path, self.run.get("model_sha256"), RUN_CONFIG_NAME, remedy)
+        try:
+            return keras.saving.load_model(path, compile=False)
+        except Exception as e:  # Keras reports a damaged zip as anything from "file not found" to a ValueError
+            raise PipelineError(f"{path} cannot be loaded ({type(e).__name__}); it is damaged, so {remedy}") from None
+
+
+def _check_sha256(path, recorded, record_name, remedy):
+    if recorded is not None and sha256_file(path) != recorded:
+        raise PipelineError(f"{path} is damaged: its sha256 is not the one {record_name} recorded; {remedy}")
 
 
 def load_lineage(run_dir: Path | str) -> Lineage:
@@ -188,7 +208,13 @@ def load_lineage(run_dir: Path | str) -> Lineage:
     config_path = run_dir / RUN_CONFIG_NAME
     if not config_path.is_file():
         raise PipelineError(f"{run_dir} is not a run directory: it has no {RUN_CONFIG_NAME}; give RUNS/<run id>")
-    run = read_json(config_path)
+    try:
+        run = read_json(config_path)
+    except (OSError, ValueError) as e:
+        raise PipelineError(
+            f"{config_path} is not readable JSON ({e}); rerun the `pipeline train` command that made the run, "
+            "which trains a damaged run again"
+        ) from None
     if run.get("kind") != "head":
         raise PipelineError(f"run {run_dir.name} is a {run.get('kind')} run without a Keras head; choose a head run")
     if not (run_dir / HEAD_NAME).is_file():
@@ -207,5 +233,5 @@ def load_lineage(run_dir: Path | str) -> Lineage:
         "the features changed since reduce, so reduce and train again",
     )
     manifest = read_record(features_dir / MANIFEST_NAME, FEATURES_FORMAT, "extract again")
-    return Lineage(run_dir, reduced_dir, report, features_dir, manifest)
+    return Lineage(run_dir, reduced_dir, report, features_dir, manifest, run)
 

@@ -2,11 +2,12 @@
 
 `predict` follows the run's lineage (see lineage.py) back to the extraction, reruns that
 extraction on the new images through stage one itself (same tf.data path, same error handling,
-into a temporary features dir), then applies the fitted transform and the head.
+into a scratch features dir beside --out), then applies the fitted transform and the head.
+One predict at a time writes a given --out (a lock file beside it); under that lock, scratch
+dirs and half-written CSVs of that name are a killed predict's, so they are removed.
 """
 
 import csv
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import shards
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, leftover_temps, lock_beside, locked, make_dir, remove, storage_errors, temp_sibling
 from pipeline.lineage import load_lineage
 from pipeline.sources import Listing
 
@@ -59,17 +60,25 @@ def predict(
         weights=weights, precision=precision, xla=None, batch_size=batch_size, storage_dtype="float32", on_error="skip"
     )
     transform, head = lineage.load_transform(), lineage.load_head()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(out).absolute()
+    make_dir(out.parent, "--out's folder")
     probabilities = {}
-    with tempfile.TemporaryDirectory(prefix=".predict-", dir=out.parent) as scratch:
-        result = extract(
-            config, listing, Path(scratch) / "features", progress=progress, expected_weights=lineage.expected_weights(config.backbones)
-        )
-        for ids, _, _, X in shards.iter_feature_chunks(result.out_dir, result.manifest, list(lineage.taps), CHUNK_ROWS):
-            probabilities.update(zip(ids, predict_proba(head, transform.transform(X))))
-    errors = {error["id"]: error for error in result.manifest["errors"]}
-    _write_csv(out, listing.records, probabilities, errors, lineage.classes, min(top_k, len(lineage.classes)))
+    before = f"the previous {out.name} is unchanged" if out.exists() else f"no {out.name} was written"
+    with locked(lock_beside(out), f"predictions file {out}"):
+        for leftover in leftover_temps(out.parent, out.name):
+            remove(leftover)
+        with storage_errors(f"{out} (or the scratch features beside it)", f"{before}; free space (or fix the rights) and rerun"):
+            scratch = temp_sibling(out)  # beside --out, where there is room for what it writes, not in a small /tmp
+            try:
+                result = extract(
+                    config, listing, scratch / "features", progress=progress, expected_weights=lineage.expected_weights(config.backbones)
+                )
+                for ids, _, _, X in shards.iter_feature_chunks(result.out_dir, result.manifest, list(lineage.taps), CHUNK_ROWS):
+                    probabilities.update(zip(ids, predict_proba(head, transform.transform(X))))
+            finally:
+                remove(scratch)
+            errors = {error["id"]: error for error in result.manifest["errors"]}
+            _write_csv(out, listing.records, probabilities, errors, lineage.classes, min(top_k, len(lineage.classes)))
     correct, labelled, unknown = _score(listing, probabilities, lineage.classes)
     return PredictResult(out, len(probabilities), list(errors.values()), correct, labelled, unknown, result.warnings)
 

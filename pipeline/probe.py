@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from pipeline import shards
 from pipeline.config import ReduceConfig, tap_backbone
-from pipeline.estimators import RANDOMIZED_SEED, CovariancePCA, TapTransform, batch_covariance
+from pipeline.estimators import RANDOMIZED_SEED, CovariancePCA, Moments, TapTransform, gram_sums
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, Link, follow_link, link
@@ -268,18 +268,18 @@ def _train_covariance(source, tap_dims, is_train):
     scaling is a per-feature factor, so the scaled covariance is the raw one times both factors.
     """
     config = source.config
-    scaler = StandardScaler()
+    moments = Moments(sum(tap_dims))
 
     def centered_chunks():
         shift = None
         for X in masked_chunks(source.features_dir, source.manifest, config.taps, is_train, config.batch_rows):
-            scaler.partial_fit(X)
+            moments.add_rows(X)
             if shift is None:
-                shift = scaler.mean_.astype(np.float32)  # near the mean, so the float32 Gram products stay accurate
+                shift = (moments.total / moments.count).astype(np.float32)  # near the mean, so the float32 Gram products stay accurate
             yield X - shift
 
-    _, covariance, _ = batch_covariance(centered_chunks())
-    scaling = TapTransform(tap_dims, config.scaling).set_scaling(scaler)
+    _, covariance = gram_sums(centered_chunks(), sum(tap_dims)).mean_and_covariance()
+    scaling = TapTransform(tap_dims, config.scaling).fit_scaling(moments)
     multiplier = scaling.multiplier_.astype(np.float64)
     covariance *= multiplier[:, None]
     covariance *= multiplier[None, :]

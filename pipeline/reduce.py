@@ -1,13 +1,12 @@
 """Stage two (a): fixed splits, per-tap scaling and PCA fitted on train rows, written as reduced/."""
 
-import contextlib
 import dataclasses
 import hashlib
-import json
+import itertools
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -17,20 +16,23 @@ from matplotlib.figure import Figure
 
 from pipeline import shards
 from pipeline.config import ReduceConfig
-# CovariancePCA is imported too because transform.joblib files written before estimators.py existed
-# name both classes under pipeline.reduce; unpickling them looks them up here.
-from pipeline.estimators import CovariancePCA, TapTransform  # noqa: F401
+# transform.joblib files written before estimators.py existed name TapTransform and CovariancePCA
+# under pipeline.reduce; unpickling them looks them up here.
+from pipeline.estimators import CovariancePCA  # noqa: F401
+from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
 from pipeline.errors import PipelineError
-from pipeline.files import read_json, write_json
+from pipeline.files import atomic_dir, leftover_temps, lock_beside, locked, make_dir, read_json, remove, storage_errors, write_json
 from pipeline.lineage import MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, link, read_record, sha256_file
 
 REDUCED_NAME = "reduced.h5"
 PLOT_NAME = "explained_variance.png"
 OUTPUT_NAMES = (REDUCED_NAME, TRANSFORM_NAME, PLOT_NAME, REPORT_NAME)
+CHECKED_OUTPUTS = (REDUCED_NAME, TRANSFORM_NAME)  # what later stages load: reduce.json records their sha256
 SPLITS = ("train", "val", "test")
 # auto keeps the train rows in memory up to this share of RAM: a full SVD holds about three copies.
 IN_MEMORY_SHARE = 0.25
-_STR = h5py.string_dtype("utf-8")
+_ROW_OVERHEAD = 256  # bytes of reduced.h5 per row besides X: id, label, split and HDF5 bookkeeping
+_SPACE_MARGIN = 1.1  # free disk space wanted beyond the estimated size of the outputs
 
 
 def _id_hash(seed, row_id):
@@ -83,11 +85,21 @@ def physical_memory():
         return 8 * 2**30
 
 
-def choose_solver(config, n_train, dim, memory_bytes):
-    """The PCA solver: the requested one, or for auto one that suits the size of the train matrix."""
+def choose_solver(config, n_train, dim, memory_bytes, engine="local"):
+    """The PCA solver: the requested one, or for auto one that suits the size of the train matrix.
+
+    On Ray only the incremental solver's passes are distributed, so `engine="ray"` needs it.
+    """
     share = isinstance(config.components, float)
     solver = config.solver
-    if solver == "auto":
+    if engine == "ray":
+        if solver not in ("auto", "incremental"):
+            raise PipelineError(
+                f"--engine ray runs the incremental solver's passes as Ray tasks, but --solver {solver} runs in this "
+                "process; use --solver incremental (or auto), or leave out --engine ray"
+            )
+        solver = "incremental"
+    elif solver == "auto":
         smaller = min(n_train, dim)
         if n_train * dim * 4 > IN_MEMORY_SHARE * memory_bytes:
             solver = "incremental"
@@ -96,7 +108,11 @@ def choose_solver(config, n_train, dim, memory_bytes):
         else:
             solver = "full"
     if share and solver != "full":
-        why = f"the {n_train} x {dim} train matrix is too big for memory here" if config.solver == "auto" else f"--solver {solver} was asked for"
+        why = (
+            "--engine ray was asked for" if engine == "ray"
+            else f"the {n_train} x {dim} train matrix is too big for memory here" if config.solver == "auto"
+            else f"--solver {solver} was asked for"
+        )
         raise PipelineError(
             f"--components {config.components} (a variance share) needs the full solver, but {why}; "
             "give a number of components instead"
@@ -118,23 +134,36 @@ class ReduceResult:
     out: Path
     report: dict  # the contents of reduce.json
     up_to_date: bool  # the out dir already held this reduction, so nothing was done
+    warnings: list = field(default_factory=list)
 
 
-def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=False):
+def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=False, engine="local", ray_address=None):
     """Split, scale and PCA-reduce a features dir into `out_dir`; an identical finished one is a cache hit.
 
-    Everything is validated before any output is written, and the outputs appear together (see
-    _staged_dir), so an error or a crash never leaves a half-written reduced dir.
+    Everything is validated before any output is written, and the outputs appear together
+    (files.atomic_dir), so an error or a crash never leaves a half-written reduced dir. One
+    process at a time writes `out_dir` (a lock file beside it). With `engine="ray"` the
+    incremental solver's per-shard sums run as Ray tasks (at `ray_address`, or a new local Ray).
     """
     started = time.perf_counter()
-    features_dir, out_dir = Path(features_dir), Path(out_dir)
+    features_dir, out_dir = Path(features_dir), Path(out_dir).absolute()
     manifest = shards.read_manifest(features_dir)
     features = link(features_dir, MANIFEST_NAME, out_dir)
     config = resolve_taps(config, manifest)
     check_shards(features_dir, manifest)
-    if _is_up_to_date(out_dir, features.sha256, config, overwrite):
-        return ReduceResult(out_dir, read_json(out_dir / REPORT_NAME), True)
+    make_dir(out_dir.parent, "--out's parent")
+    with locked(lock_beside(out_dir), f"reduced directory {out_dir}"):
+        for leftover in leftover_temps(out_dir.parent, out_dir.name):  # of a killed reduce: only we write here now
+            remove(leftover)
+        previous, damage = _previous(out_dir, features.sha256, config, overwrite)
+        if previous is not None and damage is None:
+            return ReduceResult(out_dir, previous, True)
+        report = _reduce(features_dir, manifest, features, out_dir, config, engine, ray_address, started, previous)
+    return ReduceResult(out_dir, report, False, [f"{damage}, so it was reduced again"] if damage else [])
 
+
+def _reduce(features_dir, manifest, features, out_dir, config, engine, ray_address, started, damaged=None):
+    """Compute and write the reduction; `damaged` is the intact reduce.json of a damaged copy of it."""
     ids, labels, given = read_rows(features_dir, manifest)
     splits = assign_splits(ids, labels, given, config.val_fraction, config.test_fraction, config.split_seed)
     is_train = splits == "train"
@@ -144,50 +173,66 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
     dims = {t["key"]: t["dim"] for t in manifest["taps"]}
     tap_dims = tuple(dims[t] for t in config.taps)
     dim = sum(tap_dims)
-    solver = choose_solver(config, n_train, dim, physical_memory())
+    solver = choose_solver(config, n_train, dim, physical_memory(), engine)
     check_components(config.components, n_train, dim)
 
+    _check_space(out_dir, len(ids), dim, config.components if isinstance(config.components, int) else min(n_train, dim))
+
     transform = TapTransform(tap_dims, config.scaling, config.components, config.whiten, solver)
-
-    def train_chunks():
-        return masked_chunks(features_dir, manifest, config.taps, is_train, config.batch_rows)
-
     if solver == "incremental":
-        transform.fit_batches(train_chunks)
-    else:
-        transform.fit(_stack(train_chunks(), n_train, dim))
+        jobs = _shard_jobs(features_dir, manifest, config, is_train)
+        if engine == "ray":
+            from pipeline.engines.ray_reduce import ray_map
 
-    with _staged_dir(out_dir) as staging:
-        _write_reduced(staging / REDUCED_NAME, features_dir, manifest, config, transform, ids, labels, splits)
-        joblib.dump(transform, staging / TRANSFORM_NAME)
-        ratios = transform.pca_.explained_variance_ratio_.astype(float)
-        _plot_explained_variance(ratios, staging / PLOT_NAME)
-        report = {
-            "format": REDUCED_FORMAT,
-            "inputs": features.to_json("features"),
-            "config": config.to_dict(),
-            "config_sha256": config.sha256(),
-            "classes": manifest["classes"],
-            "taps": [
-                {"key": key, "dim": d, "input_share": float(shares[0]), "kept_share": float(shares[1])}
-                for key, d, shares in zip(config.taps, tap_dims, transform.tap_shares())
-            ],
-            "features": dim,
-            "solver": {"requested": config.solver, "chosen": solver},
-            "components": int(transform.pca_.n_components_),
-            "explained_variance_ratio": ratios.tolist(),
-            "kept_variance": float(ratios.sum()),
-            "rows": len(ids),
-            "splits": {
-                "source": split_source(given),
-                "rows": {name: int((splits == name).sum()) for name in SPLITS},
-                "unlabeled": int((np.asarray(labels) < 0).sum()),
-                "sha256": split_sha256(ids, labels, splits),
-            },
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        write_json(staging / REPORT_NAME, report)
-    return ReduceResult(out_dir, report, False)
+            with ray_map(ray_address) as run:
+                fit_incremental(transform, jobs, run)
+        else:
+            fit_incremental(transform, jobs, map)
+    else:
+        bad = NonFinite(config.taps, tap_dims)
+        X = _stack(_train_rows(_chunks(features_dir, manifest["shards"], config.taps, config.batch_rows), is_train, bad), n_train, dim)
+        bad.check(features_dir, len(ids))
+        transform.fit(X)
+
+    previous = "the previous reduction in it is unchanged" if out_dir.exists() else "nothing was written"
+    with storage_errors(f"reduced directory {out_dir}", f"{previous}; free space (or fix the rights) and rerun the same command"):
+        with atomic_dir(out_dir) as staging:
+            _write_reduced(staging / REDUCED_NAME, features_dir, manifest, config, transform, ids, labels, splits)
+            joblib.dump(transform, staging / TRANSFORM_NAME)
+            ratios = transform.pca_.explained_variance_ratio_.astype(float)
+            _plot_explained_variance(ratios, staging / PLOT_NAME)
+            report = {
+                "format": REDUCED_FORMAT,
+                "inputs": features.to_json("features"),
+                "config": config.to_dict(),
+                "config_sha256": config.sha256(),
+                "classes": manifest["classes"],
+                "taps": [
+                    {"key": key, "dim": d, "input_share": float(shares[0]), "kept_share": float(shares[1])}
+                    for key, d, shares in zip(config.taps, tap_dims, transform.tap_shares())
+                ],
+                "features": dim,
+                "solver": {"requested": config.solver, "chosen": solver, "engine": engine},
+                "components": int(transform.pca_.n_components_),
+                "explained_variance_ratio": ratios.tolist(),
+                "kept_variance": float(ratios.sum()),
+                "rows": len(ids),
+                "splits": {
+                    "source": split_source(given),
+                    "rows": {name: int((splits == name).sum()) for name in SPLITS},
+                    "unlabeled": int((np.asarray(labels) < 0).sum()),
+                    "sha256": split_sha256(ids, labels, splits),
+                },
+                "outputs": {name: sha256_file(staging / name) for name in CHECKED_OUTPUTS},
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            if damaged is not None and damaged.get("outputs") == report["outputs"]:
+                # The repair gave the very bytes the old record describes: keeping that record keeps runs trained on it valid.
+                report = damaged
+                shutil.copyfile(out_dir / REPORT_NAME, staging / REPORT_NAME)
+            else:
+                write_json(staging / REPORT_NAME, report)
+    return report
 
 
 def resolve_taps(config, manifest):
@@ -215,29 +260,56 @@ def check_shards(features_dir, manifest):
             )
 
 
-def _is_up_to_date(out_dir, manifest_sha256, config, overwrite):
-    """True when `out_dir` already holds this reduction; raise when it holds something we may not replace."""
+def _previous(out_dir, manifest_sha256, config, overwrite):
+    """(reduce.json, None) when `out_dir` holds this reduction intact, (reduce.json, what is damaged) when it holds
+    it damaged, else (None, None): nothing, or something --overwrite allows us to replace. Raises otherwise.
+    """
     if not out_dir.exists():
-        return False
+        return None, None
     if not out_dir.is_dir():
         raise PipelineError(f"--out {out_dir} is a file; give a directory")
     report_path = out_dir / REPORT_NAME
     if not report_path.is_file():
         if any(out_dir.iterdir()):
             raise PipelineError(f"--out {out_dir} is neither empty nor a reduced directory (no {REPORT_NAME}); give a new or empty directory")
-        return False
+        return None, None
     try:
         previous = read_json(report_path)
         changes = _changes(previous, manifest_sha256, config)
     except (OSError, ValueError, KeyError, TypeError):
-        changes = [f"its {REPORT_NAME} is unreadable"]
-    if not changes:
-        return all((out_dir / name).is_file() for name in OUTPUT_NAMES)
-    if not overwrite:
+        if overwrite:
+            return None, None
         raise PipelineError(
-            f"{out_dir} already holds a different reduction ({'; '.join(changes)}); give another --out or add --overwrite"
-        )
-    return False
+            f"{report_path} is not a readable reduce record, so what {out_dir} holds is unknown; add --overwrite to replace it"
+        ) from None
+    if changes:
+        if not overwrite:
+            raise PipelineError(
+                f"{out_dir} already holds a different reduction ({'; '.join(changes)}); give another --out or add --overwrite"
+            )
+        return None, None
+    return previous, output_damage(out_dir, previous)
+
+
+def output_damage(reduced_dir, report):
+    """What is missing or changed among a reduced dir's outputs (a sentence's start), or None when they are intact.
+
+    A reduced dir written before reduce.json recorded its outputs' sha256 only needs a reduced.h5 that opens.
+    """
+    missing = [name for name in OUTPUT_NAMES if not (reduced_dir / name).is_file()]
+    if missing:
+        return f"{reduced_dir} lacks {', '.join(missing)}"
+    if "outputs" not in report:
+        try:
+            with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
+                f["X"].shape
+        except (OSError, KeyError) as e:
+            return f"{reduced_dir / REDUCED_NAME} cannot be read ({str(e).splitlines()[0]})"
+    for name, recorded in report.get("outputs", {}).items():
+        actual = sha256_file(reduced_dir / name)
+        if actual != recorded:
+            return f"{reduced_dir / name} is damaged (sha256 {actual[:12]}, but {REPORT_NAME} recorded {recorded[:12]})"
+    return None
 
 
 def _changes(previous, manifest_sha256, config):
@@ -256,27 +328,143 @@ def read_rows(features_dir, manifest):
     """ids, labels and given splits of all rows in order, without reading any features."""
     ids, labels, given = [], [], []
     for entry in manifest["shards"]:
-        part = shards.read_shard(features_dir / entry["file"], taps=[])
+        path = features_dir / entry["file"]
+        try:
+            part = shards.read_shard(path, taps=[])
+        except (OSError, KeyError) as e:
+            raise _damaged_shard(path, features_dir, e) from None
         ids += part.ids
         labels.append(np.asarray(part.labels, dtype=np.int32))
         given += part.splits
     return ids, np.concatenate(labels) if labels else np.zeros(0, np.int32), given
 
 
+def _damaged_shard(path, features_dir, error):
+    return PipelineError(
+        f"cannot read {path} ({str(error).splitlines()[0]}); the features are damaged: "
+        f"`pipeline inspect {features_dir} --verify` lists the problems, then extract again"
+    )
+
+
 def split_source(given):
-    """Where the splits came from: "source" (every row gave one), "hash" (none did) or "source+hash"."""
     provided = sum(1 for s in given if s)
     return "source" if provided == len(given) else "hash" if provided == 0 else "source+hash"
 
 
+def _chunks(features_dir, entries, taps, chunk_rows):
+    """(ids, X) of every row of the shards `entries`, `chunk_rows` at a time; an unreadable shard is one sentence."""
+    for entry in entries:
+        path = Path(features_dir) / entry["file"]
+        try:
+            for ids, _, _, X in shards.iter_feature_chunks(features_dir, {"shards": [entry]}, list(taps), chunk_rows):
+                yield ids, X
+        except (OSError, KeyError) as e:
+            raise _damaged_shard(path, features_dir, e) from None
+
+
+class NonFinite:
+    """Rows holding NaN or Inf, counted per tap over every row read, so the error can say how many."""
+
+    def __init__(self, taps, tap_dims):
+        self.taps = tuple(taps)
+        self.edges = np.cumsum([0, *tap_dims])
+        self.rows = dict.fromkeys(self.taps, 0)
+        self.first = {}  # tap -> id of its first bad row
+
+    def clean(self, ids, X):
+        """Count the bad rows of a chunk; True when it has none."""
+        finite = np.isfinite(X)
+        if finite.all():
+            return True
+        for tap, a, b in zip(self.taps, self.edges[:-1], self.edges[1:]):
+            bad = np.flatnonzero(~finite[:, a:b].all(axis=1))
+            if bad.size:
+                self.rows[tap] += int(bad.size)
+                self.first.setdefault(tap, ids[bad[0]])
+        return False
+
+    def __iadd__(self, other):
+        for tap in self.taps:
+            self.rows[tap] += other.rows[tap]
+            if tap in other.first:
+                self.first.setdefault(tap, other.first[tap])
+        return self
+
+    def check(self, features_dir, total):
+        """Raise naming every tap with bad rows, how many, and the first one."""
+        bad = [f"tap {tap} in {self.rows[tap]} of {total} rows (first {self.first[tap]!r})" for tap in self.taps if self.rows[tap]]
+        if bad:
+            raise PipelineError(
+                f"the features in {features_dir} hold NaN or Inf: {'; '.join(bad)}; PCA cannot use them, so extract "
+                "those images again (with --precision float32 if a reduced precision overflowed)"
+            )
+
+
 def masked_chunks(features_dir, manifest, taps, mask, chunk_rows):
     """The rows where `mask` is true, read `chunk_rows` rows at a time, in order (float32, `taps` concatenated)."""
+    return _train_rows(_chunks(features_dir, manifest["shards"], taps, chunk_rows), mask)
+
+
+def _train_rows(chunks, is_train, bad=None):
+    """The train rows of each (ids, X) chunk, in order; chunks with NaN or Inf are only counted in `bad`."""
     start = 0
-    for _, _, _, X in shards.iter_feature_chunks(features_dir, manifest, list(taps), chunk_rows):
-        keep = mask[start:start + len(X)]
+    for ids, X in chunks:
+        mask = is_train[start:start + len(X)]
         start += len(X)
-        if keep.any():
-            yield X[keep]
+        if (bad is None or bad.clean(ids, X)) and mask.any():
+            yield X[mask]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard's part of the incremental solver's passes: which rows are train, and how to read it."""
+
+    features_dir: Path
+    entry: dict  # the manifest's {file, rows}
+    taps: tuple
+    tap_dims: tuple
+    is_train: np.ndarray  # this shard's rows only
+    batch_rows: int
+
+
+def _shard_jobs(features_dir, manifest, config, is_train):
+    dims = {t["key"]: t["dim"] for t in manifest["taps"]}
+    offsets = np.cumsum([0, *(entry["rows"] for entry in manifest["shards"])])
+    return [
+        ShardJob(features_dir, entry, config.taps, tuple(dims[t] for t in config.taps), is_train[a:b], config.batch_rows)
+        for entry, a, b in zip(manifest["shards"], offsets[:-1], offsets[1:])
+    ]
+
+
+def shard_moments(job):
+    """First pass over one shard: (Moments of its train rows, NonFinite count of all its rows)."""
+    bad = NonFinite(job.taps, job.tap_dims)
+    chunks = _chunks(job.features_dir, [job.entry], job.taps, job.batch_rows)
+    return moment_sums(_train_rows(chunks, job.is_train, bad), sum(job.tap_dims)), bad
+
+
+def shard_grams(job, transform):
+    """Second pass over one shard: GramSums of its train rows as `transform` scales them."""
+    chunks = _chunks(job.features_dir, [job.entry], job.taps, job.batch_rows)
+    return gram_sums(map(transform.scale, _train_rows(chunks, job.is_train)), sum(job.tap_dims))
+
+
+def fit_incremental(transform, jobs, run):
+    """Fit `transform` from per-shard sums; `run(function, items)` maps a function over items (here or on Ray).
+
+    The sums of each shard are added in shard order as they arrive, so only one shard's sums wait in memory.
+    """
+    dim = int(np.sum(transform.tap_dims))
+    moments, bad = Moments(dim), NonFinite(jobs[0].taps, jobs[0].tap_dims)
+    for shard, shard_bad in run(shard_moments, jobs):
+        moments += shard
+        bad += shard_bad
+    bad.check(jobs[0].features_dir, sum(job.entry["rows"] for job in jobs))
+    transform.fit_scaling(moments)
+    grams = GramSums(dim)
+    for part in run(shard_grams, jobs, itertools.repeat(transform)):
+        grams += part
+    return transform.fit_covariance(grams)
 
 
 def _stack(chunks, rows, dim):
@@ -289,15 +477,28 @@ def _stack(chunks, rows, dim):
     return X
 
 
+def _check_space(out_dir, rows, dim, components):
+    """Fail before computing when the reduced dir would not fit: HDF5 cannot recover from a disk that fills mid-file."""
+    needed = int((rows * (components * 4 + _ROW_OVERHEAD) + dim * (components * 4 + 64) + 2**20) * _SPACE_MARGIN)
+    free = shutil.disk_usage(out_dir.parent).free
+    if needed > free:
+        raise PipelineError(
+            f"the reduced directory needs about {needed / 2**20:,.1f} MiB but only {free / 2**20:,.1f} MiB are free "
+            f"where {out_dir} goes; free space (or use another --out) and rerun"
+        )
+
+
 def _write_reduced(path, features_dir, manifest, config, transform, ids, labels, splits):
-    """reduced.h5: ids, labels, splits and X, transformed chunk by chunk."""
-    with h5py.File(path, "w") as f:
-        f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=_STR)
-        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
-        f.create_dataset("splits", data=np.asarray(splits, dtype=object), dtype=_STR)
-        X = f.create_dataset("X", shape=(len(ids), transform.pca_.n_components_), dtype=np.float32)
+    """reduced.h5: ids, labels, splits and X, transformed chunk by chunk; no timestamps, so reruns give the same bytes."""
+    with shards.create_h5(path) as f:
+        shards.create_dataset(f, "ids", np.asarray(ids, dtype=object))
+        shards.create_dataset(f, "labels", np.asarray(labels, dtype=np.int32))
+        shards.create_dataset(f, "splits", np.asarray(splits, dtype=object))
+        X = f.create_dataset(
+            "X", shape=(len(ids), transform.pca_.n_components_), dtype=np.float32, track_times=False, fletcher32=True, chunks=True,
+        )
         start = 0
-        for _, _, _, chunk in shards.iter_feature_chunks(features_dir, manifest, list(config.taps), config.batch_rows):
+        for _, chunk in _chunks(features_dir, manifest["shards"], config.taps, config.batch_rows):
             X[start:start + len(chunk)] = transform.transform(chunk)
             start += len(chunk)
         f.attrs["format"] = REDUCED_FORMAT
@@ -315,32 +516,6 @@ def _plot_explained_variance(ratios, path):
     )
     ax.grid(alpha=0.3)
     figure.savefig(path, dpi=100, bbox_inches="tight")
-
-
-@contextlib.contextmanager
-def _staged_dir(out_dir):
-    """Yield an empty sibling directory that replaces `out_dir` only when the block succeeds.
-
-    The old dir is renamed aside before the new one is renamed in, so a crash leaves the old
-    reduction, the new one, or no dir at all (which a rerun recomputes), never a mix.
-    """
-    out_dir = out_dir.resolve()
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        staging.rename(out_dir)
 
 
 @dataclass(frozen=True)
@@ -361,19 +536,27 @@ class Reduced:
 
 
 def load_reduced(reduced_dir):
-    """Read reduced.h5 and reduce.json, failing with one sentence if this is not a finished reduced dir."""
+    """Read reduced.h5 and reduce.json, failing with one sentence if this is not a finished, intact reduced dir."""
     reduced_dir = Path(reduced_dir)
     report_path = reduced_dir / REPORT_NAME
     if not report_path.is_file() or not (reduced_dir / REDUCED_NAME).is_file():
         raise PipelineError(f"{reduced_dir} is not a reduced directory (it needs {REPORT_NAME} and {REDUCED_NAME}); run `pipeline reduce` first")
-    report = read_record(report_path, REDUCED_FORMAT, "reduce again with --overwrite")
-    with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
-        return Reduced(
-            path=reduced_dir,
-            report=report,
-            report_sha256=sha256_file(report_path),
-            ids=f["ids"].asstr()[:].tolist(),
-            labels=f["labels"][:],
-            splits=f["splits"].asstr()[:],
-            X=f["X"][:],
-        )
+    rerun = "rerun the same `pipeline reduce` command to rebuild it"
+    report = read_record(report_path, REDUCED_FORMAT, f"{rerun} (with --overwrite)")
+    recorded = report.get("outputs", {}).get(REDUCED_NAME)
+    if recorded is not None and sha256_file(reduced_dir / REDUCED_NAME) != recorded:
+        raise PipelineError(f"{reduced_dir / REDUCED_NAME} is damaged (its sha256 is not the one {REPORT_NAME} recorded); {rerun}")
+    try:
+        with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
+            data = Reduced(
+                path=reduced_dir,
+                report=report,
+                report_sha256=sha256_file(report_path),
+                ids=f["ids"].asstr()[:].tolist(),
+                labels=f["labels"][:],
+                splits=f["splits"].asstr()[:],
+                X=f["X"][:],
+            )
+    except (OSError, KeyError) as e:  # a reduced dir from before the sha256 was recorded
+        raise PipelineError(f"cannot read {reduced_dir / REDUCED_NAME} ({str(e).splitlines()[0]}); {rerun} with --overwrite") from None
+    return data

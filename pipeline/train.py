@@ -2,14 +2,14 @@
 
 import contextlib
 import csv
+import io
 import itertools
-import os
 import re
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -17,10 +17,13 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, log_loss
 
-from pipeline.config import HeadConfig, load_toml, normalize_keys, sha256_json
+from pipeline.config import HeadConfig, ParallelConfig, load_toml, normalize_keys, sha256_json
+from pipeline.engines.jobs import task_runner
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_path, read_json, write_json
-from pipeline.lineage import HEAD_NAME, REPORT_NAME, RUN_CONFIG_NAME as CONFIG_NAME, link
+from pipeline.files import (
+    LockBusy, atomic_path, leftover_temps, locked, make_dir, read_json, remove, replace_dir, storage_errors, temp_sibling, write_json,
+)
+from pipeline.lineage import HEAD_NAME, REPORT_NAME, RUN_CONFIG_NAME as CONFIG_NAME, link, sha256_file
 from pipeline.reduce import load_reduced
 
 METRICS_NAME = "metrics.json"
@@ -30,6 +33,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 METRIC_COLUMNS = ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1", "val_log_loss", "test_log_loss")
 HEAD_COLUMNS = ("hidden", "dropout", "l2", "lr", "batch_size", "label_smoothing", "class_weight", "seed")
 LEADERBOARD_COLUMNS = ("run_id", "kind", *METRIC_COLUMNS, "epochs", "seconds", *HEAD_COLUMNS, "reduced")
+LOCKS_DIR = ".locks"  # in the runs dir: one lock file per run being trained, and LEADERBOARD_LOCK
+LEADERBOARD_LOCK = "leaderboard.lock"  # held briefly to publish a run and rebuild the leaderboard
 HIGHER_IS_BETTER = frozenset({"val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1"})
 
 
@@ -77,19 +82,29 @@ def sweep_configs(path, overrides=None):
     return configs
 
 
-def train(reduced_dir, runs_dir, configs, name=None):
+def train(reduced_dir, runs_dir, configs, name=None, parallel=ParallelConfig(), on_warning=None):
     """Check everything, then return an iterator that trains the baseline and each head, yielding RunOutcomes.
 
     The logistic-regression baseline is recorded once per reduced dir, a finished run is not
-    redone, every run appears in `runs_dir` complete or not at all, and leaderboard.csv is
-    rewritten after every new run.
+    redone (a damaged one is trained again), every run appears in `runs_dir` complete or not at
+    all, and leaderboard.csv is rebuilt after every new run. `parallel` says where the runs train
+    (see engines.jobs); `on_warning(sentence)` hears about damaged run dirs.
+
+    Other processes may train into the same runs dir at the same time: each run is claimed with
+    its own lock while it trains, a run another process holds is left to it (and reported
+    "already done" once it has finished), and publishing a run and rebuilding the leaderboard
+    happen under one short lock.
     """
-    data = load_reduced(reduced_dir)
-    runs_dir = Path(runs_dir)
+    on_warning = on_warning or (lambda sentence: None)
+    data = load_reduced(Path(reduced_dir).absolute())  # absolute: workers may start elsewhere
+    runs_dir = Path(runs_dir).absolute()
     _check_trainable(data)
-    _check_same_split(runs_dir, data)
+    finished, problems = _runs_in(runs_dir)
+    for problem in problems:
+        on_warning(f"{problem}; it is left out of the leaderboard")
+    _check_same_split(runs_dir, data, finished)
     plan = _plan(runs_dir, data, configs, name)
-    return _run_all(runs_dir, data, plan)
+    return _run_all(runs_dir, data, plan, parallel, on_warning)
 
 
 def _check_trainable(data):
@@ -101,12 +116,19 @@ def _check_trainable(data):
         )
     if not (data.splits == "val").any():
         raise PipelineError(f"{data.path} has no val rows, which early stopping needs; reduce again with a --val-fraction above 0")
+    present = np.unique(data.labels[data.splits == "train"])
+    if len(present) < 2:
+        names = ", ".join(repr(str(data.classes[c])) for c in present) or "none"
+        raise PipelineError(
+            f"the train split of {data.path} holds one class only ({names}); a classifier needs at least two, "
+            "so add images of another class to the source and extract and reduce again"
+        )
 
 
-def _check_same_split(runs_dir, data):
+def _check_same_split(runs_dir, data, finished):
     """A leaderboard compares runs on one split: refuse a reduced dir whose split differs from the existing runs'."""
     ours = data.report["splits"]["sha256"]
-    for run_id, config, _ in _finished_runs(runs_dir):
+    for run_id, config, _ in finished:
         if config["reduced"]["split_sha256"] != ours:
             raise PipelineError(
                 f"{runs_dir} holds runs on another split of the data (e.g. {run_id}, from features with other ids "
@@ -114,29 +136,130 @@ def _check_same_split(runs_dir, data):
             )
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One planned run: the baseline (config None) or a head."""
+
+    kind: str
+    run_id: str
+    config: HeadConfig | None = None
+    run_sha: str | None = None
+
+
 def _plan(runs_dir, data, configs, name):
-    """[(run_id, config, run_sha256)]: readable ids, checked against runs already in `runs_dir`."""
+    """The baseline's _Job, then one per head config: readable ids, checked against runs already in `runs_dir`."""
     if name is not None and (not NAME_PATTERN.fullmatch(name) or name.startswith("baseline-") or name == LEADERBOARD_NAME):
         raise PipelineError(
             f"--name {name!r} must be letters, digits, '.', '_' or '-', not start with 'baseline-' and not be {LEADERBOARD_NAME}"
         )
-    plan = []
+    plan = [_Job("baseline", f"baseline-logreg-{data.report_sha256[:8]}")]
     for config in configs:
         run_sha = sha256_json({"head": config.to_dict(), "reduce_json_sha256": data.report_sha256})
         auto_id = f"h{'-'.join(map(str, config.hidden)) or 0}_d{config.dropout:g}_{run_sha[:8]}"
         run_id = auto_id if name is None else name if len(configs) == 1 else f"{name}_{auto_id}"
-        existing = runs_dir / run_id / CONFIG_NAME
-        if existing.is_file() and read_json(existing).get("run_sha256") != run_sha:
-            raise PipelineError(f"run {run_id} already exists in {runs_dir} with another config or reduced dir; choose another --name")
-        plan.append((run_id, config, run_sha))
+        _check_name_free(runs_dir, run_id, run_sha)
+        plan.append(_Job("head", run_id, config, run_sha))
     return plan
 
 
-def _run_all(runs_dir, data, plan):
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    yield _baseline(runs_dir, data)
-    for run_id, config, run_sha in plan:
-        yield _head_run(runs_dir, data, run_id, config, run_sha)
+def _check_name_free(runs_dir, run_id, run_sha):
+    """Refuse a run id that an intact run of another config or reduced dir already has."""
+    state = run_state(runs_dir / run_id)
+    if state.config is not None and state.config.get("run_sha256") != run_sha:
+        raise PipelineError(f"run {run_id} already exists in {runs_dir} with another config or reduced dir; choose another --name")
+
+
+def _run_all(runs_dir, data, plan, parallel, on_warning):
+    make_dir(runs_dir, "--runs")
+    make_dir(runs_dir / LOCKS_DIR, "--runs")
+    pending = []
+    for job in plan:
+        state = run_state(runs_dir / job.run_id, check_model=True)
+        if state.done:
+            yield RunOutcome(job.run_id, job.kind, state.metrics, True)
+            continue
+        if state.problem:
+            on_warning(f"{state.problem}; training it again")
+        pending.append(job)
+    if not pending:
+        return
+    _remember(data)
+    with task_runner(parallel) as run:
+        busy = []
+        for result in run(_run_job, [(runs_dir, data.path, data.report_sha256, job, False) for job in pending]):
+            if isinstance(result, _Job):
+                busy.append(result)
+            else:
+                yield result
+        if busy:  # runs another process was training: wait for it, then they are done (or ours, if it failed)
+            yield from run(_run_job, [(runs_dir, data.path, data.report_sha256, job, True) for job in busy])
+
+
+_loaded = {}  # the reduced data this process last used, by (path, reduce.json sha256): workers reuse it across runs
+
+
+def _remember(data):
+    _loaded.clear()
+    _loaded[str(data.path), data.report_sha256] = data
+
+
+def _load(reduced_dir, report_sha256):
+    key = (str(reduced_dir), report_sha256)
+    if key not in _loaded:
+        data = load_reduced(reduced_dir)
+        if data.report_sha256 != report_sha256:
+            raise PipelineError(f"{reduced_dir} was reduced again while this sweep ran; rerun the train command to train on the new reduction")
+        _remember(data)
+    return _loaded[key]
+
+
+def _run_job(runs_dir, reduced_dir, report_sha256, job, wait):
+    """Train and publish one run, in whichever process runs it; a run another process holds comes back as its _Job.
+
+    Without `wait`, a run whose lock is held is left to its holder. Under the run's lock, temp
+    dirs left by a killed earlier attempt are abandoned, so they are removed.
+    """
+    try:
+        with locked(runs_dir / LOCKS_DIR / f"{job.run_id}.lock", f"run {job.run_id} in {runs_dir}", wait=wait):
+            state = run_state(runs_dir / job.run_id, check_model=True)
+            if state.done:
+                return RunOutcome(job.run_id, job.kind, state.metrics, True)
+            for leftover in leftover_temps(runs_dir, job.run_id):
+                remove(leftover)
+            data = _load(reduced_dir, report_sha256)
+            with storage_errors(f"run {job.run_id} in {runs_dir}", "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"):
+                with _staging(runs_dir / job.run_id) as staging:
+                    if job.kind == "baseline":
+                        metrics = _fit_baseline(runs_dir, data, job, staging)
+                    else:
+                        metrics = _fit_head(runs_dir, data, job, staging)
+                    _publish(runs_dir, data, staging, job.run_id)
+    except LockBusy:
+        return job
+    return RunOutcome(job.run_id, job.kind, metrics, False)
+
+
+@contextlib.contextmanager
+def _staging(run_dir):
+    """A new uniquely named hidden dir beside `run_dir` for its files; removed afterwards unless it was published."""
+    staging = temp_sibling(run_dir)
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        remove(staging)
+
+
+def _publish(runs_dir, data, staging, run_id):
+    """Rename a finished run into place and rebuild the leaderboard, under the runs dir's short lock.
+
+    The split is checked again because another process may have published runs on another split
+    since this one was planned. A damaged run dir of the same id is replaced.
+    """
+    with locked(runs_dir / LOCKS_DIR / LEADERBOARD_LOCK, f"runs directory {runs_dir}", wait=True):
+        _check_same_split(runs_dir, data, _runs_in(runs_dir)[0])
+        replace_dir(staging, runs_dir / run_id)
+        write_leaderboard(runs_dir)
 
 
 def _rows(data, split):
@@ -150,11 +273,8 @@ def _reduced_record(runs_dir, data):
     return {**reduced.to_json("reduced"), "split_sha256": data.report["splits"]["sha256"]}
 
 
-def _baseline(runs_dir, data):
+def _fit_baseline(runs_dir, data, job, staging):
     """The scikit-learn logistic-regression linear probe on the same split, once per reduced dir."""
-    run_id = f"baseline-logreg-{data.report_sha256[:8]}"
-    if (runs_dir / run_id / METRICS_NAME).is_file():
-        return RunOutcome(run_id, "baseline", read_json(runs_dir / run_id / METRICS_NAME), True)
     started = time.perf_counter()
     X_train, y_train = _rows(data, "train")
     probe = LogisticRegression(max_iter=BASELINE_MAX_ITER)
@@ -174,44 +294,39 @@ def _baseline(runs_dir, data):
         seconds=round(time.perf_counter() - started, 3),
     )
     config = {
-        "run_id": run_id,
+        "run_id": job.run_id,
         "kind": "baseline",
         "model": {"class": "sklearn.linear_model.LogisticRegression", "max_iter": BASELINE_MAX_ITER},
         "reduced": _reduced_record(runs_dir, data),
     }
-    with _new_run_dir(runs_dir, run_id) as staging:
-        write_json(staging / CONFIG_NAME, config)
-        write_json(staging / METRICS_NAME, metrics)
-        _plot_confusion(metrics, data.classes, staging / "confusion.png")
-    write_leaderboard(runs_dir)
-    return RunOutcome(run_id, "baseline", metrics, False)
+    write_json(staging / CONFIG_NAME, config)
+    write_json(staging / METRICS_NAME, metrics)
+    _plot_confusion(metrics, data.classes, staging / "confusion.png")
+    return metrics
 
 
-def _head_run(runs_dir, data, run_id, config, run_sha):
-    """Fit one head and write its run dir: config, metrics, history, model, plots, TensorBoard logs."""
-    if (runs_dir / run_id / METRICS_NAME).is_file():
-        return RunOutcome(run_id, "head", read_json(runs_dir / run_id / METRICS_NAME), True)
+def _fit_head(runs_dir, data, job, staging):
+    """Fit one head and write its files: config (with the model's sha256), metrics, history, model, plots, TensorBoard logs."""
     from pipeline import head  # TensorFlow loads only here, so that `pipeline runs` stays quick
 
     started = time.perf_counter()
-    with _new_run_dir(runs_dir, run_id) as staging:
-        fitted = head.fit_head(config, *_rows(data, "train"), *_rows(data, "val"), len(data.classes), staging / "tensorboard")
-        metrics = _split_metrics(data, lambda X: head.predict_proba(fitted.model, X))
-        metrics.update(epochs=len(fitted.history["loss"]), best_epoch=fitted.best_epoch, seconds=round(time.perf_counter() - started, 3))
-        write_json(staging / CONFIG_NAME, {
-            "run_id": run_id,
-            "kind": "head",
-            "run_sha256": run_sha,
-            "head": config.to_dict(),
-            "reduced": _reduced_record(runs_dir, data),
-        })
-        write_json(staging / METRICS_NAME, metrics)
-        _write_history(fitted.history, staging / "history.csv")
-        fitted.model.save(staging / HEAD_NAME)
-        _plot_curves(fitted.history, fitted.best_epoch, staging / "curves.png")
-        _plot_confusion(metrics, data.classes, staging / "confusion.png")
-    write_leaderboard(runs_dir)
-    return RunOutcome(run_id, "head", metrics, False)
+    fitted = head.fit_head(job.config, *_rows(data, "train"), *_rows(data, "val"), len(data.classes), staging / "tensorboard")
+    metrics = _split_metrics(data, lambda X: head.predict_proba(fitted.model, X))
+    metrics.update(epochs=len(fitted.history["loss"]), best_epoch=fitted.best_epoch, seconds=round(time.perf_counter() - started, 3))
+    fitted.model.save(staging / HEAD_NAME)
+    write_json(staging / CONFIG_NAME, {
+        "run_id": job.run_id,
+        "kind": "head",
+        "run_sha256": job.run_sha,
+        "head": job.config.to_dict(),
+        "reduced": _reduced_record(runs_dir, data),
+        "model_sha256": sha256_file(staging / HEAD_NAME),
+    })
+    write_json(staging / METRICS_NAME, metrics)
+    _write_history(fitted.history, staging / "history.csv")
+    _plot_curves(fitted.history, fitted.best_epoch, staging / "curves.png")
+    _plot_confusion(metrics, data.classes, staging / "confusion.png")
+    return metrics
 
 
 def _split_metrics(data, proba):
@@ -241,39 +356,80 @@ def evaluate(labels, proba, classes):
     }
 
 
-@contextlib.contextmanager
-def _new_run_dir(runs_dir, run_id):
-    """Yield an empty hidden dir that is renamed to runs_dir/run_id only when the block succeeds."""
-    staging = runs_dir / f".{run_id}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+class RunState(NamedTuple):
+    """What a run dir holds: config and metrics when it is intact, else what is wrong with it (None: no run there)."""
+
+    config: dict | None = None
+    metrics: dict | None = None
+    problem: str | None = None
+
+    @property
+    def done(self):
+        return self.metrics is not None
+
+
+def run_state(run_dir, check_model=False):
+    """The RunState of `run_dir`: both records readable and complete, and with `check_model` its model intact.
+
+    A head run records its model.keras sha256 (runs from before that are trusted as they are).
+    """
+    if not run_dir.is_dir() or not any((run_dir / name).exists() for name in (CONFIG_NAME, METRICS_NAME)):
+        return RunState()
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    staging.rename(runs_dir / run_id)
+        config, metrics = read_json(run_dir / CONFIG_NAME), read_json(run_dir / METRICS_NAME)
+        _leaderboard_row(run_dir.name, config, metrics)  # every field the leaderboard needs is there
+        config["reduced"]["split_sha256"]  # and the split check
+    except (OSError, ValueError) as e:
+        return RunState(problem=f"run dir {run_dir} is damaged ({_first_line(e)})")
+    except (KeyError, TypeError, IndexError) as e:
+        return RunState(problem=f"run dir {run_dir} is damaged (its records lack {e})")
+    if check_model and config["kind"] == "head":
+        model = run_dir / HEAD_NAME
+        recorded = config.get("model_sha256")
+        if not model.is_file() or (recorded is not None and sha256_file(model) != recorded):
+            return RunState(config, problem=f"run dir {run_dir} is damaged ({HEAD_NAME} is {'changed' if model.is_file() else 'missing'})")
+    return RunState(config, metrics)
 
 
-def _finished_runs(runs_dir):
-    """(run_id, config, metrics) of every complete run dir, by name."""
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _runs_in(runs_dir):
+    """([(run_id, config, metrics)] of every intact run dir by name, [what is wrong with each damaged one])."""
     if not runs_dir.is_dir():
-        return []
-    runs = []
+        return [], []
+    runs, problems = [], []
     for run_dir in sorted(runs_dir.iterdir()):
-        if not run_dir.name.startswith(".") and (run_dir / METRICS_NAME).is_file() and (run_dir / CONFIG_NAME).is_file():
-            runs.append((run_dir.name, read_json(run_dir / CONFIG_NAME), read_json(run_dir / METRICS_NAME)))
-    return runs
+        if run_dir.name.startswith("."):
+            continue
+        state = run_state(run_dir)
+        if state.done:
+            runs.append((run_dir.name, state.config, state.metrics))
+        elif state.problem:
+            problems.append(state.problem)
+    return runs, problems
+
+
+def _leaderboard_text(runs):
+    """leaderboard.csv's text for (run_id, config, metrics) runs, best val accuracy first."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, LEADERBOARD_COLUMNS)
+    writer.writeheader()
+    writer.writerows(sort_rows([_leaderboard_row(*run) for run in runs], "val_accuracy"))
+    return out.getvalue()
 
 
 def write_leaderboard(runs_dir):
-    """Rebuild runs_dir/leaderboard.csv from every finished run, best val accuracy first, atomically."""
-    rows = sort_rows([_leaderboard_row(*run) for run in _finished_runs(runs_dir)], "val_accuracy")
+    """Rebuild runs_dir/leaderboard.csv from every intact run, best val accuracy first, atomically.
+
+    Callers hold the runs dir's lock, so temp files of that name are a killed writer's.
+    """
+    for leftover in leftover_temps(runs_dir, LEADERBOARD_NAME):
+        remove(leftover)
+    text = _leaderboard_text(_runs_in(runs_dir)[0])
     with atomic_path(runs_dir / LEADERBOARD_NAME) as tmp:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, LEADERBOARD_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        tmp.write_bytes(text.encode())
 
 
 def _leaderboard_row(run_id, config, metrics):
@@ -290,12 +446,31 @@ def _leaderboard_row(run_id, config, metrics):
     return row
 
 
-def read_leaderboard(runs_dir):
-    path = Path(runs_dir) / LEADERBOARD_NAME
-    if not path.is_file():
+def leaderboard(runs_dir):
+    """(rows best val accuracy first, warnings) of every intact run of `runs_dir`, for `pipeline runs`.
+
+    The rows come from the run dirs themselves: a damaged one is left out with a warning, and a
+    leaderboard.csv that does not say what they say (damaged, or edited) is rebuilt from them.
+    """
+    runs_dir = Path(runs_dir)
+    path = runs_dir / LEADERBOARD_NAME
+    runs, problems = _runs_in(runs_dir)
+    if not runs and not path.is_file():
         raise PipelineError(f"{runs_dir} has no {LEADERBOARD_NAME}; train into it first with `pipeline train REDUCED --runs {runs_dir}`")
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    warnings_ = [f"{problem}; left out of the table" for problem in problems]
+    text = _leaderboard_text(runs)
+    try:
+        current = path.read_bytes().decode()
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current != text:
+        try:
+            with locked(runs_dir / LOCKS_DIR / LEADERBOARD_LOCK, f"runs directory {runs_dir}", wait=True):
+                write_leaderboard(runs_dir)
+            warnings_.append(f"{path} did not match the run dirs (damaged or out of date), so it was rebuilt from them")
+        except PipelineError as e:
+            warnings_.append(f"{path} does not match the run dirs, and rebuilding it failed: {e}")
+    return list(csv.DictReader(io.StringIO(text))), warnings_  # as leaderboard.csv reads: every cell a string
 
 
 def sort_rows(rows, column):

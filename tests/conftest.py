@@ -1,5 +1,8 @@
-"""Shared fixtures: tiny image folders and synthetic features directories."""
+"""Shared fixtures: tiny image folders, synthetic features directories, the CLI, failing disks."""
 
+import builtins
+import contextlib
+import io
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -162,3 +165,37 @@ def bomb_bytes():
     extended = b"VP8X" + struct.pack("<I", 10) + bytes(4) + (big - 1).to_bytes(3, "little") + (big - 1).to_bytes(3, "little")
     webp = b"RIFF" + struct.pack("<I", 4 + len(extended) + len(vp8)) + b"WEBP" + extended + vp8
     return {"png": png, "jpeg": bytes(jpeg), "gif": bytes(gif), "bmp": bytes(bmp), "tiff": bytes(tiff), "webp": webp}
+
+
+@pytest.fixture
+def failing_writes(monkeypatch):
+    """Factory: a context in which every write, mkdir and rename under a directory fails with an OSError errno.
+
+    What a read-only (EROFS, EACCES) or full (ENOSPC) disk does, for tests that run as root, whom
+    chmod does not stop. HDF5 and TensorFlow write through their own C calls, but every command
+    creates a lock file or a directory with Python's first.
+    """
+
+    @contextlib.contextmanager
+    def failing(directory, code):
+        directory = str(directory)
+
+        def guard(function, writes=lambda *args, **kwargs: True):
+            def guarded(path, *args, **kwargs):
+                if not isinstance(path, int) and os.path.abspath(os.fspath(path)).startswith(directory) and writes(*args, **kwargs):
+                    raise OSError(code, os.strerror(code), os.fspath(path))
+                return function(path, *args, **kwargs)
+
+            return guarded
+
+        def writing(mode="r", *args, **kwargs):
+            return any(flag in mode for flag in "wax+")
+
+        with monkeypatch.context() as patch:
+            for module in (builtins, io):
+                patch.setattr(module, "open", guard(builtins.open, writing))
+            for name in ("mkdir", "rename", "replace"):
+                patch.setattr(os, name, guard(getattr(os, name)))
+            yield
+
+    return failing

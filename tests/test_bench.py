@@ -21,6 +21,7 @@ from pipeline.errors import PipelineError
 TINY = dict(
     image_size=32, taps=("vgg16:block1_conv2",), images=4, batch_size=2, repeats=1, matmul_size=64, large_images=1,
     reduce_rows=(200, 400), shard_rows=200, tap_dims=(8, 8, 8, 8), components=4, head_epochs=1,
+    sweep_heads=4, sweep_epochs=1,
 )
 
 
@@ -35,13 +36,14 @@ def test_report_holds_every_stage_for_every_precision(tiny_report):
     report, out = tiny_report
     results = report["results"]
     policies = list(dict.fromkeys([report["settings"]["precision_auto"], "float32"]))
-    assert set(results) == {"model", "extract", "decode", "baseline", "flops", "fast_decode", "startup", "reduce", "heads"}
+    assert set(results) == {"model", "extract", "decode", "baseline", "flops", "fast_decode", "startup", "reduce", "heads", "sweep"}
     for stage in ("model", "extract"):
         assert list(results[stage]) == policies
     assert list(results["flops"]["policies"]) == policies
     assert [size["rows"] for size in results["reduce"]["sizes"]] == [200, 400]
     assert results["reduce"]["dims"] == 32
     assert results["heads"]["rows"] == 200 and results["heads"]["dims"] == 4
+    assert list(results["sweep"]["jobs"]) == ["1", "2"] and results["sweep"]["heads"] == 4
     assert results["extract"][policies[0]]["images"] == 4
     assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(report))
     assert not (out / "work").exists()
@@ -104,6 +106,24 @@ def test_a_target_that_needs_reduced_precision_is_not_applicable_where_auto_pick
     figures = {"min cosine vs float32 (mixed_bfloat16)": 0.98}
     assert {t["target"]: t["met"] for t in bench_report.targets(figures, ["mixed_bfloat16", "float32"])}[
         "min cosine vs float32 (mixed_bfloat16)"] is False
+
+
+def test_sweep_speed_up_is_the_ratio_of_the_two_sweeps_and_has_a_target():
+    sweep = {"heads": 8, "jobs": {"1": {"seconds": bench_report.summarize([90.0])}, "2": {"seconds": bench_report.summarize([50.0])}}}
+    figures = bench_report.derived({"sweep": sweep}, "float32")
+    assert figures == {"sweep speed-up, --jobs 2 over --jobs 1": 1.8}
+    [target] = [t for t in bench_report.targets(figures, ["float32"]) if t["target"].startswith("sweep")]
+    assert (target["required"], target["met"]) == (">= 1.6", True)
+
+
+def test_a_sweep_file_runs_every_head_the_same_epochs(tmp_path):
+    import tomllib
+
+    sweep = tomllib.loads(bench_stage_two.sweep_file(tmp_path / "s.toml", 8, 3).read_text())
+    assert sweep["base"] == {"epochs": 3, "patience": 3}
+    assert len(sweep["grid"]["hidden"]) * len(sweep["grid"]["dropout"]) * len(sweep["grid"]["seed"]) == 8
+    with pytest.raises(ValueError, match="multiple of 4"):
+        bench_stage_two.sweep_file(tmp_path / "t.toml", 6, 3)
 
 
 def test_summarize_and_ratio():

@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+import os
 import re
 import shutil
 
@@ -174,7 +175,7 @@ def test_every_listed_image_is_a_row_with_top_k_or_an_error(head_run, tmp_path, 
     known = [r for r in rows if r["id"][0] in "ab" and not r["error"]]
     accuracy = sum(r["predicted"] == r["id"][0] for r in known) / len(known)
     assert result.output.rstrip().endswith(f"accuracy: {accuracy:.3f} on 4 labelled images")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p.csv"]  # no scratch features left
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".p.csv.lock", "p.csv"]  # no scratch features left
 
 
 def test_an_unlabelled_csv_source_gets_no_accuracy_line(head_run, tmp_path, image_tree, run_cli):
@@ -187,3 +188,80 @@ def test_an_unlabelled_csv_source_gets_no_accuracy_line(head_run, tmp_path, imag
     assert [(r["id"], r["path"]) for r in rows] == [("first", str(images / "x/000.png")), ("second", str(images / "x/001.png"))]
     assert "accuracy" not in result.output
 
+
+
+# --- faults
+
+
+def test_a_killed_predict_s_scratch_is_removed_and_a_second_predict_is_refused_naming_the_first(head_run, tmp_path, image_tree, run_cli):
+    """Regression: a killed predict left a hidden .predict-* features dir that nothing ever removed."""
+    from pipeline.files import lock_beside, locked
+
+    source, out = image_tree(classes=("a",), per_class=2), tmp_path / "out" / "p.csv"
+    out.parent.mkdir()
+    scratch = out.parent / ".p.csv.99999.0badc0de.tmp"  # what a predict killed mid-extraction leaves
+    (scratch / "features").mkdir(parents=True)
+    (scratch / "features" / "shard-00000.h5").write_bytes(b"half a shard")
+    with locked(lock_beside(out), "test"):
+        busy = run_cli("predict", head_run.run, source, "--out", out, code=1)
+    assert f"predictions file {out} is in use by PID {os.getpid()}" in busy.output and scratch.exists()
+    run_cli("predict", head_run.run, source, "--out", out)
+    assert sorted(p.name for p in out.parent.iterdir()) == [".p.csv.lock", "p.csv"]
+
+
+def test_disk_full_or_read_only_in_predict_is_one_sentence_and_keeps_the_old_csv(head_run, tmp_path, image_tree, run_cli, monkeypatch, failing_writes):
+    import errno
+
+    from pipeline import predict as predict_module
+
+    source, out = image_tree(classes=("a",), per_class=2), tmp_path / "out" / "p.csv"
+    run_cli("predict", head_run.run, source, "--out", out)
+    before = out.read_bytes()
+
+    def full(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(predict_module, "_write_csv", full)
+        result = run_cli("predict", head_run.run, source, "--out", out, code=1)
+    assert f"cannot write {out} (or the scratch features beside it): no space left on device; the previous p.csv is unchanged" in result.output
+    assert out.read_bytes() == before and sorted(p.name for p in out.parent.iterdir()) == [".p.csv.lock", "p.csv"]
+    with failing_writes(out.parent, errno.EROFS):
+        read_only = run_cli("predict", head_run.run, source, "--out", out, code=1)
+    assert "(Read-only file system)" in read_only.output and "Traceback" not in read_only.output
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_a_damaged_transform_or_head_is_one_sentence_naming_it(head_run, tmp_path, image_tree, run_cli, command):
+    """Regression: a corrupt transform.joblib was a KeyError, a truncated model.keras "file not found"."""
+    run = copy_lineage(head_run, tmp_path)
+    reduced = tmp_path / "copy" / "reduced"
+    args = [command, run, *([image_tree(classes=("a",), per_class=1)] if command == "predict" else []), "--out", tmp_path / f"out.{'csv' if command == 'predict' else 'keras'}"]
+    transform = (reduced / "transform.joblib").read_bytes()
+    (reduced / "transform.joblib").write_bytes(transform[:-100])
+    result = run_cli(*args, code=1)
+    assert f"{reduced / 'transform.joblib'} is damaged: its sha256 is not the one reduce.json recorded" in result.output
+    edit_json(reduced / "reduce.json", lambda r: r.pop("outputs"))  # as reduced dirs made before outputs were hashed
+    reseal(run)
+    result = run_cli(*args, code=1)
+    assert f"{reduced / 'transform.joblib'} cannot be loaded (" in result.output and "it is damaged" in result.output
+    (reduced / "transform.joblib").write_bytes(transform)
+    model = (run / "model.keras").read_bytes()
+    (run / "model.keras").write_bytes(model[: len(model) // 2])
+    result = run_cli(*args, code=1)
+    assert f"{run / 'model.keras'} is damaged: its sha256 is not the one config.json recorded" in result.output
+    assert "rerun the `pipeline train` command that made it" in result.output and "Traceback" not in result.output
+
+
+def test_dirs_from_before_the_sha256_fields_still_load(head_run, tmp_path):
+    from pipeline.reduce import load_reduced
+
+    run = copy_lineage(head_run, tmp_path)
+    reduced = tmp_path / "copy" / "reduced"
+    edit_json(reduced / "reduce.json", lambda r: r.pop("outputs"))
+    edit_json(run / "config.json", lambda c: c.pop("model_sha256"))
+    reseal(run)
+    lineage = load_lineage(run)
+    assert lineage.load_transform().pca_.n_components_ == 6
+    assert lineage.load_head().output_shape == (None, 3)
+    assert load_reduced(reduced).X.shape == (24, 6)

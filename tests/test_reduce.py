@@ -7,12 +7,14 @@ import joblib
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from pipeline import reduce as reduce_module
 from pipeline import shards
 from pipeline.config import ReduceConfig
 from pipeline.errors import PipelineError
+from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
 from pipeline.lineage import TRANSFORM_NAME
 from pipeline.reduce import assign_splits, choose_solver, load_reduced, reduce_features
 
@@ -196,6 +198,74 @@ def test_too_many_components_names_the_maximum(features_dir, tmp_path, config, m
     assert not (tmp_path / "reduced").exists()
 
 
+# --- partial sums: what the local loop and Ray tasks both compute
+
+
+def test_moments_and_gram_sums_of_parts_add_up_to_those_of_the_whole():
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(203, 7)) * rng.uniform(0.01, 100, 7) + rng.uniform(-1e3, 1e3, 7)).astype(np.float32)
+    X[:, 3] = 5.0  # a constant feature
+    parts = [X[:1], X[1:90], X[90:90], X[90:]]
+    moments = Moments(7)
+    for part in parts:
+        moments += moment_sums([part], 7)
+    reference = StandardScaler().fit(X)
+    scaler = moments.standard_scaler()
+    np.testing.assert_allclose(scaler.mean_, reference.mean_, rtol=1e-12)
+    np.testing.assert_allclose(scaler.var_, reference.var_, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(scaler.scale_[3], 1.0)
+    np.testing.assert_allclose(scaler.scale_, reference.scale_, rtol=1e-9)
+    assert scaler.n_samples_seen_ == 203
+
+    grams = GramSums(7)
+    for part in parts:
+        grams += gram_sums([part], 7)
+    whole = gram_sums([X], 7)
+    assert grams.count == whole.count == 203
+    np.testing.assert_allclose(grams.gram, X.astype(np.float64).T @ X.astype(np.float64), rtol=1e-6)
+    np.testing.assert_allclose(grams.total, whole.total, rtol=1e-12)
+
+
+def test_the_local_solver_s_numbers_are_those_of_its_former_one_pass_loop(features_dir, tmp_path):
+    """Summing per shard (what Ray tasks return) changes the local incremental solver only by float64 rounding.
+
+    The reference is the loop it replaced: StandardScaler.partial_fit over the chunks, then one
+    float64 Gram sum over all scaled chunks.
+    """
+    features = features_dir(n=240, shard_size=70)
+    reduce_features(features, tmp_path / "reduced", ReduceConfig(components=5, solver="incremental", batch_rows=32))
+    fitted = joblib.load(tmp_path / "reduced" / "transform.joblib")
+    is_train = load_reduced(tmp_path / "reduced").splits == "train"
+    manifest = shards.read_manifest(features)
+    chunks, start = [], 0
+    for _, _, _, X in shards.iter_feature_chunks(features, manifest, [t["key"] for t in manifest["taps"]], 32):
+        chunks.append(X[is_train[start:start + len(X)]])
+        start += len(X)
+    reference = TapTransform(fitted.tap_dims, "block", 5, False, "incremental")
+    scaler = StandardScaler()
+    for X in chunks:
+        scaler.partial_fit(X)
+    reference._set_scaling(scaler)
+    rows, total, gram = 0, 0.0, np.zeros((sum(fitted.tap_dims),) * 2)
+    for X in map(reference.scale, chunks):
+        rows, total, gram = rows + len(X), total + X.sum(axis=0, dtype=np.float64), gram + X.T @ X
+    mean = total / rows
+    variances = np.sort(np.linalg.eigvalsh((gram - rows * np.outer(mean, mean)) / (rows - 1)))[::-1][:5]
+    np.testing.assert_allclose(fitted.scaler_.mean_, scaler.mean_, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(fitted.scaler_.var_, scaler.var_, rtol=1e-12)
+    np.testing.assert_allclose(fitted.pca_.explained_variance_, variances, rtol=1e-12)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engine", "ray", "--solver", "full"], "--engine ray runs the incremental solver's passes as Ray tasks, but --solver full runs in this process"),
+    (["--engine", "ray", "--components", "0.9"], "needs the full solver, but --engine ray was asked for"),
+    (["--ray-address", "auto"], "--ray-address auto is for --engine ray"),
+])
+def test_engine_options_that_cannot_work_are_one_sentence(features_dir, tmp_path, run_cli, args, message):
+    result = run_cli("reduce", features_dir(n=60), "--out", tmp_path / "reduced", *args, code=1)
+    assert message in result.output and not (tmp_path / "reduced").exists()
+
+
 # --- outputs and caching
 
 
@@ -213,7 +283,7 @@ def test_outputs_follow_the_format(features_dir, tmp_path):
     assert [t["key"] for t in report["taps"]] == list(TAPS)
     assert report["config"]["taps"] == list(TAPS)
     assert len(report["explained_variance_ratio"]) == 6
-    assert not list(tmp_path.glob(".*"))  # no staging dir left behind
+    assert [p.name for p in tmp_path.glob(".*")] == [".reduced.lock"]  # the lock beside it; no staging dir left behind
 
 
 def test_same_settings_are_a_cache_hit_and_other_settings_need_overwrite(features_dir, tmp_path):

@@ -13,7 +13,7 @@ from pipeline import train as train_module
 from pipeline.config import HeadConfig, ReduceConfig
 from pipeline.errors import PipelineError
 from pipeline.reduce import load_reduced, reduce_features
-from pipeline.train import read_leaderboard, sort_rows, sweep_configs, train
+from pipeline.train import leaderboard as leaderboard_rows, sort_rows, sweep_configs, train
 
 QUICK = dict(hidden=(16,), epochs=4, batch_size=32)
 
@@ -118,7 +118,7 @@ def test_a_run_writes_every_output_and_is_not_redone(reduced_dir, tmp_path):
 
     again = list(train(reduced, runs, [HeadConfig(**QUICK)]))
     assert [o.done_before for o in again] == [True, True]
-    assert sorted(p.name for p in runs.iterdir()) == sorted([outcomes[0].run_id, outcomes[1].run_id, "leaderboard.csv"])
+    assert sorted(p.name for p in runs.iterdir()) == sorted([".locks", outcomes[0].run_id, outcomes[1].run_id, "leaderboard.csv"])
 
 
 def test_a_rerun_with_the_same_seed_gives_the_same_metrics(reduced_dir, tmp_path):
@@ -188,7 +188,7 @@ def test_a_failed_run_leaves_no_trace(reduced_dir, tmp_path, monkeypatch):
     baseline = next(outcomes)
     with pytest.raises(RuntimeError, match="out of memory"):
         next(outcomes)
-    assert sorted(p.name for p in runs.iterdir()) == sorted([baseline.run_id, "leaderboard.csv"])
+    assert sorted(p.name for p in runs.iterdir()) == sorted([".locks", baseline.run_id, "leaderboard.csv"])
 
 
 def test_unlabeled_rows_are_refused_by_train_but_reduced(features_dir, reduced_dir, tmp_path):
@@ -244,7 +244,7 @@ def test_leaderboard_is_written_after_every_run(reduced_dir, tmp_path, monkeypat
     configs = [HeadConfig(**{**QUICK, "epochs": 2, "seed": seed}) for seed in (0, 1)]
     list(train(reduced_dir(), tmp_path / "runs", configs))
     assert counts == [1, 2, 3]
-    assert [row["kind"] for row in read_leaderboard(tmp_path / "runs")].count("head") == 2
+    assert [row["kind"] for row in leaderboard_rows(tmp_path / "runs")[0]].count("head") == 2
 
 
 # --- command line

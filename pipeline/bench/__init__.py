@@ -9,4 +9,4 @@ startup    fresh-process start-up: first batch, up-to-date rerun, predict on one
 """
 
 # Every stage `pipeline bench --skip` can leave out, in the order they run.
-STAGES = ("model", "extract", "decode", "baseline", "flops", "fast-decode", "ray", "startup", "reduce", "heads")
+STAGES = ("model", "extract", "decode", "baseline", "flops", "fast-decode", "ray", "startup", "reduce", "heads", "sweep")

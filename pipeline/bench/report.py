@@ -13,6 +13,7 @@ REDUCE_RSS_MB = 1536
 REDUCE_ROW_COST_GROWTH = 1.25  # seconds per row at the largest size / at the smallest: at most this (linear)
 UP_TO_DATE_SECONDS = 5.0  # a whole `pipeline extract` rerun over a finished directory
 NOT_APPLICABLE = "not applicable"  # a target's `met` where the machine lacks what it measures
+SWEEP_SPEEDUP = 1.6  # a sweep with --jobs 2 against --jobs 1, on 2 cores: at least this
 
 
 def summarize(values):
@@ -94,7 +95,17 @@ def derived(results, policy):
     if reduce:
         figures["reduce peak RSS at the largest size (MB)"] = reduce["sizes"][-1]["peak_rss_mb"]["median"]
         figures["reduce seconds per row, largest / smallest size"] = reduce["row_cost_growth"]
+    sweep = results.get("sweep")
+    if sweep:
+        reference, *others = sweep["jobs"]
+        for jobs in others:
+            figures[sweep_figure(reference, jobs)] = ratio(sweep["jobs"][reference]["seconds"], sweep["jobs"][jobs]["seconds"])
     return {name: value for name, value in figures.items() if value is not None}
+
+
+def sweep_figure(reference, jobs):
+    """The derived figure's name: how many times faster the sweep is with --jobs `jobs` than with `reference`."""
+    return f"sweep speed-up, --jobs {jobs} over --jobs {reference}"
 
 
 def _cost(run):
@@ -143,6 +154,7 @@ def targets(figures, policies):
         ("start-up: up-to-date extract rerun, whole command (s)", "<", UP_TO_DATE_SECONDS, False),
         ("reduce peak RSS at the largest size (MB)", "<", REDUCE_RSS_MB, False),
         ("reduce seconds per row, largest / smallest size", "<=", REDUCE_ROW_COST_GROWTH, False),
+        (sweep_figure("1", "2"), ">=", SWEEP_SPEEDUP, False),
     ]
     compare = {">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
     rows = []
@@ -161,7 +173,8 @@ def render_markdown(report):
     load = report["load_average"]
     lines = [
         f"# pipeline bench: {settings['image_size']} px, {settings['images']} images, batch {settings['batch_size']}; "
-        f"{settings['repeats']} timed runs after a warm-up (reduce: {settings['reduce_repeats']} cold run per size)",
+        f"{settings['repeats']} timed runs after a warm-up (reduce: {settings['reduce_repeats']} cold run per size; "
+        f"sweep: {settings.get('sweep_repeats', 1)} cold run per --jobs)",
         "",
         f"Machine: {machine['cpu']} ({machine['cores']} cores), {machine['accelerator']}; "
         f"CPU flags: {', '.join(machine.get('cpu_flags', [])) or 'none of note'}. "
@@ -226,6 +239,12 @@ def _measurement_rows(results):
         rows.append((what, "float32", heads["seconds"], "s"))
         rows.append((f"{what}: epochs run (early stopping)", "float32", heads["epochs"], "epochs"))
         rows.append((f"{what}: per epoch", "float32", heads["seconds_per_epoch"], "s"))
+    sweep = results.get("sweep")
+    if sweep:
+        what = f"sweep of {sweep['heads']} heads x {sweep['epochs']} epochs, {sweep['rows']:,} x {sweep['dims']} reduced, `pipeline train`"
+        for jobs, stats in sweep["jobs"].items():
+            rows.append((f"{what} --jobs {jobs}", "float32", stats["seconds"], "s"))
+            rows.append((f"{what} --jobs {jobs}: seconds summed over the runs", "float32", stats["run_seconds"], "s"))
     return rows
 
 

@@ -13,6 +13,7 @@ Stage one is measured at the precision `auto` picks and in float32 (each figure 
 Stage two (bench.stage_two) on synthetic shards:
   reduce       seconds and peak RSS at growing row counts
   heads        seconds per head experiment on the smallest reduced set
+  sweep        a sweep of `sweep_heads` heads with --jobs 1 and then --jobs 2, each a fresh `pipeline train`
 """
 
 import csv
@@ -68,6 +69,10 @@ class BenchOptions:
     tap_dims: tuple[int, ...] = (1024, 2048, 512, 512)  # synthetic dims of the four default taps
     components: int = 256  # PCA components kept by reduce
     head_epochs: int = HeadConfig.epochs  # upper bound of each head experiment (early stopping ends sooner)
+    sweep_heads: int = 8  # heads of the sweep stage (a multiple of 4), on the smallest reduced set
+    sweep_epochs: int = 4  # epochs every sweep head runs (no early stopping, so both sweeps do the same work)
+    sweep_jobs: tuple[int, ...] = (1, 2)  # --jobs of each timed sweep; the first is the reference
+    sweep_repeats: int = 1  # timed sweeps per --jobs value (each trains every head)
 
     def __post_init__(self):
         object.__setattr__(self, "taps", tuple(parse_tap(tap) for tap in self.taps))
@@ -81,6 +86,7 @@ class BenchOptions:
         small = dict(
             image_size=64, images=32, batch_size=16, repeats=1, matmul_size=1024, large_images=4,
             reduce_rows=(2_000, 4_000, 8_000), shard_rows=1_000, tap_dims=(64, 128, 32, 32), components=32, head_epochs=5,
+            sweep_epochs=2,
         )
         return cls(**{**small, **overrides})
 
@@ -401,7 +407,7 @@ def measure_startup(options, config, policies, corpus, work, log):
 
 def _stage_two(options, work, log):
     results = {}
-    wanted = [stage for stage in ("reduce", "heads") if stage not in options.skip]
+    wanted = [stage for stage in ("reduce", "heads", "sweep") if stage not in options.skip]
     if not wanted:
         return results
     tap_dims = dict(zip(bench_stage_two.DEFAULT_TAP_DIMS, options.tap_dims))
@@ -409,7 +415,7 @@ def _stage_two(options, work, log):
     log(f"synthetic shards: {max(sizes):,} rows x {sum(tap_dims.values()):,} dims, float16")
     synthetic = bench_stage_two.write_synthetic_features(work / "synthetic", max(sizes), options.shard_rows, tap_dims)
     config = ReduceConfig(solver="incremental", components=options.components)
-    repeats = options.reduce_repeats if "reduce" in wanted else 1  # heads alone need one reduced set
+    repeats = options.reduce_repeats if "reduce" in wanted else 1  # heads and sweeps alone need one reduced set
     runs = []
     for rows in sizes:
         log(f"reduce, {rows:,} rows")
@@ -442,4 +448,21 @@ def _stage_two(options, work, log):
             "val_accuracy": bench_report.summarize([m["val"]["accuracy"] for m in measured["heads"]]),
             "linear_probe_seconds": measured["baseline"]["seconds"],
         }
+    if "sweep" in wanted:
+        results["sweep"] = _sweep(options, work / f"reduced-{sizes[0]}-0", work, sizes[0], config.components, log)
     return results
+
+
+def _sweep(options, reduced_dir, work, rows, dims, log):
+    """The same sweep timed with each --jobs value, each time into a fresh runs dir."""
+    sweep = bench_stage_two.sweep_file(work / "sweep.toml", options.sweep_heads, options.sweep_epochs)
+    timings = {}
+    for jobs in options.sweep_jobs:
+        log(f"sweep of {options.sweep_heads} heads on {rows:,} x {dims}, --jobs {jobs}")
+        measured = []
+        for repeat in range(options.sweep_repeats):
+            runs = work / f"sweep-runs-{jobs}-{repeat}"
+            measured.append(bench_stage_two.measure_sweep(reduced_dir, runs, sweep, jobs))
+            shutil.rmtree(runs, ignore_errors=True)
+        timings[str(jobs)] = {key: bench_report.summarize([m[key] for m in measured]) for key in ("seconds", "run_seconds")}
+    return {"rows": rows, "dims": dims, "heads": options.sweep_heads, "epochs": options.sweep_epochs, "cores": os.cpu_count(), "jobs": timings}

@@ -1,4 +1,4 @@
-"""Stage-two benchmark: `reduce` on synthetic float16 shards (seconds, peak RSS, scaling) and heads.
+"""Stage-two benchmark: `reduce` on synthetic float16 shards (seconds, peak RSS, scaling), heads, and sweeps.
 
 The synthetic features are written once at the largest row count; a smaller size is a features
 dir whose manifest lists a prefix of those shards (hard links), so every size reads the same
@@ -137,6 +137,33 @@ def measure_heads(reduced_dir, runs_dir, repeats, head_config=HeadConfig()):
         "baseline": outcomes[0].metrics,
         "heads": [outcome.metrics for outcome in outcomes[1:]],
     }
+
+
+def sweep_file(path, heads, epochs):
+    """A sweep TOML of `heads` runs (hidden x dropout x seed, in that order), each trained exactly `epochs` epochs."""
+    grid = {"hidden": [[256], [512, 128]], "dropout": [0.0, 0.3], "seed": list(range(max(1, heads // 4)))}
+    combos = len(grid["hidden"]) * len(grid["dropout"]) * len(grid["seed"])
+    if combos != heads:
+        raise ValueError(f"a sweep of {heads} heads is not a multiple of 4")
+    lines = ["[base]", f"epochs = {epochs}", f"patience = {epochs}", "", "[grid]"]  # patience = epochs: no early stop
+    lines += [f"{key} = {json.dumps(values)}" for key, values in grid.items()]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
+
+
+def measure_sweep(reduced_dir, runs_dir, sweep, jobs):
+    """`pipeline train REDUCED --sweep SWEEP --jobs N` in a fresh process, start to end: {seconds, run_seconds}.
+
+    A fresh process, because that is what a user runs: TensorFlow starts in it (or in each worker).
+    """
+    argv = [sys.executable, "-m", "pipeline", "train", str(reduced_dir), "--runs", str(runs_dir), "--sweep", str(sweep), "--jobs", str(jobs)]
+    started = time.perf_counter()
+    completed = subprocess.run(argv, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if completed.returncode != 0:
+        raise RuntimeError(f"sweep with --jobs {jobs} failed:\n{completed.stderr}")
+    runs = [json.loads(path.read_text()) for path in sorted(Path(runs_dir).glob("h*/metrics.json"))]
+    return {"seconds": seconds, "run_seconds": sum(run["seconds"] for run in runs), "runs": len(runs)}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ shards go to a one-thread background writer so HDF5 writing overlaps compute.
 """
 
 import contextlib
-import errno
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,12 +17,11 @@ from pipeline import backbones, shards
 from pipeline.config import ExtractConfig, parse_weights, tap_backbone, tap_layer
 from pipeline.engines import RunIdentity, ShardJob
 from pipeline.errors import PipelineError
+from pipeline.files import storage_errors
 from pipeline.inputs import UndecodableImage, decode_with_pillow, image_batches, resize_image
 
 FIDELITY_ROWS = 8  # rows of each shard's first batch also run in float32 to check reduced precision
 _MAX_PENDING_WRITES = 2  # shards buffered for the writer before compute waits
-# errno values of a write that fails for lack of room or rights, not because of a bug
-_STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
 
 
 class ShardWorker:
@@ -271,18 +269,12 @@ class _ShardWriter:
 
     def _write(self, shard, data):
         path = self.out_dir / shards.shard_filename(shard)
-        try:
+        remedy = "the shards written so far are kept, so free space (or fix the rights) and rerun the same command to resume"
+        with storage_errors(path, remedy):
             shards.write_shard(
                 path, data, index=shard, config_sha256=self.run.config_sha256, config=self.run.config,
                 storage_dtype=self.storage_dtype, weights=self.run.weights, taps=self.run.taps,
             )
-        except OSError as e:
-            if e.errno not in _STORAGE_ERRORS:
-                raise
-            raise PipelineError(
-                f"cannot write {path}: {_STORAGE_ERRORS[e.errno]}; the shards written so far are kept, "
-                "so free space (or fix the rights) and rerun the same command to resume"
-            ) from None
 
     def raise_failure(self):
         for future in self.futures.values():

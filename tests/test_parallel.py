@@ -1,0 +1,39 @@
+"""Sweeps whose runs train in worker processes give the metrics of sequential ones."""
+
+import csv
+import json
+
+SWEEP = "[base]\nepochs = 3\nbatch_size = 16\ndropout = 0.2\n[grid]\nhidden = [[8], [16, 4]]\n"  # 2 heads + the baseline
+
+
+def run_files(runs):
+    """{run id: (metrics.json without seconds, history.csv)} of every run dir."""
+    found = {}
+    for run in sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics.pop("seconds")
+        history = (run / "history.csv").read_text() if (run / "history.csv").exists() else None
+        found[run.name] = (metrics, history)
+    return found
+
+
+def leaderboard_without_seconds(runs):
+    with open(runs / "leaderboard.csv", newline="") as f:
+        return [{key: value for key, value in row.items() if key != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_a_parallel_sweep_gives_the_metrics_of_a_sequential_one(features_dir, tmp_path, run_cli):
+    run_cli("reduce", features_dir(n=120), "--out", tmp_path / "reduced", "--components", 6)
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(SWEEP)
+    sequential = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "one", "--sweep", sweep)
+    parallel = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "two", "--sweep", sweep, "--jobs", 2)
+    assert sorted(line.split(":")[0] for line in parallel.output.splitlines()[:-1]) == sorted(
+        line.split(":")[0] for line in sequential.output.splitlines()[:-1])
+    one, two = run_files(tmp_path / "one"), run_files(tmp_path / "two")
+    assert len(one) == 3 and one == two
+    assert leaderboard_without_seconds(tmp_path / "one") == leaderboard_without_seconds(tmp_path / "two")
+
+
+def test_train_jobs_below_one_is_refused(tmp_path, run_cli):
+    assert "Invalid value for '--jobs'" in run_cli("train", tmp_path, "--runs", tmp_path / "runs", "--jobs", 0, code=2).output
