@@ -429,7 +429,7 @@ _HEAD = cfg.HeadConfig()
 _PARALLEL = cfg.ParallelConfig()
 
 
-def _engine_options(engine_help):
+def _engine_flags(engine_help):
     """--engine (with `engine_help`) and --ray-address, for the stage-two commands that can use Ray."""
 
     def add(command):
@@ -452,7 +452,7 @@ def _engine_options(engine_help):
 @click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Share of each class hashed to test (rows whose source gave no split).")
 @click.option("--split-seed", default=_REDUCE.split_seed, show_default=True, type=click.IntRange(min=0), help="Salt of the id hash that assigns splits.")
 @click.option("--overwrite", is_flag=True, help="Replace a reduction with other settings in --out.")
-@_engine_options("Where the incremental solver's per-shard sums are computed: here, or as Ray tasks (implies --solver incremental).")
+@_engine_flags("Where the incremental solver's per-shard sums are computed: here, or as Ray tasks (implies --solver incremental).")
 def reduce(features, out, overwrite, engine, ray_address, **options):
     """Scale and PCA-reduce the cached taps of FEATURES, fitted on train rows only."""
     from pipeline.reduce import reduce_features
@@ -497,7 +497,7 @@ def reduce(features, out, overwrite, engine, ray_address, **options):
 @click.option("--name", help="Run id instead of one made from the config; with --sweep, a prefix of every run id.")
 @click.option("--sweep", type=click.Path(exists=True, dir_okay=False), help="TOML file with a [base] table of head options and a [grid] table of lists; every combination is a run. Options given here override [base].")
 @click.option("--jobs", default=_PARALLEL.jobs, show_default=True, type=click.IntRange(min=1), help="Runs trained at once, each in its own worker process with cores/jobs threads (1: one after another, here).")
-@_engine_options("Where the runs train: on this machine (see --jobs), or on a Ray cluster (--jobs runs at once).")
+@_engine_flags("Where the runs train: on this machine (see --jobs), or on a Ray cluster (--jobs runs at once).")
 @click.pass_context
 def train_heads(ctx, reduced, runs_dir, name, sweep, jobs, engine, ray_address, **options):
     """Train Keras heads on REDUCED into RUNS, after a logistic-regression baseline; update the leaderboard."""

@@ -11,7 +11,6 @@ or records why nobody could. The caller passes None for files its listing found 
 import functools
 import io
 import os
-import stat
 import warnings
 
 import numpy as np
@@ -19,22 +18,15 @@ import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.layers import resize_image  # shared with the exported SavedModel's bytes signature
+from pipeline.sources import file_problem
 
 AUTOTUNE = tf.data.AUTOTUNE
 JPEG_RATIOS = (8, 4, 2)  # DCT downscales libjpeg offers, largest first
-MAX_FILE_BYTES = 1 << 30  # 1 GiB: an uncompressed 16-bit RGB TIFF from the largest camera sensor (151 MP) is 0.9 GB
 MAX_PIXELS = (1 << 29) // 3  # ~179 MP, 0.5 GB of RGB: TensorFlow's own JPEG limit; camera sensors stop at 151 MP
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2  # Pillow refuses twice this from the header, before allocating (its default)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # Pillow's warning is for images we accept
 # What Pillow may take a file for: never EPS (it runs Ghostscript) or its other plugins.
 PILLOW_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
-_FILE_KINDS = {
-    stat.S_IFDIR: "directory",
-    stat.S_IFIFO: "named pipe",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-    stat.S_IFSOCK: "socket",
-}
 # Where the formats TensorFlow decodes state their size. Each: the bytes that identify the
 # header as (offset, bytes, bit mask or None for all bits), then width and height as unsigned
 # integers (offset, byte count, big-endian, right shift, bits kept, plus). PNG and BMP fields
@@ -76,17 +68,6 @@ _HEADER_VALUES, _HEADER_MASKS, _FIELD_WEIGHTS, _FIELD_SHIFTS, _FIELD_BITS, _FIEL
 
 class UndecodableImage(Exception):
     """Neither TensorFlow nor Pillow could turn the file into pixels."""
-
-
-def file_problem(info):
-    """Why a file with this `os.stat` result is not read, or "" when it is."""
-    if not stat.S_ISREG(info.st_mode):
-        return f"not a regular file ({_FILE_KINDS.get(stat.S_IFMT(info.st_mode), 'special file')})"
-    if info.st_size > MAX_FILE_BYTES:
-        return f"file of {info.st_size:,} bytes exceeds the {MAX_FILE_BYTES / 2**30:g} GiB cap"
-    if info.st_size == 0:
-        return "empty file"
-    return ""
 
 
 def read_image_file(path):

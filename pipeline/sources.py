@@ -16,14 +16,32 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import PipelineError
-from pipeline.inputs import file_problem
 
+MAX_FILE_BYTES = 1 << 30  # 1 GiB: an uncompressed 16-bit RGB TIFF from the largest camera sensor (151 MP) is 0.9 GB
+_FILE_KINDS = {
+    stat.S_IFDIR: "directory",
+    stat.S_IFIFO: "named pipe",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFSOCK: "socket",
+}
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # First-level folder names that mean "split", not "class"; validation is an alias of val.
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 UNLABELED = -1
 # Folders that zip archives made on macOS carry: resource forks, never images.
 IGNORED_FOLDERS = frozenset({"__MACOSX"})
+
+
+def file_problem(info):
+    """Why a file with this `os.stat` result is not read, or "" when it is."""
+    if not stat.S_ISREG(info.st_mode):
+        return f"not a regular file ({_FILE_KINDS.get(stat.S_IFMT(info.st_mode), 'special file')})"
+    if info.st_size > MAX_FILE_BYTES:
+        return f"file of {info.st_size:,} bytes exceeds the {MAX_FILE_BYTES / 2**30:g} GiB cap"
+    if info.st_size == 0:
+        return "empty file"
+    return ""
 
 
 @dataclass(frozen=True)

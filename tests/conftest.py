@@ -199,3 +199,14 @@ def failing_writes(monkeypatch):
             yield
 
     return failing
+
+
+@pytest.fixture
+def reduced(features_dir, tmp_path):
+    """A features dir reduced to 4 components: (features, reduced)."""
+    from pipeline.config import ReduceConfig
+    from pipeline.reduce import reduce_features
+
+    features = features_dir(n=90, shard_size=30)
+    reduce_features(features, tmp_path / "reduced", ReduceConfig(components=4))
+    return features, tmp_path / "reduced"

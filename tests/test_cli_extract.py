@@ -1,6 +1,7 @@
 """The stage-one commands as a user types them: config files, summaries and every error path."""
 
 import io
+import subprocess
 import sys
 
 import h5py
@@ -153,3 +154,11 @@ def test_inspect_summarises_and_verify_catches_damage(tmp_path, image_tree, run_
 
 def test_inspect_of_a_directory_without_a_manifest(tmp_path, run_cli):
     assert "is not a features directory" in run_cli("inspect", tmp_path, code=1).output
+
+
+def test_the_cli_and_the_stage_one_driver_load_without_tensorflow():
+    """`pipeline --help`, `runs`, `inspect` and an up-to-date `extract` stay quick: only computing imports TensorFlow."""
+    code = "import sys, pipeline.cli, pipeline.extract, pipeline.shards; print(sorted({'tensorflow', 'keras', 'ray'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import shards
 from pipeline.cli import cli
-from pipeline.inputs import MAX_FILE_BYTES
+from pipeline.sources import MAX_FILE_BYTES
 from pipeline.sources import list_source
 
 SMALL = ["--weights", "random", "--image-size", "32", "--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool",

@@ -17,16 +17,16 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.inputs import (
-    MAX_FILE_BYTES,
     MAX_PIXELS,
     UndecodableImage,
-    decode_image,
     _for_tensorflow,
     _header_pixels,
+    decode_image,
     decode_with_pillow,
     image_batches,
 )
 from pipeline.layers import resize_image
+from pipeline.sources import MAX_FILE_BYTES
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

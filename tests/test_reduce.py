@@ -245,7 +245,7 @@ def test_the_local_solver_s_numbers_are_those_of_its_former_one_pass_loop(featur
     scaler = StandardScaler()
     for X in chunks:
         scaler.partial_fit(X)
-    reference._set_scaling(scaler)
+    reference.set_scaling(scaler)
     rows, total, gram = 0, 0.0, np.zeros((sum(fitted.tap_dims),) * 2)
     for X in map(reference.scale, chunks):
         rows, total, gram = rows + len(X), total + X.sum(axis=0, dtype=np.float64), gram + X.T @ X

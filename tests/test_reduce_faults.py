@@ -31,14 +31,6 @@ def tree_bytes(directory):
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def reduced(features_dir, tmp_path):
-    """A features dir reduced to 4 components: (features, reduced)."""
-    features = features_dir(n=90, shard_size=30)
-    reduce_features(features, tmp_path / "reduced", ReduceConfig(components=4))
-    return features, tmp_path / "reduced"
-
-
 def test_a_second_reduce_into_one_out_fails_naming_the_process(reduced, run_cli):
     features, out = reduced
     with locked(lock_beside(out), "test"):

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.inputs import MAX_FILE_BYTES
+from pipeline.sources import MAX_FILE_BYTES
 from pipeline.sources import UNLABELED, list_source
 
 

@@ -20,7 +20,13 @@ from pipeline.config import HeadConfig
 from pipeline.files import leftover_temps, locked
 from pipeline.reduce import load_reduced
 from pipeline.train import train
-from test_reduce_faults import QUICK, reduced, tree_bytes  # noqa: F401  (reduced is a fixture)
+
+QUICK = ["--hidden", 8, "--epochs", 2, "--batch-size", 32]
+
+
+def tree_bytes(directory):
+    """Every file under `directory` (hidden ones too) by relative path, with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
