@@ -162,11 +162,23 @@ def _plan(runs_dir, data, configs, name):
     return plan
 
 
-def _check_name_free(runs_dir, run_id, run_sha):
-    """Refuse a run id that an intact run of another config or reduced dir already has."""
-    state = run_state(runs_dir / run_id)
+def _check_name_free(runs_dir, run_id, run_sha, state=None):
+    """Refuse a run id that an intact run of another config or reduced dir already has (`state`: its RunState, if read)."""
+    state = run_state(runs_dir / run_id) if state is None else state
     if state.config is not None and state.config.get("run_sha256") != run_sha:
         raise PipelineError(f"run {run_id} already exists in {runs_dir} with another config or reduced dir; choose another --name")
+
+
+def _finished(runs_dir, job):
+    """The RunState of `job`'s run dir (its model checked), refusing one that another config finished under the same id.
+
+    Called again under the run's lock: another process with the same --name and another config
+    may have published the run since _plan checked the name.
+    """
+    state = run_state(runs_dir / job.run_id, check_model=True)
+    if job.kind == "head":
+        _check_name_free(runs_dir, job.run_id, job.run_sha, state)
+    return state
 
 
 def _run_all(runs_dir, data, plan, parallel, on_warning):
@@ -174,7 +186,7 @@ def _run_all(runs_dir, data, plan, parallel, on_warning):
     make_dir(runs_dir / LOCKS_DIR, "--runs")
     pending = []
     for job in plan:
-        state = run_state(runs_dir / job.run_id, check_model=True)
+        state = _finished(runs_dir, job)
         if state.done:
             yield RunOutcome(job.run_id, job.kind, state.metrics, True)
             continue
@@ -221,7 +233,7 @@ def _run_job(runs_dir, reduced_dir, report_sha256, job, wait):
     """
     try:
         with locked(runs_dir / LOCKS_DIR / f"{job.run_id}.lock", f"run {job.run_id} in {runs_dir}", wait=wait):
-            state = run_state(runs_dir / job.run_id, check_model=True)
+            state = _finished(runs_dir, job)
             if state.done:
                 return RunOutcome(job.run_id, job.kind, state.metrics, True)
             for leftover in leftover_temps(runs_dir, job.run_id):

@@ -17,6 +17,7 @@ import pytest
 
 from pipeline import train as train_module
 from pipeline.config import HeadConfig
+from pipeline.errors import PipelineError
 from pipeline.files import leftover_temps, locked
 from pipeline.reduce import load_reduced
 from pipeline.train import train
@@ -128,6 +129,36 @@ def test_a_run_another_process_holds_is_left_to_it_then_reported_done(reduced, t
     worker.join(timeout=120)
     assert [(o.run_id, o.done_before) for o in outcomes] == [(first[0].run_id, False), (run_id, True)]
     assert {row["run_id"] for row in train_module.leaderboard(runs)[0]} == {first[0].run_id, run_id}
+
+
+def test_a_name_another_process_publishes_with_another_config_is_refused_not_reported_done(reduced, tmp_path):
+    """Regression: both trains passed the name check, and the one that waited printed the other's metrics as "already done"."""
+    _, out = reduced
+    theirs, ours = HeadConfig(hidden=(4,), epochs=1), HeadConfig(hidden=(6,), epochs=1)
+    list(train(out, tmp_path / "elsewhere", [theirs], name="shared"))
+    runs = tmp_path / "runs"
+    (runs / ".locks").mkdir(parents=True)
+    outcomes, errors = [], []
+
+    def ours_train():
+        try:
+            outcomes.extend(train(out, runs, [ours], name="shared"))
+        except PipelineError as e:
+            errors.append(str(e))
+
+    with locked(runs / ".locks" / "shared.lock", "the other process"):
+        worker = threading.Thread(target=ours_train)
+        worker.start()
+        deadline = time.monotonic() + 120
+        while not list(runs.glob("baseline-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert worker.is_alive()  # waiting for the run's lock
+        shutil.copytree(tmp_path / "elsewhere" / "shared", runs / "shared")  # the other process publishes its config
+    worker.join(timeout=120)
+    assert errors == [f"run shared already exists in {runs} with another config or reduced dir; choose another --name"]
+    assert [o.run_id for o in outcomes] == [o.run_id for o in outcomes if o.kind == "baseline"]
+    assert json.loads((runs / "shared" / "config.json").read_text())["head"]["hidden"] == [4]
 
 
 @pytest.mark.slow  # two TensorFlow processes; test_a_run_another_process_holds_... checks the same logic in-process
