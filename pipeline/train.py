@@ -271,7 +271,12 @@ def _publish(runs_dir, data, staging, run_id):
     with locked(runs_dir / LOCKS_DIR / LEADERBOARD_LOCK, f"runs directory {runs_dir}", wait=True):
         _check_same_split(runs_dir, data, _runs_in(runs_dir)[0])
         replace_dir(staging, runs_dir / run_id)
-        write_leaderboard(runs_dir)
+        # The run is in place now: a failure from here on must not say it was lost.
+        with storage_errors(
+            runs_dir / LEADERBOARD_NAME,
+            f"run {run_id} is kept; free space (or fix the rights), then `pipeline runs {runs_dir}` rebuilds the leaderboard",
+        ):
+            write_leaderboard(runs_dir)
 
 
 def _rows(data, split):
@@ -478,7 +483,8 @@ def leaderboard(runs_dir):
     if current != text:
         try:
             with locked(runs_dir / LOCKS_DIR / LEADERBOARD_LOCK, f"runs directory {runs_dir}", wait=True):
-                write_leaderboard(runs_dir)
+                with storage_errors(path, "the table is built from the run dirs all the same"):
+                    write_leaderboard(runs_dir)
             warnings_.append(f"{path} did not match the run dirs (damaged or out of date), so it was rebuilt from them")
         except PipelineError as e:
             warnings_.append(f"{path} does not match the run dirs, and rebuilding it failed: {e}")

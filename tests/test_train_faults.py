@@ -224,6 +224,45 @@ def test_disk_full_in_train_keeps_the_finished_runs_and_a_rerun_completes(reduce
     assert "already done" in rerun.output and len(train_module.leaderboard(runs)[0]) == 2
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_runs_on_a_full_disk_prints_the_table_with_a_warning(reduced, tmp_path, run_cli, monkeypatch, code):
+    """Regression: a stale leaderboard that could not be rewritten was a traceback."""
+    _, out = reduced
+    runs = tmp_path / "runs"
+    run_cli("train", out, "--runs", runs, *QUICK)
+    (runs / "leaderboard.csv").write_text("stale\n")
+
+    def full(runs_dir):
+        raise OSError(code, os.strerror(code), str(runs_dir / "leaderboard.csv"))
+
+    monkeypatch.setattr(train_module, "write_leaderboard", full)
+    table = run_cli("runs", runs)
+    assert "*baseline*" in table.output and "Traceback" not in table.output
+    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}[code]
+    assert f"does not match the run dirs, and rebuilding it failed: cannot write {runs / 'leaderboard.csv'}: {reason}" in table.output
+
+
+def test_a_leaderboard_that_cannot_be_written_after_publishing_says_the_run_is_kept(reduced, tmp_path, run_cli, monkeypatch):
+    """Regression: the sentence said the failed run was not kept, though it had been renamed into place."""
+    _, out = reduced
+    runs = tmp_path / "runs"
+    real = train_module.write_leaderboard
+
+    def full(runs_dir):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(runs_dir / "leaderboard.csv"))
+
+    monkeypatch.setattr(train_module, "write_leaderboard", full)
+    result = run_cli("train", out, "--runs", runs, *QUICK, code=1)
+    [baseline] = [p.name for p in runs.iterdir() if p.name.startswith("baseline-")]
+    assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
+    assert f"cannot write {runs / 'leaderboard.csv'}: no space left on device; run {baseline} is kept;" in result.output
+    assert "finished so far" not in result.output and train_module.run_state(runs / baseline).done
+    monkeypatch.setattr(train_module, "write_leaderboard", real)
+    assert "rebuilt from them" in run_cli("runs", runs).output
+    rerun = run_cli("train", out, "--runs", runs, *QUICK)
+    assert f"{baseline}: already done" in rerun.output and len(train_module.leaderboard(runs)[0]) == 2
+
+
 def test_sigterm_mid_sweep_then_a_rerun_completes_the_leaderboard(reduced, tmp_path):
     _, out = reduced
     runs = tmp_path / "runs"
