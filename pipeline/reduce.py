@@ -1,5 +1,6 @@
 """Stage two (a): fixed splits, per-tap scaling and PCA fitted on train rows, written as reduced/."""
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -21,8 +22,12 @@ from pipeline.config import ReduceConfig
 from pipeline.estimators import CovariancePCA  # noqa: F401
 from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, leftover_temps, lock_beside, locked, make_dir, read_json, remove, storage_errors, write_json
-from pipeline.lineage import MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, link, read_record, sha256_file
+from pipeline.files import (
+    LockBusy, atomic_dir, leftover_temps, lock_beside, locked, make_dir, read_json, remove, storage_errors, write_json,
+)
+from pipeline.lineage import (
+    MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, check_sha256, link, parse_record, read_hashed, sha256_file,
+)
 
 REDUCED_NAME = "reduced.h5"
 PLOT_NAME = "explained_variance.png"
@@ -536,27 +541,56 @@ class Reduced:
 
 
 def load_reduced(reduced_dir):
-    """Read reduced.h5 and reduce.json, failing with one sentence if this is not a finished, intact reduced dir."""
+    """Read reduced.h5 and reduce.json, failing with one sentence if this is not a finished, intact reduced dir.
+
+    reduce.json is read once, and its sha256 is of the bytes parsed; the whole load holds a shared
+    lock beside the dir (reduce's lock), so a reduce cannot replace the dir between the reads.
+    """
     reduced_dir = Path(reduced_dir)
     report_path = reduced_dir / REPORT_NAME
     if not report_path.is_file() or not (reduced_dir / REDUCED_NAME).is_file():
         raise PipelineError(f"{reduced_dir} is not a reduced directory (it needs {REPORT_NAME} and {REDUCED_NAME}); run `pipeline reduce` first")
     rerun = "rerun the same `pipeline reduce` command to rebuild it"
-    report = read_record(report_path, REDUCED_FORMAT, f"{rerun} (with --overwrite)")
-    recorded = report.get("outputs", {}).get(REDUCED_NAME)
-    if recorded is not None and sha256_file(reduced_dir / REDUCED_NAME) != recorded:
-        raise PipelineError(f"{reduced_dir / REDUCED_NAME} is damaged (its sha256 is not the one {REPORT_NAME} recorded); {rerun}")
-    try:
-        with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
-            data = Reduced(
-                path=reduced_dir,
-                report=report,
-                report_sha256=sha256_file(report_path),
-                ids=f["ids"].asstr()[:].tolist(),
-                labels=f["labels"][:],
-                splits=f["splits"].asstr()[:],
-                X=f["X"][:],
-            )
-    except (OSError, KeyError) as e:  # a reduced dir from before the sha256 was recorded
-        raise PipelineError(f"cannot read {reduced_dir / REDUCED_NAME} ({str(e).splitlines()[0]}); {rerun} with --overwrite") from None
+    with _reading(reduced_dir):
+        try:
+            report_bytes, report_sha256 = read_hashed(report_path)
+        except OSError as e:
+            raise PipelineError(f"{report_path} is not readable ({e.strerror}); {rerun} (with --overwrite)") from None
+        report = parse_record(report_path, report_bytes, REDUCED_FORMAT, f"{rerun} (with --overwrite)")
+        check_sha256(reduced_dir / REDUCED_NAME, report.get("outputs", {}).get(REDUCED_NAME), REPORT_NAME, rerun)
+        try:
+            with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
+                data = Reduced(
+                    path=reduced_dir,
+                    report=report,
+                    report_sha256=report_sha256,
+                    ids=f["ids"].asstr()[:].tolist(),
+                    labels=f["labels"][:],
+                    splits=f["splits"].asstr()[:],
+                    X=f["X"][:],
+                )
+        except (OSError, KeyError) as e:  # a reduced dir from before the sha256 was recorded
+            raise PipelineError(f"cannot read {reduced_dir / REDUCED_NAME} ({str(e).splitlines()[0]}); {rerun} with --overwrite") from None
     return data
+
+
+@contextlib.contextmanager
+def _reading(reduced_dir):
+    """A shared lock on reduce's lock file beside `reduced_dir` for the block; a reduce writing it is one sentence.
+
+    Where the lock file cannot be made (a read-only parent), no reduce can replace the dir either,
+    so it is read without the lock.
+    """
+    lock = lock_beside(reduced_dir)
+    try:
+        with open(lock, "ab"):
+            pass
+    except OSError:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locked(lock, f"reduced directory {reduced_dir}", shared=True))
+        except LockBusy as e:  # a plain PipelineError: train reads LockBusy as "this run is busy"
+            raise PipelineError(str(e)) from None
+        yield
