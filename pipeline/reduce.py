@@ -457,7 +457,9 @@ def shard_grams(job, transform):
 def fit_incremental(transform, jobs, run):
     """Fit `transform` from per-shard sums; `run(function, items)` maps a function over items (here or on Ray).
 
-    The sums of each shard are added in shard order as they arrive, so only one shard's sums wait in memory.
+    The sums of each shard are added in shard order as `run` yields them. Locally (`map`) only one
+    shard's sums exist at a time; on Ray (engines.ray_reduce.ray_map) at most its bound of tasks
+    (2 per cluster CPU) are running or waiting to be fetched, each holding one shard's sums.
     """
     dim = int(np.sum(transform.tap_dims))
     moments, bad = Moments(dim), NonFinite(jobs[0].taps, jobs[0].tap_dims)
