@@ -30,7 +30,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, Link, follow_link, link
 from pipeline.reduce import (
-    REDUCED_NAME, SPLITS, assign_splits, check_shards, choose_solver, load_reduced, masked_chunks, read_rows,
+    REDUCED_NAME, SPLITS, NonFinite, assign_splits, check_shards, choose_solver, load_reduced, masked_chunks, read_rows,
     resolve_taps, split_sha256, split_source,
 )
 from pipeline.train import BASELINE_MAX_ITER, evaluate
@@ -244,15 +244,18 @@ def _fit_pcas(source, tap_dims, columns, widths, jobs):
     config = source.config
     is_train = source.splits == "train"
     n_train = int(is_train.sum())
+    bad = NonFinite(config.taps, tap_dims)  # every row is read in this first pass: NaN or Inf stop it, as in reduce
     if n_train < sum(tap_dims):
-        X = np.concatenate(list(masked_chunks(source.features_dir, source.manifest, config.taps, is_train, config.batch_rows)))
+        chunks = list(masked_chunks(source.features_dir, source.manifest, config.taps, is_train, config.batch_rows, bad))
+        bad.check(source.features_dir, len(source.labels))
+        X = np.concatenate(chunks)
         scaling = TapTransform(tap_dims, config.scaling).set_scaling(StandardScaler().fit(X))
         scaled = scaling.scale(X)
         del X
         tasks = [joblib.delayed(_pca_of_rows)(scaled[:, cols], config.components, config.whiten) for cols in columns]
         costs = [n_train * width * min(n_train, width) for width in widths]  # an SVD's flops
     else:
-        scaling, covariance = _train_covariance(source, tap_dims, is_train)
+        scaling, covariance = _train_covariance(source, tap_dims, is_train, bad)
         tasks = [
             joblib.delayed(_pca_of_covariance)(covariance[cols][:, cols], config.components, config.whiten, n_train)
             for cols in columns
@@ -261,7 +264,7 @@ def _fit_pcas(source, tap_dims, columns, widths, jobs):
     return scaling, _parallel(jobs, tasks, costs)
 
 
-def _train_covariance(source, tap_dims, is_train):
+def _train_covariance(source, tap_dims, is_train, bad=None):
     """The scaling fitted on the train rows and the covariance of the scaled train rows (all taps).
 
     One pass: the scaler's statistics and the covariance of the raw rows are accumulated together;
@@ -272,13 +275,16 @@ def _train_covariance(source, tap_dims, is_train):
 
     def centered_chunks():
         shift = None
-        for X in masked_chunks(source.features_dir, source.manifest, config.taps, is_train, config.batch_rows):
+        for X in masked_chunks(source.features_dir, source.manifest, config.taps, is_train, config.batch_rows, bad):
             moments.add_rows(X)
             if shift is None:
                 shift = (moments.total / moments.count).astype(np.float32)  # near the mean, so the float32 Gram products stay accurate
             yield X - shift
 
-    _, covariance = gram_sums(centered_chunks(), sum(tap_dims)).mean_and_covariance()
+    sums = gram_sums(centered_chunks(), sum(tap_dims))
+    if bad is not None:
+        bad.check(source.features_dir, len(source.labels))  # before the sums of the clean rows alone are used
+    _, covariance = sums.mean_and_covariance()
     scaling = TapTransform(tap_dims, config.scaling).fit_scaling(moments)
     multiplier = scaling.multiplier_.astype(np.float64)
     covariance *= multiplier[:, None]

@@ -405,9 +405,12 @@ class NonFinite:
             )
 
 
-def masked_chunks(features_dir, manifest, taps, mask, chunk_rows):
-    """The rows where `mask` is true, read `chunk_rows` rows at a time, in order (float32, `taps` concatenated)."""
-    return _train_rows(_chunks(features_dir, manifest["shards"], taps, chunk_rows), mask)
+def masked_chunks(features_dir, manifest, taps, mask, chunk_rows, bad=None):
+    """The rows where `mask` is true, read `chunk_rows` rows at a time, in order (float32, `taps` concatenated).
+
+    With a NonFinite `bad`, every row read is checked and a chunk holding NaN or Inf is only counted.
+    """
+    return _train_rows(_chunks(features_dir, manifest["shards"], taps, chunk_rows), mask, bad)
 
 
 def _train_rows(chunks, is_train, bad=None):
