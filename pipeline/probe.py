@@ -303,7 +303,7 @@ def _columns(taps, tap_dims, group_taps):
 def _pca_of_rows(scaled, components, whiten):
     """(PCA, solver, seconds) of one group's scaled train rows, with the solver reduce's auto would choose."""
     started = time.perf_counter()
-    n_components = min(components, *scaled.shape)
+    n_components = min(components, len(scaled) - 1, scaled.shape[1])  # centred rows span one direction fewer (reduce's cap)
     # These rows are in memory already, so reduce's rule can only pick full or randomized.
     solver = choose_solver(ReduceConfig(components=n_components), *scaled.shape, memory_bytes=math.inf)
     pca = PCA(n_components, whiten=whiten, svd_solver=solver, random_state=RANDOMIZED_SEED).fit(scaled)
@@ -313,7 +313,7 @@ def _pca_of_rows(scaled, components, whiten):
 def _pca_of_covariance(covariance, components, whiten, rows):
     """(PCA, solver, seconds) of one group from its block of the covariance of `rows` scaled train rows."""
     started = time.perf_counter()
-    n_components = min(components, len(covariance))  # this path has at least as many rows as features
+    n_components = min(components, len(covariance), rows - 1)  # this path has at least as many rows as features
     # The scaled train rows have mean zero: the scaler subtracted their own mean.
     pca = CovariancePCA(n_components, whiten=whiten).fit_covariance(np.zeros(len(covariance)), covariance, rows)
     return pca, "covariance", time.perf_counter() - started

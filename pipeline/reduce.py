@@ -126,12 +126,17 @@ def choose_solver(config, n_train, dim, memory_bytes, engine="local"):
 
 
 def check_components(components, n_train, dim):
-    """Fail with the maximum when an integer `components` is more than the data allows."""
-    limits = {"train rows": n_train, "features": dim}
-    most = min(limits.values())
+    """Fail with the maximum when an integer `components` is more than the data allows.
+
+    Centred on their mean, n train rows span at most n - 1 directions: a component beyond them
+    has zero variance, and whitening would divide it by (nearly) zero.
+    """
+    most = min(n_train - 1, dim)
     if isinstance(components, int) and components > most:
-        parts = ", ".join(f"{value} {name}" for name, value in limits.items())
-        raise PipelineError(f"--components {components} is more than the maximum of {most} here (the least of {parts})")
+        raise PipelineError(
+            f"--components {components} is more than the maximum of {most} here (the least of {n_train} train rows "
+            f"minus one, since centred rows span one direction fewer, and {dim} features)"
+        )
 
 
 @dataclass(frozen=True)

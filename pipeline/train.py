@@ -328,7 +328,10 @@ def _fit_head(runs_dir, data, job, staging):
 
     started = time.perf_counter()
     fitted = head.fit_head(job.config, *_rows(data, "train"), *_rows(data, "val"), len(data.classes), staging / "tensorboard")
-    metrics = _split_metrics(data, lambda X: head.predict_proba(fitted.model, X))
+    try:
+        metrics = _split_metrics(data, lambda X: head.predict_proba(fitted.model, X))
+    except PipelineError as e:
+        raise PipelineError(f"run {job.run_id}: {e}; the runs finished so far are kept") from None
     metrics.update(epochs=len(fitted.history["loss"]), best_epoch=fitted.best_epoch, seconds=round(time.perf_counter() - started, 3))
     fitted.model.save(staging / HEAD_NAME)
     write_json(staging / CONFIG_NAME, {
@@ -358,6 +361,12 @@ def _split_metrics(data, proba):
 def evaluate(labels, proba, classes):
     """Accuracy, macro-F1, log loss, per-class report and confusion matrix of predicted probabilities."""
     proba = np.asarray(proba, dtype=np.float64)
+    bad = int((~np.isfinite(proba).all(axis=1)).sum())
+    if bad:  # a head whose training diverged (NaN weights); log_loss would raise a ValueError
+        raise PipelineError(
+            f"the predicted probabilities of {bad} of {len(proba)} rows are NaN or Inf, so training diverged; "
+            "try a lower --lr (or stronger --l2)"
+        )
     proba /= proba.sum(axis=1, keepdims=True)  # float32 softmax rows drift from summing to exactly 1
     predicted = proba.argmax(axis=1)
     everyone = list(range(len(classes)))

@@ -206,5 +206,11 @@ def test_an_empty_train_split_or_too_many_components_is_refused(features_dir, tm
     given = features_dir(n=40, splits=lambda i: "val" if i % 2 else "test", name="all-given")
     no_train = run_cli("reduce", given, "--out", tmp_path / "a", code=1)
     assert "only 0 of 40 rows are in train; PCA needs at least 2" in no_train.output
-    many = run_cli("reduce", features_dir(n=20), "--out", tmp_path / "b", "--components", 17, code=1)
-    assert "--components 17 is more than the maximum of 14 here (the least of 14 train rows, 40 features)" in many.output
+    features = features_dir(n=20)
+    many = run_cli("reduce", features, "--out", tmp_path / "b", "--components", 14, "--whiten", code=1)
+    assert ("--components 14 is more than the maximum of 13 here (the least of 14 train rows minus one, since centred rows "
+            "span one direction fewer, and 40 features)") in many.output
+    run_cli("reduce", features, "--out", tmp_path / "b", "--components", 13, "--whiten")
+    data = load_reduced(tmp_path / "b")
+    train_rows = data.X[data.splits == "train"]
+    assert np.isfinite(data.X).all() and np.abs(train_rows.std(axis=0, ddof=1) - 1).max() < 1e-3  # every column whitened, none blown up

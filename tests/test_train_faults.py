@@ -4,6 +4,7 @@ degenerate data, signals."""
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -261,6 +262,20 @@ def test_a_leaderboard_that_cannot_be_written_after_publishing_says_the_run_is_k
     assert "rebuilt from them" in run_cli("runs", runs).output
     rerun = run_cli("train", out, "--runs", runs, *QUICK)
     assert f"{baseline}: already done" in rerun.output and len(train_module.leaderboard(runs)[0]) == 2
+
+
+def test_a_head_whose_probabilities_are_not_finite_is_one_sentence_naming_the_run(reduced, tmp_path, run_cli, monkeypatch):
+    """Regression: NaN probabilities (a diverged head) made log_loss raise a ValueError traceback."""
+    from pipeline import head
+
+    _, out = reduced
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(head, "predict_proba", lambda model, X: np.full((len(X), 3), np.nan, np.float32))
+    result = run_cli("train", out, "--runs", runs, *QUICK, code=1)
+    assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
+    assert re.search(r"run h8_d0\.3_[0-9a-f]{8}: the predicted probabilities of \d+ of \d+ rows are NaN or Inf", result.output)
+    assert "try a lower --lr" in result.output and not leftover_temps(runs)
+    assert [row["kind"] for row in train_module.leaderboard(runs)[0]] == ["baseline"]
 
 
 def test_sigterm_mid_sweep_then_a_rerun_completes_the_leaderboard(reduced, tmp_path):
