@@ -8,6 +8,7 @@ taps, of which each group's PCA takes its block), and once to project the labell
 every group's components.
 """
 
+import dataclasses
 import math
 import time
 import warnings
@@ -28,12 +29,12 @@ from pipeline.config import ReduceConfig, tap_backbone
 from pipeline.estimators import RANDOMIZED_SEED, CovariancePCA, Moments, TapTransform, gram_sums
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
-from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, Link, follow_link, link
+from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, follow_link, link, recorded_link
 from pipeline.reduce import (
     REDUCED_NAME, SPLITS, NonFinite, assign_splits, check_shards, choose_solver, load_reduced, masked_chunks, read_rows,
     resolve_taps, split_sha256, split_source,
 )
-from pipeline.train import BASELINE_MAX_ITER, evaluate
+from pipeline.train import BASELINE_MAX_ITER, class_probabilities, evaluate
 
 PROBE_FORMAT = "pipeline-probe/1"
 PROBE_NAME = "probe.json"
@@ -166,14 +167,15 @@ def _open_reduced(path, out_dir, options):
         )
     reduced = load_reduced(path)
     report = reduced.report
+    report_path = path / REPORT_NAME
+    again = "reduce again with --overwrite (or probe the features directory)"
     features_dir = follow_link(
-        path / REPORT_NAME, Link.from_json(report["inputs"], "features"), path, MANIFEST_NAME, "features directory",
+        report_path, recorded_link(report_path, report, "inputs", "features", again), path, MANIFEST_NAME, "features directory",
         "the features changed since reduce, so reduce again (or probe the features directory)",
     )
     manifest = shards.read_manifest(features_dir)
     check_shards(features_dir, manifest)
-    recorded = {**report["config"], "components": report["components"]}  # the count a variance share resolved to
-    config = resolve_taps(ReduceConfig(**{**recorded, **options}), manifest)
+    config = resolve_taps(_recorded_config(report_path, report, options), manifest)
     if read_rows(features_dir, manifest)[0] != reduced.ids:
         raise PipelineError(f"{path / REDUCED_NAME} holds other rows than {features_dir}; reduce again")
     return _Input(
@@ -185,6 +187,23 @@ def _open_reduced(path, out_dir, options):
             **link(features_dir, MANIFEST_NAME, out_dir).to_json("features"),
         },
     )
+
+
+def _recorded_config(report_path, report, options):
+    """The ReduceConfig reduce.json records, with the variance share resolved to its count and `options` applied."""
+    try:
+        recorded = {**report["config"], "components": report["components"]}
+    except (KeyError, TypeError) as e:
+        missing = f"lacks {e}" if isinstance(e, KeyError) else "is not a mapping"
+        raise PipelineError(f"{report_path} has no complete record of its settings (it {missing}); reduce again with --overwrite") from None
+    known = {f.name for f in dataclasses.fields(ReduceConfig)}
+    unknown = sorted(set(recorded) - known)
+    if unknown:
+        raise PipelineError(
+            f"{report_path} records settings this version does not know ({', '.join(unknown)}); "
+            "use the pipeline version that made it, or probe the features directory"
+        )
+    return ReduceConfig(**{**recorded, **options})
 
 
 def _check_probeable(source):
@@ -345,9 +364,7 @@ def _fit_probe(X, labels, splits, classes):
         if not rows.any():
             scores[split] = None
             continue
-        proba = np.zeros((int(rows.sum()), len(classes)))
-        proba[:, model.classes_] = model.predict_proba(X[rows])
-        metrics = evaluate(labels[rows], proba, classes)
+        metrics = evaluate(labels[rows], class_probabilities(model, X[rows], len(classes)), classes)
         scores[split] = {key: metrics[key] for key in SCORES}
     iterations = int(np.max(model.n_iter_))
     scores.update(iterations=iterations, converged=iterations < BASELINE_MAX_ITER)

@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from pipeline.config import HeadConfig, ParallelConfig, load_toml, normalize_keys, sha256_json
 from pipeline.engines.jobs import task_runner
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.files import (
     LockBusy, atomic_path, leftover_temps, locked, make_dir, read_json, remove, replace_dir, storage_errors, temp_sibling, write_json,
 )
@@ -299,12 +299,7 @@ def _fit_baseline(runs_dir, data, job, staging):
         warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as "converged" instead
         probe.fit(X_train, y_train)
 
-    def proba(X):
-        full = np.zeros((len(X), len(data.classes)))
-        full[:, probe.classes_] = probe.predict_proba(X)
-        return full
-
-    metrics = _split_metrics(data, proba)
+    metrics = _split_metrics(data, lambda X: class_probabilities(probe, X, len(data.classes)))
     metrics.update(
         iterations=int(np.max(probe.n_iter_)),
         converged=bool(np.max(probe.n_iter_) < BASELINE_MAX_ITER),
@@ -347,6 +342,13 @@ def _fit_head(runs_dir, data, job, staging):
     _plot_curves(fitted.history, fitted.best_epoch, staging / "curves.png")
     _plot_confusion(metrics, data.classes, staging / "confusion.png")
     return metrics
+
+
+def class_probabilities(model, X, n_classes):
+    """A fitted scikit-learn classifier's probabilities over all `n_classes` (columns of classes it never saw are 0)."""
+    full = np.zeros((len(X), n_classes))
+    full[:, model.classes_] = model.predict_proba(X)
+    return full
 
 
 def _split_metrics(data, proba):
@@ -406,7 +408,7 @@ def run_state(run_dir, check_model=False):
         _leaderboard_row(run_dir.name, config, metrics)  # every field the leaderboard needs is there
         config["reduced"]["split_sha256"]  # and the split check
     except (OSError, ValueError) as e:
-        return RunState(problem=f"run dir {run_dir} is damaged ({_first_line(e)})")
+        return RunState(problem=f"run dir {run_dir} is damaged ({first_line(e)})")
     except (KeyError, TypeError, IndexError) as e:
         return RunState(problem=f"run dir {run_dir} is damaged (its records lack {e})")
     if check_model and config["kind"] == "head":
@@ -415,10 +417,6 @@ def run_state(run_dir, check_model=False):
         if not model.is_file() or (recorded is not None and sha256_file(model) != recorded):
             return RunState(config, problem=f"run dir {run_dir} is damaged ({HEAD_NAME} is {'changed' if model.is_file() else 'missing'})")
     return RunState(config, metrics)
-
-
-def _first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _runs_in(runs_dir):
