@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import WeightSource, tap_backbone, tap_layer
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line as _first_line
 from pipeline.layers import caffe_preprocessing
 
 _APPLICATIONS = {"resnet50": keras.applications.ResNet50, "vgg16": keras.applications.VGG16}
@@ -149,10 +149,6 @@ def load_weights(model, name, source: WeightSource):
             model.load_weights(source.path)
         except Exception as e:
             raise PipelineError(f"could not load {name} weights from {source.path}: {_first_line(e)}") from None
-
-
-def _first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _randomize(model, name, seed):

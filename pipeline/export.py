@@ -8,9 +8,10 @@ written as a .keras file, or as a TensorFlow SavedModel in TF Serving's `DIR/<ve
 whose signatures take encoded image bytes (`serving_default`) or uint8 pixels (`pixels`).
 """
 
+import errno
 import functools
 import os
-import shutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,14 @@ import tensorflow as tf
 from pipeline import backbones
 from pipeline.config import EXPORT_FORMATS, parse_weights
 from pipeline.errors import PipelineError
+from pipeline.files import leftover_temps, lock_beside, locked, make_dir, remove, replace_dir, storage_errors, temp_sibling
 from pipeline.inputs import decode_image
 from pipeline.layers import resize_image, square_resize
 from pipeline.lineage import check_fingerprints, load_lineage
 
 DEFAULT_VERSION = 1
+# What exports before the temp_sibling names left when killed: .<version>.partial-<pid> (and .replaced-<pid>).
+_LEGACY_PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?:partial|replaced)-(?P<pid>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ def export(run_dir, out, *, format="keras", version=None, overwrite=False, image
     """
     target = _target(Path(out), format, version, overwrite)
     lineage = load_lineage(run_dir)
+    _check_writable(target)  # a read-only or missing folder fails now, not after the weights have loaded
     recorded = lineage.manifest["config"]
     config = lineage.extract_config(weights=weights, precision="float32", image_size=image_size or recorded["image_size"])
     trunks = {name: backbones.build_backbone(name, config.image_size) for name in config.backbones}
@@ -59,11 +64,11 @@ def export(run_dir, out, *, format="keras", version=None, overwrite=False, image
 
     transform = lineage.load_transform()
     model = build_model(trunks, config, transform, lineage.load_head(), lineage.classes)
-    target.parent.mkdir(parents=True, exist_ok=True)
     if format == "keras":
-        _save_keras(model, target)
+        _write(target, overwrite=True, save=functools.partial(_save_keras, model))
     else:
-        _save_saved_model(serving_archive(model, config.image_size, config.resize, lineage.classes), target)
+        archive = serving_archive(model, config.image_size, config.resize, lineage.classes)
+        _write(target, overwrite, save=functools.partial(_save_saved_model, archive))
     return ExportResult(
         target, format, model, lineage.classes, config.image_size, config.resize, int(transform.pca_.n_components_),
         warnings=_disagreements(config, recorded),
@@ -190,28 +195,85 @@ def serving_archive(model, image_size, resize, classes):
     return archive
 
 
-def _save_keras(model, path):
-    """Save to a hidden sibling, then rename it over `path` (Keras insists on the .keras suffix)."""
-    partial = path.with_name(f".{path.stem}.partial.keras")
+def _check_writable(target):
+    """Make `--out`'s folder and its lock file now, so that a read-only or unwritable one is one sentence before any work."""
+    make_dir(target.parent, "--out's folder")
     try:
-        model.save(partial)
-        os.replace(partial, path)
+        with open(lock_beside(target), "ab"):
+            pass
+    except OSError as e:
+        raise PipelineError(f"cannot write to {target.parent} ({e.strerror}); export needs a writable directory") from None
+
+
+def _write(target, overwrite, save):
+    """Run `save(target)` under a lock beside `target`, so that exports to one path take turns.
+
+    Under the lock, hidden temp files and dirs of that name are a killed export's, so they are
+    removed. A write that fails for lack of room or rights is one sentence, the old export intact.
+    """
+    with locked(lock_beside(target), f"export {target}", wait=True):
+        _remove_leftovers(target)
+        if target.exists() and not overwrite:  # another export wrote this version since _target looked
+            raise PipelineError(f"{target} already exists; pass --version N for a new version, or --overwrite to replace it")
+        before = f"the previous {target.name} is unchanged" if target.exists() else f"no {target.name} was written"
+        with storage_errors(str(target), f"{before}; free space (or fix the rights) and rerun"):
+            save(target)
+
+
+def _remove_leftovers(target):
+    """What killed exports to `target` left: temp_sibling names, and the older .<name>.partial-<pid> of a dead process."""
+    for leftover in leftover_temps(target.parent, target.name):
+        remove(leftover)
+    for path in target.parent.iterdir():
+        match = _LEGACY_PARTIAL.match(path.name)
+        if match and match["name"] == target.name and not _alive(int(match["pid"])):
+            remove(path)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True
+
+
+def _save_keras(model, path):
+    """Save into a uniquely named hidden dir beside `path` (Keras insists on the .keras suffix), then rename over `path`."""
+    staging = temp_sibling(path)
+    staging.mkdir()
+    try:
+        model.save(staging / path.name)
+        os.replace(staging / path.name, path)
     finally:
-        partial.unlink(missing_ok=True)
+        remove(staging)
 
 
 def _save_saved_model(archive, target):
-    """Write into a hidden sibling of `target`, then rename it into place (after moving an old one aside).
+    """Write into a uniquely named hidden sibling of `target`, then rename it into place.
 
-    TF Serving only loads directories named by a number, so it never sees the partial one.
+    An old `target` (only with overwrite) is renamed aside first and put back if the final
+    rename fails. TF Serving only loads directories named by a number, so it never sees the
+    hidden ones.
     """
-    partial, replaced = (target.with_name(f".{target.name}.{what}-{os.getpid()}") for what in ("partial", "replaced"))
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = temp_sibling(target)
     try:
-        archive.write_out(partial, verbose=False)
-        if target.exists():  # only with overwrite: _target refused it otherwise
-            os.rename(target, replaced)
-        os.rename(partial, target)
+        try:
+            archive.write_out(str(partial), verbose=False)
+        except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError) as e:
+            raise _as_os_error(e, partial) from None
+        replace_dir(partial, target)
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(replaced, ignore_errors=True)
+        remove(partial)
+
+
+def _as_os_error(error, path):
+    """TensorFlow's status for a failed write (its C++ file system maps errno to these) as the OSError it was."""
+    message = str(error.message)
+    if isinstance(error, tf.errors.ResourceExhaustedError):
+        code = errno.EDQUOT if "quota" in message.lower() else errno.ENOSPC
+    else:
+        code = errno.EROFS if "read-only" in message.lower() else errno.EACCES
+    return OSError(code, os.strerror(code), str(path))

@@ -10,6 +10,7 @@ through; it imports no stage module, so that every stage can import it.
 
 import dataclasses
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +48,26 @@ def check_format(path: Path | str, record: Any, expected: str, remedy: str) -> N
 def read_record(path: Path, expected_format: str, remedy: str) -> dict:
     """A JSON record of the chain, parsed and format-checked; `remedy` ends the sentence when it is not."""
     try:
-        record = read_json(path)
-    except (OSError, ValueError) as e:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise PipelineError(f"{path} is not readable JSON ({e}); {remedy}") from None
+    return parse_record(path, data, expected_format, remedy)
+
+
+def parse_record(path: Path, data: bytes, expected_format: str, remedy: str) -> dict:
+    """read_record on bytes already read from `path` (say, the very bytes whose sha256 was checked)."""
+    try:
+        record = json.loads(data)
+    except ValueError as e:  # UnicodeDecodeError too
         raise PipelineError(f"{path} is not readable JSON ({e}); {remedy}") from None
     check_format(path, record, expected_format, remedy)
     return record
+
+
+def read_hashed(path: Path) -> tuple[bytes, str]:
+    """(bytes, hex sha256 of those bytes) of a small record file: one read, so the hash is of what is parsed."""
+    data = Path(path).read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 class Link(NamedTuple):
@@ -91,6 +107,11 @@ def follow_link(pointer: Path, recorded: Link, base: Path, key_file: str, what: 
     The path relative to `base` (as `link` made it) is tried first, then the absolute one. `what`
     names the directory when neither holds `key_file`; `changed` ends the sentence when it differs.
     """
+    return follow_link_bytes(pointer, recorded, base, key_file, what, changed)[0]
+
+
+def follow_link_bytes(pointer: Path, recorded: Link, base: Path, key_file: str, what: str, changed: str) -> tuple[Path, bytes]:
+    """follow_link, and the bytes of `key_file` whose sha256 was checked: parse these, not a second read that may differ."""
     candidates = [Path(os.path.normpath(base / recorded.relative)), Path(recorded.absolute)]
     for directory in candidates:
         if (directory / key_file).is_file():
@@ -100,12 +121,15 @@ def follow_link(pointer: Path, recorded: Link, base: Path, key_file: str, what: 
             f"cannot find the {what} that {pointer} points to: no {key_file} in {candidates[0]} nor in {candidates[1]}; "
             "put the directory back where one of these says"
         )
-    actual = sha256_file(directory / key_file)
+    try:
+        data, actual = read_hashed(directory / key_file)
+    except OSError as e:
+        raise PipelineError(f"cannot read {directory / key_file} ({e.strerror}), which {pointer} points to; {changed}") from None
     if actual != recorded.sha256:
         raise PipelineError(
             f"{directory / key_file} has sha256 {actual[:12]} but {pointer} was made from {recorded.sha256[:12]}; {changed}"
         )
-    return directory
+    return directory, data
 
 
 def check_fingerprints(loaded, expected):
@@ -178,7 +202,7 @@ class Lineage:
 
         path = self.reduced_dir / TRANSFORM_NAME
         remedy = "rerun the `pipeline reduce` command that made it (the same settings rebuild it)"
-        _check_sha256(path, self.report.get("outputs", {}).get(TRANSFORM_NAME), REPORT_NAME, remedy)
+        check_sha256(path, self.report.get("outputs", {}).get(TRANSFORM_NAME), REPORT_NAME, remedy)
         try:
             return joblib.load(path)
         except Exception as e:  # unpickling a damaged file fails in many ways (EOFError, KeyError, UnpicklingError, ...)
@@ -190,16 +214,26 @@ class Lineage:
 
         path = self.run_dir / HEAD_NAME
         remedy = "rerun the `pipeline train` command that made it, which trains a damaged run again"
-        _check_sha256(path, self.run.get("model_sha256"), RUN_CONFIG_NAME, remedy)
+        check_sha256(path, self.run.get("model_sha256"), RUN_CONFIG_NAME, remedy)
         try:
             return keras.saving.load_model(path, compile=False)
         except Exception as e:  # Keras reports a damaged zip as anything from "file not found" to a ValueError
             raise PipelineError(f"{path} cannot be loaded ({type(e).__name__}); it is damaged, so {remedy}") from None
 
 
-def _check_sha256(path, recorded, record_name, remedy):
+def check_sha256(path: Path, recorded: str | None, record_name: str, remedy: str) -> None:
+    """Refuse a file whose sha256 differs from the one `record_name` recorded (None: an older record that kept none)."""
     if recorded is not None and sha256_file(path) != recorded:
         raise PipelineError(f"{path} is damaged: its sha256 is not the one {record_name} recorded; {remedy}")
+
+
+def recorded_link(path: Path, record: dict, key: str, kind: str, remedy: str) -> Link:
+    """The Link that `record` (read from `path`) stores under `key`, or one sentence when it lacks a complete one."""
+    try:
+        return Link.from_json(record[key], kind)
+    except (KeyError, TypeError, IndexError) as e:
+        missing = f"lacks {e}" if isinstance(e, KeyError) else "is not a mapping"
+        raise PipelineError(f"{path} has no {key!r} record of what it was made from (it {missing}); {remedy}") from None
 
 
 def load_lineage(run_dir: Path | str) -> Lineage:
@@ -215,23 +249,27 @@ def load_lineage(run_dir: Path | str) -> Lineage:
             f"{config_path} is not readable JSON ({e}); rerun the `pipeline train` command that made the run, "
             "which trains a damaged run again"
         ) from None
+    if not isinstance(run, dict):
+        raise PipelineError(f"{config_path} is not a run record (a JSON object); rerun the `pipeline train` command that made the run")
     if run.get("kind") != "head":
         raise PipelineError(f"run {run_dir.name} is a {run.get('kind')} run without a Keras head; choose a head run")
     if not (run_dir / HEAD_NAME).is_file():
         raise PipelineError(f"run {run_dir} has no {HEAD_NAME}; train it again")
 
-    reduced_dir = follow_link(
-        config_path, Link.from_json(run["reduced"], "reduced"), run_dir.parent, REPORT_NAME, "reduced directory",
+    retrain = "rerun the `pipeline train` command that made the run, which trains a damaged run again"
+    reduced_dir, report_bytes = follow_link_bytes(
+        config_path, recorded_link(config_path, run, "reduced", "reduced", retrain), run_dir.parent, REPORT_NAME, "reduced directory",
         f"it changed since run {run_dir.name} was trained on it (reduced again?); train the head again on this reduced directory",
     )
     report_path = reduced_dir / REPORT_NAME
-    report = read_record(report_path, REDUCED_FORMAT, "reduce again")
+    report = parse_record(report_path, report_bytes, REDUCED_FORMAT, "reduce again")  # the bytes whose sha256 the run recorded
     if not (reduced_dir / TRANSFORM_NAME).is_file():
         raise PipelineError(f"{reduced_dir} has no {TRANSFORM_NAME}, so it is not a complete reduced directory; reduce again")
-    features_dir = follow_link(
-        report_path, Link.from_json(report["inputs"], "features"), reduced_dir, MANIFEST_NAME, "features directory",
+    rereduce = "rerun the `pipeline reduce` command that made it with --overwrite, then train again"
+    features_dir, manifest_bytes = follow_link_bytes(
+        report_path, recorded_link(report_path, report, "inputs", "features", rereduce), reduced_dir, MANIFEST_NAME, "features directory",
         "the features changed since reduce, so reduce and train again",
     )
-    manifest = read_record(features_dir / MANIFEST_NAME, FEATURES_FORMAT, "extract again")
+    manifest = parse_record(features_dir / MANIFEST_NAME, manifest_bytes, FEATURES_FORMAT, "extract again")
     return Lineage(run_dir, reduced_dir, report, features_dir, manifest, run)
 

@@ -8,6 +8,7 @@ taps, of which each group's PCA takes its block), and once to project the labell
 every group's components.
 """
 
+import dataclasses
 import math
 import time
 import warnings
@@ -28,12 +29,12 @@ from pipeline.config import ReduceConfig, tap_backbone
 from pipeline.estimators import RANDOMIZED_SEED, CovariancePCA, Moments, TapTransform, gram_sums
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
-from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, Link, follow_link, link
+from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, follow_link, link, recorded_link
 from pipeline.reduce import (
-    REDUCED_NAME, SPLITS, assign_splits, check_shards, choose_solver, load_reduced, masked_chunks, read_rows,
+    REDUCED_NAME, SPLITS, NonFinite, assign_splits, check_shards, choose_solver, load_reduced, masked_chunks, read_rows,
     resolve_taps, split_sha256, split_source,
 )
-from pipeline.train import BASELINE_MAX_ITER, evaluate
+from pipeline.train import BASELINE_MAX_ITER, class_probabilities, evaluate
 
 PROBE_FORMAT = "pipeline-probe/1"
 PROBE_NAME = "probe.json"
@@ -166,14 +167,15 @@ def _open_reduced(path, out_dir, options):
         )
     reduced = load_reduced(path)
     report = reduced.report
+    report_path = path / REPORT_NAME
+    again = "reduce again with --overwrite (or probe the features directory)"
     features_dir = follow_link(
-        path / REPORT_NAME, Link.from_json(report["inputs"], "features"), path, MANIFEST_NAME, "features directory",
+        report_path, recorded_link(report_path, report, "inputs", "features", again), path, MANIFEST_NAME, "features directory",
         "the features changed since reduce, so reduce again (or probe the features directory)",
     )
     manifest = shards.read_manifest(features_dir)
     check_shards(features_dir, manifest)
-    recorded = {**report["config"], "components": report["components"]}  # the count a variance share resolved to
-    config = resolve_taps(ReduceConfig(**{**recorded, **options}), manifest)
+    config = resolve_taps(_recorded_config(report_path, report, options), manifest)
     if read_rows(features_dir, manifest)[0] != reduced.ids:
         raise PipelineError(f"{path / REDUCED_NAME} holds other rows than {features_dir}; reduce again")
     return _Input(
@@ -185,6 +187,23 @@ def _open_reduced(path, out_dir, options):
             **link(features_dir, MANIFEST_NAME, out_dir).to_json("features"),
         },
     )
+
+
+def _recorded_config(report_path, report, options):
+    """The ReduceConfig reduce.json records, with the variance share resolved to its count and `options` applied."""
+    try:
+        recorded = {**report["config"], "components": report["components"]}
+    except (KeyError, TypeError) as e:
+        missing = f"lacks {e}" if isinstance(e, KeyError) else "is not a mapping"
+        raise PipelineError(f"{report_path} has no complete record of its settings (it {missing}); reduce again with --overwrite") from None
+    known = {f.name for f in dataclasses.fields(ReduceConfig)}
+    unknown = sorted(set(recorded) - known)
+    if unknown:
+        raise PipelineError(
+            f"{report_path} records settings this version does not know ({', '.join(unknown)}); "
+            "use the pipeline version that made it, or probe the features directory"
+        )
+    return ReduceConfig(**{**recorded, **options})
 
 
 def _check_probeable(source):
@@ -244,15 +263,18 @@ def _fit_pcas(source, tap_dims, columns, widths, jobs):
     config = source.config
     is_train = source.splits == "train"
     n_train = int(is_train.sum())
+    bad = NonFinite(config.taps, tap_dims)  # every row is read in this first pass: NaN or Inf stop it, as in reduce
     if n_train < sum(tap_dims):
-        X = np.concatenate(list(masked_chunks(source.features_dir, source.manifest, config.taps, is_train, config.batch_rows)))
+        chunks = list(masked_chunks(source.features_dir, source.manifest, config.taps, is_train, config.batch_rows, bad))
+        bad.check(source.features_dir, len(source.labels))
+        X = np.concatenate(chunks)
         scaling = TapTransform(tap_dims, config.scaling).set_scaling(StandardScaler().fit(X))
         scaled = scaling.scale(X)
         del X
         tasks = [joblib.delayed(_pca_of_rows)(scaled[:, cols], config.components, config.whiten) for cols in columns]
         costs = [n_train * width * min(n_train, width) for width in widths]  # an SVD's flops
     else:
-        scaling, covariance = _train_covariance(source, tap_dims, is_train)
+        scaling, covariance = _train_covariance(source, tap_dims, is_train, bad)
         tasks = [
             joblib.delayed(_pca_of_covariance)(covariance[cols][:, cols], config.components, config.whiten, n_train)
             for cols in columns
@@ -261,7 +283,7 @@ def _fit_pcas(source, tap_dims, columns, widths, jobs):
     return scaling, _parallel(jobs, tasks, costs)
 
 
-def _train_covariance(source, tap_dims, is_train):
+def _train_covariance(source, tap_dims, is_train, bad=None):
     """The scaling fitted on the train rows and the covariance of the scaled train rows (all taps).
 
     One pass: the scaler's statistics and the covariance of the raw rows are accumulated together;
@@ -272,13 +294,16 @@ def _train_covariance(source, tap_dims, is_train):
 
     def centered_chunks():
         shift = None
-        for X in masked_chunks(source.features_dir, source.manifest, config.taps, is_train, config.batch_rows):
+        for X in masked_chunks(source.features_dir, source.manifest, config.taps, is_train, config.batch_rows, bad):
             moments.add_rows(X)
             if shift is None:
                 shift = (moments.total / moments.count).astype(np.float32)  # near the mean, so the float32 Gram products stay accurate
             yield X - shift
 
-    _, covariance = gram_sums(centered_chunks(), sum(tap_dims)).mean_and_covariance()
+    sums = gram_sums(centered_chunks(), sum(tap_dims))
+    if bad is not None:
+        bad.check(source.features_dir, len(source.labels))  # before the sums of the clean rows alone are used
+    _, covariance = sums.mean_and_covariance()
     scaling = TapTransform(tap_dims, config.scaling).fit_scaling(moments)
     multiplier = scaling.multiplier_.astype(np.float64)
     covariance *= multiplier[:, None]
@@ -297,7 +322,7 @@ def _columns(taps, tap_dims, group_taps):
 def _pca_of_rows(scaled, components, whiten):
     """(PCA, solver, seconds) of one group's scaled train rows, with the solver reduce's auto would choose."""
     started = time.perf_counter()
-    n_components = min(components, *scaled.shape)
+    n_components = min(components, len(scaled) - 1, scaled.shape[1])  # centred rows span one direction fewer (reduce's cap)
     # These rows are in memory already, so reduce's rule can only pick full or randomized.
     solver = choose_solver(ReduceConfig(components=n_components), *scaled.shape, memory_bytes=math.inf)
     pca = PCA(n_components, whiten=whiten, svd_solver=solver, random_state=RANDOMIZED_SEED).fit(scaled)
@@ -307,7 +332,7 @@ def _pca_of_rows(scaled, components, whiten):
 def _pca_of_covariance(covariance, components, whiten, rows):
     """(PCA, solver, seconds) of one group from its block of the covariance of `rows` scaled train rows."""
     started = time.perf_counter()
-    n_components = min(components, len(covariance))  # this path has at least as many rows as features
+    n_components = min(components, len(covariance), rows - 1)  # this path has at least as many rows as features
     # The scaled train rows have mean zero: the scaler subtracted their own mean.
     pca = CovariancePCA(n_components, whiten=whiten).fit_covariance(np.zeros(len(covariance)), covariance, rows)
     return pca, "covariance", time.perf_counter() - started
@@ -339,9 +364,7 @@ def _fit_probe(X, labels, splits, classes):
         if not rows.any():
             scores[split] = None
             continue
-        proba = np.zeros((int(rows.sum()), len(classes)))
-        proba[:, model.classes_] = model.predict_proba(X[rows])
-        metrics = evaluate(labels[rows], proba, classes)
+        metrics = evaluate(labels[rows], class_probabilities(model, X[rows], len(classes)), classes)
         scores[split] = {key: metrics[key] for key in SCORES}
     iterations = int(np.max(model.n_iter_))
     scores.update(iterations=iterations, converged=iterations < BASELINE_MAX_ITER)

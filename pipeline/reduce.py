@@ -1,5 +1,6 @@
 """Stage two (a): fixed splits, per-tap scaling and PCA fitted on train rows, written as reduced/."""
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -21,8 +22,12 @@ from pipeline.config import ReduceConfig
 from pipeline.estimators import CovariancePCA  # noqa: F401
 from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, leftover_temps, lock_beside, locked, make_dir, read_json, remove, storage_errors, write_json
-from pipeline.lineage import MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, link, read_record, sha256_file
+from pipeline.files import (
+    LockBusy, atomic_dir, leftover_temps, lock_beside, locked, make_dir, read_json, remove, storage_errors, write_json,
+)
+from pipeline.lineage import (
+    MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, check_sha256, link, parse_record, read_hashed, sha256_file,
+)
 
 REDUCED_NAME = "reduced.h5"
 PLOT_NAME = "explained_variance.png"
@@ -121,12 +126,17 @@ def choose_solver(config, n_train, dim, memory_bytes, engine="local"):
 
 
 def check_components(components, n_train, dim):
-    """Fail with the maximum when an integer `components` is more than the data allows."""
-    limits = {"train rows": n_train, "features": dim}
-    most = min(limits.values())
+    """Fail with the maximum when an integer `components` is more than the data allows.
+
+    Centred on their mean, n train rows span at most n - 1 directions: a component beyond them
+    has zero variance, and whitening would divide it by (nearly) zero.
+    """
+    most = min(n_train - 1, dim)
     if isinstance(components, int) and components > most:
-        parts = ", ".join(f"{value} {name}" for name, value in limits.items())
-        raise PipelineError(f"--components {components} is more than the maximum of {most} here (the least of {parts})")
+        raise PipelineError(
+            f"--components {components} is more than the maximum of {most} here (the least of {n_train} train rows "
+            f"minus one, since centred rows span one direction fewer, and {dim} features)"
+        )
 
 
 @dataclass(frozen=True)
@@ -400,9 +410,12 @@ class NonFinite:
             )
 
 
-def masked_chunks(features_dir, manifest, taps, mask, chunk_rows):
-    """The rows where `mask` is true, read `chunk_rows` rows at a time, in order (float32, `taps` concatenated)."""
-    return _train_rows(_chunks(features_dir, manifest["shards"], taps, chunk_rows), mask)
+def masked_chunks(features_dir, manifest, taps, mask, chunk_rows, bad=None):
+    """The rows where `mask` is true, read `chunk_rows` rows at a time, in order (float32, `taps` concatenated).
+
+    With a NonFinite `bad`, every row read is checked and a chunk holding NaN or Inf is only counted.
+    """
+    return _train_rows(_chunks(features_dir, manifest["shards"], taps, chunk_rows), mask, bad)
 
 
 def _train_rows(chunks, is_train, bad=None):
@@ -452,7 +465,9 @@ def shard_grams(job, transform):
 def fit_incremental(transform, jobs, run):
     """Fit `transform` from per-shard sums; `run(function, items)` maps a function over items (here or on Ray).
 
-    The sums of each shard are added in shard order as they arrive, so only one shard's sums wait in memory.
+    The sums of each shard are added in shard order as `run` yields them. Locally (`map`) only one
+    shard's sums exist at a time; on Ray (engines.ray_reduce.ray_map) at most its bound of tasks
+    (2 per cluster CPU) are running or waiting to be fetched, each holding one shard's sums.
     """
     dim = int(np.sum(transform.tap_dims))
     moments, bad = Moments(dim), NonFinite(jobs[0].taps, jobs[0].tap_dims)
@@ -536,27 +551,56 @@ class Reduced:
 
 
 def load_reduced(reduced_dir):
-    """Read reduced.h5 and reduce.json, failing with one sentence if this is not a finished, intact reduced dir."""
+    """Read reduced.h5 and reduce.json, failing with one sentence if this is not a finished, intact reduced dir.
+
+    reduce.json is read once, and its sha256 is of the bytes parsed; the whole load holds a shared
+    lock beside the dir (reduce's lock), so a reduce cannot replace the dir between the reads.
+    """
     reduced_dir = Path(reduced_dir)
     report_path = reduced_dir / REPORT_NAME
     if not report_path.is_file() or not (reduced_dir / REDUCED_NAME).is_file():
         raise PipelineError(f"{reduced_dir} is not a reduced directory (it needs {REPORT_NAME} and {REDUCED_NAME}); run `pipeline reduce` first")
     rerun = "rerun the same `pipeline reduce` command to rebuild it"
-    report = read_record(report_path, REDUCED_FORMAT, f"{rerun} (with --overwrite)")
-    recorded = report.get("outputs", {}).get(REDUCED_NAME)
-    if recorded is not None and sha256_file(reduced_dir / REDUCED_NAME) != recorded:
-        raise PipelineError(f"{reduced_dir / REDUCED_NAME} is damaged (its sha256 is not the one {REPORT_NAME} recorded); {rerun}")
-    try:
-        with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
-            data = Reduced(
-                path=reduced_dir,
-                report=report,
-                report_sha256=sha256_file(report_path),
-                ids=f["ids"].asstr()[:].tolist(),
-                labels=f["labels"][:],
-                splits=f["splits"].asstr()[:],
-                X=f["X"][:],
-            )
-    except (OSError, KeyError) as e:  # a reduced dir from before the sha256 was recorded
-        raise PipelineError(f"cannot read {reduced_dir / REDUCED_NAME} ({str(e).splitlines()[0]}); {rerun} with --overwrite") from None
+    with _reading(reduced_dir):
+        try:
+            report_bytes, report_sha256 = read_hashed(report_path)
+        except OSError as e:
+            raise PipelineError(f"{report_path} is not readable ({e.strerror}); {rerun} (with --overwrite)") from None
+        report = parse_record(report_path, report_bytes, REDUCED_FORMAT, f"{rerun} (with --overwrite)")
+        check_sha256(reduced_dir / REDUCED_NAME, report.get("outputs", {}).get(REDUCED_NAME), REPORT_NAME, rerun)
+        try:
+            with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
+                data = Reduced(
+                    path=reduced_dir,
+                    report=report,
+                    report_sha256=report_sha256,
+                    ids=f["ids"].asstr()[:].tolist(),
+                    labels=f["labels"][:],
+                    splits=f["splits"].asstr()[:],
+                    X=f["X"][:],
+                )
+        except (OSError, KeyError) as e:  # a reduced dir from before the sha256 was recorded
+            raise PipelineError(f"cannot read {reduced_dir / REDUCED_NAME} ({str(e).splitlines()[0]}); {rerun} with --overwrite") from None
     return data
+
+
+@contextlib.contextmanager
+def _reading(reduced_dir):
+    """A shared lock on reduce's lock file beside `reduced_dir` for the block; a reduce writing it is one sentence.
+
+    Where the lock file cannot be made (a read-only parent), no reduce can replace the dir either,
+    so it is read without the lock.
+    """
+    lock = lock_beside(reduced_dir)
+    try:
+        with open(lock, "ab"):
+            pass
+    except OSError:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locked(lock, f"reduced directory {reduced_dir}", shared=True))
+        except LockBusy as e:  # a plain PipelineError: train reads LockBusy as "this run is busy"
+            raise PipelineError(str(e)) from None
+        yield

@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from pipeline.config import HeadConfig, ParallelConfig, load_toml, normalize_keys, sha256_json
 from pipeline.engines.jobs import task_runner
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.files import (
     LockBusy, atomic_path, leftover_temps, locked, make_dir, read_json, remove, replace_dir, storage_errors, temp_sibling, write_json,
 )
@@ -162,11 +162,23 @@ def _plan(runs_dir, data, configs, name):
     return plan
 
 
-def _check_name_free(runs_dir, run_id, run_sha):
-    """Refuse a run id that an intact run of another config or reduced dir already has."""
-    state = run_state(runs_dir / run_id)
+def _check_name_free(runs_dir, run_id, run_sha, state=None):
+    """Refuse a run id that an intact run of another config or reduced dir already has (`state`: its RunState, if read)."""
+    state = run_state(runs_dir / run_id) if state is None else state
     if state.config is not None and state.config.get("run_sha256") != run_sha:
         raise PipelineError(f"run {run_id} already exists in {runs_dir} with another config or reduced dir; choose another --name")
+
+
+def _finished(runs_dir, job):
+    """The RunState of `job`'s run dir (its model checked), refusing one that another config finished under the same id.
+
+    Called again under the run's lock: another process with the same --name and another config
+    may have published the run since _plan checked the name.
+    """
+    state = run_state(runs_dir / job.run_id, check_model=True)
+    if job.kind == "head":
+        _check_name_free(runs_dir, job.run_id, job.run_sha, state)
+    return state
 
 
 def _run_all(runs_dir, data, plan, parallel, on_warning):
@@ -174,7 +186,7 @@ def _run_all(runs_dir, data, plan, parallel, on_warning):
     make_dir(runs_dir / LOCKS_DIR, "--runs")
     pending = []
     for job in plan:
-        state = run_state(runs_dir / job.run_id, check_model=True)
+        state = _finished(runs_dir, job)
         if state.done:
             yield RunOutcome(job.run_id, job.kind, state.metrics, True)
             continue
@@ -221,7 +233,7 @@ def _run_job(runs_dir, reduced_dir, report_sha256, job, wait):
     """
     try:
         with locked(runs_dir / LOCKS_DIR / f"{job.run_id}.lock", f"run {job.run_id} in {runs_dir}", wait=wait):
-            state = run_state(runs_dir / job.run_id, check_model=True)
+            state = _finished(runs_dir, job)
             if state.done:
                 return RunOutcome(job.run_id, job.kind, state.metrics, True)
             for leftover in leftover_temps(runs_dir, job.run_id):
@@ -259,7 +271,12 @@ def _publish(runs_dir, data, staging, run_id):
     with locked(runs_dir / LOCKS_DIR / LEADERBOARD_LOCK, f"runs directory {runs_dir}", wait=True):
         _check_same_split(runs_dir, data, _runs_in(runs_dir)[0])
         replace_dir(staging, runs_dir / run_id)
-        write_leaderboard(runs_dir)
+        # The run is in place now: a failure from here on must not say it was lost.
+        with storage_errors(
+            runs_dir / LEADERBOARD_NAME,
+            f"run {run_id} is kept; free space (or fix the rights), then `pipeline runs {runs_dir}` rebuilds the leaderboard",
+        ):
+            write_leaderboard(runs_dir)
 
 
 def _rows(data, split):
@@ -282,12 +299,7 @@ def _fit_baseline(runs_dir, data, job, staging):
         warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as "converged" instead
         probe.fit(X_train, y_train)
 
-    def proba(X):
-        full = np.zeros((len(X), len(data.classes)))
-        full[:, probe.classes_] = probe.predict_proba(X)
-        return full
-
-    metrics = _split_metrics(data, proba)
+    metrics = _split_metrics(data, lambda X: class_probabilities(probe, X, len(data.classes)))
     metrics.update(
         iterations=int(np.max(probe.n_iter_)),
         converged=bool(np.max(probe.n_iter_) < BASELINE_MAX_ITER),
@@ -311,7 +323,10 @@ def _fit_head(runs_dir, data, job, staging):
 
     started = time.perf_counter()
     fitted = head.fit_head(job.config, *_rows(data, "train"), *_rows(data, "val"), len(data.classes), staging / "tensorboard")
-    metrics = _split_metrics(data, lambda X: head.predict_proba(fitted.model, X))
+    try:
+        metrics = _split_metrics(data, lambda X: head.predict_proba(fitted.model, X))
+    except PipelineError as e:
+        raise PipelineError(f"run {job.run_id}: {e}; the runs finished so far are kept") from None
     metrics.update(epochs=len(fitted.history["loss"]), best_epoch=fitted.best_epoch, seconds=round(time.perf_counter() - started, 3))
     fitted.model.save(staging / HEAD_NAME)
     write_json(staging / CONFIG_NAME, {
@@ -329,6 +344,13 @@ def _fit_head(runs_dir, data, job, staging):
     return metrics
 
 
+def class_probabilities(model, X, n_classes):
+    """A fitted scikit-learn classifier's probabilities over all `n_classes` (columns of classes it never saw are 0)."""
+    full = np.zeros((len(X), n_classes))
+    full[:, model.classes_] = model.predict_proba(X)
+    return full
+
+
 def _split_metrics(data, proba):
     """Metrics on val and test (None when there are no test rows), with row counts per split."""
     metrics = {"rows": {split: int((data.splits == split).sum()) for split in ("train", "val", "test")}}
@@ -341,6 +363,12 @@ def _split_metrics(data, proba):
 def evaluate(labels, proba, classes):
     """Accuracy, macro-F1, log loss, per-class report and confusion matrix of predicted probabilities."""
     proba = np.asarray(proba, dtype=np.float64)
+    bad = int((~np.isfinite(proba).all(axis=1)).sum())
+    if bad:  # a head whose training diverged (NaN weights); log_loss would raise a ValueError
+        raise PipelineError(
+            f"the predicted probabilities of {bad} of {len(proba)} rows are NaN or Inf, so training diverged; "
+            "try a lower --lr (or stronger --l2)"
+        )
     proba /= proba.sum(axis=1, keepdims=True)  # float32 softmax rows drift from summing to exactly 1
     predicted = proba.argmax(axis=1)
     everyone = list(range(len(classes)))
@@ -380,7 +408,7 @@ def run_state(run_dir, check_model=False):
         _leaderboard_row(run_dir.name, config, metrics)  # every field the leaderboard needs is there
         config["reduced"]["split_sha256"]  # and the split check
     except (OSError, ValueError) as e:
-        return RunState(problem=f"run dir {run_dir} is damaged ({_first_line(e)})")
+        return RunState(problem=f"run dir {run_dir} is damaged ({first_line(e)})")
     except (KeyError, TypeError, IndexError) as e:
         return RunState(problem=f"run dir {run_dir} is damaged (its records lack {e})")
     if check_model and config["kind"] == "head":
@@ -389,10 +417,6 @@ def run_state(run_dir, check_model=False):
         if not model.is_file() or (recorded is not None and sha256_file(model) != recorded):
             return RunState(config, problem=f"run dir {run_dir} is damaged ({HEAD_NAME} is {'changed' if model.is_file() else 'missing'})")
     return RunState(config, metrics)
-
-
-def _first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _runs_in(runs_dir):
@@ -466,7 +490,8 @@ def leaderboard(runs_dir):
     if current != text:
         try:
             with locked(runs_dir / LOCKS_DIR / LEADERBOARD_LOCK, f"runs directory {runs_dir}", wait=True):
-                write_leaderboard(runs_dir)
+                with storage_errors(path, "the table is built from the run dirs all the same"):
+                    write_leaderboard(runs_dir)
             warnings_.append(f"{path} did not match the run dirs (damaged or out of date), so it was rebuilt from them")
         except PipelineError as e:
             warnings_.append(f"{path} does not match the run dirs, and rebuilding it failed: {e}")

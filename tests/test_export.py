@@ -1,8 +1,12 @@
 """`pipeline export`: both formats, loaded where pipeline is not, agreeing with predict; the built-in layers."""
 
 import csv
+import errno
+import functools
 import json
 import os
+import threading
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +20,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 import pipeline
+from pipeline import backbones
+from pipeline import export as export_module
 from pipeline.cli import cli
+from pipeline.errors import PipelineError
 from pipeline.estimators import TapTransform, gram_sums, moment_sums
 from pipeline.export import scaled_pca
 from pipeline.layers import CaffePreprocess, ClassNames, ScaledPCA, SquareResize, resize_image, square_resize
@@ -146,7 +153,7 @@ def test_the_cli_says_what_it_wrote_and_how_to_load_it(exports):
     assert "keras.saving.load_model(" in exports.keras_out and "nothing from pipeline is needed" in exports.keras_out
     assert f"to {exports.root / 'serving' / '1'}: encoded images (serving_default) or uint8 pixels (pixels)" in exports.saved_out
     assert "classes: a, b, c" in exports.keras_out and "classes: a, b, c" in exports.saved_out
-    assert sorted(os.listdir(exports.root / "serving")) == ["1"]  # no partial directory left behind
+    assert sorted(os.listdir(exports.root / "serving")) == [".1.lock", "1"]  # no partial directory left behind
     assert {"saved_model.pb", "variables"} <= set(os.listdir(exports.root / "serving" / "1"))
 
 
@@ -231,7 +238,8 @@ def test_an_existing_version_is_replaced_only_with_overwrite(head_run, exports, 
     result = invoke(*args, "--overwrite")
     assert "squash to 48 px" in result.output
     assert "warning: the model resizes to 48 px but the head learned from features at 32 px" in result.output
-    assert os.listdir(serving) == ["3"] and "old" not in os.listdir(serving / "3")
+    assert sorted(os.listdir(serving)) == [".3.lock", "3"]  # the lock file exports to this version take turns on
+    assert "old" not in os.listdir(serving / "3")
     pixels = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 20, 30, 3), dtype=np.uint8))
     at_48, at_32 = (
         tf.saved_model.load(str(path)).signatures["pixels"](images=pixels)["probabilities"].numpy()
@@ -273,3 +281,120 @@ def test_a_baseline_run_cannot_be_exported(head_run, tmp_path):
     result = invoke("export", head_run.baseline, "--out", tmp_path / "m.keras", code=1)
     assert "is a baseline run without a Keras head; choose a head run" in result.output
     assert not (tmp_path / "m.keras").exists()
+
+
+def tree(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("format_, fail", [
+    ("keras", lambda monkeypatch: monkeypatch.setattr(keras.Model, "save", raising_os_error(errno.ENOSPC))),
+    ("saved_model", lambda monkeypatch: monkeypatch.setattr(
+        type(keras.export.ExportArchive()), "write_out",  # the backend's subclass, which ExportArchive() makes
+        raising(tf.errors.ResourceExhaustedError(None, None, "out/.1.tmp/variables; No space left on device")),
+    )),
+    ("saved_model", lambda monkeypatch: monkeypatch.setattr(
+        type(keras.export.ExportArchive()), "write_out", raising(tf.errors.PermissionDeniedError(None, None, "Read-only file system")),
+    )),
+])
+def test_a_failed_write_is_one_sentence_and_keeps_the_previous_export(head_run, tmp_path, monkeypatch, format_, fail):
+    """Regression: a full disk during model.save / write_out was a traceback."""
+    out = tmp_path / ("model.keras" if format_ == "keras" else "serving")
+    args = ("export", head_run.run, "--out", out, "--format", format_, *(["--overwrite"] if format_ == "saved_model" else []))
+    invoke(*args)
+    before = tree(tmp_path)
+    fail(monkeypatch)
+    result = invoke(*args, code=1)
+    assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
+    assert "cannot write" in result.output and "the previous" in result.output and "is unchanged" in result.output
+    assert tree(tmp_path) == before and not [p for p in (out.parent if format_ == "keras" else out).iterdir() if p.name.endswith(".tmp")]
+
+
+def raising(error):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+def raising_os_error(code):
+    return raising(OSError(code, os.strerror(code)))
+
+
+def test_a_read_only_folder_is_refused_before_the_weights_load(head_run, tmp_path, monkeypatch, failing_writes):
+    monkeypatch.setattr(backbones, "load_trunk_weights", raising(AssertionError("the weights were loaded")))
+    with failing_writes(tmp_path, errno.EROFS):
+        result = invoke("export", head_run.run, "--out", tmp_path / "model.keras", code=1)
+    assert f"cannot write to {tmp_path} (Read-only file system); export needs a writable directory" in result.output
+    assert "Traceback" not in result.output
+
+
+class SlowModel:
+    """Stands in for a keras.Model: save() writes its bytes slowly, as a big model does."""
+
+    def __init__(self, content):
+        self.content = content
+
+    def save(self, path):
+        Path(path).write_bytes(self.content[:1])
+        time.sleep(0.3)
+        Path(path).write_bytes(self.content)
+
+
+def test_two_exports_to_one_path_both_succeed_and_leftovers_of_killed_ones_are_removed(tmp_path):
+    """Regression: both used .model.partial.keras, and one deleted the other's file before its rename."""
+    target = tmp_path / "model.keras"
+    killed = [tmp_path / ".model.keras.999999.0badc0de.tmp", tmp_path / ".1.partial-999999"]
+    for path in killed:
+        path.mkdir()
+    errors = []
+
+    def one(content):
+        try:
+            export_module._write(target, True, functools.partial(export_module._save_keras, SlowModel(content)))
+        except Exception as e:  # noqa: BLE001 - reported by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(content,)) for content in (b"first export", b"second export")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert target.read_bytes() in (b"first export", b"second export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".1.partial-999999", ".model.keras.lock", "model.keras"]
+    serving = tmp_path / "serving"
+    serving.mkdir()
+    (serving / ".1.partial-999999").mkdir()
+    (serving / f".1.partial-{os.getpid()}").mkdir()  # a live process's: left alone
+    export_module._write(serving / "1", False, functools.partial(export_module._save_saved_model, FakeArchive(b"v1")))
+    assert sorted(p.name for p in serving.iterdir()) == [".1.lock", f".1.partial-{os.getpid()}", "1"]
+
+
+class FakeArchive:
+    def __init__(self, content):
+        self.content = content
+
+    def write_out(self, path, verbose=False):
+        Path(path).mkdir()
+        (Path(path) / "saved_model.pb").write_bytes(self.content)
+
+
+def test_an_overwrite_whose_final_rename_fails_puts_the_old_version_back(tmp_path, monkeypatch):
+    """Regression: the old version was deleted even when renaming the new one into place had failed."""
+    target = tmp_path / "serving" / "1"
+    target.parent.mkdir()  # as export's _check_writable does
+    export_module._write(target, False, functools.partial(export_module._save_saved_model, FakeArchive(b"old")))
+    real = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new version into place (the first moved the old one aside)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(PipelineError, match=r"cannot write .*serving/1: no space left on device; the previous 1 is unchanged"):
+        export_module._write(target, True, functools.partial(export_module._save_saved_model, FakeArchive(b"new")))
+    assert (target / "saved_model.pb").read_bytes() == b"old"
+    assert sorted(p.name for p in target.parent.iterdir()) == [".1.lock", "1"]

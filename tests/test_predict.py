@@ -114,6 +114,49 @@ def test_settings_this_version_does_not_know_are_refused(head_run, tmp_path):
         load_lineage(run).extract_config()
 
 
+def test_the_lineage_parses_the_very_records_whose_sha256_it_checked(head_run, tmp_path, monkeypatch):
+    """Regression: reduce.json was hashed, then read again to parse; a reduce --overwrite in between went unnoticed."""
+    import builtins
+    import io
+
+    run = copy_lineage(head_run, tmp_path)
+    report = tmp_path / "copy" / "reduced" / "reduce.json"
+    original = report.read_bytes()
+    real_open, opened = builtins.open, []
+
+    def rewritten_after_the_first_read(file, *args, **kwargs):
+        if not isinstance(file, int) and os.path.abspath(os.fspath(file)) == str(report):
+            opened.append(file)
+            if len(opened) == 2:  # another reduction lands between the reads
+                with real_open(report, "wb") as f:
+                    f.write(original.replace(b"{", b'{"other": 1, ', 1))
+        return real_open(file, *args, **kwargs)
+
+    for module in (builtins, io):
+        monkeypatch.setattr(module, "open", rewritten_after_the_first_read)
+    lineage = load_lineage(run)
+    monkeypatch.undo()
+    assert "other" not in lineage.report and len(opened) == 1
+
+
+@pytest.mark.parametrize("record, key, remedy", [
+    ("runs/{run}/config.json", "reduced", "rerun the `pipeline train` command that made the run"),
+    ("reduced/reduce.json", "inputs", "rerun the `pipeline reduce` command that made it with --overwrite"),
+])
+def test_a_record_without_its_link_is_one_sentence(head_run, tmp_path, record, key, remedy):
+    """Regression: a readable config.json without `reduced` (or reduce.json without `inputs`) was a KeyError."""
+    run = copy_lineage(head_run, tmp_path)
+    path = tmp_path / "copy" / record.format(run=run.name)
+    edit_json(path, lambda r: r.pop(key))
+    if key == "inputs":
+        reseal_run_only = json.loads((run / "config.json").read_text())
+        reseal_run_only["reduced"]["reduce_json_sha256"] = sha256(path)
+        (run / "config.json").write_text(json.dumps(reseal_run_only))
+    with pytest.raises(PipelineError, match=re.escape(f"{path} has no {key!r} record of what it was made from")) as caught:
+        load_lineage(run)
+    assert remedy in str(caught.value)
+
+
 def test_only_head_runs_can_predict(head_run, tmp_path):
     with pytest.raises(PipelineError, match=rf"run {head_run.baseline.name} is a baseline run without a Keras head"):
         load_lineage(head_run.baseline)

@@ -5,6 +5,7 @@ import json
 import re
 
 import h5py
+import numpy as np
 import pytest
 
 from pipeline import shards
@@ -244,3 +245,29 @@ def test_cli_bad_input_is_one_clear_error(features_dir, tmp_path, run_cli, case,
 def test_cli_usage_errors_exit_2(features_dir, tmp_path, run_cli):
     assert "does not exist" in run_cli("probe", tmp_path / "missing", "--out", tmp_path / "out", code=2).output
     assert "x>=1" in run_cli("probe", features_dir(n=60), "--out", tmp_path / "out", "--components", "0", code=2).output
+
+
+@pytest.mark.parametrize("rows, value", [(30, np.nan), (200, np.inf)])  # train rows held in memory; the covariance pass
+def test_non_finite_features_name_the_tap_the_rows_and_the_first_id(features_dir, tmp_path, run_cli, rows, value):
+    """Regression: NaN or Inf in the features were a scikit-learn ValueError traceback."""
+    features = features_dir(n=rows, shard_size=10)
+    with h5py.File(features / "shard-00001.h5", "r+") as f:
+        f["features/vgg16/block5_conv3"][3, 2] = value
+    result = run_cli("probe", features, "--out", tmp_path / "out", code=1)
+    assert f"the features in {features} hold NaN or Inf: tap vgg16/block5_conv3 in 1 of {rows} rows (first 'img00013.png')" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["config"].update(colour_jitter=True), "records settings this version does not know (colour_jitter); use the pipeline version"),
+    (lambda r: r.pop("inputs"), "has no 'inputs' record of what it was made from (it lacks 'inputs'); reduce again with --overwrite"),
+    (lambda r: r.pop("components"), "has no complete record of its settings (it lacks 'components'); reduce again with --overwrite"),
+])
+def test_a_reduce_json_this_version_cannot_read_is_one_sentence(features_dir, tmp_path, run_cli, edit, message):
+    """Regression: unknown settings were a TypeError from ReduceConfig(**recorded), a missing `inputs` a KeyError."""
+    reduce_features(features_dir(n=60), tmp_path / "reduced", ReduceConfig(components=2))
+    report = json.loads((tmp_path / "reduced" / "reduce.json").read_text())
+    edit(report)
+    (tmp_path / "reduced" / "reduce.json").write_text(json.dumps(report))
+    result = run_cli("probe", tmp_path / "reduced", "--out", tmp_path / "out", code=1)
+    assert f"{tmp_path / 'reduced' / 'reduce.json'} {message}" in result.output and "Traceback" not in result.output

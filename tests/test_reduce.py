@@ -1,5 +1,6 @@
 """Stage two (a): splits, scaling, PCA, the reduced/ format, caching and bad input."""
 
+import itertools
 import tracemalloc
 
 import h5py
@@ -375,3 +376,33 @@ def test_a_transform_pickled_before_estimators_py_still_loads(tmp_path, monkeypa
     loaded = joblib.load(tmp_path / "old.joblib")
     assert isinstance(loaded, estimators.TapTransform)
     np.testing.assert_array_equal(loaded.transform(X), transform.transform(X))
+
+
+def test_ray_map_bounds_the_tasks_in_flight_and_keeps_the_call_order(monkeypatch):
+    """Regression: every shard was submitted at once, so 50 second-pass results (128 MB each at 4,096 features) sat in the store."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from pipeline.engines import ray_reduce
+
+    outstanding, most = set(), [0]
+
+    class Ref:
+        def __init__(self, value):
+            self.value = value
+            outstanding.add(self)
+            most[0] = max(most[0], len(outstanding))
+
+    def get(ref):
+        outstanding.discard(ref)
+        return ref.value
+
+    def remote(function):
+        return SimpleNamespace(remote=lambda *args: Ref(function(*args)))
+
+    fake = SimpleNamespace(remote=remote, get=get, cluster_resources=lambda: {"CPU": 2.0}, exceptions=SimpleNamespace(RayTaskError=RuntimeError))
+    monkeypatch.setattr(ray_reduce, "connected", lambda address: contextlib.nullcontext(fake))
+    with ray_reduce.ray_map() as run:
+        results = list(run(lambda a, b: a * 10 + b, range(50), itertools.repeat(1)))
+    assert results == [a * 10 + 1 for a in range(50)]
+    assert most[0] == 2 * 2  # TASKS_PER_CPU x the cluster's CPUs, not 50

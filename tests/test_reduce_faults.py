@@ -15,6 +15,7 @@ import pytest
 
 from pipeline import reduce as reduce_module
 from pipeline.config import HeadConfig, ReduceConfig
+from pipeline.errors import PipelineError
 from pipeline.files import leftover_temps, lock_beside, locked
 from pipeline.reduce import load_reduced, reduce_features
 from pipeline.train import train
@@ -47,6 +48,34 @@ def test_a_lock_whose_holder_note_cannot_be_written_still_locks():
     with pytest.raises(RuntimeError, match="the command's own error"):
         with locked("/dev/full", "test"):  # every write to /dev/full fails with ENOSPC
             raise RuntimeError("the command's own error")
+
+
+def test_load_reduced_hashes_the_very_reduce_json_it_parsed(reduced, monkeypatch):
+    """Regression: reduce.json was parsed, then hashed in a second read; a reduce --overwrite in between gave a run the new
+    sha256 with the old X."""
+    _, out = reduced
+    original = (out / "reduce.json").read_bytes()
+    real = h5py.File
+
+    def rewritten_meanwhile(*args, **kwargs):
+        (out / "reduce.json").write_bytes(original.replace(b"{", b'{"other": 1, ', 1))  # another reduction lands
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reduce_module.h5py, "File", rewritten_meanwhile)
+    data = load_reduced(out)
+    assert data.report_sha256 == hashlib.sha256(original).hexdigest() and "other" not in data.report
+
+
+def test_a_reduce_and_a_load_of_one_reduced_dir_exclude_each_other(reduced, run_cli):
+    features, out = reduced
+    with locked(lock_beside(out), "a reduce"):
+        with pytest.raises(PipelineError, match=f"reduced directory {out} is in use by PID {os.getpid()}") as caught:
+            load_reduced(out)
+    assert type(caught.value) is PipelineError  # not LockBusy, which train would take for a run another process holds
+    with reduce_module._reading(out):
+        assert load_reduced(out).X.shape[1] == 4  # readers share the lock
+        result = run_cli("reduce", features, "--out", out, "--components", 5, "--overwrite", code=1)
+    assert f"reduced directory {out} is in use by PID {os.getpid()}" in result.output and load_reduced(out).X.shape[1] == 4
 
 
 def test_two_reduces_with_other_settings_at_once_leave_one_consistent_reduction(features_dir, tmp_path):
@@ -177,5 +206,11 @@ def test_an_empty_train_split_or_too_many_components_is_refused(features_dir, tm
     given = features_dir(n=40, splits=lambda i: "val" if i % 2 else "test", name="all-given")
     no_train = run_cli("reduce", given, "--out", tmp_path / "a", code=1)
     assert "only 0 of 40 rows are in train; PCA needs at least 2" in no_train.output
-    many = run_cli("reduce", features_dir(n=20), "--out", tmp_path / "b", "--components", 17, code=1)
-    assert "--components 17 is more than the maximum of 14 here (the least of 14 train rows, 40 features)" in many.output
+    features = features_dir(n=20)
+    many = run_cli("reduce", features, "--out", tmp_path / "b", "--components", 14, "--whiten", code=1)
+    assert ("--components 14 is more than the maximum of 13 here (the least of 14 train rows minus one, since centred rows "
+            "span one direction fewer, and 40 features)") in many.output
+    run_cli("reduce", features, "--out", tmp_path / "b", "--components", 13, "--whiten")
+    data = load_reduced(tmp_path / "b")
+    train_rows = data.X[data.splits == "train"]
+    assert np.isfinite(data.X).all() and np.abs(train_rows.std(axis=0, ddof=1) - 1).max() < 1e-3  # every column whitened, none blown up

@@ -4,6 +4,7 @@ degenerate data, signals."""
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from pipeline import train as train_module
 from pipeline.config import HeadConfig
+from pipeline.errors import PipelineError
 from pipeline.files import leftover_temps, locked
 from pipeline.reduce import load_reduced
 from pipeline.train import train
@@ -130,6 +132,36 @@ def test_a_run_another_process_holds_is_left_to_it_then_reported_done(reduced, t
     assert {row["run_id"] for row in train_module.leaderboard(runs)[0]} == {first[0].run_id, run_id}
 
 
+def test_a_name_another_process_publishes_with_another_config_is_refused_not_reported_done(reduced, tmp_path):
+    """Regression: both trains passed the name check, and the one that waited printed the other's metrics as "already done"."""
+    _, out = reduced
+    theirs, ours = HeadConfig(hidden=(4,), epochs=1), HeadConfig(hidden=(6,), epochs=1)
+    list(train(out, tmp_path / "elsewhere", [theirs], name="shared"))
+    runs = tmp_path / "runs"
+    (runs / ".locks").mkdir(parents=True)
+    outcomes, errors = [], []
+
+    def ours_train():
+        try:
+            outcomes.extend(train(out, runs, [ours], name="shared"))
+        except PipelineError as e:
+            errors.append(str(e))
+
+    with locked(runs / ".locks" / "shared.lock", "the other process"):
+        worker = threading.Thread(target=ours_train)
+        worker.start()
+        deadline = time.monotonic() + 120
+        while not list(runs.glob("baseline-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert worker.is_alive()  # waiting for the run's lock
+        shutil.copytree(tmp_path / "elsewhere" / "shared", runs / "shared")  # the other process publishes its config
+    worker.join(timeout=120)
+    assert errors == [f"run shared already exists in {runs} with another config or reduced dir; choose another --name"]
+    assert [o.run_id for o in outcomes] == [o.run_id for o in outcomes if o.kind == "baseline"]
+    assert json.loads((runs / "shared" / "config.json").read_text())["head"]["hidden"] == [4]
+
+
 @pytest.mark.slow  # two TensorFlow processes; test_a_run_another_process_holds_... checks the same logic in-process
 def test_two_sweeps_into_one_runs_dir_both_finish_and_train_each_run_once(reduced, tmp_path):
     _, out = reduced
@@ -191,6 +223,59 @@ def test_disk_full_in_train_keeps_the_finished_runs_and_a_rerun_completes(reduce
     monkeypatch.setattr(train_module, "_write_history", real)
     rerun = run_cli("train", out, "--runs", runs, *QUICK)
     assert "already done" in rerun.output and len(train_module.leaderboard(runs)[0]) == 2
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_runs_on_a_full_disk_prints_the_table_with_a_warning(reduced, tmp_path, run_cli, monkeypatch, code):
+    """Regression: a stale leaderboard that could not be rewritten was a traceback."""
+    _, out = reduced
+    runs = tmp_path / "runs"
+    run_cli("train", out, "--runs", runs, *QUICK)
+    (runs / "leaderboard.csv").write_text("stale\n")
+
+    def full(runs_dir):
+        raise OSError(code, os.strerror(code), str(runs_dir / "leaderboard.csv"))
+
+    monkeypatch.setattr(train_module, "write_leaderboard", full)
+    table = run_cli("runs", runs)
+    assert "*baseline*" in table.output and "Traceback" not in table.output
+    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}[code]
+    assert f"does not match the run dirs, and rebuilding it failed: cannot write {runs / 'leaderboard.csv'}: {reason}" in table.output
+
+
+def test_a_leaderboard_that_cannot_be_written_after_publishing_says_the_run_is_kept(reduced, tmp_path, run_cli, monkeypatch):
+    """Regression: the sentence said the failed run was not kept, though it had been renamed into place."""
+    _, out = reduced
+    runs = tmp_path / "runs"
+    real = train_module.write_leaderboard
+
+    def full(runs_dir):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(runs_dir / "leaderboard.csv"))
+
+    monkeypatch.setattr(train_module, "write_leaderboard", full)
+    result = run_cli("train", out, "--runs", runs, *QUICK, code=1)
+    [baseline] = [p.name for p in runs.iterdir() if p.name.startswith("baseline-")]
+    assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
+    assert f"cannot write {runs / 'leaderboard.csv'}: no space left on device; run {baseline} is kept;" in result.output
+    assert "finished so far" not in result.output and train_module.run_state(runs / baseline).done
+    monkeypatch.setattr(train_module, "write_leaderboard", real)
+    assert "rebuilt from them" in run_cli("runs", runs).output
+    rerun = run_cli("train", out, "--runs", runs, *QUICK)
+    assert f"{baseline}: already done" in rerun.output and len(train_module.leaderboard(runs)[0]) == 2
+
+
+def test_a_head_whose_probabilities_are_not_finite_is_one_sentence_naming_the_run(reduced, tmp_path, run_cli, monkeypatch):
+    """Regression: NaN probabilities (a diverged head) made log_loss raise a ValueError traceback."""
+    from pipeline import head
+
+    _, out = reduced
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(head, "predict_proba", lambda model, X: np.full((len(X), 3), np.nan, np.float32))
+    result = run_cli("train", out, "--runs", runs, *QUICK, code=1)
+    assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
+    assert re.search(r"run h8_d0\.3_[0-9a-f]{8}: the predicted probabilities of \d+ of \d+ rows are NaN or Inf", result.output)
+    assert "try a lower --lr" in result.output and not leftover_temps(runs)
+    assert [row["kind"] for row in train_module.leaderboard(runs)[0]] == ["baseline"]
 
 
 def test_sigterm_mid_sweep_then_a_rerun_completes_the_leaderboard(reduced, tmp_path):

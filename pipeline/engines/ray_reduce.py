@@ -8,28 +8,41 @@ directory at the same path (this machine, or a shared filesystem).
 
 import collections
 import contextlib
+import itertools
 
 from pipeline.engines.ray_cluster import connected
 from pipeline.errors import PipelineError
 
+TASKS_PER_CPU = 2  # tasks in flight per cluster CPU: enough to keep every CPU busy while the driver fetches
+
 
 @contextlib.contextmanager
-def ray_map(address=None):
+def ray_map(address=None, in_flight=None):
     """Yield a `map(function, *iterables)` that runs every call as a Ray task and yields the results in order.
 
-    All calls are submitted at once; each result is fetched, and released, in turn.
+    At most `in_flight` calls (default: TASKS_PER_CPU x the cluster's CPUs) are submitted or
+    waiting to be fetched at any time: a second-pass result is a features x features float64
+    matrix (128 MB at 4,096 features), so submitting every shard at once would hold them all in
+    the object store. Results are fetched, and released, in call order, and a new call is
+    submitted for each one fetched; a result that finishes early waits in the store for the
+    ones before it, within that bound.
     """
     with connected(address) as ray:
+        limit = in_flight or max(1, TASKS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
 
         def run(function, *iterables):
             remote = ray.remote(function)
-            pending = collections.deque(remote.remote(*args) for args in zip(*iterables))
+            calls = zip(*iterables)
+            pending = collections.deque(remote.remote(*args) for args in itertools.islice(calls, limit))
             while pending:
                 try:
-                    yield ray.get(pending.popleft())
+                    result = ray.get(pending.popleft())
                 except ray.exceptions.RayTaskError as e:
                     if isinstance(e.cause, PipelineError):  # a damaged shard: the sentence, not the remote traceback
                         raise PipelineError(str(e.cause)) from None
                     raise
+                pending.extend(remote.remote(*args) for args in itertools.islice(calls, 1))  # keep the window full
+                yield result
+                del result  # released before the next fetch, not held across it
 
         yield run
