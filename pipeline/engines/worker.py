@@ -221,8 +221,19 @@ class _ShardAssembler:
         self.writer.submit(job.index, data)
 
     def _fallback(self, missing):
-        """Decode what TensorFlow could not; return (indices, features) and error entries."""
-        rescued, pictures, errors = [], [], []
+        """Decode what TensorFlow could not; return (indices, features) and error entries.
+
+        Pictures are decoded, computed and dropped `batch_size` at a time, so a shard that only
+        Pillow can read holds one batch of pictures, not the whole shard. The batches are the
+        same as decoding all first and then computing would give, so the features are too.
+        """
+        batch, rescued, pictures, outputs, errors = self.config.batch_size, [], [], [], []
+
+        def compute():
+            indices = np.array(rescued[len(rescued) - len(pictures) :], np.int64)
+            outputs.append(self._compute(indices, tf.stack(pictures)))
+            pictures.clear()
+
         for index in missing:
             record = self._record(index)
             try:
@@ -236,13 +247,15 @@ class _ShardAssembler:
                 continue
             rescued.append(index)
             pictures.append(resize_image(tf.constant(pixels), self.config.image_size, self.config.resize))
+            del pixels
+            if len(pictures) == batch:
+                compute()
+        if pictures:
+            compute()
         if not rescued:
             return None, errors
-        batch = self.config.batch_size
-        indices = np.array(rescued, np.int64)
-        outputs = [self._compute(indices[i : i + batch], tf.stack(pictures[i : i + batch])) for i in range(0, len(pictures), batch)]
         features = {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
-        return (indices, features), errors
+        return (np.array(rescued, np.int64), features), errors
 
 
 class _ShardWriter:

@@ -1,0 +1,84 @@
+"""The shard worker itself: the Pillow fallback's memory."""
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from pipeline import shards
+from pipeline.engines import worker as worker_module
+from pipeline.inputs import UndecodableImage, decode_with_pillow, resize_image
+
+FAST = ["--weights", "random", "--image-size", "32", "--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
+
+
+def files_bytes(features):
+    return {p.name: p.read_bytes() for p in sorted(features.glob("shard-*.h5"))}
+
+
+def _fallback_before_batching(self, missing):
+    """The fallback as it was: every picture of the shard decoded first, then computed batch by batch (the reference)."""
+    rescued, pictures, errors = [], [], []
+    for index in missing:
+        record = self._record(index)
+        try:
+            if record.problem:
+                raise UndecodableImage(record.problem)
+            pixels = decode_with_pillow(record.path)
+        except UndecodableImage as e:
+            errors.append({"id": record.id, "path": record.path, "reason": str(e)})
+            continue
+        rescued.append(index)
+        pictures.append(resize_image(tf.constant(pixels), self.config.image_size, self.config.resize))
+    if not rescued:
+        return None, errors
+    batch, indices = self.config.batch_size, np.array(rescued, np.int64)
+    outputs = [self._compute(indices[i : i + batch], tf.stack(pictures[i : i + batch])) for i in range(0, len(pictures), batch)]
+    return (indices, {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}), errors
+
+
+def test_the_fallback_holds_one_batch_of_pictures_and_gives_the_same_bytes(tmp_path, run_cli, monkeypatch):
+    root = tmp_path / "images" / "a"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(9):  # mostly TIFF (only Pillow reads it), two PNGs among them, one broken file
+        kind = "png" if i in (2, 6) else "tiff"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.{kind}")
+    (root / "4b.tiff").write_bytes(b"not a tiff")
+    args = [*FAST, "--shard-size", 10, "--batch-size", 2]
+
+    state = {"fallback": False, "held": 0, "peak": 0}
+    real_fallback, real_compute, real_decode = (
+        worker_module._ShardAssembler._fallback, worker_module._ShardAssembler._compute, worker_module.decode_with_pillow,
+    )
+
+    def fallback(self, missing):
+        state["fallback"] = True
+        try:
+            return real_fallback(self, missing)
+        finally:
+            state["fallback"] = False
+
+    def compute(self, indices, images):
+        if state["fallback"]:
+            state["held"] -= len(indices)  # computed: the worker lets go of these pictures
+        return real_compute(self, indices, images)
+
+    def decode(path):
+        pixels = real_decode(path)
+        state["held"] += 1
+        state["peak"] = max(state["peak"], state["held"])
+        return pixels
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker_module._ShardAssembler, "_fallback", fallback)
+        patch.setattr(worker_module._ShardAssembler, "_compute", compute)
+        patch.setattr(worker_module, "decode_with_pillow", decode)
+        run_cli("extract", tmp_path / "images", "--out", tmp_path / "batched", *args)
+    assert state["peak"] == 2 and state["held"] == 0  # 7 TIFFs, at most one batch of 2 decoded at once
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker_module._ShardAssembler, "_fallback", _fallback_before_batching)
+        run_cli("extract", tmp_path / "images", "--out", tmp_path / "reference", *args)
+    assert files_bytes(tmp_path / "batched") == files_bytes(tmp_path / "reference") and files_bytes(tmp_path / "batched")
+    manifest = shards.read_manifest(tmp_path / "batched")
+    assert manifest["rows"] == 9 and [e["id"] for e in manifest["errors"]] == ["a/4b.tiff"]
