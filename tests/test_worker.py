@@ -1,5 +1,6 @@
-"""The shard worker itself: the Pillow fallback's memory."""
+"""The shard worker itself: the Pillow fallback's memory, what float16 storage can hold."""
 
+import h5py
 import numpy as np
 import tensorflow as tf
 from PIL import Image
@@ -82,3 +83,43 @@ def test_the_fallback_holds_one_batch_of_pictures_and_gives_the_same_bytes(tmp_p
     assert files_bytes(tmp_path / "batched") == files_bytes(tmp_path / "reference") and files_bytes(tmp_path / "batched")
     manifest = shards.read_manifest(tmp_path / "batched")
     assert manifest["rows"] == 9 and [e["id"] for e in manifest["errors"]] == ["a/4b.tiff"]
+
+
+def _scaled(factor, row=1):
+    """A _TapRunner.__call__ whose first tap's `row` is multiplied by `factor` (finite in float32)."""
+    real = worker_module._TapRunner.__call__
+
+    def call(self, images):
+        features = real(self, images)
+        key = next(iter(features))
+        features[key][row] = np.abs(features[key][row]) * factor + 1.0
+        return features
+
+    return call
+
+
+def test_features_float16_cannot_hold_stop_the_run_naming_the_image_and_tap(tmp_path, image_tree, run_cli, monkeypatch):
+    root = image_tree()
+    monkeypatch.setattr(worker_module._TapRunner, "__call__", _scaled(1e6))
+    result = run_cli("extract", root, "--out", tmp_path / "f16", *FAST, "--storage-dtype", "float16", code=1)
+    assert (
+        "Error: --storage-dtype float16 cannot hold the features of cat/001.png at tap resnet50/conv2_block1_out "
+        "(values up to" in result.output
+    )
+    assert "more than float16's largest 65504); rerun with --storage-dtype float32" in result.output
+    assert shards.existing_shards(tmp_path / "f16") == [] and not (tmp_path / "f16" / "manifest.json").exists()
+
+    run_cli("extract", root, "--out", tmp_path / "f32", *FAST)  # float32 holds them
+    with h5py.File(tmp_path / "f32" / "shard-00000.h5") as f:
+        assert np.isfinite(f["features/resnet50/conv2_block1_out"][:]).all()
+        assert f["features/resnet50/conv2_block1_out"][1].max() > 65504
+
+
+def test_float16_features_within_range_are_stored_as_the_cast_of_float32_ones(tmp_path, image_tree, run_cli):
+    root = image_tree()
+    run_cli("extract", root, "--out", tmp_path / "f16", *FAST, "--storage-dtype", "float16")
+    run_cli("extract", root, "--out", tmp_path / "f32", *FAST)
+    key = "features/vgg16/block1_pool"
+    with h5py.File(tmp_path / "f16" / "shard-00000.h5") as half, h5py.File(tmp_path / "f32" / "shard-00000.h5") as full:
+        assert half[key].dtype == np.float16
+        np.testing.assert_array_equal(half[key][:], full[key][:].astype(np.float16))

@@ -167,19 +167,38 @@ class _ShardAssembler:
                 self._flush()
 
     def _compute(self, indices, images):
-        """Features of one batch; the shard's first batch also gets the fidelity check."""
+        """Features of one batch, as they will be stored; the shard's first batch also gets the fidelity check.
+
+        Both what the model computed and its cast to the storage dtype must be finite: float16
+        holds nothing above 65504, which the float32 pooling can exceed.
+        """
         features = self.worker._runner(images)
+        dtype = np.dtype(self.config.storage_dtype)
         for key, values in features.items():
-            bad = ~np.isfinite(values).all(axis=1)
-            if bad.any():
-                record = self._record(indices[np.flatnonzero(bad)[0]])
+            record = self._first_non_finite(indices, values)
+            if record is not None:
                 raise PipelineError(
                     f"{self.config.precision} gives non-finite features (NaN or Inf) for {record.id} at tap {key}; "
                     "rerun with --precision float32"
                 )
         if self.fidelity is None:
             self.fidelity = self.worker._runner.fidelity(images, features)
-        return features
+        with np.errstate(over="ignore"):  # an overflow is found below, and named
+            stored = {key: values.astype(dtype, copy=False) for key, values in features.items()}
+        for key, values in stored.items():
+            record = self._first_non_finite(indices, values)
+            if record is not None:
+                largest = float(np.abs(features[key][~np.isfinite(values)]).max())
+                raise PipelineError(
+                    f"--storage-dtype {dtype} cannot hold the features of {record.id} at tap {key} (values up to "
+                    f"{largest:.4g}, more than {dtype}'s largest {float(np.finfo(dtype).max):g}); rerun with --storage-dtype float32"
+                )
+        return stored
+
+    def _first_non_finite(self, indices, values):
+        """The record of the first row of `values` with a NaN or Inf, or None."""
+        bad = ~np.isfinite(values).all(axis=1)
+        return self._record(indices[np.flatnonzero(bad)[0]]) if bad.any() else None
 
     def _record(self, index):
         job = int(np.searchsorted(self.offsets, index, side="right")) - 1
