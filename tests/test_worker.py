@@ -1,7 +1,10 @@
-"""The shard worker itself: the Pillow fallback's memory, what float16 storage can hold."""
+"""The shard worker itself: the Pillow fallback's memory, what float16 storage can hold, the writer's bookkeeping."""
+
+import concurrent.futures
 
 import h5py
 import numpy as np
+import pytest
 import tensorflow as tf
 from PIL import Image
 
@@ -123,3 +126,38 @@ def test_float16_features_within_range_are_stored_as_the_cast_of_float32_ones(tm
     with h5py.File(tmp_path / "f16" / "shard-00000.h5") as half, h5py.File(tmp_path / "f32" / "shard-00000.h5") as full:
         assert half[key].dtype == np.float16
         np.testing.assert_array_equal(half[key][:], full[key][:].astype(np.float16))
+
+
+def test_the_writer_checks_only_writes_it_has_not_seen_succeed(tmp_path, monkeypatch):
+    """Checking for a failed write after every batch must not cost more with every shard written."""
+    monkeypatch.setattr(worker_module._ShardWriter, "_write", lambda self, shard, data: None)
+    real_done, checked = concurrent.futures.Future.done, []
+
+    def done(self):
+        checked.append(self)
+        return real_done(self)
+
+    with worker_module._ShardWriter(tmp_path, None, "float32") as writer:
+        for shard in range(200):
+            writer.submit(shard, None)
+        writer.pool.shutdown(wait=True)  # every write has finished
+        writer.raise_failure()
+        monkeypatch.setattr(concurrent.futures.Future, "done", done)
+        writer.raise_failure()
+        monkeypatch.setattr(concurrent.futures.Future, "done", real_done)
+    assert len(checked) <= 1  # not one look at each of the 200 finished writes
+    assert all(writer.has(shard) for shard in range(200)) and not writer.has(200)
+
+
+def test_a_failed_write_is_raised_at_the_next_check(tmp_path, monkeypatch):
+    def write(self, shard, data):
+        if shard == 1:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(worker_module._ShardWriter, "_write", write)
+    with pytest.raises(OSError, match="No space left"):
+        with worker_module._ShardWriter(tmp_path, None, "float32") as writer:
+            for shard in range(2):
+                writer.submit(shard, None)
+            writer.pool.shutdown(wait=True)
+            writer.raise_failure()

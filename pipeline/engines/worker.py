@@ -6,6 +6,7 @@ writer. The forward pass runs on the calling thread over a prefetched tf.data st
 shards go to a one-thread background writer so HDF5 writing overlaps compute.
 """
 
+import collections
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -281,23 +282,26 @@ class _ShardWriter:
     """One background thread writing finished shards; at most a few wait in memory.
 
     A failed write stops the run at the next batch (`raise_failure`), not after every image.
+    Only the writes not yet checked are kept, so checking after every batch costs the same
+    however many shards the run has written.
     """
 
     def __init__(self, out_dir, run, storage_dtype):
         self.out_dir, self.run, self.storage_dtype = out_dir, run, storage_dtype
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self.futures = {}
+        self.submitted = set()  # shard indices handed to the writer
+        self.pending = collections.deque()  # their futures not yet seen to succeed, in submission (= completion) order
 
     def has(self, shard):
-        return shard in self.futures
+        return shard in self.submitted
 
     def submit(self, shard, data):
         self.raise_failure()
-        waiting = [f for f in self.futures.values() if not f.done()]
-        if len(waiting) >= _MAX_PENDING_WRITES:
-            waiting[0].result()
+        if len(self.pending) >= _MAX_PENDING_WRITES:
+            self.pending[0].result()
             self.raise_failure()
-        self.futures[shard] = self.pool.submit(self._write, shard, data)
+        self.submitted.add(shard)
+        self.pending.append(self.pool.submit(self._write, shard, data))
 
     def _write(self, shard, data):
         path = self.out_dir / shards.shard_filename(shard)
@@ -309,9 +313,12 @@ class _ShardWriter:
             )
 
     def raise_failure(self):
-        for future in self.futures.values():
-            if future.done() and future.exception() is not None:
-                raise future.exception()
+        """Raise the error of a finished write that failed; forget the ones that succeeded."""
+        while self.pending and self.pending[0].done():
+            error = self.pending[0].exception()
+            if error is not None:
+                raise error
+            self.pending.popleft()
 
     def __enter__(self):
         return self
@@ -319,5 +326,5 @@ class _ShardWriter:
     def __exit__(self, *exc):
         self.pool.shutdown(wait=True)
         if exc[0] is None:
-            for future in self.futures.values():
+            for future in self.pending:
                 future.result()  # surface a failed write
