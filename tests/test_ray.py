@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 
 from pipeline import shards
 from pipeline.config import ExtractConfig
-from pipeline.engines.ray import WorkerSummary, disagreement, plan_workers
+from pipeline.engines.ray import RayEngine, WorkerSummary, disagreement, plan_workers
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.sources import list_source
@@ -101,6 +101,27 @@ def test_worker_plans():
         plan_workers(one_gpu_nodes, gpus_per_worker=4)
     with pytest.raises(PipelineError, match=r"--workers 5 with 1 CPUs and 1 GPUs each do not fit"):
         plan_workers(one_gpu_nodes, workers=5)
+
+
+def test_closing_the_engine_survives_a_lost_head(monkeypatch):
+    """ray.kill raising (the head is gone) must not skip the other kills or shutting down the Ray the command started."""
+    engine = RayEngine()
+    killed, shut = [], []
+
+    def kill(actor):
+        killed.append(actor)
+        raise ConnectionError("lost the head")
+
+    monkeypatch.setattr(ray, "kill", kill)
+    engine._ray, engine._actors = ray, ["actor-1", "actor-2"]
+    engine._stack.callback(lambda: shut.append(True))  # what connected() registers for a Ray it started
+    with pytest.raises(ValueError, match="the original error"):
+        try:
+            raise ValueError("the original error")
+        finally:
+            engine.close()
+    assert killed == ["actor-1", "actor-2"] and shut == [True] and engine._actors == []
+    engine.close()  # twice is fine
 
 
 def test_workers_that_resolved_or_loaded_differently_are_one_sentence():

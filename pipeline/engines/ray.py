@@ -202,10 +202,13 @@ class RayEngine:
 
     def close(self):
         """Stop the actors, and the Ray this engine started (a Ray it found running is left running)."""
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors = []
-        self._stack.close()
+        actors, self._actors = self._actors, []
+        try:
+            for actor in actors:
+                with contextlib.suppress(Exception):  # a lost head or a dead actor must not keep the others (or Ray) running
+                    self._ray.kill(actor)
+        finally:
+            self._stack.close()
 
     def _get(self, refs, doing):
         ray = self._ray
