@@ -3,6 +3,8 @@
 A crash at any moment leaves either the old file (or directory) or the complete new one:
 new content goes to a uniquely named hidden sibling first and is renamed into place. Unique
 temp names mean that two processes never share (or delete) each other's half-written files.
+The new content is fsynced before the rename and the directory after it (`durable_replace`),
+so a power loss, not only a killed process, keeps what was renamed into place.
 """
 
 import contextlib
@@ -69,14 +71,52 @@ def remove(path):
         path.unlink(missing_ok=True)
 
 
+def durable_replace(new, path):
+    """Rename the file or directory `new` onto `path` so that the result survives a power loss.
+
+    A rename alone is not durable: the kernel may write the new name to disk before the data it
+    names. So `new` (for a directory, every file and directory in it) is fsynced first, then
+    renamed, then the parent directory, which holds the new name, is fsynced.
+    """
+    new, path = Path(new), Path(path)
+    sync_tree(new)
+    os.replace(new, path)
+    _fsync(path.parent, directory=True)
+
+
+def sync_tree(path):
+    """fsync a file, or every file and directory in a directory tree, so that its bytes are on disk."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        _fsync(path)
+        return
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync(os.path.join(root, name))
+        _fsync(root, directory=True)
+
+
+def _fsync(path, directory=False):
+    """fsync `path` through a read-only descriptor (Linux flushes the file's data whichever descriptor asks)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (directory and e.errno in (errno.EINVAL, errno.ENOTSUP)):  # some filesystems cannot fsync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary sibling path; rename it over `path` only if the block succeeds."""
+    """Yield a temporary sibling path; rename it over `path` (durably) only if the block succeeds."""
     path = Path(path)
     tmp = temp_sibling(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -99,17 +139,18 @@ def atomic_dir(path):
 
 
 def replace_dir(new, path):
-    """Rename the directory `new` to `path`; an existing `path` is renamed aside first and deleted afterwards."""
+    """Rename the directory `new` to `path` (durably); an existing `path` is renamed aside first and deleted afterwards."""
     path = Path(path)
     if not path.exists():
-        Path(new).rename(path)
+        durable_replace(new, path)
         return
     old = temp_sibling(path)
     path.rename(old)
     try:
-        Path(new).rename(path)
+        durable_replace(new, path)
     except BaseException:
-        old.rename(path)  # put the old directory back rather than leave none
+        if not path.exists():
+            old.rename(path)  # put the old directory back rather than leave none
         raise
     remove(old)
 

@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 
 from pipeline import shards
 from pipeline.config import ExtractConfig
-from pipeline.engines.ray import WorkerSummary, disagreement, plan_workers
+from pipeline.engines.ray import RayEngine, WorkerSummary, actor_options, disagreement, plan_workers
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.sources import list_source
@@ -101,6 +101,55 @@ def test_worker_plans():
         plan_workers(one_gpu_nodes, gpus_per_worker=4)
     with pytest.raises(PipelineError, match=r"--workers 5 with 1 CPUs and 1 GPUs each do not fit"):
         plan_workers(one_gpu_nodes, workers=5)
+
+
+def test_default_plans_go_node_by_node():
+    """Nodes of different sizes: each gets its own share, not the smallest node's (which put 4 models on the 8-CPU node)."""
+    cpu_nodes = [(8, 0), (2, 0)]
+    plan = plan_workers(cpu_nodes)
+    assert plan.actors == ((0, 8), (1, 2)) and plan.workers == 2 and plan.gpus == 0  # one CPU actor per node, all its CPUs
+    gpu_nodes = [(0, 0), (8, 2), (16, 2), (3, 4)]
+    assert plan_workers(gpu_nodes).actors == ((1, 4), (1, 4), (2, 8), (2, 8), (3, 1), (3, 1), (3, 1))  # 4 GPUs, only 3 CPUs
+    assert plan_workers(gpu_nodes, gpus_per_worker=0).actors == ((1, 8), (2, 16), (3, 3))
+    # given --workers or --cpus-per-worker, every actor is alike and Ray places them
+    assert plan_workers(cpu_nodes, cpus_per_worker=2).actors == ((None, 2),) * 5
+    assert plan_workers(cpu_nodes, workers=2).actors == ((None, 4),) * 2  # the most CPUs that let 2 fit
+
+
+def test_actor_options_pin_planned_actors_to_their_node_with_their_own_cpus():
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node_ids = ["a" * 56, "b" * 56]  # Ray node ids are 28 bytes in hex
+    options = actor_options(plan_workers([(8, 0), (2, 0)]), node_ids)
+    assert [(o["num_cpus"], o["num_gpus"]) for o in options] == [(8, 0), (2, 0)]
+    strategies = [o["scheduling_strategy"] for o in options]
+    assert all(isinstance(s, NodeAffinitySchedulingStrategy) and s.soft for s in strategies)  # soft: Ray may restart it elsewhere
+    assert [s.node_id for s in strategies] == node_ids
+    assert [o["runtime_env"]["env_vars"]["TF_NUM_INTRAOP_THREADS"] for o in options] == ["8", "2"]
+    assert all(o["runtime_env"]["env_vars"]["CUDA_VISIBLE_DEVICES"] == "" for o in options)
+    uniform = actor_options(plan_workers([(8, 0), (2, 0)], cpus_per_worker=2), node_ids)
+    assert len(uniform) == 5 and all("scheduling_strategy" not in o and o["num_cpus"] == 2 for o in uniform)
+
+
+def test_closing_the_engine_survives_a_lost_head(monkeypatch):
+    """ray.kill raising (the head is gone) must not skip the other kills or shutting down the Ray the command started."""
+    engine = RayEngine()
+    killed, shut = [], []
+
+    def kill(actor):
+        killed.append(actor)
+        raise ConnectionError("lost the head")
+
+    monkeypatch.setattr(ray, "kill", kill)
+    engine._ray, engine._actors = ray, ["actor-1", "actor-2"]
+    engine._stack.callback(lambda: shut.append(True))  # what connected() registers for a Ray it started
+    with pytest.raises(ValueError, match="the original error"):
+        try:
+            raise ValueError("the original error")
+        finally:
+            engine.close()
+    assert killed == ["actor-1", "actor-2"] and shut == [True] and engine._actors == []
+    engine.close()  # twice is fine
 
 
 def test_workers_that_resolved_or_loaded_differently_are_one_sentence():
@@ -313,6 +362,30 @@ def test_two_nodes_and_a_node_removed_mid_run_give_the_local_bytes(tmp_path, ref
         cluster.remove_node(second, allow_graceful=False)
         assert join().written == 6  # the head node's worker redid the lost shard
         assert_same_features(tmp_path / "removed", local)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_default_actors_land_one_per_node_with_that_node_s_cpus():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        plan = plan_workers([(n["Resources"]["CPU"], 0) for n in alive])
+
+        class Where:
+            def where(self):
+                context = ray.get_runtime_context()
+                return context.get_node_id(), context.get_assigned_resources().get("CPU"), os.environ["TF_NUM_INTRAOP_THREADS"]
+
+        actors = [ray.remote(Where).options(**o).remote() for o in actor_options(plan, [n["NodeID"] for n in alive])]
+        found = sorted(ray.get([actor.where.remote() for actor in actors]), key=lambda w: w[1])
+        by_cpus = sorted(((n["NodeID"], n["Resources"]["CPU"], str(int(n["Resources"]["CPU"]))) for n in alive), key=lambda w: w[1])
+        assert found == by_cpus  # one actor on each node, holding all of its CPUs
     finally:
         ray.shutdown()
         cluster.shutdown()

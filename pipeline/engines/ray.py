@@ -32,40 +32,53 @@ _SOURCE_KEYS = ("source", "source_sha256")  # run config keys that are not Extra
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """How many actors, and the CPUs and GPUs each one asks Ray for."""
+    """The actors to start: each one's node (an index into the planned nodes, or None: wherever Ray fits it) and CPUs; GPUs each."""
 
-    workers: int
-    cpus: int
+    actors: tuple  # ((node index or None, CPUs), ...)
     gpus: float
+
+    @property
+    def workers(self):
+        return len(self.actors)
+
+    @property
+    def cpus(self):
+        """The CPUs of the smallest actor (all have the same unless planned node by node)."""
+        return min(cpus for _, cpus in self.actors)
 
 
 def plan_workers(nodes, workers=None, cpus_per_worker=None, gpus_per_worker=None):
     """The WorkerPlan for alive Ray `nodes`, given as (CPUs, GPUs) pairs; None means the default.
 
     GPUs: one worker per `gpus_per_worker` (default 1 when any node has a GPU, else 0: CPU
-    workers). CPUs per worker default to a GPU node's CPUs shared among its workers (decoding
-    needs them), or for CPU workers to a whole node's CPUs (each worker already uses every core
-    it gets and holds its own model). With `workers` given, CPUs are the most that let them fit.
-    Every worker must fit on a node as the cluster is now.
+    workers). By default the plan goes node by node: a GPU node gets as many workers as its GPUs
+    allow, sharing its CPUs (decoding needs them); a CPU node gets one worker with all its CPUs
+    (each worker already uses every core it gets and holds its own model). With `workers` or
+    `cpus_per_worker` given, every worker gets the same CPUs: the given ones, or the most that
+    let `workers` fit. Every worker must fit on a node as the cluster is now.
     """
     gpus = gpus_per_worker if gpus_per_worker is not None else (1 if any(g > 0 for _, g in nodes) else 0)
     if gpus > 0 and not any(g > 0 for _, g in nodes):
         raise PipelineError(f"--gpus-per-worker {gpus:g} needs GPUs, but the Ray cluster has none; pass --gpus-per-worker 0 for CPU workers")
-    # (CPUs, worker slots the GPUs allow; None = unlimited) of each node a worker can use
-    usable = [(int(c), math.floor(g / gpus + 1e-9) if gpus else None) for c, g in nodes if c >= 1]
-    usable = [(c, slots) for c, slots in usable if slots != 0]
+    # (node index, CPUs, worker slots the GPUs allow; None = unlimited) of each node a worker can use
+    usable = [(i, int(c), math.floor(g / gpus + 1e-9) if gpus else None) for i, (c, g) in enumerate(nodes) if c >= 1]
+    usable = [(i, c, slots) for i, c, slots in usable if slots != 0]
     if not usable:
         raise PipelineError(f"--gpus-per-worker {gpus:g} is more than any Ray node has (at most {max(g for _, g in nodes):g} GPUs)")
+    if workers is None and cpus_per_worker is None:
+        actors = []
+        for index, c, slots in usable:
+            count = 1 if slots is None else min(slots, c)
+            actors += [(index, c // count)] * count
+        return WorkerPlan(tuple(actors), gpus)
 
     def fit(cpus):
-        return sum(c // cpus if slots is None else min(slots, c // cpus) for c, slots in usable)
+        return sum(c // cpus if slots is None else min(slots, c // cpus) for _, c, slots in usable)
 
-    most = max(c for c, _ in usable)
+    most = max(c for _, c, _ in usable)
     cpus = cpus_per_worker
-    if cpus is None and workers is not None:
+    if cpus is None:
         cpus = next((n for n in range(most, 0, -1) if fit(n) >= workers), 1)
-    elif cpus is None:
-        cpus = min(c // slots if slots else c for c, slots in usable) or 1
     if cpus > most:
         raise PipelineError(f"--cpus-per-worker {cpus} is more than any Ray node has (at most {most} CPUs)")
     workers = workers or fit(cpus)
@@ -75,7 +88,31 @@ def plan_workers(nodes, workers=None, cpus_per_worker=None, gpus_per_worker=None
             f"--workers {workers} with {each} each do not fit in the Ray cluster ({fit(cpus)} fit on its "
             f"{len(nodes)} node(s)); lower --workers or --cpus-per-worker"
         )
-    return WorkerPlan(workers, cpus, gpus)
+    return WorkerPlan(((None, cpus),) * workers, gpus)
+
+
+def actor_options(plan, node_ids):
+    """The Ray options of each planned actor; `node_ids` are the planned nodes' Ray node ids.
+
+    An actor planned for a node prefers it (a soft affinity, so that Ray can restart it on
+    another node if that one goes away); its TensorFlow pools are sized to its own CPUs.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options = []
+    for node, cpus in plan.actors:
+        env = {
+            "TF_NUM_INTRAOP_THREADS": str(cpus),  # TensorFlow's pools sized to the CPUs Ray gave, not the node's
+            "TF_NUM_INTEROP_THREADS": str(cpus),
+            "HDF5_USE_FILE_LOCKING": os.environ.get("HDF5_USE_FILE_LOCKING", "FALSE"),  # as h5py advises on NFS
+        }
+        if not plan.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker on a GPU node stays off the GPUs
+        option = {"num_cpus": cpus, "num_gpus": plan.gpus, "max_restarts": -1, "max_task_retries": 0, "runtime_env": {"env_vars": env}}
+        if node is not None:
+            option["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_ids[node], soft=True)
+        options.append(option)
+    return options
 
 
 @dataclass(frozen=True)
@@ -170,20 +207,12 @@ class RayEngine:
     def start(self, config, eager=False):
         """Connect to Ray, start the actors and build their models; return their (agreed) WorkerSummary."""
         ray = self._ray = self._stack.enter_context(ray_cluster.connected(self.address))
-        nodes = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]]
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        nodes = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in alive]
         self.plan = plan_workers(nodes, self.workers, self.cpus_per_worker, self.gpus_per_worker)
-        threads = str(self.plan.cpus)
-        env = {
-            "TF_NUM_INTRAOP_THREADS": threads,  # TensorFlow's pools sized to the CPUs Ray gave, not the node's
-            "TF_NUM_INTEROP_THREADS": threads,
-            "HDF5_USE_FILE_LOCKING": os.environ.get("HDF5_USE_FILE_LOCKING", "FALSE"),  # as h5py advises on NFS
-        }
-        if not self.plan.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker on a GPU node stays off the GPUs
-        actor_class = ray.remote(ShardActor).options(
-            num_cpus=self.plan.cpus, num_gpus=self.plan.gpus, max_restarts=-1, max_task_retries=0, runtime_env={"env_vars": env},
-        )
-        self._actors = [actor_class.remote(config, eager) for _ in range(self.plan.workers)]
+        actor_class = ray.remote(ShardActor)
+        options = actor_options(self.plan, [n["NodeID"] for n in alive])
+        self._actors = [actor_class.options(**option).remote(config, eager) for option in options]
         summaries = self._get([actor.start.remote() for actor in self._actors], "building its model")
         problem = disagreement(summaries)
         if problem:
@@ -202,10 +231,13 @@ class RayEngine:
 
     def close(self):
         """Stop the actors, and the Ray this engine started (a Ray it found running is left running)."""
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors = []
-        self._stack.close()
+        actors, self._actors = self._actors, []
+        try:
+            for actor in actors:
+                with contextlib.suppress(Exception):  # a lost head or a dead actor must not keep the others (or Ray) running
+                    self._ray.kill(actor)
+        finally:
+            self._stack.close()
 
     def _get(self, refs, doing):
         ray = self._ray

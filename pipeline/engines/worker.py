@@ -6,6 +6,7 @@ writer. The forward pass runs on the calling thread over a prefetched tf.data st
 shards go to a one-thread background writer so HDF5 writing overlaps compute.
 """
 
+import collections
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -167,19 +168,38 @@ class _ShardAssembler:
                 self._flush()
 
     def _compute(self, indices, images):
-        """Features of one batch; the shard's first batch also gets the fidelity check."""
+        """Features of one batch, as they will be stored; the shard's first batch also gets the fidelity check.
+
+        Both what the model computed and its cast to the storage dtype must be finite: float16
+        holds nothing above 65504, which the float32 pooling can exceed.
+        """
         features = self.worker._runner(images)
+        dtype = np.dtype(self.config.storage_dtype)
         for key, values in features.items():
-            bad = ~np.isfinite(values).all(axis=1)
-            if bad.any():
-                record = self._record(indices[np.flatnonzero(bad)[0]])
+            record = self._first_non_finite(indices, values)
+            if record is not None:
                 raise PipelineError(
                     f"{self.config.precision} gives non-finite features (NaN or Inf) for {record.id} at tap {key}; "
                     "rerun with --precision float32"
                 )
         if self.fidelity is None:
             self.fidelity = self.worker._runner.fidelity(images, features)
-        return features
+        with np.errstate(over="ignore"):  # an overflow is found below, and named
+            stored = {key: values.astype(dtype, copy=False) for key, values in features.items()}
+        for key, values in stored.items():
+            record = self._first_non_finite(indices, values)
+            if record is not None:
+                largest = float(np.abs(features[key][~np.isfinite(values)]).max())
+                raise PipelineError(
+                    f"--storage-dtype {dtype} cannot hold the features of {record.id} at tap {key} (values up to "
+                    f"{largest:.4g}, more than {dtype}'s largest {float(np.finfo(dtype).max):g}); rerun with --storage-dtype float32"
+                )
+        return stored
+
+    def _first_non_finite(self, indices, values):
+        """The record of the first row of `values` with a NaN or Inf, or None."""
+        bad = ~np.isfinite(values).all(axis=1)
+        return self._record(indices[np.flatnonzero(bad)[0]]) if bad.any() else None
 
     def _record(self, index):
         job = int(np.searchsorted(self.offsets, index, side="right")) - 1
@@ -221,8 +241,19 @@ class _ShardAssembler:
         self.writer.submit(job.index, data)
 
     def _fallback(self, missing):
-        """Decode what TensorFlow could not; return (indices, features) and error entries."""
-        rescued, pictures, errors = [], [], []
+        """Decode what TensorFlow could not; return (indices, features) and error entries.
+
+        Pictures are decoded, computed and dropped `batch_size` at a time, so a shard that only
+        Pillow can read holds one batch of pictures, not the whole shard. The batches are the
+        same as decoding all first and then computing would give, so the features are too.
+        """
+        batch, rescued, pictures, outputs, errors = self.config.batch_size, [], [], [], []
+
+        def compute():
+            indices = np.array(rescued[len(rescued) - len(pictures) :], np.int64)
+            outputs.append(self._compute(indices, tf.stack(pictures)))
+            pictures.clear()
+
         for index in missing:
             record = self._record(index)
             try:
@@ -236,36 +267,41 @@ class _ShardAssembler:
                 continue
             rescued.append(index)
             pictures.append(resize_image(tf.constant(pixels), self.config.image_size, self.config.resize))
+            del pixels
+            if len(pictures) == batch:
+                compute()
+        if pictures:
+            compute()
         if not rescued:
             return None, errors
-        batch = self.config.batch_size
-        indices = np.array(rescued, np.int64)
-        outputs = [self._compute(indices[i : i + batch], tf.stack(pictures[i : i + batch])) for i in range(0, len(pictures), batch)]
         features = {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
-        return (indices, features), errors
+        return (np.array(rescued, np.int64), features), errors
 
 
 class _ShardWriter:
     """One background thread writing finished shards; at most a few wait in memory.
 
     A failed write stops the run at the next batch (`raise_failure`), not after every image.
+    Only the writes not yet checked are kept, so checking after every batch costs the same
+    however many shards the run has written.
     """
 
     def __init__(self, out_dir, run, storage_dtype):
         self.out_dir, self.run, self.storage_dtype = out_dir, run, storage_dtype
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self.futures = {}
+        self.submitted = set()  # shard indices handed to the writer
+        self.pending = collections.deque()  # their futures not yet seen to succeed, in submission (= completion) order
 
     def has(self, shard):
-        return shard in self.futures
+        return shard in self.submitted
 
     def submit(self, shard, data):
         self.raise_failure()
-        waiting = [f for f in self.futures.values() if not f.done()]
-        if len(waiting) >= _MAX_PENDING_WRITES:
-            waiting[0].result()
+        if len(self.pending) >= _MAX_PENDING_WRITES:
+            self.pending[0].result()
             self.raise_failure()
-        self.futures[shard] = self.pool.submit(self._write, shard, data)
+        self.submitted.add(shard)
+        self.pending.append(self.pool.submit(self._write, shard, data))
 
     def _write(self, shard, data):
         path = self.out_dir / shards.shard_filename(shard)
@@ -277,9 +313,12 @@ class _ShardWriter:
             )
 
     def raise_failure(self):
-        for future in self.futures.values():
-            if future.done() and future.exception() is not None:
-                raise future.exception()
+        """Raise the error of a finished write that failed; forget the ones that succeeded."""
+        while self.pending and self.pending[0].done():
+            error = self.pending[0].exception()
+            if error is not None:
+                raise error
+            self.pending.popleft()
 
     def __enter__(self):
         return self
@@ -287,5 +326,5 @@ class _ShardWriter:
     def __exit__(self, *exc):
         self.pool.shutdown(wait=True)
         if exc[0] is None:
-            for future in self.futures.values():
+            for future in self.pending:
                 future.result()  # surface a failed write

@@ -1,0 +1,85 @@
+"""Atomic writes that survive a power loss: the new bytes are fsynced before the rename, the directory after."""
+
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import files, shards
+
+
+@pytest.fixture
+def disk_log(monkeypatch):
+    """Every fsync (as the path its descriptor names) and every rename, in order."""
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("rename", os.fspath(src), os.fspath(dst)))
+        real_replace(src, dst, *args, **kwargs)
+
+    def rename(src, dst, *args, **kwargs):
+        events.append(("rename", os.fspath(src), os.fspath(dst)))
+        real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    return events
+
+
+def assert_durable(events, path, synced=()):
+    """`path` was renamed into place after its temp (and `synced`, relative to it) were fsynced, and its directory after."""
+    path = str(path)
+    renames = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == path]
+    assert renames, f"{path} was never renamed into place: {events}"
+    rename = renames[-1]
+    tmp = events[rename][1]
+    before = {e[1] for e in events[:rename] if e[0] == "fsync"}
+    assert tmp in before, f"{tmp} renamed onto {path} without an fsync first: {events}"
+    for name in synced:
+        assert os.path.join(tmp, name) in before, f"{name} in {tmp} was not fsynced before the rename: {events}"
+    after = [e[1] for e in events[rename + 1 :] if e[0] == "fsync"]
+    assert os.path.dirname(path) in after, f"the directory of {path} was not fsynced after the rename: {events}"
+
+
+def test_a_shard_and_the_manifest_are_fsynced_before_the_rename_and_their_directory_after(tmp_path, disk_log):
+    data = shards.ShardData(["a", "b"], np.array([0, 1], np.int32), ["", ""], {"vgg16/block1_pool": np.ones((2, 3), np.float32)})
+    shards.write_shard(tmp_path / "shard-00000.h5", data, index=0, config_sha256="abc", config={})
+    assert_durable(disk_log, tmp_path / "shard-00000.h5")
+    disk_log.clear()
+    shards.write_manifest(tmp_path, {"format": "x"})
+    assert_durable(disk_log, tmp_path / "manifest.json")
+    assert shards.read_shard(tmp_path / "shard-00000.h5").ids == ["a", "b"]
+
+
+def test_every_atomic_writer_is_durable(tmp_path, disk_log):
+    with files.atomic_path(tmp_path / "leaderboard.csv") as tmp:
+        tmp.write_text("a,b\n")
+    assert_durable(disk_log, tmp_path / "leaderboard.csv")
+
+    for round_ in range(2):  # a new directory, then one that replaces it
+        disk_log.clear()
+        with files.atomic_dir(tmp_path / "reduced") as staging:
+            (staging / "sub").mkdir()
+            (staging / "sub" / "x.bin").write_bytes(b"x" * round_)
+            (staging / "reduce.json").write_text("{}")
+        assert_durable(disk_log, (tmp_path / "reduced").absolute(), synced=("sub/x.bin", "sub", "reduce.json"))
+        assert (tmp_path / "reduced" / "sub" / "x.bin").read_bytes() == b"x" * round_
+    assert files.leftover_temps(tmp_path) == []
+
+
+def test_a_failed_fsync_renames_nothing(tmp_path, monkeypatch):
+    (tmp_path / "manifest.json").write_text("old\n")
+
+    def fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        files.write_json(tmp_path / "manifest.json", {"new": True})
+    assert (tmp_path / "manifest.json").read_text() == "old\n" and files.leftover_temps(tmp_path) == []
