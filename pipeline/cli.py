@@ -7,6 +7,7 @@ commands so that `pipeline --help` stays fast.
 import os
 import signal
 import sys
+import threading
 import time
 
 import click
@@ -17,6 +18,9 @@ from pipeline.bench import STAGES as BENCH_STAGES
 from pipeline.errors import PipelineError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info logs off the user's screen
+
+
+REDELIVERY_DELAY_S = 0.1  # after the unraisable hook has returned
 
 
 class Terminated(BaseException):
@@ -50,8 +54,31 @@ def cli():
     """Extract frozen CNN features once, then reduce and train many small heads on them."""
 
 
-def main():
+def _redeliver_swallowed_interrupts(unraisable):
+    """Send an interrupt again when it was raised where Python ignores exceptions (a __del__, a GC callback).
+
+    Without this, a SIGTERM or Ctrl-C that lands in such a place is printed and lost, and the
+    command runs on to exit 0. It is sent a moment later from a timer thread, because a signal
+    that arrives while the hook runs is handled inside the hook and lost again; this way the main
+    thread raises it at its next ordinary line.
+    """
+    for kind, signum in ((Terminated, signal.SIGTERM), (KeyboardInterrupt, signal.SIGINT)):
+        if isinstance(unraisable.exc_value, kind):
+            resend = threading.Timer(REDELIVERY_DELAY_S, os.kill, args=(os.getpid(), signum))
+            resend.daemon = True
+            resend.start()
+            return
+    sys.__unraisablehook__(unraisable)
+
+
+def install_interrupt_handlers():
+    """SIGTERM raises Terminated; an interrupt swallowed by a __del__ or GC callback is sent again."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    sys.unraisablehook = _redeliver_swallowed_interrupts
+
+
+def main():
+    install_interrupt_handlers()
     cli(prog_name="pipeline")
 
 
