@@ -142,7 +142,7 @@ EXTRACT_KEYS = (
 @click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out.")
 @click.option("--num-workers", type=click.IntRange(min=1), help="Job arrays: this task computes only shards k with k % N == --worker-index and writes no manifest. Default: $SLURM_ARRAY_TASK_COUNT, else 1.")
 @click.option("--worker-index", type=click.IntRange(min=0), help="Job arrays: this task's index, 0..N-1. Default: from $SLURM_ARRAY_TASK_ID (minus $SLURM_ARRAY_TASK_MIN, over $SLURM_ARRAY_TASK_STEP).")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(("local", "ray")), help="Run shards in this process, or on Ray actors (several GPUs or machines).")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(cfg.ENGINES), help="Run shards in this process, or on Ray actors (several GPUs or machines).")
 @click.option("--ray-address", help="--engine ray: `auto` or HOST:PORT of a running Ray cluster. Default: $RAY_ADDRESS, else start a local Ray on this machine.")
 @click.option("--workers", type=click.IntRange(min=1), help="--engine ray: actors to start. Default: one per --gpus-per-worker GPUs Ray sees, else one per --cpus-per-worker CPUs.")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), help="--engine ray: CPUs per actor (decoding, TensorFlow threads). Default: a GPU node's CPUs shared among its actors; without GPUs, a whole node's, or the most that fit --workers.")

@@ -125,6 +125,10 @@ class _Config:
         return sha256_json({key: value for key, value in self.to_dict().items() if key not in self._UNHASHED})
 
 
+# Keys of a recorded run config (shard attrs, manifest) that describe the listed images, not the extraction.
+SOURCE_KEYS = ("source", "source_sha256")
+
+
 @dataclass(frozen=True)
 class ExtractConfig(_Config):
     """Everything that decides the bytes stage one writes."""
@@ -165,6 +169,21 @@ class ExtractConfig(_Config):
     def backbones(self):
         return tuple(b for b in BACKBONES if any(tap_backbone(t) == b for t in self.taps))
 
+    @classmethod
+    def from_run(cls, recorded: dict, where: str, **changes) -> "ExtractConfig":
+        """The config a run records (a shard's or manifest's `config`: these fields plus SOURCE_KEYS), with `changes` applied.
+
+        A setting added after the run was made takes its default, which by design keeps the old
+        behaviour; a setting this version does not know cannot be rebuilt (`where` names the record).
+        """
+        settings = {key: value for key, value in recorded.items() if key not in SOURCE_KEYS}
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise PipelineError(
+                f"{where} records extraction settings this version does not know ({', '.join(unknown)}); "
+                "use the pipeline version that made the features"
+            )
+        return cls(**{**settings, **changes})
 
 
 def _check_choice(name, value, allowed):

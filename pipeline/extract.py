@@ -26,7 +26,6 @@ from pipeline.sources import Listing
 
 FIDELITY_THRESHOLD = 0.99  # min cosine vs float32 below which a reduced-precision run warns
 LOCK_NAME = ".pipeline.lock"  # in the features dir: one writer at a time (job-array tasks share it)
-_SOURCE_KEYS = ("source", "source_sha256")  # run config keys that describe the images, not the extraction
 _AUTO = {"precision": "auto", "xla": None}  # requested values that any resolved value satisfies
 _SPACE_MARGIN = 1.1  # free disk space wanted beyond the estimated size of the pending shards
 # Listings this small run the model eagerly: tracing costs ~2 s, eager calls ~0.1 s more per 224 px image (2 CPU cores).
@@ -106,7 +105,7 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
     if not pending:  # a job-array task whose shards are all done, while others' are not
         return ExtractResult(None, out_dir, written=0, skipped=len(ranges), up_to_date=True)
 
-    to_run = _run_config_to_extract(existing.config, config) if resumed else config
+    to_run = _run_config_to_extract(existing.config, config, out_dir) if resumed else config
     from pipeline.engines import RunIdentity, ShardJob, make_engine  # the local engine loads TensorFlow, once there is something to compute
 
     engine = make_engine(engine_name, **engine_options)
@@ -194,10 +193,9 @@ def _same_run(recorded, config, source_sha256):
     )
 
 
-def _run_config_to_extract(recorded, config):
+def _run_config_to_extract(recorded, config, out_dir):
     """The recorded run's resolved config, to finish it exactly as it began (with this call's on_error)."""
-    settings = {key: value for key, value in recorded.items() if key not in _SOURCE_KEYS}
-    return dataclasses.replace(ExtractConfig(**settings), on_error=config.on_error)
+    return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error)
 
 
 def _differences(recorded, config, source_sha256, out_dir, listing, ranges):

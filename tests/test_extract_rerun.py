@@ -1,0 +1,40 @@
+"""Stage one into a used --out: what the shards, the manifest and the flags decide on a rerun."""
+
+import json
+
+import h5py
+import pytest
+
+from pipeline import shards
+from pipeline.config import ExtractConfig
+from pipeline.errors import PipelineError
+
+SMALL_TAPS = ["--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
+FAST = ["--weights", "random", "--image-size", "32", *SMALL_TAPS]
+
+
+def edit_shard_config(path, **changes):
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["config"])
+        f.attrs["config"] = json.dumps({**config, **changes}, sort_keys=True)
+
+
+def test_a_run_config_is_rebuilt_from_its_record_and_unknown_settings_are_one_sentence():
+    config = ExtractConfig(taps=("vgg16/block1_pool",), image_size=32)
+    record = {**config.to_dict(), "source": "/images", "source_sha256": "0" * 64}
+    assert ExtractConfig.from_run(record, "r") == config
+    assert ExtractConfig.from_run(record, "r", pooling="max").pooling == "max"
+    with pytest.raises(PipelineError, match=r"^r records extraction settings this version does not know \(colour\); use the pipeline"):
+        ExtractConfig.from_run({**record, "colour": "red"}, "r")
+
+
+def test_resuming_shards_that_record_a_setting_this_version_does_not_know_is_one_sentence(tmp_path, image_tree, run_cli):
+    root, out = image_tree(), tmp_path / "f"
+    args = [*FAST, "--shard-size", 4]
+    run_cli("extract", root, "--out", out, *args)
+    (out / "manifest.json").unlink()
+    (out / "shard-00001.h5").unlink()
+    edit_shard_config(out / "shard-00000.h5", future_knob=1)
+    result = run_cli("extract", root, "--out", out, *args, code=1)
+    assert f"Error: a shard in {out} records extraction settings this version does not know (future_knob)" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
