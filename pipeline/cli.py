@@ -139,7 +139,7 @@ EXTRACT_KEYS = (
 @click.option("--shard-size", default=_EXTRACT.shard_size, show_default=True, type=click.IntRange(min=1), help="Listed images per HDF5 shard.")
 @click.option("--storage-dtype", default=_EXTRACT.storage_dtype, show_default=True, type=click.Choice(cfg.STORAGE_DTYPES), help="Dtype of the stored features.")
 @click.option("--on-error", default=_EXTRACT.on_error, show_default=True, type=click.Choice(cfg.ON_ERROR), help="An undecodable image: record it and go on, or stop.")
-@click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out (refused in a job-array task).")
 @click.option("--num-workers", type=click.IntRange(min=1), help="Job arrays: this task computes only shards k with k % N == --worker-index and writes no manifest. Default: $SLURM_ARRAY_TASK_COUNT, else 1.")
 @click.option("--worker-index", type=click.IntRange(min=0), help="Job arrays: this task's index, 0..N-1. Default: from $SLURM_ARRAY_TASK_ID (minus $SLURM_ARRAY_TASK_MIN, over $SLURM_ARRAY_TASK_STEP); outside a Slurm array, required with --num-workers above 1.")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(cfg.ENGINES), help="Run shards in this process, or on Ray actors (several GPUs or machines).")

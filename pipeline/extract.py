@@ -78,6 +78,11 @@ def extract(
     parse_weights(config.weights, config.backbones, config.seed)  # a bad spec fails before the directory is touched
     if not 0 <= worker_index < num_workers:
         raise PipelineError(f"worker index {worker_index} must be in 0..{num_workers - 1} for {num_workers} workers")
+    if overwrite and num_workers > 1:  # each task would delete the shards the others had written
+        raise PipelineError(
+            f"--overwrite is refused in a job-array task (here task {worker_index} of {num_workers}), whose tasks would "
+            f"delete each other's shards; replace the old features with a plain run first, or delete {out_dir}, then run the array"
+        )
     progress = progress or _NoProgress()
     out_dir = make_dir(out_dir, "--out")
     with locked(out_dir / LOCK_NAME, f"features directory {out_dir}", shared=num_workers > 1):
@@ -122,7 +127,7 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
         if resumed:
             _check_same_weights(out_dir, done, worker.weights)
         elif existing is not None:  # --overwrite, now that the new run is known to load
-            _remove_outputs(out_dir)
+            _remove_outputs(out_dir, shards.existing_shards(out_dir))
         if num_workers == 1:
             _remove_leftovers(out_dir)
         _check_space(out_dir, ranges, pending, worker.taps, resolved.storage_dtype)
@@ -334,11 +339,11 @@ def _check_same_weights(out_dir, done, weights):
             check_fingerprints(weights, recorded)
 
 
-def _remove_outputs(out_dir):
-    """Delete a previous run's manifest (first, so it is never stale) and shards."""
+def _remove_outputs(out_dir, shard_paths):
+    """Delete a previous run's manifest (first, so it is never stale) and its shards; one already gone is fine."""
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    for path in shards.existing_shards(out_dir):
-        path.unlink()
+    for path in shard_paths:
+        path.unlink(missing_ok=True)
 
 
 def _check_space(out_dir, ranges, pending, taps, storage_dtype):

@@ -38,3 +38,28 @@ def test_resuming_shards_that_record_a_setting_this_version_does_not_know_is_one
     result = run_cli("extract", root, "--out", out, *args, code=1)
     assert f"Error: a shard in {out} records extraction settings this version does not know (future_knob)" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def outputs(out):
+    """Every file of a features dir but the lock, by name."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".pipeline.lock"}
+
+
+def test_overwrite_is_refused_in_a_job_array_task_and_nothing_is_deleted(tmp_path, image_tree, run_cli):
+    root, out = image_tree(), tmp_path / "f"
+    run_cli("extract", root, "--out", out, *FAST, "--shard-size", 2)
+    before = outputs(out)
+    result = run_cli("extract", root, "--out", out, *FAST, "--shard-size", 2, "--pooling", "max", "--overwrite",
+                     "--num-workers", 2, "--worker-index", 1, code=1)
+    assert "Error: --overwrite is refused in a job-array task (here task 1 of 2)" in result.output
+    assert f"replace the old features with a plain run first, or delete {out}" in result.output
+    assert outputs(out) == before
+
+
+def test_removing_the_old_outputs_tolerates_a_shard_already_gone(tmp_path):
+    from pipeline.extract import _remove_outputs
+
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "shard-00000.h5").write_bytes(b"old")
+    _remove_outputs(tmp_path, [tmp_path / "shard-00000.h5", tmp_path / "shard-00001.h5"])
+    assert list(tmp_path.iterdir()) == []
