@@ -106,7 +106,7 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
     done = _finished(out_dir, existing.config_sha256, len(ranges)) if resumed else set()
     if resumed and len(done) == len(ranges):
         return _finish_without_computing(existing, listing, len(ranges), out_dir, progress, expected_weights, num_workers > 1, started)
-    pending = [k for k in range(len(ranges)) if k not in done and k % num_workers == worker_index]
+    pending = {k for k in range(len(ranges)) if k not in done and k % num_workers == worker_index}
     if not pending:  # a job-array task whose shards are all done, while others' are not
         return ExtractResult(None, out_dir, written=0, skipped=len(ranges), up_to_date=True)
 
@@ -131,8 +131,8 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
         if num_workers == 1:
             _remove_leftovers(out_dir)
         _check_space(out_dir, ranges, pending, worker.taps, resolved.storage_dtype)
-        progress.start(sum(stop - start for k, (start, stop) in enumerate(ranges) if k in pending or k in done), _images(ranges, done))
-        jobs = [ShardJob(k, listing.records[slice(*ranges[k])]) for k in pending]
+        progress.start(_images(ranges, pending | done), _images(ranges, done))
+        jobs = [ShardJob(k, listing.records[slice(*ranges[k])]) for k in sorted(pending)]
         engine.run(jobs, RunIdentity(run.config_sha256, run.config, worker.weights, worker.taps), out_dir, progress)
         if num_workers == 1:
             _remove_leftovers(out_dir)  # a worker killed while writing (a Ray actor) leaves its temp file

@@ -63,3 +63,38 @@ def test_removing_the_old_outputs_tolerates_a_shard_already_gone(tmp_path):
     (tmp_path / "shard-00000.h5").write_bytes(b"old")
     _remove_outputs(tmp_path, [tmp_path / "shard-00000.h5", tmp_path / "shard-00001.h5"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_planning_many_shards_takes_time_linear_in_them(tmp_path, monkeypatch):
+    """Regression: `k in pending` on a list made planning quadratic (30,000 shards took about 7 s)."""
+    import time
+    from types import SimpleNamespace
+
+    from pipeline.extract import extract
+    from pipeline.sources import ImageRecord, Listing
+
+    count = 30_000
+    records = tuple(ImageRecord(f"{i:06d}.png", f"/nowhere/{i:06d}.png", -1, "", 1, 1) for i in range(count))
+    seen = {}
+
+    class Planned(Exception):
+        pass
+
+    class Engine:
+        def start(self, config, eager=False):
+            return SimpleNamespace(config=config, weights={}, taps=[{"key": "vgg16/block1_pool", "dim": 1}])
+
+        def run(self, jobs, run, out_dir, progress):
+            seen["jobs"], seen["seconds"] = len(jobs), time.perf_counter() - started
+            raise Planned()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("pipeline.engines.make_engine", lambda *a, **k: Engine())
+    config = ExtractConfig(taps=("vgg16/block1_pool",), shard_size=1, weights="random")
+    started = time.perf_counter()
+    with pytest.raises(Planned):
+        extract(config, Listing(str(tmp_path), records, ()), tmp_path / "f")
+    assert seen["jobs"] == count
+    assert seen["seconds"] < 2, seen  # about 0.2 s here
