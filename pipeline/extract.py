@@ -126,11 +126,13 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
             check_fingerprints(worker.weights, expected_weights)
         if resumed:
             _check_same_weights(out_dir, done, worker.weights)
-        elif existing is not None:  # --overwrite, now that the new run is known to load
-            _remove_outputs(out_dir, shards.existing_shards(out_dir))
         if num_workers == 1:
             _remove_leftovers(out_dir)
-        _check_space(out_dir, ranges, pending, worker.taps, resolved.storage_dtype)
+        overwriting = existing is not None and not resumed
+        replaced = [out_dir / MANIFEST_NAME, *shards.existing_shards(out_dir)] if overwriting else []
+        _check_space(out_dir, ranges, pending, worker.taps, resolved.storage_dtype, freeable=_bytes(replaced))
+        if overwriting:  # only now that the new run is known to load and to fit
+            _remove_outputs(out_dir, replaced[1:])
         progress.start(_images(ranges, pending | done), _images(ranges, done))
         jobs = [ShardJob(k, listing.records[slice(*ranges[k])]) for k in sorted(pending)]
         engine.run(jobs, RunIdentity(run.config_sha256, run.config, worker.weights, worker.taps), out_dir, progress)
@@ -346,13 +348,28 @@ def _remove_outputs(out_dir, shard_paths):
         path.unlink(missing_ok=True)
 
 
-def _check_space(out_dir, ranges, pending, taps, storage_dtype):
-    """Fail before computing when the pending shards cannot fit on the output's filesystem."""
+def _check_space(out_dir, ranges, pending, taps, storage_dtype, freeable=0):
+    """Fail before computing when the pending shards cannot fit on the output's filesystem.
+
+    `freeable` bytes (the old outputs --overwrite replaces, still on disk) count as free.
+    """
     row_bytes = sum(tap["dim"] for tap in taps) * np.dtype(storage_dtype).itemsize + 256  # plus ids and bookkeeping
     needed = int(_images(ranges, pending) * row_bytes * _SPACE_MARGIN)
     free = shutil.disk_usage(out_dir).free
-    if needed > free:
+    if needed > free + freeable:
+        also = f" (plus {freeable / 2**20:,.0f} MiB the old features would free)" if freeable else ""
         raise PipelineError(
-            f"{len(pending)} shards need about {needed / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB are free "
+            f"{len(pending)} shards need about {needed / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB are free{also} "
             f"where {out_dir} is; free space (or use another --out) and rerun"
         )
+
+
+def _bytes(paths):
+    """The total size of the files at `paths` (one already gone counts 0)."""
+    total = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total

@@ -98,3 +98,31 @@ def test_planning_many_shards_takes_time_linear_in_them(tmp_path, monkeypatch):
         extract(config, Listing(str(tmp_path), records, ()), tmp_path / "f")
     assert seen["jobs"] == count
     assert seen["seconds"] < 2, seen  # about 0.2 s here
+
+
+def fake_free_space(monkeypatch, free):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("pipeline.extract.shutil.disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+
+
+def test_overwrite_without_room_for_the_new_features_keeps_the_old_ones(tmp_path, image_tree, run_cli, monkeypatch):
+    root, out = image_tree(), tmp_path / "f"
+    run_cli("extract", root, "--out", out, *FAST)
+    before = outputs(out)
+    fake_free_space(monkeypatch, 100)
+    monkeypatch.setattr("pipeline.extract._SPACE_MARGIN", 1000.0)  # the new features outgrow even the old ones' room
+    result = run_cli("extract", root, "--out", out, *FAST, "--pooling", "max", "--overwrite", code=1)
+    assert "MiB the old features would free) where" in result.output and "free space (or use another --out)" in result.output
+    assert outputs(out) == before
+
+
+def test_the_space_check_counts_what_overwrite_frees(tmp_path, monkeypatch):
+    from pipeline.extract import _check_space
+
+    fake_free_space(monkeypatch, 2**20)
+    taps, ranges = [{"dim": 1000}], [(0, 1000)]  # 1000 rows x 4256 bytes x 1.1: about 4.5 MiB
+    with pytest.raises(PipelineError, match=r"^1 shards need about 4 MiB but only 1 MiB are free where"):
+        _check_space(tmp_path, ranges, {0}, taps, "float32")
+    _check_space(tmp_path, ranges, {0}, taps, "float32", freeable=4 * 2**20)  # 5 MiB with the old features'
