@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import shards
 from pipeline.config import ExtractConfig, parse_weights, sha256_json
 from pipeline.errors import PipelineError
-from pipeline.files import leftover_temps, locked, make_dir, remove
+from pipeline.files import _TEMP_PATTERN as TEMP_PATTERN, leftover_temps, locked, make_dir, remove
 from pipeline.lineage import MANIFEST_NAME, check_fingerprints
 from pipeline.sources import Listing
 
@@ -96,16 +96,17 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
     num_workers, worker_index = array
     source_sha256 = listing.fingerprint()
     ranges = [(start, min(start + config.shard_size, len(listing.records))) for start in range(0, len(listing.records), config.shard_size)]
-    existing = _existing_run(out_dir)
+    snapshot = _snapshot(out_dir)
+    existing = _existing_run(out_dir, snapshot)
     resumed = existing is not None and _same_run(existing.config, config, source_sha256)
     if existing is not None and not resumed and not overwrite:
         raise PipelineError(
-            f"{out_dir} holds features of a different run ({_differences(existing.config, config, source_sha256, out_dir, listing, ranges)}); "
+            f"{out_dir} holds features of a different run ({_differences(existing.config, config, source_sha256, snapshot.shards, listing, ranges)}); "
             "use another --out or pass --overwrite"
         )
     done = _finished(out_dir, existing.config_sha256, len(ranges)) if resumed else set()
     if resumed and len(done) == len(ranges):
-        return _finish_without_computing(existing, listing, len(ranges), out_dir, progress, expected_weights, num_workers > 1, started)
+        return _finish_without_computing(existing, snapshot, listing, len(ranges), out_dir, progress, expected_weights, num_workers > 1, started)
     pending = {k for k in range(len(ranges)) if k not in done and k % num_workers == worker_index}
     if not pending:  # a job-array task whose shards are all done, while others' are not
         return ExtractResult(None, out_dir, written=0, skipped=len(ranges), up_to_date=True)
@@ -129,7 +130,7 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
         if num_workers == 1:
             _remove_leftovers(out_dir)
         overwriting = existing is not None and not resumed
-        replaced = [out_dir / MANIFEST_NAME, *shards.existing_shards(out_dir)] if overwriting else []
+        replaced = [out_dir / MANIFEST_NAME, *snapshot.shards] if overwriting else []
         _check_space(out_dir, ranges, pending, worker.taps, resolved.storage_dtype, freeable=_bytes(replaced))
         if overwriting:  # only now that the new run is known to load and to fit
             _remove_outputs(out_dir, replaced[1:])
@@ -165,7 +166,29 @@ def _images(ranges, indices):
     return sum(ranges[k][1] - ranges[k][0] for k in indices)
 
 
-def _existing_run(out_dir):
+@dataclass(frozen=True)
+class _Snapshot:
+    """One listing of the output directory, its names sorted by kind."""
+
+    shards: list  # paths of finished shard files, by name
+    temps: list  # paths of this tool's temp files (a writer's, or a killed one's)
+    others: list  # names of everything else but the lock and the manifest
+
+
+def _snapshot(out_dir):
+    """The directory as one listing: a second one could disagree, a job-array task having renamed a temp into a shard."""
+    snapshot = _Snapshot([], [], [])
+    for path in sorted(out_dir.iterdir()):
+        if shards.SHARD_PATTERN.match(path.name):
+            snapshot.shards.append(path)
+        elif TEMP_PATTERN.match(path.name):
+            snapshot.temps.append(path)
+        elif path.name not in (LOCK_NAME, MANIFEST_NAME):
+            snapshot.others.append(path.name)
+    return snapshot
+
+
+def _existing_run(out_dir, snapshot):
     """The run whose outputs `out_dir` holds (from its manifest, else a shard), or None when it holds none.
 
     A directory holding other files and no features is refused: it is not ours to fill.
@@ -176,14 +199,12 @@ def _existing_run(out_dir):
         manifest = None
     if manifest is not None:
         return _Run(manifest["config_sha256"], manifest["config"], manifest)
-    attrs = next(filter(None, map(shards.read_shard_attrs, shards.existing_shards(out_dir))), None)
+    attrs = next(filter(None, map(shards.read_shard_attrs, snapshot.shards)), None)
     if attrs is not None:
         return _Run(attrs["config_sha256"], attrs["config"])
-    ours = {LOCK_NAME, MANIFEST_NAME} | {p.name for p in leftover_temps(out_dir)} | {p.name for p in shards.existing_shards(out_dir)}
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
-    if foreign:
+    if snapshot.others:
         raise PipelineError(
-            f"output directory {out_dir} is not empty and holds no features (it has {foreign[0]}); choose an empty or new directory"
+            f"output directory {out_dir} is not empty and holds no features (it has {snapshot.others[0]}); choose an empty or new directory"
         )
     return None
 
@@ -205,7 +226,7 @@ def _run_config_to_extract(recorded, config, out_dir):
     return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error)
 
 
-def _differences(recorded, config, source_sha256, out_dir, listing, ranges):
+def _differences(recorded, config, source_sha256, shard_paths, listing, ranges):
     wanted = config.to_dict()
     keys = [
         key for key in wanted
@@ -213,12 +234,12 @@ def _differences(recorded, config, source_sha256, out_dir, listing, ranges):
     ]
     if keys:
         return ", ".join(f"{key}: {recorded.get(key)!r} -> {wanted[key]!r}" for key in keys)
-    return _changed_images(out_dir, listing, ranges) or "same settings, other images"
+    return _changed_images(shard_paths, listing, ranges) or "same settings, other images"
 
 
-def _changed_images(out_dir, listing, ranges):
-    """A sentence naming the first listed image that differs from what the shards in `out_dir` were made from."""
-    for path in shards.existing_shards(out_dir):
+def _changed_images(shard_paths, listing, ranges):
+    """A sentence naming the first listed image that differs from what the shards at `shard_paths` were made from."""
+    for path in shard_paths:
         listed = shards.read_listed(path)
         index = int(shards.SHARD_PATTERN.match(path.name).group(1))
         if listed is None:
@@ -254,10 +275,10 @@ def _finished(out_dir, run_sha, count):
     return done
 
 
-def _finish_without_computing(existing, listing, count, out_dir, progress, expected_weights, task, started):
+def _finish_without_computing(existing, snapshot, listing, count, out_dir, progress, expected_weights, task, started):
     """All `count` shards are done: report up to date, or (re)write the manifest from the shards, without a model."""
     progress.start(len(listing.records), len(listing.records))
-    attrs = _all_attrs(out_dir, existing.config_sha256)
+    attrs = _all_attrs(snapshot.shards, existing.config_sha256)
     weights = attrs[0]["weights"] if attrs else None
     if expected_weights is not None and weights is not None:
         check_fingerprints(weights, expected_weights)
@@ -272,9 +293,9 @@ def _finish_without_computing(existing, listing, count, out_dir, progress, expec
     return ExtractResult(manifest, out_dir, written=0, skipped=skipped, warnings=warnings + _warnings(manifest))
 
 
-def _all_attrs(out_dir, run_sha):
+def _all_attrs(shard_paths, run_sha):
     attrs = []
-    for path in shards.existing_shards(out_dir):
+    for path in shard_paths:
         found = shards.read_shard_attrs(path)
         if found is not None and found["config_sha256"] == run_sha:
             attrs.append(found)
@@ -297,7 +318,7 @@ def _manifest_matches(manifest, attrs):
 
 def _write_manifest(out_dir, run, listing, count, started, computed):
     """The manifest from the shards' attrs (every one must be there), written last and atomically."""
-    attrs = _all_attrs(out_dir, run.config_sha256)
+    attrs = _all_attrs(shards.existing_shards(out_dir), run.config_sha256)
     if [int(a["shard_index"]) for a in attrs] != list(range(count)):
         raise PipelineError(f"{out_dir} lacks shards of this run; rerun the same command to compute them")
     checked = [a["fidelity"] for a in attrs if a["fidelity"] and a["fidelity"]["rows_checked"]]

@@ -126,3 +126,23 @@ def test_the_space_check_counts_what_overwrite_frees(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match=r"^1 shards need about 4 MiB but only 1 MiB are free where"):
         _check_space(tmp_path, ranges, {0}, taps, "float32")
     _check_space(tmp_path, ranges, {0}, taps, "float32", freeable=4 * 2**20)  # 5 MiB with the old features'
+
+
+def test_temp_files_a_concurrent_task_makes_while_the_directory_is_read_are_never_foreign(tmp_path, image_tree, run_cli, monkeypatch):
+    """Regression: three listings of --out (temps, shards, everything) disagreed when a task wrote in between."""
+    import pathlib
+    import secrets
+
+    out = tmp_path / "f"
+    out.mkdir()
+    iterdir = pathlib.Path.iterdir
+
+    def another_task_starts_a_shard(self):
+        if self == out:  # every listing sees one more temp file, as when job-array tasks write at once
+            (out / f".shard-00007.h5.99999.{secrets.token_hex(4)}.tmp").write_bytes(b"half a shard")
+        return iterdir(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", another_task_starts_a_shard)
+    # task 1 of 2 has no shard of its own (6 images make one shard), so it only reads the directory
+    result = run_cli("extract", image_tree(), "--out", out, *FAST, "--num-workers", 2, "--worker-index", 1)
+    assert "job-array task 1 of 2: 0 shards written" in result.output
