@@ -9,6 +9,7 @@ only writes the manifest, never loads it or builds a model.
 """
 
 import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import numpy as np
 from pipeline import shards
 from pipeline.config import ExtractConfig, parse_weights, sha256_json
 from pipeline.errors import PipelineError
-from pipeline.files import _TEMP_PATTERN as TEMP_PATTERN, leftover_temps, locked, make_dir, remove
+from pipeline.files import _TEMP_PATTERN as TEMP_PATTERN, leftover_temps, locked, make_dir, read_json, remove
 from pipeline.lineage import MANIFEST_NAME, check_fingerprints
 from pipeline.sources import Listing
 
@@ -58,7 +59,8 @@ class _Run:
 
     config_sha256: str
     config: dict  # resolved config plus source keys, as shards and manifest record it
-    manifest: shards.Manifest | None = None
+    manifest: dict | None = None  # manifest.json as found (parsed, not checked)
+    manifest_problem: str | None = None  # why manifest.json could not be read, when it could not
 
 
 def extract(
@@ -189,24 +191,37 @@ def _snapshot(out_dir):
 
 
 def _existing_run(out_dir, snapshot):
-    """The run whose outputs `out_dir` holds (from its manifest, else a shard), or None when it holds none.
+    """The run whose outputs `out_dir` holds, or None when it holds none.
 
-    A directory holding other files and no features is refused: it is not ours to fill.
+    The shards say which run it is (their attrs carry its config and hash); the manifest is data
+    derived from them, read here only to compare it with what they say, and it names the run only
+    when no shard can be read. A directory holding other files and no features is refused: it is
+    not ours to fill.
     """
-    try:
-        manifest = shards.read_manifest(out_dir)
-    except PipelineError:
-        manifest = None
-    if manifest is not None:
-        return _Run(manifest["config_sha256"], manifest["config"], manifest)
+    manifest, problem = _read_manifest(out_dir)
     attrs = next(filter(None, map(shards.read_shard_attrs, snapshot.shards)), None)
     if attrs is not None:
-        return _Run(attrs["config_sha256"], attrs["config"])
+        return _Run(attrs["config_sha256"], attrs["config"], manifest, problem)
+    if manifest is not None and isinstance(manifest.get("config_sha256"), str) and isinstance(manifest.get("config"), dict):
+        return _Run(manifest["config_sha256"], manifest["config"], manifest, problem)
     if snapshot.others:
         raise PipelineError(
             f"output directory {out_dir} is not empty and holds no features (it has {snapshot.others[0]}); choose an empty or new directory"
         )
     return None
+
+
+def _read_manifest(out_dir):
+    """(manifest.json as parsed, or None when absent or unreadable; why it could not be read, or None)."""
+    try:
+        manifest = read_json(out_dir / MANIFEST_NAME)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON
+        return None, str(e) if isinstance(e, ValueError) else e.strerror
+    if not isinstance(manifest, dict):
+        return None, f"a JSON {type(manifest).__name__}, not an object"
+    return manifest, None
 
 
 def _same_run(recorded, config, source_sha256):
@@ -285,11 +300,17 @@ def _finish_without_computing(existing, snapshot, listing, count, out_dir, progr
     skipped = count
     if task:
         return ExtractResult(None, out_dir, written=0, skipped=skipped, up_to_date=True)
-    manifest = existing.manifest
-    if manifest is not None and _manifest_matches(manifest, attrs):
-        return ExtractResult(manifest, out_dir, written=0, skipped=skipped, up_to_date=True)
-    warnings = [] if manifest is None else [f"{out_dir / MANIFEST_NAME} did not match its shards, so it was rebuilt from them"]
-    manifest = _write_manifest(out_dir, existing, listing, count, started, computed=0)
+    manifest = _make_manifest(out_dir, existing, listing, count, attrs, started, computed=0)
+    if existing.manifest is not None and _same_manifest(existing.manifest, manifest):
+        return ExtractResult(existing.manifest, out_dir, written=0, skipped=skipped, up_to_date=True)
+    path = out_dir / MANIFEST_NAME
+    if existing.manifest_problem is not None:
+        warnings = [f"{path} could not be read ({existing.manifest_problem}), so it was rebuilt from the shards"]
+    elif existing.manifest is not None:
+        warnings = [f"{path} did not match its shards, so it was rebuilt from them"]
+    else:
+        warnings = []  # killed between the last shard and the manifest
+    shards.write_manifest(out_dir, manifest)
     return ExtractResult(manifest, out_dir, written=0, skipped=skipped, warnings=warnings + _warnings(manifest))
 
 
@@ -302,28 +323,29 @@ def _all_attrs(shard_paths, run_sha):
     return sorted(attrs, key=lambda a: int(a["shard_index"]))
 
 
-def _manifest_matches(manifest, attrs):
-    """Whether a manifest says what the shards say (a hand-edited or stale one does not)."""
-    try:
-        return (
-            [(s["file"], s["rows"]) for s in manifest["shards"]]
-            == [(shards.shard_filename(int(a["shard_index"])), int(a["rows"])) for a in attrs]
-            and manifest["rows"] == sum(int(a["rows"]) for a in attrs)
-            and manifest["errors"] == [e for a in attrs for e in a["errors"]]
-            and manifest["listed"] == manifest["rows"] + len(manifest["errors"])
-        )
-    except (KeyError, TypeError):
-        return False
+def _same_manifest(on_disk, rebuilt):
+    """Whether a manifest read from disk says all that the one rebuilt from the shards says (its timing aside)."""
+    def comparable(manifest):
+        return {key: value for key, value in manifest.items() if key != "timing"}
+
+    return isinstance(on_disk.get("timing"), dict) and comparable(on_disk) == json.loads(json.dumps(comparable(rebuilt)))
 
 
 def _write_manifest(out_dir, run, listing, count, started, computed):
-    """The manifest from the shards' attrs (every one must be there), written last and atomically."""
+    """The manifest from the shards now in `out_dir`, written last and atomically."""
     attrs = _all_attrs(shards.existing_shards(out_dir), run.config_sha256)
+    manifest = _make_manifest(out_dir, run, listing, count, attrs, started, computed)
+    shards.write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _make_manifest(out_dir, run, listing, count, attrs, started, computed):
+    """The manifest that the shards' `attrs` (every one of the run's `count` must be there) make."""
     if [int(a["shard_index"]) for a in attrs] != list(range(count)):
         raise PipelineError(f"{out_dir} lacks shards of this run; rerun the same command to compute them")
     checked = [a["fidelity"] for a in attrs if a["fidelity"] and a["fidelity"]["rows_checked"]]
     seconds = time.perf_counter() - started
-    manifest = shards.make_manifest(
+    return shards.make_manifest(
         config=run.config,
         config_sha256=run.config_sha256,
         weights=attrs[0]["weights"],
@@ -340,8 +362,6 @@ def _write_manifest(out_dir, run, listing, count, started, computed):
         },
         timing={"seconds": round(seconds, 3), "images": computed, "images_per_second": round(computed / seconds, 2)},
     )
-    shards.write_manifest(out_dir, manifest)
-    return manifest
 
 
 def _warnings(manifest):

@@ -146,3 +146,58 @@ def test_temp_files_a_concurrent_task_makes_while_the_directory_is_read_are_neve
     # task 1 of 2 has no shard of its own (6 images make one shard), so it only reads the directory
     result = run_cli("extract", image_tree(), "--out", out, *FAST, "--num-workers", 2, "--worker-index", 1)
     assert "job-array task 1 of 2: 0 shards written" in result.output
+
+
+def shard_stats(out):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards.existing_shards(out)}
+
+
+def _edit(change):
+    def edit(path):
+        manifest = json.loads(path.read_text())
+        change(manifest)
+        path.write_text(json.dumps(manifest))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, warning",
+    [
+        (_edit(lambda m: [m.pop("config_sha256"), m.pop("config")]), "did not match its shards"),
+        (_edit(lambda m: m["config"].update(pooling="max")), "did not match its shards"),
+        (_edit(lambda m: m.update(config_sha256="0" * 64)), "did not match its shards"),
+        (_edit(lambda m: m["taps"][0].update(dim=7)), "did not match its shards"),
+        (_edit(lambda m: m["taps"].pop()), "did not match its shards"),
+        (_edit(lambda m: m["weights"]["vgg16"].update(sha256="0" * 64)), "did not match its shards"),
+        (_edit(lambda m: m.update(classes=["dog", "cat"])), "did not match its shards"),
+        (_edit(lambda m: m["precision"].update(policy="mixed_float16")), "did not match its shards"),
+        (_edit(lambda m: m.pop("timing")), "did not match its shards"),
+        (lambda path: path.write_text('{"rows": '), "could not be read (Expecting value: line 1 column 10"),
+        (lambda path: path.write_text("[1, 2]"), "could not be read (a JSON list, not an object)"),
+        (lambda path: path.write_bytes(b"\xff\xfe"), "could not be read ("),
+    ],
+)
+def test_an_edited_or_broken_manifest_is_rebuilt_from_the_shards_without_computing(tmp_path, image_tree, run_cli, monkeypatch, edit, warning):
+    root, out = image_tree(), tmp_path / "f"
+    args = [*FAST, "--shard-size", 4]
+    run_cli("extract", root, "--out", out, *args)
+    good = json.loads((out / "manifest.json").read_text())
+    before = shard_stats(out)
+    edit(out / "manifest.json")
+    monkeypatch.setattr("pipeline.engines.make_engine", lambda *a, **k: pytest.fail("a shard was recomputed"))
+    result = run_cli("extract", root, "--out", out, *args)
+    assert f"warning: {out / 'manifest.json'} {warning}" in result.output
+    assert "0 shards written, 2 already done" in result.output and "Traceback" not in result.output
+    assert shard_stats(out) == before
+    rebuilt = json.loads((out / "manifest.json").read_text())
+    assert {k: v for k, v in rebuilt.items() if k != "timing"} == {k: v for k, v in good.items() if k != "timing"}
+    assert shards.verify(out) == [] and "up to date" in run_cli("extract", root, "--out", out, *args).output
+
+
+def test_a_manifest_whose_timing_alone_differs_is_up_to_date(tmp_path, image_tree, run_cli):
+    root, out = image_tree(), tmp_path / "f"
+    run_cli("extract", root, "--out", out, *FAST)
+    _edit(lambda m: m["timing"].update(seconds=12345.0))(out / "manifest.json")
+    result = run_cli("extract", root, "--out", out, *FAST)
+    assert "up to date" in result.output and "warning" not in result.output
