@@ -8,6 +8,7 @@ that a rerun completes. This module does not import TensorFlow: an up-to-date re
 only writes the manifest, never loads it or builds a model.
 """
 
+import bisect
 import dataclasses
 import json
 import shutil
@@ -103,7 +104,7 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
     resumed = existing is not None and _same_run(existing.config, config, source_sha256)
     if existing is not None and not resumed and not overwrite:
         raise PipelineError(
-            f"{out_dir} holds features of a different run ({_differences(existing.config, config, source_sha256, snapshot.shards, listing, ranges)}); "
+            f"{out_dir} holds features of a different run ({_differences(existing.config, config, source_sha256, snapshot.shards, listing)}); "
             "use another --out or pass --overwrite"
         )
     done = _finished(out_dir, existing.config_sha256, len(ranges)) if resumed else set()
@@ -241,7 +242,7 @@ def _run_config_to_extract(recorded, config, out_dir):
     return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error)
 
 
-def _differences(recorded, config, source_sha256, shard_paths, listing, ranges):
+def _differences(recorded, config, source_sha256, shard_paths, listing):
     wanted = config.to_dict()
     keys = [
         key for key in wanted
@@ -249,31 +250,52 @@ def _differences(recorded, config, source_sha256, shard_paths, listing, ranges):
     ]
     if keys:
         return ", ".join(f"{key}: {recorded.get(key)!r} -> {wanted[key]!r}" for key in keys)
-    return _changed_images(shard_paths, listing, ranges) or "same settings, other images"
+    return _changed_images(shard_paths, listing, recorded.get("shard_size")) or "same settings, other images"
 
 
-def _changed_images(shard_paths, listing, ranges):
-    """A sentence naming the first listed image that differs from what the shards at `shard_paths` were made from."""
+def _changed_images(shard_paths, listing, shard_size):
+    """A sentence naming the first image (by id) listed now or then but not both, or changed since the shards were made.
+
+    Each shard lists the images of its range, so all of them list every image of the old run
+    up to the last id of the last full shard they know; an image listed now in a stretch that no
+    readable shard covers is not called new. None when the shards cannot tell.
+    """
+    then = {}  # id -> (size, mtime_ns) when the shards were made
+    covered = []  # (after, until): ids strictly between them were all listed by some readable shard ("" and None: no bound)
+    previous = None  # (index, last id) of the readable shard before
     for path in shard_paths:
-        listed = shards.read_listed(path)
         index = int(shards.SHARD_PATTERN.match(path.name).group(1))
+        try:
+            listed = shards.read_listed(path)
+        except (OSError, KeyError):  # an unreadable or damaged shard tells nothing
+            continue
         if listed is None:
             return None  # shards written before listings were stored: nothing to compare
-        now = listing.records[slice(*ranges[index])] if index < len(ranges) else ()
-        for k, record in enumerate(now):
-            if k >= len(listed.ids) or listed.ids[k] != record.id:
-                missing = sorted(set(listed.ids) - {r.id for r in now})
-                if missing:
-                    return f"{missing[0]} was listed then but not now"
-                return f"{record.id} is listed now but was not then"
-            if (int(listed.sizes[k]), int(listed.mtimes_ns[k])) != (record.size, record.mtime_ns):
-                return (
-                    f"{record.id} changed since: {int(listed.sizes[k])} -> {record.size} bytes, "
-                    f"modified {_when(listed.mtimes_ns[k])} -> {_when(record.mtime_ns)}"
-                )
-        if len(listed.ids) > len(now):
-            return f"{listed.ids[len(now)]} was listed then but not now"
-    return None
+        if not listed.ids:
+            continue
+        then.update((i, (int(size), int(mtime))) for i, size, mtime in zip(listed.ids, listed.sizes, listed.mtimes_ns))
+        after = "" if index == 0 else previous[1] if previous is not None and previous[0] == index - 1 else listed.ids[0]
+        until = None if shard_size is None or len(listed.ids) < shard_size else listed.ids[-1]
+        covered.append((after, until))
+        previous = (index, listed.ids[-1])
+    if not then:
+        return None
+    now = {record.id: record for record in listing.records}
+    found = {}  # id -> sentence
+    for image_id in then.keys() - now.keys():
+        found[image_id] = f"{image_id} was listed then but not now"
+    starts = [after for after, _ in covered]
+    for image_id in now.keys() - then.keys():
+        k = bisect.bisect_left(starts, image_id) - 1  # the last stretch that begins before the id
+        if k >= 0 and (covered[k][1] is None or image_id < covered[k][1]):
+            found[image_id] = f"{image_id} is listed now but was not then"
+    for image_id in then.keys() & now.keys():
+        (size, mtime), record = then[image_id], now[image_id]
+        if (size, mtime) != (record.size, record.mtime_ns):
+            found[image_id] = (
+                f"{image_id} changed since: {size} -> {record.size} bytes, modified {_when(mtime)} -> {_when(record.mtime_ns)}"
+            )
+    return found[min(found)] if found else None
 
 
 def _when(mtime_ns):

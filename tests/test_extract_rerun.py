@@ -201,3 +201,44 @@ def test_a_manifest_whose_timing_alone_differs_is_up_to_date(tmp_path, image_tre
     _edit(lambda m: m["timing"].update(seconds=12345.0))(out / "manifest.json")
     result = run_cli("extract", root, "--out", out, *FAST)
     assert "up to date" in result.output and "warning" not in result.output
+
+
+def png(path, seed=1):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (seed, 2, 3)).save(path)
+
+
+@pytest.mark.parametrize(
+    "change, shard_size, message",
+    [
+        (lambda root: png(root / "cat" / "0005.png"), 2, "cat/0005.png is listed now but was not then"),  # used to blame cat/001.png
+        (lambda root: (root / "dog" / "000.png").unlink(), 2, "dog/000.png was listed then but not now"),
+        (lambda root: png(root / "dog" / "003.png"), 4, "dog/003.png is listed now but was not then"),  # after the last shard
+        (lambda root: png(root / "dog" / "003.png"), 2, "same settings, other images"),  # the last shard is full: was there one after?
+        (lambda root: (root / "cat" / "000.png").rename(root / "cat" / "009.png"), 2, "cat/000.png was listed then but not now"),
+    ],
+)
+def test_the_refusal_names_the_file_truly_added_or_removed(tmp_path, image_tree, run_cli, change, shard_size, message):
+    root, out = image_tree(), tmp_path / "f"
+    args = [*FAST, "--shard-size", shard_size]
+    run_cli("extract", root, "--out", out, *args)
+    change(root)
+    result = run_cli("extract", root, "--out", out, *args, code=1)
+    assert f"holds features of a different run ({message}); use another --out or pass --overwrite" in result.output
+
+
+def test_an_unreadable_shard_does_not_stop_the_refusal_from_naming_the_change(tmp_path, image_tree, run_cli, monkeypatch):
+    root, out = image_tree(), tmp_path / "f"
+    run_cli("extract", root, "--out", out, *FAST, "--shard-size", 2)
+    png(root / "dog" / "002.png", seed=9)
+    read_listed = shards.read_listed
+
+    def shard_zero_fails(path):
+        if path.name == "shard-00000.h5":
+            raise OSError("Unable to synchronously open file (truncated file)")
+        return read_listed(path)
+
+    monkeypatch.setattr(shards, "read_listed", shard_zero_fails)
+    result = run_cli("extract", root, "--out", out, *FAST, "--shard-size", 2, code=1)
+    assert "holds features of a different run (dog/002.png changed since:" in result.output
