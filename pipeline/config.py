@@ -40,6 +40,36 @@ def parse_tap(text):
     return f"{backbone}/{layer}"
 
 
+def _resnet50_layers():
+    """Keras' ResNet50 (include_top=False) layer names in graph order, the input aside."""
+    names = ["conv1_pad", "conv1_conv", "conv1_bn", "conv1_relu", "pool1_pad", "pool1_pool"]
+    for stage, blocks in ((2, 3), (3, 4), (4, 6), (5, 3)):
+        for block in range(1, blocks + 1):
+            middle = ("0_conv", "3_conv", "0_bn", "3_bn") if block == 1 else ("3_conv", "3_bn")  # with the shortcut's conv
+            parts = ("1_conv", "1_bn", "1_relu", "2_conv", "2_bn", "2_relu", *middle, "add", "out")
+            names += [f"conv{stage}_block{block}_{part}" for part in parts]
+    return tuple(names)
+
+
+# Every layer with a spatial output, as `pipeline taps` lists them from the built trunks (a test
+# keeps the two equal), so that a tap can be checked before TensorFlow loads or --out is touched.
+TAP_LAYERS = {
+    "resnet50": _resnet50_layers(),
+    "vgg16": tuple(
+        f"block{block}_{kind}" for block, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+        for kind in (*(f"conv{i}" for i in range(1, convs + 1)), "pool")
+    ),
+}
+
+
+def check_tap_layers(taps):
+    """Refuse a tap ('backbone/layer') whose backbone has no such layer, without building a model."""
+    for tap in taps:
+        backbone, layer = tap_backbone(tap), tap_layer(tap)
+        if layer not in TAP_LAYERS[backbone]:
+            raise PipelineError(f"unknown tap {tap!r}; valid {backbone} layers are: {', '.join(TAP_LAYERS[backbone])}")
+
+
 def tap_backbone(tap):
     return tap.split("/", 1)[0]
 

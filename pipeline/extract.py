@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline import shards
-from pipeline.config import ExtractConfig, parse_weights, sha256_json
+from pipeline.config import ExtractConfig, check_tap_layers, parse_weights, sha256_json
 from pipeline.errors import PipelineError
 from pipeline.files import _TEMP_PATTERN as TEMP_PATTERN, leftover_temps, locked, make_dir, read_json, remove
 from pipeline.lineage import MANIFEST_NAME, check_fingerprints
@@ -78,7 +78,8 @@ def extract(
     no manifest.
     """
     started = time.perf_counter()
-    parse_weights(config.weights, config.backbones, config.seed)  # a bad spec fails before the directory is touched
+    parse_weights(config.weights, config.backbones, config.seed)  # a bad spec fails before the directory is touched,
+    check_tap_layers(config.taps)  # and so does an unknown tap (checked by name: no model is built for it)
     if not 0 <= worker_index < num_workers:
         raise PipelineError(f"worker index {worker_index} must be in 0..{num_workers - 1} for {num_workers} workers")
     if overwrite and num_workers > 1:  # each task would delete the shards the others had written

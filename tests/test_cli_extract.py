@@ -205,3 +205,21 @@ def test_a_job_array_task_without_a_usable_index_is_refused_in_one_sentence(tmp_
     result = run_cli("extract", image_tree(), "--out", tmp_path / "f", "--weights", "random", *flags, code=1)
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_an_unknown_tap_is_refused_before_out_is_made_or_a_model_or_ray_starts(tmp_path, image_tree, run_cli, monkeypatch, engine):
+    monkeypatch.setattr("pipeline.engines.make_engine", lambda *a, **k: pytest.fail("an engine was started"))
+    result = run_cli("extract", image_tree(), "--out", tmp_path / "f", "--weights", "random", "--engine", engine,
+                     "--tap", "resnet50:conv4_block7_out", code=1)
+    assert "Error: unknown tap 'resnet50/conv4_block7_out'; valid resnet50 layers are: conv1_pad, conv1_conv" in result.output
+    assert not (tmp_path / "f").exists()
+
+
+def test_the_tap_names_checked_before_building_are_those_of_the_built_trunks():
+    from pipeline.backbones import build_backbone, tap_catalogue
+    from pipeline.config import BACKBONES, TAP_LAYERS, tap_layer
+
+    for name in BACKBONES:
+        built = [tap_layer(info.key) for info in tap_catalogue(name, build_backbone(name, 32))]
+        assert list(TAP_LAYERS[name]) == built, name  # the same order too, so both checks list them alike
