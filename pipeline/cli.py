@@ -166,10 +166,10 @@ EXTRACT_KEYS = (
 @click.option("--shard-size", default=_EXTRACT.shard_size, show_default=True, type=click.IntRange(min=1), help="Listed images per HDF5 shard.")
 @click.option("--storage-dtype", default=_EXTRACT.storage_dtype, show_default=True, type=click.Choice(cfg.STORAGE_DTYPES), help="Dtype of the stored features.")
 @click.option("--on-error", default=_EXTRACT.on_error, show_default=True, type=click.Choice(cfg.ON_ERROR), help="An undecodable image: record it and go on, or stop.")
-@click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out (refused in a job-array task).")
 @click.option("--num-workers", type=click.IntRange(min=1), help="Job arrays: this task computes only shards k with k % N == --worker-index and writes no manifest. Default: $SLURM_ARRAY_TASK_COUNT, else 1.")
-@click.option("--worker-index", type=click.IntRange(min=0), help="Job arrays: this task's index, 0..N-1. Default: from $SLURM_ARRAY_TASK_ID (minus $SLURM_ARRAY_TASK_MIN, over $SLURM_ARRAY_TASK_STEP).")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(("local", "ray")), help="Run shards in this process, or on Ray actors (several GPUs or machines).")
+@click.option("--worker-index", type=click.IntRange(min=0), help="Job arrays: this task's index, 0..N-1. Default: from $SLURM_ARRAY_TASK_ID (minus $SLURM_ARRAY_TASK_MIN, over $SLURM_ARRAY_TASK_STEP); outside a Slurm array, required with --num-workers above 1.")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(cfg.ENGINES), help="Run shards in this process, or on Ray actors (several GPUs or machines).")
 @click.option("--ray-address", help="--engine ray: `auto` or HOST:PORT of a running Ray cluster. Default: $RAY_ADDRESS, else start a local Ray on this machine.")
 @click.option("--workers", type=click.IntRange(min=1), help="--engine ray: actors to start. Default: one per --gpus-per-worker GPUs Ray sees, else one per --cpus-per-worker CPUs.")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), help="--engine ray: CPUs per actor (decoding, TensorFlow threads). Default: a GPU node's CPUs shared among its actors; without GPUs, a whole node's, or the most that fit --workers.")
@@ -219,18 +219,46 @@ def _engine_options(engine, **values):
 
 
 def _job_array(num_workers, worker_index):
-    """(N, I) from the flags, else from a Slurm array job's environment, else (1, 0)."""
+    """(N, I): N from --num-workers, else $SLURM_ARRAY_TASK_COUNT, else 1; I from --worker-index, else from Slurm's task id.
+
+    Without an index a single worker is task 0, but N > 1 is refused: every task would compute task 0's shards.
+    """
     env = os.environ
-    if num_workers is None and "SLURM_ARRAY_TASK_COUNT" in env:
-        num_workers = int(env["SLURM_ARRAY_TASK_COUNT"])
-        if worker_index is None:
-            step = int(env.get("SLURM_ARRAY_TASK_STEP", 1))
-            worker_index = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // step
-    num_workers = num_workers or 1
-    worker_index = worker_index or 0
+    if num_workers is None:
+        num_workers = _slurm_int("SLURM_ARRAY_TASK_COUNT", minimum=1) if "SLURM_ARRAY_TASK_COUNT" in env else 1
+    if worker_index is None and "SLURM_ARRAY_TASK_ID" in env:
+        task, first, step = (_slurm_int(name, default) for name, default in (
+            ("SLURM_ARRAY_TASK_ID", None), ("SLURM_ARRAY_TASK_MIN", 0), ("SLURM_ARRAY_TASK_STEP", 1)))
+        if step < 1 or task < first or (task - first) % step:
+            raise PipelineError(
+                f"$SLURM_ARRAY_TASK_ID {task} is not $SLURM_ARRAY_TASK_MIN {first} plus a multiple of "
+                f"$SLURM_ARRAY_TASK_STEP {step}; pass --worker-index 0..{num_workers - 1} instead"
+            )
+        worker_index = (task - first) // step
+    if worker_index is None:
+        if num_workers > 1:
+            raise PipelineError(
+                f"--num-workers {num_workers} needs this task's index: pass --worker-index 0..{num_workers - 1} "
+                "(a Slurm array task takes it from $SLURM_ARRAY_TASK_ID)"
+            )
+        worker_index = 0
     if worker_index >= num_workers:
         raise click.BadParameter(f"{worker_index} is not below --num-workers {num_workers}", param_hint="--worker-index")
     return num_workers, worker_index
+
+
+def _slurm_int(name, default=None, minimum=0):
+    """An integer Slurm variable (its `default` when unset), or one sentence naming it."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise PipelineError(f"${name} is {text!r}, not an integer of at least {minimum}; pass --num-workers and --worker-index instead")
+    return value
 
 
 def _extract_config(values):

@@ -40,6 +40,36 @@ def parse_tap(text):
     return f"{backbone}/{layer}"
 
 
+def _resnet50_layers():
+    """Keras' ResNet50 (include_top=False) layer names in graph order, the input aside."""
+    names = ["conv1_pad", "conv1_conv", "conv1_bn", "conv1_relu", "pool1_pad", "pool1_pool"]
+    for stage, blocks in ((2, 3), (3, 4), (4, 6), (5, 3)):
+        for block in range(1, blocks + 1):
+            middle = ("0_conv", "3_conv", "0_bn", "3_bn") if block == 1 else ("3_conv", "3_bn")  # with the shortcut's conv
+            parts = ("1_conv", "1_bn", "1_relu", "2_conv", "2_bn", "2_relu", *middle, "add", "out")
+            names += [f"conv{stage}_block{block}_{part}" for part in parts]
+    return tuple(names)
+
+
+# Every layer with a spatial output, as `pipeline taps` lists them from the built trunks (a test
+# keeps the two equal), so that a tap can be checked before TensorFlow loads or --out is touched.
+TAP_LAYERS = {
+    "resnet50": _resnet50_layers(),
+    "vgg16": tuple(
+        f"block{block}_{kind}" for block, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+        for kind in (*(f"conv{i}" for i in range(1, convs + 1)), "pool")
+    ),
+}
+
+
+def check_tap_layers(taps):
+    """Refuse a tap ('backbone/layer') whose backbone has no such layer, without building a model."""
+    for tap in taps:
+        backbone, layer = tap_backbone(tap), tap_layer(tap)
+        if layer not in TAP_LAYERS[backbone]:
+            raise PipelineError(f"unknown tap {tap!r}; valid {backbone} layers are: {', '.join(TAP_LAYERS[backbone])}")
+
+
 def tap_backbone(tap):
     return tap.split("/", 1)[0]
 
@@ -125,6 +155,10 @@ class _Config:
         return sha256_json({key: value for key, value in self.to_dict().items() if key not in self._UNHASHED})
 
 
+# Keys of a recorded run config (shard attrs, manifest) that describe the listed images, not the extraction.
+SOURCE_KEYS = ("source", "source_sha256")
+
+
 @dataclass(frozen=True)
 class ExtractConfig(_Config):
     """Everything that decides the bytes stage one writes."""
@@ -165,6 +199,21 @@ class ExtractConfig(_Config):
     def backbones(self):
         return tuple(b for b in BACKBONES if any(tap_backbone(t) == b for t in self.taps))
 
+    @classmethod
+    def from_run(cls, recorded: dict, where: str, **changes) -> "ExtractConfig":
+        """The config a run records (a shard's or manifest's `config`: these fields plus SOURCE_KEYS), with `changes` applied.
+
+        A setting added after the run was made takes its default, which by design keeps the old
+        behaviour; a setting this version does not know cannot be rebuilt (`where` names the record).
+        """
+        settings = {key: value for key, value in recorded.items() if key not in SOURCE_KEYS}
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise PipelineError(
+                f"{where} records extraction settings this version does not know ({', '.join(unknown)}); "
+                "use the pipeline version that made the features"
+            )
+        return cls(**{**settings, **changes})
 
 
 def _check_choice(name, value, allowed):

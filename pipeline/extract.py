@@ -8,7 +8,9 @@ that a rerun completes. This module does not import TensorFlow: an up-to-date re
 only writes the manifest, never loads it or builds a model.
 """
 
+import bisect
 import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -18,15 +20,14 @@ from typing import Protocol
 import numpy as np
 
 from pipeline import shards
-from pipeline.config import ExtractConfig, parse_weights, sha256_json
+from pipeline.config import ExtractConfig, check_tap_layers, parse_weights, sha256_json
 from pipeline.errors import PipelineError
-from pipeline.files import leftover_temps, locked, make_dir, remove
+from pipeline.files import _TEMP_PATTERN as TEMP_PATTERN, leftover_temps, locked, make_dir, read_json, remove
 from pipeline.lineage import MANIFEST_NAME, check_fingerprints
 from pipeline.sources import Listing
 
 FIDELITY_THRESHOLD = 0.99  # min cosine vs float32 below which a reduced-precision run warns
 LOCK_NAME = ".pipeline.lock"  # in the features dir: one writer at a time (job-array tasks share it)
-_SOURCE_KEYS = ("source", "source_sha256")  # run config keys that describe the images, not the extraction
 _AUTO = {"precision": "auto", "xla": None}  # requested values that any resolved value satisfies
 _SPACE_MARGIN = 1.1  # free disk space wanted beyond the estimated size of the pending shards
 # Listings this small run the model eagerly: tracing costs ~2 s, eager calls ~0.1 s more per 224 px image (2 CPU cores).
@@ -59,7 +60,8 @@ class _Run:
 
     config_sha256: str
     config: dict  # resolved config plus source keys, as shards and manifest record it
-    manifest: shards.Manifest | None = None
+    manifest: dict | None = None  # manifest.json as found (parsed, not checked)
+    manifest_problem: str | None = None  # why manifest.json could not be read, when it could not
 
 
 def extract(
@@ -76,9 +78,15 @@ def extract(
     no manifest.
     """
     started = time.perf_counter()
-    parse_weights(config.weights, config.backbones, config.seed)  # a bad spec fails before the directory is touched
+    parse_weights(config.weights, config.backbones, config.seed)  # a bad spec fails before the directory is touched,
+    check_tap_layers(config.taps)  # and so does an unknown tap (checked by name: no model is built for it)
     if not 0 <= worker_index < num_workers:
         raise PipelineError(f"worker index {worker_index} must be in 0..{num_workers - 1} for {num_workers} workers")
+    if overwrite and num_workers > 1:  # each task would delete the shards the others had written
+        raise PipelineError(
+            f"--overwrite is refused in a job-array task (here task {worker_index} of {num_workers}), whose tasks would "
+            f"delete each other's shards; replace the old features with a plain run first, or delete {out_dir}, then run the array"
+        )
     progress = progress or _NoProgress()
     out_dir = make_dir(out_dir, "--out")
     with locked(out_dir / LOCK_NAME, f"features directory {out_dir}", shared=num_workers > 1):
@@ -92,21 +100,22 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
     num_workers, worker_index = array
     source_sha256 = listing.fingerprint()
     ranges = [(start, min(start + config.shard_size, len(listing.records))) for start in range(0, len(listing.records), config.shard_size)]
-    existing = _existing_run(out_dir)
+    snapshot = _snapshot(out_dir)
+    existing = _existing_run(out_dir, snapshot)
     resumed = existing is not None and _same_run(existing.config, config, source_sha256)
     if existing is not None and not resumed and not overwrite:
         raise PipelineError(
-            f"{out_dir} holds features of a different run ({_differences(existing.config, config, source_sha256, out_dir, listing, ranges)}); "
+            f"{out_dir} holds features of a different run ({_differences(existing.config, config, source_sha256, snapshot.shards, listing)}); "
             "use another --out or pass --overwrite"
         )
     done = _finished(out_dir, existing.config_sha256, len(ranges)) if resumed else set()
     if resumed and len(done) == len(ranges):
-        return _finish_without_computing(existing, listing, len(ranges), out_dir, progress, expected_weights, num_workers > 1, started)
-    pending = [k for k in range(len(ranges)) if k not in done and k % num_workers == worker_index]
+        return _finish_without_computing(existing, snapshot, listing, len(ranges), out_dir, progress, expected_weights, num_workers > 1, started)
+    pending = {k for k in range(len(ranges)) if k not in done and k % num_workers == worker_index}
     if not pending:  # a job-array task whose shards are all done, while others' are not
         return ExtractResult(None, out_dir, written=0, skipped=len(ranges), up_to_date=True)
 
-    to_run = _run_config_to_extract(existing.config, config) if resumed else config
+    to_run = _run_config_to_extract(existing.config, config, out_dir) if resumed else config
     from pipeline.engines import RunIdentity, ShardJob, make_engine  # the local engine loads TensorFlow, once there is something to compute
 
     engine = make_engine(engine_name, **engine_options)
@@ -122,13 +131,15 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
             check_fingerprints(worker.weights, expected_weights)
         if resumed:
             _check_same_weights(out_dir, done, worker.weights)
-        elif existing is not None:  # --overwrite, now that the new run is known to load
-            _remove_outputs(out_dir)
         if num_workers == 1:
             _remove_leftovers(out_dir)
-        _check_space(out_dir, ranges, pending, worker.taps, resolved.storage_dtype)
-        progress.start(sum(stop - start for k, (start, stop) in enumerate(ranges) if k in pending or k in done), _images(ranges, done))
-        jobs = [ShardJob(k, listing.records[slice(*ranges[k])]) for k in pending]
+        overwriting = existing is not None and not resumed
+        replaced = [out_dir / MANIFEST_NAME, *snapshot.shards] if overwriting else []
+        _check_space(out_dir, ranges, pending, worker.taps, resolved.storage_dtype, freeable=_bytes(replaced))
+        if overwriting:  # only now that the new run is known to load and to fit
+            _remove_outputs(out_dir, replaced[1:])
+        progress.start(_images(ranges, pending | done), _images(ranges, done))
+        jobs = [ShardJob(k, listing.records[slice(*ranges[k])]) for k in sorted(pending)]
         engine.run(jobs, RunIdentity(run.config_sha256, run.config, worker.weights, worker.taps), out_dir, progress)
         if num_workers == 1:
             _remove_leftovers(out_dir)  # a worker killed while writing (a Ray actor) leaves its temp file
@@ -159,27 +170,60 @@ def _images(ranges, indices):
     return sum(ranges[k][1] - ranges[k][0] for k in indices)
 
 
-def _existing_run(out_dir):
-    """The run whose outputs `out_dir` holds (from its manifest, else a shard), or None when it holds none.
+@dataclass(frozen=True)
+class _Snapshot:
+    """One listing of the output directory, its names sorted by kind."""
 
-    A directory holding other files and no features is refused: it is not ours to fill.
+    shards: list  # paths of finished shard files, by name
+    temps: list  # paths of this tool's temp files (a writer's, or a killed one's)
+    others: list  # names of everything else but the lock and the manifest
+
+
+def _snapshot(out_dir):
+    """The directory as one listing: a second one could disagree, a job-array task having renamed a temp into a shard."""
+    snapshot = _Snapshot([], [], [])
+    for path in sorted(out_dir.iterdir()):
+        if shards.SHARD_PATTERN.match(path.name):
+            snapshot.shards.append(path)
+        elif TEMP_PATTERN.match(path.name):
+            snapshot.temps.append(path)
+        elif path.name not in (LOCK_NAME, MANIFEST_NAME):
+            snapshot.others.append(path.name)
+    return snapshot
+
+
+def _existing_run(out_dir, snapshot):
+    """The run whose outputs `out_dir` holds, or None when it holds none.
+
+    The shards say which run it is (their attrs carry its config and hash); the manifest is data
+    derived from them, read here only to compare it with what they say, and it names the run only
+    when no shard can be read. A directory holding other files and no features is refused: it is
+    not ours to fill.
     """
-    try:
-        manifest = shards.read_manifest(out_dir)
-    except PipelineError:
-        manifest = None
-    if manifest is not None:
-        return _Run(manifest["config_sha256"], manifest["config"], manifest)
-    attrs = next(filter(None, map(shards.read_shard_attrs, shards.existing_shards(out_dir))), None)
+    manifest, problem = _read_manifest(out_dir)
+    attrs = next(filter(None, map(shards.read_shard_attrs, snapshot.shards)), None)
     if attrs is not None:
-        return _Run(attrs["config_sha256"], attrs["config"])
-    ours = {LOCK_NAME, MANIFEST_NAME} | {p.name for p in leftover_temps(out_dir)} | {p.name for p in shards.existing_shards(out_dir)}
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
-    if foreign:
+        return _Run(attrs["config_sha256"], attrs["config"], manifest, problem)
+    if manifest is not None and isinstance(manifest.get("config_sha256"), str) and isinstance(manifest.get("config"), dict):
+        return _Run(manifest["config_sha256"], manifest["config"], manifest, problem)
+    if snapshot.others:
         raise PipelineError(
-            f"output directory {out_dir} is not empty and holds no features (it has {foreign[0]}); choose an empty or new directory"
+            f"output directory {out_dir} is not empty and holds no features (it has {snapshot.others[0]}); choose an empty or new directory"
         )
     return None
+
+
+def _read_manifest(out_dir):
+    """(manifest.json as parsed, or None when absent or unreadable; why it could not be read, or None)."""
+    try:
+        manifest = read_json(out_dir / MANIFEST_NAME)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON
+        return None, str(e) if isinstance(e, ValueError) else e.strerror
+    if not isinstance(manifest, dict):
+        return None, f"a JSON {type(manifest).__name__}, not an object"
+    return manifest, None
 
 
 def _same_run(recorded, config, source_sha256):
@@ -194,13 +238,12 @@ def _same_run(recorded, config, source_sha256):
     )
 
 
-def _run_config_to_extract(recorded, config):
+def _run_config_to_extract(recorded, config, out_dir):
     """The recorded run's resolved config, to finish it exactly as it began (with this call's on_error)."""
-    settings = {key: value for key, value in recorded.items() if key not in _SOURCE_KEYS}
-    return dataclasses.replace(ExtractConfig(**settings), on_error=config.on_error)
+    return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error)
 
 
-def _differences(recorded, config, source_sha256, out_dir, listing, ranges):
+def _differences(recorded, config, source_sha256, shard_paths, listing):
     wanted = config.to_dict()
     keys = [
         key for key in wanted
@@ -208,31 +251,52 @@ def _differences(recorded, config, source_sha256, out_dir, listing, ranges):
     ]
     if keys:
         return ", ".join(f"{key}: {recorded.get(key)!r} -> {wanted[key]!r}" for key in keys)
-    return _changed_images(out_dir, listing, ranges) or "same settings, other images"
+    return _changed_images(shard_paths, listing, recorded.get("shard_size")) or "same settings, other images"
 
 
-def _changed_images(out_dir, listing, ranges):
-    """A sentence naming the first listed image that differs from what the shards in `out_dir` were made from."""
-    for path in shards.existing_shards(out_dir):
-        listed = shards.read_listed(path)
+def _changed_images(shard_paths, listing, shard_size):
+    """A sentence naming the first image (by id) listed now or then but not both, or changed since the shards were made.
+
+    Each shard lists the images of its range, so all of them list every image of the old run
+    up to the last id of the last full shard they know; an image listed now in a stretch that no
+    readable shard covers is not called new. None when the shards cannot tell.
+    """
+    then = {}  # id -> (size, mtime_ns) when the shards were made
+    covered = []  # (after, until): ids strictly between them were all listed by some readable shard ("" and None: no bound)
+    previous = None  # (index, last id) of the readable shard before
+    for path in shard_paths:
         index = int(shards.SHARD_PATTERN.match(path.name).group(1))
+        try:
+            listed = shards.read_listed(path)
+        except (OSError, KeyError):  # an unreadable or damaged shard tells nothing
+            continue
         if listed is None:
             return None  # shards written before listings were stored: nothing to compare
-        now = listing.records[slice(*ranges[index])] if index < len(ranges) else ()
-        for k, record in enumerate(now):
-            if k >= len(listed.ids) or listed.ids[k] != record.id:
-                missing = sorted(set(listed.ids) - {r.id for r in now})
-                if missing:
-                    return f"{missing[0]} was listed then but not now"
-                return f"{record.id} is listed now but was not then"
-            if (int(listed.sizes[k]), int(listed.mtimes_ns[k])) != (record.size, record.mtime_ns):
-                return (
-                    f"{record.id} changed since: {int(listed.sizes[k])} -> {record.size} bytes, "
-                    f"modified {_when(listed.mtimes_ns[k])} -> {_when(record.mtime_ns)}"
-                )
-        if len(listed.ids) > len(now):
-            return f"{listed.ids[len(now)]} was listed then but not now"
-    return None
+        if not listed.ids:
+            continue
+        then.update((i, (int(size), int(mtime))) for i, size, mtime in zip(listed.ids, listed.sizes, listed.mtimes_ns))
+        after = "" if index == 0 else previous[1] if previous is not None and previous[0] == index - 1 else listed.ids[0]
+        until = None if shard_size is None or len(listed.ids) < shard_size else listed.ids[-1]
+        covered.append((after, until))
+        previous = (index, listed.ids[-1])
+    if not then:
+        return None
+    now = {record.id: record for record in listing.records}
+    found = {}  # id -> sentence
+    for image_id in then.keys() - now.keys():
+        found[image_id] = f"{image_id} was listed then but not now"
+    starts = [after for after, _ in covered]
+    for image_id in now.keys() - then.keys():
+        k = bisect.bisect_left(starts, image_id) - 1  # the last stretch that begins before the id
+        if k >= 0 and (covered[k][1] is None or image_id < covered[k][1]):
+            found[image_id] = f"{image_id} is listed now but was not then"
+    for image_id in then.keys() & now.keys():
+        (size, mtime), record = then[image_id], now[image_id]
+        if (size, mtime) != (record.size, record.mtime_ns):
+            found[image_id] = (
+                f"{image_id} changed since: {size} -> {record.size} bytes, modified {_when(mtime)} -> {_when(record.mtime_ns)}"
+            )
+    return found[min(found)] if found else None
 
 
 def _when(mtime_ns):
@@ -249,55 +313,62 @@ def _finished(out_dir, run_sha, count):
     return done
 
 
-def _finish_without_computing(existing, listing, count, out_dir, progress, expected_weights, task, started):
+def _finish_without_computing(existing, snapshot, listing, count, out_dir, progress, expected_weights, task, started):
     """All `count` shards are done: report up to date, or (re)write the manifest from the shards, without a model."""
     progress.start(len(listing.records), len(listing.records))
-    attrs = _all_attrs(out_dir, existing.config_sha256)
+    attrs = _all_attrs(snapshot.shards, existing.config_sha256)
     weights = attrs[0]["weights"] if attrs else None
     if expected_weights is not None and weights is not None:
         check_fingerprints(weights, expected_weights)
     skipped = count
     if task:
         return ExtractResult(None, out_dir, written=0, skipped=skipped, up_to_date=True)
-    manifest = existing.manifest
-    if manifest is not None and _manifest_matches(manifest, attrs):
-        return ExtractResult(manifest, out_dir, written=0, skipped=skipped, up_to_date=True)
-    warnings = [] if manifest is None else [f"{out_dir / MANIFEST_NAME} did not match its shards, so it was rebuilt from them"]
-    manifest = _write_manifest(out_dir, existing, listing, count, started, computed=0)
+    manifest = _make_manifest(out_dir, existing, listing, count, attrs, started, computed=0)
+    if existing.manifest is not None and _same_manifest(existing.manifest, manifest):
+        return ExtractResult(existing.manifest, out_dir, written=0, skipped=skipped, up_to_date=True)
+    path = out_dir / MANIFEST_NAME
+    if existing.manifest_problem is not None:
+        warnings = [f"{path} could not be read ({existing.manifest_problem}), so it was rebuilt from the shards"]
+    elif existing.manifest is not None:
+        warnings = [f"{path} did not match its shards, so it was rebuilt from them"]
+    else:
+        warnings = []  # killed between the last shard and the manifest
+    shards.write_manifest(out_dir, manifest)
     return ExtractResult(manifest, out_dir, written=0, skipped=skipped, warnings=warnings + _warnings(manifest))
 
 
-def _all_attrs(out_dir, run_sha):
+def _all_attrs(shard_paths, run_sha):
     attrs = []
-    for path in shards.existing_shards(out_dir):
+    for path in shard_paths:
         found = shards.read_shard_attrs(path)
         if found is not None and found["config_sha256"] == run_sha:
             attrs.append(found)
     return sorted(attrs, key=lambda a: int(a["shard_index"]))
 
 
-def _manifest_matches(manifest, attrs):
-    """Whether a manifest says what the shards say (a hand-edited or stale one does not)."""
-    try:
-        return (
-            [(s["file"], s["rows"]) for s in manifest["shards"]]
-            == [(shards.shard_filename(int(a["shard_index"])), int(a["rows"])) for a in attrs]
-            and manifest["rows"] == sum(int(a["rows"]) for a in attrs)
-            and manifest["errors"] == [e for a in attrs for e in a["errors"]]
-            and manifest["listed"] == manifest["rows"] + len(manifest["errors"])
-        )
-    except (KeyError, TypeError):
-        return False
+def _same_manifest(on_disk, rebuilt):
+    """Whether a manifest read from disk says all that the one rebuilt from the shards says (its timing aside)."""
+    def comparable(manifest):
+        return {key: value for key, value in manifest.items() if key != "timing"}
+
+    return isinstance(on_disk.get("timing"), dict) and comparable(on_disk) == json.loads(json.dumps(comparable(rebuilt)))
 
 
 def _write_manifest(out_dir, run, listing, count, started, computed):
-    """The manifest from the shards' attrs (every one must be there), written last and atomically."""
-    attrs = _all_attrs(out_dir, run.config_sha256)
+    """The manifest from the shards now in `out_dir`, written last and atomically."""
+    attrs = _all_attrs(shards.existing_shards(out_dir), run.config_sha256)
+    manifest = _make_manifest(out_dir, run, listing, count, attrs, started, computed)
+    shards.write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _make_manifest(out_dir, run, listing, count, attrs, started, computed):
+    """The manifest that the shards' `attrs` (every one of the run's `count` must be there) make."""
     if [int(a["shard_index"]) for a in attrs] != list(range(count)):
         raise PipelineError(f"{out_dir} lacks shards of this run; rerun the same command to compute them")
     checked = [a["fidelity"] for a in attrs if a["fidelity"] and a["fidelity"]["rows_checked"]]
     seconds = time.perf_counter() - started
-    manifest = shards.make_manifest(
+    return shards.make_manifest(
         config=run.config,
         config_sha256=run.config_sha256,
         weights=attrs[0]["weights"],
@@ -314,8 +385,6 @@ def _write_manifest(out_dir, run, listing, count, started, computed):
         },
         timing={"seconds": round(seconds, 3), "images": computed, "images_per_second": round(computed / seconds, 2)},
     )
-    shards.write_manifest(out_dir, manifest)
-    return manifest
 
 
 def _warnings(manifest):
@@ -336,20 +405,35 @@ def _check_same_weights(out_dir, done, weights):
             check_fingerprints(weights, recorded)
 
 
-def _remove_outputs(out_dir):
-    """Delete a previous run's manifest (first, so it is never stale) and shards."""
+def _remove_outputs(out_dir, shard_paths):
+    """Delete a previous run's manifest (first, so it is never stale) and its shards; one already gone is fine."""
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    for path in shards.existing_shards(out_dir):
-        path.unlink()
+    for path in shard_paths:
+        path.unlink(missing_ok=True)
 
 
-def _check_space(out_dir, ranges, pending, taps, storage_dtype):
-    """Fail before computing when the pending shards cannot fit on the output's filesystem."""
+def _check_space(out_dir, ranges, pending, taps, storage_dtype, freeable=0):
+    """Fail before computing when the pending shards cannot fit on the output's filesystem.
+
+    `freeable` bytes (the old outputs --overwrite replaces, still on disk) count as free.
+    """
     row_bytes = sum(tap["dim"] for tap in taps) * np.dtype(storage_dtype).itemsize + 256  # plus ids and bookkeeping
     needed = int(_images(ranges, pending) * row_bytes * _SPACE_MARGIN)
     free = shutil.disk_usage(out_dir).free
-    if needed > free:
+    if needed > free + freeable:
+        also = f" (plus {freeable / 2**20:,.0f} MiB the old features would free)" if freeable else ""
         raise PipelineError(
-            f"{len(pending)} shards need about {needed / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB are free "
+            f"{len(pending)} shards need about {needed / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB are free{also} "
             f"where {out_dir} is; free space (or use another --out) and rerun"
         )
+
+
+def _bytes(paths):
+    """The total size of the files at `paths` (one already gone counts 0)."""
+    total = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total

@@ -28,8 +28,6 @@ REPORT_NAME = "reduce.json"  # reduced/: the reduction's record, linking to the 
 TRANSFORM_NAME = "transform.joblib"  # reduced/: the fitted scaling + PCA
 RUN_CONFIG_NAME = "config.json"  # runs/<id>/: the run's record, linking to the reduced dir
 HEAD_NAME = "model.keras"  # runs/<id>/: the trained head
-# Manifest config keys that describe the listed images rather than the extraction.
-_SOURCE_KEYS = ("source", "source_sha256")
 
 
 def sha256_file(path: Path | str) -> str:
@@ -171,16 +169,7 @@ class Lineage:
         default the recorded sources load again: imagenet, random, or the recorded absolute path.
         """
         manifest_path = self.features_dir / MANIFEST_NAME
-        recorded = {key: value for key, value in self.manifest["config"].items() if key not in _SOURCE_KEYS}
-        # A setting added after these features were made takes its default, which by design keeps the
-        # old behaviour; a setting this version does not know cannot be rebuilt.
-        unknown = sorted(set(recorded) - {f.name for f in dataclasses.fields(ExtractConfig)})
-        if unknown:
-            raise PipelineError(
-                f"{manifest_path} records extraction settings this version does not know ({', '.join(unknown)}); "
-                "use the pipeline version that made the features"
-            )
-        config = ExtractConfig(**{**recorded, "taps": self.taps, **changes})
+        config = ExtractConfig.from_run(self.manifest["config"], str(manifest_path), **{"taps": self.taps, **changes})
         if weights is None:
             sources = {name: WeightSource.from_record(self.manifest["weights"][name]["source"]) for name in config.backbones}
             for name, source in sources.items():

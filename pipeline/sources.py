@@ -71,16 +71,23 @@ class Listing:
         return h.hexdigest()
 
 
+_READABLE = "make it readable or give another source"
+
+
 def list_source(source):
     """List a folder tree or a .csv file; fail clearly if it is missing or holds no images."""
     source = Path(source)
-    if not source.exists():
-        raise PipelineError(f"source {source} does not exist; give a folder of images or a CSV file")
-    if source.is_dir():
-        listing = _list_folder(source)
+    try:
+        info = os.stat(source)
+    except (FileNotFoundError, NotADirectoryError):
+        raise PipelineError(f"source {source} does not exist; give a folder of images or a CSV file") from None
+    except OSError as e:  # a parent folder without search permission, a symlink loop
+        raise PipelineError(f"source {source} cannot be read ({_stat_failure(e, source)}); {_READABLE}") from None
+    if stat.S_ISDIR(info.st_mode):
+        listing = _list_folder(source, info)
     elif source.suffix.lower() != ".csv":
         raise PipelineError(f"source {source} is neither a folder nor a .csv file")
-    elif not source.is_file():
+    elif not stat.S_ISREG(info.st_mode):
         raise PipelineError(f"source {source} is not a regular file; give a folder of images or a CSV file")
     else:
         listing = _list_csv(source)
@@ -99,8 +106,8 @@ def _text_of_name(name):
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def _list_folder(root):
-    files, top_folders, warnings = _walk(root)
+def _list_folder(root, info):
+    files, top_folders, warnings = _walk(root, info)
     with_images = {parts[0] for parts, _, _ in files if len(parts) > 1}
     for name in sorted(top_folders - with_images):
         warnings.append(f"folder {name} holds no images; ignored")
@@ -117,15 +124,15 @@ def _list_folder(root):
     return _build_listing(root, entries, found, warnings)
 
 
-def _walk(root):
+def _walk(root, root_info):
     """Image-named files under root: [(id parts as text, path, (size, mtime_ns, problem))], top folders read, warnings.
 
     Hidden entries are skipped. Folder symlinks are followed, but each real folder is walked
-    once, so a symlink loop ends. A folder that cannot be read is a warning, not an abort.
+    once, so a symlink loop ends. A folder below root that cannot be read is a warning, not an abort; root itself is an error.
     """
     files, top_folders, warnings = [], set(), []
     seen = set()  # (device, inode) of walked folders
-    pending = [((), str(Path(root).absolute()), os.stat(root))]
+    pending = [((), str(Path(root).absolute()), root_info)]
     while pending:
         parts, folder, info = pending.pop()
         shown = "/".join(parts) or "."
@@ -137,6 +144,8 @@ def _walk(root):
             with os.scandir(folder) as scan:
                 entries = sorted(scan, key=lambda e: e.name)
         except OSError as e:
+            if not parts:  # the source itself: nothing could be listed
+                raise PipelineError(f"source folder {root} cannot be read ({_stat_failure(e, folder)}); {_READABLE}") from None
             warnings.append(f"folder {shown} cannot be read ({_stat_failure(e, folder)}); skipped")
             continue
         if len(parts) == 1:
@@ -183,7 +192,10 @@ def _stat_failure(error, path):
 
 def _list_csv(csv_path):
     base = csv_path.parent
-    raw = csv_path.read_bytes()
+    try:
+        raw = csv_path.read_bytes()
+    except OSError as e:
+        raise PipelineError(f"CSV {csv_path} cannot be read ({(e.strerror or str(e)).lower()}); {_READABLE}") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

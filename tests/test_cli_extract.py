@@ -162,3 +162,64 @@ def test_the_cli_and_the_stage_one_driver_load_without_tensorflow():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+SLURM_VARIABLES = ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
+
+
+@pytest.mark.parametrize(
+    "env, flags, expected",
+    [
+        ({}, (None, None), (1, 0)),
+        ({"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "5"}, (None, None), (8, 5)),
+        ({"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "5"}, (8, None), (8, 5)),  # used to be task 0
+        ({"SLURM_ARRAY_TASK_ID": "14", "SLURM_ARRAY_TASK_STEP": "2"}, (8, None), (8, 7)),
+        ({"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "1"}, (None, None), (8, 7)),
+        ({"SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "5"}, (4, 2), (4, 2)),  # flags win
+    ],
+)
+def test_the_job_array_index_comes_from_the_flag_else_from_slurm(monkeypatch, env, flags, expected):
+    from pipeline.cli import _job_array
+
+    for name in SLURM_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _job_array(*flags) == expected
+
+
+@pytest.mark.parametrize(
+    "env, flags, message",
+    [
+        ({}, ["--num-workers", 8], "Error: --num-workers 8 needs this task's index: pass --worker-index 0..7"),
+        ({"SLURM_ARRAY_TASK_COUNT": "two"}, [], "Error: $SLURM_ARRAY_TASK_COUNT is 'two', not an integer of at least 1"),
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_STEP": "2"}, ["--num-workers", 4],
+         "Error: $SLURM_ARRAY_TASK_ID 3 is not $SLURM_ARRAY_TASK_MIN 0 plus a multiple of $SLURM_ARRAY_TASK_STEP 2"),
+    ],
+)
+def test_a_job_array_task_without_a_usable_index_is_refused_in_one_sentence(tmp_path, image_tree, run_cli, monkeypatch, env, flags, message):
+    for name in SLURM_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = run_cli("extract", image_tree(), "--out", tmp_path / "f", "--weights", "random", *flags, code=1)
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_an_unknown_tap_is_refused_before_out_is_made_or_a_model_or_ray_starts(tmp_path, image_tree, run_cli, monkeypatch, engine):
+    monkeypatch.setattr("pipeline.engines.make_engine", lambda *a, **k: pytest.fail("an engine was started"))
+    result = run_cli("extract", image_tree(), "--out", tmp_path / "f", "--weights", "random", "--engine", engine,
+                     "--tap", "resnet50:conv4_block7_out", code=1)
+    assert "Error: unknown tap 'resnet50/conv4_block7_out'; valid resnet50 layers are: conv1_pad, conv1_conv" in result.output
+    assert not (tmp_path / "f").exists()
+
+
+def test_the_tap_names_checked_before_building_are_those_of_the_built_trunks():
+    from pipeline.backbones import build_backbone, tap_catalogue
+    from pipeline.config import BACKBONES, TAP_LAYERS, tap_layer
+
+    for name in BACKBONES:
+        built = [tap_layer(info.key) for info in tap_catalogue(name, build_backbone(name, 32))]
+        assert list(TAP_LAYERS[name]) == built, name  # the same order too, so both checks list them alike

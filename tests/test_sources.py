@@ -245,3 +245,48 @@ def write(name, text):
 def test_bad_sources_fail_with_a_clear_message(tmp_path, setup, message):
     with pytest.raises(PipelineError, match=message):
         list_source(setup(tmp_path))
+
+
+def denied(function, path):
+    """`function` failing with EACCES for `path` (chmod 0 would not stop root, who runs these tests in CI)."""
+
+    def guarded(target, *args, **kwargs):
+        if os.path.abspath(os.fspath(target)) == os.path.abspath(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(target))
+        return function(target, *args, **kwargs)
+
+    return guarded
+
+
+def test_a_csv_that_cannot_be_read_is_one_sentence(tmp_path, monkeypatch):
+    import pathlib
+
+    (tmp_path / "l.csv").write_text("path\na.png\n")
+    read_bytes = pathlib.Path.read_bytes
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: denied(read_bytes, tmp_path / "l.csv")(self))
+    with pytest.raises(PipelineError, match=r"^CSV .*l\.csv cannot be read \(permission denied\); make it readable or give another source$"):
+        list_source(tmp_path / "l.csv")
+
+
+def test_a_source_folder_that_cannot_be_read_is_an_error_not_an_empty_listing(tmp_path, monkeypatch):
+    touch_image(tmp_path / "images/cat/a.png")
+    monkeypatch.setattr(os, "scandir", denied(os.scandir, tmp_path / "images"))
+    with pytest.raises(PipelineError, match=r"^source folder .*images cannot be read \(permission denied\); make it readable"):
+        list_source(tmp_path / "images")
+
+
+def test_a_source_that_cannot_even_be_stat_ed_is_one_sentence(tmp_path, monkeypatch):
+    (tmp_path / "l.csv").write_text("path\na.png\n")
+    monkeypatch.setattr(os, "stat", denied(os.stat, tmp_path / "l.csv"))
+    with pytest.raises(PipelineError, match=r"^source .*l\.csv cannot be read \(permission denied\); make it readable"):
+        list_source(tmp_path / "l.csv")
+
+
+def test_an_unreadable_csv_through_the_cli_is_one_line(tmp_path, monkeypatch, run_cli):
+    import pathlib
+
+    (tmp_path / "l.csv").write_text("path\na.png\n")
+    read_bytes = pathlib.Path.read_bytes
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: denied(read_bytes, tmp_path / "l.csv")(self))
+    result = run_cli("extract", tmp_path / "l.csv", "--out", tmp_path / "f", "--weights", "random", code=1)
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: CSV {tmp_path / 'l.csv'} cannot be read (permission denied)")

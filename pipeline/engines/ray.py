@@ -27,7 +27,6 @@ MAX_ATTEMPTS = 3  # a shard whose worker dies this many times stops the run (a c
 REVIVE_SECONDS = 300  # how long the run waits for Ray to restart a worker when none is alive
 VISIBLE_SECONDS = 60  # how long a finished shard may take to show up on the driver (NFS attribute caching)
 _POLL_SECONDS = 5.0
-_SOURCE_KEYS = ("source", "source_sha256")  # run config keys that are not ExtractConfig fields
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,7 @@ class ShardActor:
                     f"{what} {path} does not exist on Ray node {host}; on a cluster the images and --out must be "
                     "on a filesystem every node mounts at the same path"
                 )
-        settings = ExtractConfig(**{key: value for key, value in run.config.items() if key not in _SOURCE_KEYS})
+        settings = ExtractConfig.from_run(run.config, "the run config")
         problem = disagreement([WorkerSummary(settings, run.weights, run.taps, "the run's first workers"), self._summary()])
         if problem:
             raise PipelineError(problem)
