@@ -22,7 +22,7 @@ import tensorflow as tf
 from pipeline import backbones
 from pipeline.config import EXPORT_FORMATS, parse_weights
 from pipeline.errors import PipelineError
-from pipeline.files import leftover_temps, lock_beside, locked, make_dir, remove, replace_dir, storage_errors, temp_sibling
+from pipeline.files import durable_replace, leftover_temps, lock_beside, locked, make_dir, remove, replace_dir, storage_errors, temp_sibling
 from pipeline.inputs import decode_image
 from pipeline.layers import resize_image, square_resize
 from pipeline.lineage import check_fingerprints, load_lineage
@@ -246,7 +246,7 @@ def _save_keras(model, path):
     staging.mkdir()
     try:
         model.save(staging / path.name)
-        os.replace(staging / path.name, path)
+        durable_replace(staging / path.name, path)
     finally:
         remove(staging)
 

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline import shards
 from pipeline.config import ExtractConfig, check_tap_layers, parse_weights, sha256_json
 from pipeline.errors import PipelineError
-from pipeline.files import _TEMP_PATTERN as TEMP_PATTERN, leftover_temps, locked, make_dir, read_json, remove
+from pipeline.files import is_temp, leftover_temps, locked, make_dir, read_json, remove
 from pipeline.lineage import MANIFEST_NAME, check_fingerprints
 from pipeline.sources import Listing
 
@@ -185,7 +185,7 @@ def _snapshot(out_dir):
     for path in sorted(out_dir.iterdir()):
         if shards.SHARD_PATTERN.match(path.name):
             snapshot.shards.append(path)
-        elif TEMP_PATTERN.match(path.name):
+        elif is_temp(path.name):
             snapshot.temps.append(path)
         elif path.name not in (LOCK_NAME, MANIFEST_NAME):
             snapshot.others.append(path.name)

@@ -39,6 +39,11 @@ def temp_sibling(path):
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+def is_temp(name):
+    """Whether a file name is one temp_sibling makes."""
+    return _TEMP_PATTERN.match(name) is not None
+
+
 def leftover_temps(directory, name=None):
     """Temp files and dirs that temp_sibling made in `directory` (say, by a killed run); only those for `name` if given."""
     found = ((p, _TEMP_PATTERN.match(p.name)) for p in Path(directory).iterdir())

@@ -65,9 +65,12 @@ def test_removing_the_old_outputs_tolerates_a_shard_already_gone(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_planning_many_shards_takes_time_linear_in_them(tmp_path, monkeypatch):
-    """Regression: `k in pending` on a list made planning quadratic (30,000 shards took about 7 s)."""
-    import time
+def test_many_shards_are_planned_each_once_in_order(tmp_path, monkeypatch):
+    """30,000 one-image shards: every one handed to the engine once, in shard order, with its image.
+
+    (A `k in pending` over a list once made this planning quadratic; speed is `make bench`'s job,
+    so this checks only what is planned.)
+    """
     from types import SimpleNamespace
 
     from pipeline.extract import extract
@@ -85,7 +88,7 @@ def test_planning_many_shards_takes_time_linear_in_them(tmp_path, monkeypatch):
             return SimpleNamespace(config=config, weights={}, taps=[{"key": "vgg16/block1_pool", "dim": 1}])
 
         def run(self, jobs, run, out_dir, progress):
-            seen["jobs"], seen["seconds"] = len(jobs), time.perf_counter() - started
+            seen["jobs"] = jobs
             raise Planned()
 
         def close(self):
@@ -93,11 +96,10 @@ def test_planning_many_shards_takes_time_linear_in_them(tmp_path, monkeypatch):
 
     monkeypatch.setattr("pipeline.engines.make_engine", lambda *a, **k: Engine())
     config = ExtractConfig(taps=("vgg16/block1_pool",), shard_size=1, weights="random")
-    started = time.perf_counter()
     with pytest.raises(Planned):
         extract(config, Listing(str(tmp_path), records, ()), tmp_path / "f")
-    assert seen["jobs"] == count
-    assert seen["seconds"] < 2, seen  # about 0.2 s here
+    assert [job.index for job in seen["jobs"]] == list(range(count))
+    assert all(job.records == (records[job.index],) for job in seen["jobs"][:: count // 100])
 
 
 def fake_free_space(monkeypatch, free):
