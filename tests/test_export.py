@@ -384,16 +384,10 @@ def test_an_overwrite_whose_final_rename_fails_puts_the_old_version_back(tmp_pat
     target = tmp_path / "serving" / "1"
     target.parent.mkdir()  # as export's _check_writable does
     export_module._write(target, False, functools.partial(export_module._save_saved_model, FakeArchive(b"old")))
-    real = os.rename
-    calls = []
+    def replace(src, dst):  # the new version into place (after the old one was moved aside)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
-    def rename(src, dst):
-        calls.append(src)
-        if len(calls) == 2:  # the new version into place (the first moved the old one aside)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(PipelineError, match=r"cannot write .*serving/1: no space left on device; the previous 1 is unchanged"):
         export_module._write(target, True, functools.partial(export_module._save_saved_model, FakeArchive(b"new")))
     assert (target / "saved_model.pb").read_bytes() == b"old"

@@ -81,7 +81,7 @@ def prepare_run(corpus, work, config: ExtractConfig):
 
     listing = list_source(corpus)
     extract(config, listing, work / "features")
-    components = min(8, len(listing.records) // 2)
+    components = max(1, min(8, len(listing.records) // 4))  # below the train rows (a quarter go to val, by class)
     reduce_features(work / "features", work / "reduced", ReduceConfig(components=components, val_fraction=0.25, test_fraction=0.0))
     head = list(train(work / "reduced", work / "runs", [HeadConfig(hidden=(8,), epochs=2)]))[-1]
     one = work / "one"
