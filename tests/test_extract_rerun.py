@@ -1,9 +1,12 @@
 """Stage one into a used --out: what the shards, the manifest and the flags decide on a rerun."""
 
 import json
+import shutil
 
 import h5py
+import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline import shards
 from pipeline.config import ExtractConfig
@@ -163,6 +166,26 @@ def _edit(change):
     return edit
 
 
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory):
+    """(image root, a finished features dir of two shards, its extract flags), made once: copy the dir to change it."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    work = tmp_path_factory.mktemp("two-shards")
+    root = work / "images"
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / cls / f"{i:03d}.png")
+    args = [*FAST, "--shard-size", "4"]
+    result = CliRunner().invoke(cli, ["extract", str(root), "--out", str(work / "features"), *args])
+    assert result.exit_code == 0, result.output
+    return root, work / "features", args
+
+
 @pytest.mark.parametrize(
     "edit, warning",
     [
@@ -180,10 +203,10 @@ def _edit(change):
         (lambda path: path.write_bytes(b"\xff\xfe"), "could not be read ("),
     ],
 )
-def test_an_edited_or_broken_manifest_is_rebuilt_from_the_shards_without_computing(tmp_path, image_tree, run_cli, monkeypatch, edit, warning):
-    root, out = image_tree(), tmp_path / "f"
-    args = [*FAST, "--shard-size", 4]
-    run_cli("extract", root, "--out", out, *args)
+def test_an_edited_or_broken_manifest_is_rebuilt_from_the_shards_without_computing(tmp_path, two_shards, run_cli, monkeypatch, edit, warning):
+    root, finished, args = two_shards
+    out = tmp_path / "f"
+    shutil.copytree(finished, out)
     good = json.loads((out / "manifest.json").read_text())
     before = shard_stats(out)
     edit(out / "manifest.json")
