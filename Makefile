@@ -68,11 +68,16 @@ demo: install
 bench: $(VENV)/.installed-$(INSTALL_EXTRAS),ray
 	$(BIN)/pipeline bench --out $(BENCH_OUT) $(if $(BENCH_DATA),--data $(BENCH_DATA)) $(BENCH_ARGS)
 
+# Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one of them so that
+# module fixtures (a local Ray, a built lineage) start once. Two overlap TensorFlow's single-threaded
+# start-up and graph building even on 2 cores; TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-$(INSTALL_EXTRAS),test
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(VENV)/.installed-$(INSTALL_EXTRAS),test
-	$(BIN)/pytest -q -m ""
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m ""
 
 clean:
 	rm -rf $(VENV) data/demo data/features data/reduced data/probe data/runs $(BENCH_OUT)
