@@ -171,7 +171,7 @@ EXTRACT_KEYS = (
 @click.option("--worker-index", type=click.IntRange(min=0), help="Job arrays: this task's index, 0..N-1. Default: from $SLURM_ARRAY_TASK_ID (minus $SLURM_ARRAY_TASK_MIN, over $SLURM_ARRAY_TASK_STEP); outside a Slurm array, required with --num-workers above 1.")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(cfg.ENGINES), help="Run shards in this process, or on Ray actors (several GPUs or machines).")
 @click.option("--ray-address", help="--engine ray: `auto` or HOST:PORT of a running Ray cluster. Default: $RAY_ADDRESS, else start a local Ray on this machine.")
-@click.option("--workers", type=click.IntRange(min=1), help="--engine ray: actors to start. Default: one per --gpus-per-worker GPUs Ray sees, else one per --cpus-per-worker CPUs.")
+@click.option("--workers", type=click.IntRange(min=1), help="--engine ray: actors to start. Default: one per --gpus-per-worker GPUs Ray sees, else one per node (one per --cpus-per-worker CPUs when that is given).")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), help="--engine ray: CPUs per actor (decoding, TensorFlow threads). Default: a GPU node's CPUs shared among its actors; without GPUs, a whole node's, or the most that fit --workers.")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="--engine ray: GPUs per actor (a fraction shares one). Default: 1 when Ray sees a GPU, else 0 (CPU actors).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML file with the same keys as these flags; flags win.")

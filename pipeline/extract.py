@@ -108,9 +108,10 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
             f"{out_dir} holds features of a different run ({_differences(existing.config, config, source_sha256, snapshot.shards, listing)}); "
             "use another --out or pass --overwrite"
         )
-    done = _finished(out_dir, existing.config_sha256, len(ranges)) if resumed else set()
+    finished = _finished(out_dir, existing.config_sha256, len(ranges)) if resumed else {}
+    done = set(finished)
     if resumed and len(done) == len(ranges):
-        return _finish_without_computing(existing, snapshot, listing, len(ranges), out_dir, progress, expected_weights, num_workers > 1, started)
+        return _finish_without_computing(existing, finished, listing, out_dir, progress, expected_weights, num_workers > 1, started)
     pending = {k for k in range(len(ranges)) if k not in done and k % num_workers == worker_index}
     if not pending:  # a job-array task whose shards are all done, while others' are not
         return ExtractResult(None, out_dir, written=0, skipped=len(ranges), up_to_date=True)
@@ -304,28 +305,26 @@ def _when(mtime_ns):
 
 
 def _finished(out_dir, run_sha, count):
-    """Indices of the shards of this run that are complete on disk."""
-    done = set()
+    """{index: attrs} of the shards of this run that are complete on disk."""
+    done = {}
     for k in range(count):
         attrs = shards.read_shard_attrs(out_dir / shards.shard_filename(k))
         if attrs is not None and attrs["config_sha256"] == run_sha and int(attrs["shard_index"]) == k:
-            done.add(k)
+            done[k] = attrs
     return done
 
 
-def _finish_without_computing(existing, snapshot, listing, count, out_dir, progress, expected_weights, task, started):
-    """All `count` shards are done: report up to date, or (re)write the manifest from the shards, without a model."""
+def _finish_without_computing(existing, finished, listing, out_dir, progress, expected_weights, task, started):
+    """Every shard is done (`finished`: their attrs by index): report up to date, or (re)write the manifest, without a model."""
     progress.start(len(listing.records), len(listing.records))
-    attrs = _all_attrs(snapshot.shards, existing.config_sha256)
-    weights = attrs[0]["weights"] if attrs else None
-    if expected_weights is not None and weights is not None:
-        check_fingerprints(weights, expected_weights)
-    skipped = count
+    count, attrs = len(finished), [finished[k] for k in sorted(finished)]
+    if expected_weights is not None and attrs:
+        check_fingerprints(attrs[0]["weights"], expected_weights)
     if task:
-        return ExtractResult(None, out_dir, written=0, skipped=skipped, up_to_date=True)
+        return ExtractResult(None, out_dir, written=0, skipped=count, up_to_date=True)
     manifest = _make_manifest(out_dir, existing, listing, count, attrs, started, computed=0)
     if existing.manifest is not None and _same_manifest(existing.manifest, manifest):
-        return ExtractResult(existing.manifest, out_dir, written=0, skipped=skipped, up_to_date=True)
+        return ExtractResult(existing.manifest, out_dir, written=0, skipped=count, up_to_date=True)
     path = out_dir / MANIFEST_NAME
     if existing.manifest_problem is not None:
         warnings = [f"{path} could not be read ({existing.manifest_problem}), so it was rebuilt from the shards"]
@@ -334,7 +333,7 @@ def _finish_without_computing(existing, snapshot, listing, count, out_dir, progr
     else:
         warnings = []  # killed between the last shard and the manifest
     shards.write_manifest(out_dir, manifest)
-    return ExtractResult(manifest, out_dir, written=0, skipped=skipped, warnings=warnings + _warnings(manifest))
+    return ExtractResult(manifest, out_dir, written=0, skipped=count, warnings=warnings + _warnings(manifest))
 
 
 def _all_attrs(shard_paths, run_sha):
