@@ -31,9 +31,9 @@ from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, follow_link, link, recorded_link
 from pipeline.reduce import (
-    REDUCED_NAME, SPLITS, NonFinite, assign_splits, check_shards, choose_solver, load_reduced, masked_chunks, read_rows,
-    resolve_taps, split_sha256, split_source,
+    NonFinite, assign_splits, check_shards, choose_solver, masked_chunks, read_rows, resolve_taps, split_sha256, split_source,
 )
+from pipeline.reduced import REDUCED_NAME, SPLITS, load_reduced
 from pipeline.train import BASELINE_MAX_ITER, class_probabilities, evaluate
 
 PROBE_FORMAT = "pipeline-probe/1"

@@ -24,7 +24,7 @@ from pipeline.files import (
     LockBusy, atomic_path, leftover_temps, locked, make_dir, read_json, remove, replace_dir, storage_errors, temp_sibling, write_json,
 )
 from pipeline.lineage import HEAD_NAME, REPORT_NAME, RUN_CONFIG_NAME as CONFIG_NAME, link, sha256_file
-from pipeline.reduce import load_reduced
+from pipeline.reduced import load_reduced
 
 METRICS_NAME = "metrics.json"
 LEADERBOARD_NAME = "leaderboard.csv"

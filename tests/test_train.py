@@ -12,7 +12,8 @@ from sklearn.linear_model import LogisticRegression
 from pipeline import train as train_module
 from pipeline.config import HeadConfig, ReduceConfig
 from pipeline.errors import PipelineError
-from pipeline.reduce import load_reduced, reduce_features
+from pipeline.reduce import reduce_features
+from pipeline.reduced import load_reduced
 from pipeline.train import leaderboard as leaderboard_rows, sort_rows, sweep_configs, train
 
 QUICK = dict(hidden=(16,), epochs=4, batch_size=32)

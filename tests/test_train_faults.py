@@ -20,7 +20,7 @@ from pipeline import train as train_module
 from pipeline.config import HeadConfig
 from pipeline.errors import PipelineError
 from pipeline.files import leftover_temps, locked
-from pipeline.reduce import load_reduced
+from pipeline.reduced import load_reduced
 from pipeline.train import train
 
 QUICK = ["--hidden", 8, "--epochs", 2, "--batch-size", 32]
