@@ -14,7 +14,8 @@ from pipeline.config import HeadConfig, ReduceConfig
 from pipeline.errors import PipelineError
 from pipeline.reduce import reduce_features
 from pipeline.reduced import load_reduced
-from pipeline.train import leaderboard as leaderboard_rows, sort_rows, sweep_configs, train
+from pipeline.leaderboard import leaderboard as leaderboard_rows, sort_rows
+from pipeline.train import sweep_configs, train
 
 QUICK = dict(hidden=(16,), epochs=4, batch_size=32)
 
