@@ -71,6 +71,11 @@ class Reduced:
     def classes(self):
         return self.report["classes"]
 
+    def split_rows(self, split):
+        """(X, labels) of the rows in `split`."""
+        mask = self.splits == split
+        return self.X[mask], self.labels[mask]
+
 
 def load_reduced(reduced_dir):
     """Read reduced.h5 and reduce.json, failing with one sentence if this is not a finished, intact reduced dir.

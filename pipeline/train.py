@@ -1,19 +1,18 @@
-"""Stage two (b): head runs and sweeps on a reduced dir, the linear-probe baseline, metrics and plots (the leaderboard: leaderboard.py)."""
+"""Stage two (b): head runs and sweeps on a reduced dir, the linear-probe baseline, their records and plots.
+
+Scoring is in scoring.py, the leaderboard in leaderboard.py.
+"""
 
 import contextlib
 import csv
 import itertools
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, log_loss
 
 from pipeline.config import HeadConfig, ParallelConfig, load_toml, normalize_keys, sha256_json
 from pipeline.engines.jobs import task_runner
@@ -24,8 +23,8 @@ from pipeline.leaderboard import (
 )
 from pipeline.lineage import HEAD_NAME, REPORT_NAME, RUN_CONFIG_NAME as CONFIG_NAME, link, sha256_file
 from pipeline.reduced import load_reduced
+from pipeline.scoring import PROBE_MODEL, class_probabilities, fit_linear_probe, split_metrics
 
-BASELINE_MAX_ITER = 1000  # lbfgs iterations for the logistic-regression probe
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -270,11 +269,6 @@ def _publish(runs_dir, data, staging, run_id):
             write_leaderboard(runs_dir)
 
 
-def _rows(data, split):
-    mask = data.splits == split
-    return data.X[mask], data.labels[mask]
-
-
 def _reduced_record(runs_dir, data):
     """How a run's config.json names its reduced dir: path relative to the runs dir, absolute, hashes."""
     reduced = link(data.path, REPORT_NAME, runs_dir)  # relative to the runs dir, as the leaderboard shows it
@@ -282,24 +276,15 @@ def _reduced_record(runs_dir, data):
 
 
 def _fit_baseline(runs_dir, data, job, staging):
-    """The scikit-learn logistic-regression linear probe on the same split, once per reduced dir."""
+    """The linear probe (scoring.fit_linear_probe) on the same split, once per reduced dir."""
     started = time.perf_counter()
-    X_train, y_train = _rows(data, "train")
-    probe = LogisticRegression(max_iter=BASELINE_MAX_ITER)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as "converged" instead
-        probe.fit(X_train, y_train)
-
-    metrics = _split_metrics(data, lambda X: class_probabilities(probe, X, len(data.classes)))
-    metrics.update(
-        iterations=int(np.max(probe.n_iter_)),
-        converged=bool(np.max(probe.n_iter_) < BASELINE_MAX_ITER),
-        seconds=round(time.perf_counter() - started, 3),
-    )
+    probe, fit = fit_linear_probe(*data.split_rows("train"))
+    metrics = split_metrics(data, lambda X: class_probabilities(probe, X, len(data.classes)))
+    metrics.update(**fit, seconds=round(time.perf_counter() - started, 3))
     config = {
         "run_id": job.run_id,
         "kind": "baseline",
-        "model": {"class": "sklearn.linear_model.LogisticRegression", "max_iter": BASELINE_MAX_ITER},
+        "model": PROBE_MODEL,
         "reduced": _reduced_record(runs_dir, data),
     }
     write_json(staging / CONFIG_NAME, config)
@@ -313,9 +298,9 @@ def _fit_head(runs_dir, data, job, staging):
     from pipeline import head  # TensorFlow loads only here, so that `pipeline runs` stays quick
 
     started = time.perf_counter()
-    fitted = head.fit_head(job.config, *_rows(data, "train"), *_rows(data, "val"), len(data.classes), staging / "tensorboard")
+    fitted = head.fit_head(job.config, *data.split_rows("train"), *data.split_rows("val"), len(data.classes), staging / "tensorboard")
     try:
-        metrics = _split_metrics(data, lambda X: head.predict_proba(fitted.model, X))
+        metrics = split_metrics(data, lambda X: head.predict_proba(fitted.model, X))
     except PipelineError as e:
         raise PipelineError(f"run {job.run_id}: {e}; the runs finished so far are kept") from None
     metrics.update(epochs=len(fitted.history["loss"]), best_epoch=fitted.best_epoch, seconds=round(time.perf_counter() - started, 3))
@@ -333,46 +318,6 @@ def _fit_head(runs_dir, data, job, staging):
     _plot_curves(fitted.history, fitted.best_epoch, staging / "curves.png")
     _plot_confusion(metrics, data.classes, staging / "confusion.png")
     return metrics
-
-
-def class_probabilities(model, X, n_classes):
-    """A fitted scikit-learn classifier's probabilities over all `n_classes` (columns of classes it never saw are 0)."""
-    full = np.zeros((len(X), n_classes))
-    full[:, model.classes_] = model.predict_proba(X)
-    return full
-
-
-def _split_metrics(data, proba):
-    """Metrics on val and test (None when there are no test rows), with row counts per split."""
-    metrics = {"rows": {split: int((data.splits == split).sum()) for split in ("train", "val", "test")}}
-    for split in ("val", "test"):
-        X, y = _rows(data, split)
-        metrics[split] = evaluate(y, proba(X), data.classes) if len(y) else None
-    return metrics
-
-
-def evaluate(labels, proba, classes):
-    """Accuracy, macro-F1, log loss, per-class report and confusion matrix of predicted probabilities."""
-    proba = np.asarray(proba, dtype=np.float64)
-    bad = int((~np.isfinite(proba).all(axis=1)).sum())
-    if bad:  # a head whose training diverged (NaN weights); log_loss would raise a ValueError
-        raise PipelineError(
-            f"the predicted probabilities of {bad} of {len(proba)} rows are NaN or Inf, so training diverged; "
-            "try a lower --lr (or stronger --l2)"
-        )
-    proba /= proba.sum(axis=1, keepdims=True)  # float32 softmax rows drift from summing to exactly 1
-    predicted = proba.argmax(axis=1)
-    everyone = list(range(len(classes)))
-    return {
-        "rows": len(labels),
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-        "log_loss": float(log_loss(labels, proba, labels=everyone)),
-        "per_class": classification_report(
-            labels, predicted, labels=everyone, target_names=[str(c) for c in classes], output_dict=True, zero_division=0
-        ),
-        "confusion": confusion_matrix(labels, predicted, labels=everyone).tolist(),
-    }
 
 
 def _write_history(history, path):
