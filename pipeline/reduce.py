@@ -180,14 +180,14 @@ def _reduce(features_dir, manifest, features, out_dir, config, engine, ray_addre
 
     transform = TapTransform(tap_dims, config.scaling, config.components, config.whiten, solver)
     if solver == "incremental":
-        jobs = _shard_jobs(features_dir, manifest, config, is_train)
+        tasks = _shard_sums_tasks(features_dir, manifest, config, is_train)
         if engine == "ray":
             from pipeline.engines.ray_reduce import ray_map
 
             with ray_map(ray_address) as run:
-                fit_incremental(transform, jobs, run)
+                fit_incremental(transform, tasks, run)
         else:
-            fit_incremental(transform, jobs, map)
+            fit_incremental(transform, tasks, map)
     else:
         bad = NonFinite(config.taps, tap_dims)
         X = _stack(_train_rows(_chunks(features_dir, manifest["shards"], config.taps, config.batch_rows), is_train, bad), n_train, dim)
@@ -400,7 +400,7 @@ def _train_rows(chunks, is_train, bad=None):
 
 
 @dataclass(frozen=True)
-class ShardJob:
+class ShardSumsTask:
     """One shard's part of the incremental solver's passes: which rows are train, and how to read it."""
 
     features_dir: Path
@@ -411,29 +411,29 @@ class ShardJob:
     batch_rows: int
 
 
-def _shard_jobs(features_dir, manifest, config, is_train):
+def _shard_sums_tasks(features_dir, manifest, config, is_train):
     dims = {t["key"]: t["dim"] for t in manifest["taps"]}
     offsets = np.cumsum([0, *(entry["rows"] for entry in manifest["shards"])])
     return [
-        ShardJob(features_dir, entry, config.taps, tuple(dims[t] for t in config.taps), is_train[a:b], config.batch_rows)
+        ShardSumsTask(features_dir, entry, config.taps, tuple(dims[t] for t in config.taps), is_train[a:b], config.batch_rows)
         for entry, a, b in zip(manifest["shards"], offsets[:-1], offsets[1:])
     ]
 
 
-def shard_moments(job):
+def shard_moments(task):
     """First pass over one shard: (Moments of its train rows, NonFinite count of all its rows)."""
-    bad = NonFinite(job.taps, job.tap_dims)
-    chunks = _chunks(job.features_dir, [job.entry], job.taps, job.batch_rows)
-    return moment_sums(_train_rows(chunks, job.is_train, bad), sum(job.tap_dims)), bad
+    bad = NonFinite(task.taps, task.tap_dims)
+    chunks = _chunks(task.features_dir, [task.entry], task.taps, task.batch_rows)
+    return moment_sums(_train_rows(chunks, task.is_train, bad), sum(task.tap_dims)), bad
 
 
-def shard_grams(job, transform):
+def shard_grams(task, transform):
     """Second pass over one shard: GramSums of its train rows as `transform` scales them."""
-    chunks = _chunks(job.features_dir, [job.entry], job.taps, job.batch_rows)
-    return gram_sums(map(transform.scale, _train_rows(chunks, job.is_train)), sum(job.tap_dims))
+    chunks = _chunks(task.features_dir, [task.entry], task.taps, task.batch_rows)
+    return gram_sums(map(transform.scale, _train_rows(chunks, task.is_train)), sum(task.tap_dims))
 
 
-def fit_incremental(transform, jobs, run):
+def fit_incremental(transform, tasks, run):
     """Fit `transform` from per-shard sums; `run(function, items)` maps a function over items (here or on Ray).
 
     The sums of each shard are added in shard order as `run` yields them. Locally (`map`) only one
@@ -441,14 +441,14 @@ def fit_incremental(transform, jobs, run):
     (2 per cluster CPU) are running or waiting to be fetched, each holding one shard's sums.
     """
     dim = int(np.sum(transform.tap_dims))
-    moments, bad = Moments(dim), NonFinite(jobs[0].taps, jobs[0].tap_dims)
-    for shard, shard_bad in run(shard_moments, jobs):
+    moments, bad = Moments(dim), NonFinite(tasks[0].taps, tasks[0].tap_dims)
+    for shard, shard_bad in run(shard_moments, tasks):
         moments += shard
         bad += shard_bad
-    bad.check(jobs[0].features_dir, sum(job.entry["rows"] for job in jobs))
+    bad.check(tasks[0].features_dir, sum(task.entry["rows"] for task in tasks))
     transform.fit_scaling(moments)
     grams = GramSums(dim)
-    for part in run(shard_grams, jobs, itertools.repeat(transform)):
+    for part in run(shard_grams, tasks, itertools.repeat(transform)):
         grams += part
     return transform.fit_covariance(grams)
 

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline.config import HeadConfig, ParallelConfig, load_toml, normalize_keys, sha256_json
-from pipeline.engines.jobs import task_runner
+from pipeline.engines.pool import task_runner
 from pipeline.errors import PipelineError
 from pipeline.files import LockBusy, atomic_path, leftover_temps, locked, make_dir, remove, replace_dir, storage_errors, temp_sibling, write_json
 from pipeline.leaderboard import (
@@ -78,7 +78,7 @@ def train(reduced_dir, runs_dir, configs, name=None, parallel=ParallelConfig(), 
     The logistic-regression baseline is recorded once per reduced dir, a finished run is not
     redone (a damaged one is trained again), every run appears in `runs_dir` complete or not at
     all, and leaderboard.csv is rebuilt after every new run. `parallel` says where the runs train
-    (see engines.jobs); `on_warning(sentence)` hears about damaged run dirs.
+    (see engines.pool); `on_warning(sentence)` hears about damaged run dirs.
 
     Other processes may train into the same runs dir at the same time: each run is claimed with
     its own lock while it trains, a run another process holds is left to it (and reported
@@ -127,8 +127,8 @@ def _check_same_split(runs_dir, data, finished):
 
 
 @dataclass(frozen=True)
-class _Job:
-    """One planned run: the baseline (config None) or a head."""
+class _PlannedRun:
+    """One run to train: the baseline (config None) or a head."""
 
     kind: str
     run_id: str
@@ -137,18 +137,18 @@ class _Job:
 
 
 def _plan(runs_dir, data, configs, name):
-    """The baseline's _Job, then one per head config: readable ids, checked against runs already in `runs_dir`."""
+    """The baseline's _PlannedRun, then one per head config: readable ids, checked against runs already in `runs_dir`."""
     if name is not None and (not NAME_PATTERN.fullmatch(name) or name.startswith("baseline-") or name == LEADERBOARD_NAME):
         raise PipelineError(
             f"--name {name!r} must be letters, digits, '.', '_' or '-', not start with 'baseline-' and not be {LEADERBOARD_NAME}"
         )
-    plan = [_Job("baseline", f"baseline-logreg-{data.report_sha256[:8]}")]
+    plan = [_PlannedRun("baseline", f"baseline-logreg-{data.report_sha256[:8]}")]
     for config in configs:
         run_sha = sha256_json({"head": config.to_dict(), "reduce_json_sha256": data.report_sha256})
         auto_id = f"h{'-'.join(map(str, config.hidden)) or 0}_d{config.dropout:g}_{run_sha[:8]}"
         run_id = auto_id if name is None else name if len(configs) == 1 else f"{name}_{auto_id}"
         _check_name_free(runs_dir, run_id, run_sha)
-        plan.append(_Job("head", run_id, config, run_sha))
+        plan.append(_PlannedRun("head", run_id, config, run_sha))
     return plan
 
 
@@ -159,15 +159,15 @@ def _check_name_free(runs_dir, run_id, run_sha, state=None):
         raise PipelineError(f"run {run_id} already exists in {runs_dir} with another config or reduced dir; choose another --name")
 
 
-def _finished(runs_dir, job):
-    """The RunState of `job`'s run dir (its model checked), refusing one that another config finished under the same id.
+def _finished(runs_dir, planned):
+    """The RunState of `planned`'s run dir (its model checked), refusing one that another config finished under the same id.
 
     Called again under the run's lock: another process with the same --name and another config
     may have published the run since _plan checked the name.
     """
-    state = run_state(runs_dir / job.run_id, check_model=True)
-    if job.kind == "head":
-        _check_name_free(runs_dir, job.run_id, job.run_sha, state)
+    state = run_state(runs_dir / planned.run_id, check_model=True)
+    if planned.kind == "head":
+        _check_name_free(runs_dir, planned.run_id, planned.run_sha, state)
     return state
 
 
@@ -175,26 +175,26 @@ def _run_all(runs_dir, data, plan, parallel, on_warning):
     make_dir(runs_dir, "--runs")
     make_dir(runs_dir / LOCKS_DIR, "--runs")
     pending = []
-    for job in plan:
-        state = _finished(runs_dir, job)
+    for planned in plan:
+        state = _finished(runs_dir, planned)
         if state.done:
-            yield RunOutcome(job.run_id, job.kind, state.metrics, True)
+            yield RunOutcome(planned.run_id, planned.kind, state.metrics, True)
             continue
         if state.problem:
             on_warning(f"{state.problem}; training it again")
-        pending.append(job)
+        pending.append(planned)
     if not pending:
         return
     _remember(data)
     with task_runner(parallel) as run:
         busy = []
-        for result in run(_run_job, [(runs_dir, data.path, data.report_sha256, job, False) for job in pending]):
-            if isinstance(result, _Job):
+        for result in run(_train_planned, [(runs_dir, data.path, data.report_sha256, planned, False) for planned in pending]):
+            if isinstance(result, _PlannedRun):
                 busy.append(result)
             else:
                 yield result
         if busy:  # runs another process was training: wait for it, then they are done (or ours, if it failed)
-            yield from run(_run_job, [(runs_dir, data.path, data.report_sha256, job, True) for job in busy])
+            yield from run(_train_planned, [(runs_dir, data.path, data.report_sha256, planned, True) for planned in busy])
 
 
 _loaded = {}  # the reduced data this process last used, by (path, reduce.json sha256): workers reuse it across runs
@@ -215,30 +215,30 @@ def _load(reduced_dir, report_sha256):
     return _loaded[key]
 
 
-def _run_job(runs_dir, reduced_dir, report_sha256, job, wait):
-    """Train and publish one run, in whichever process runs it; a run another process holds comes back as its _Job.
+def _train_planned(runs_dir, reduced_dir, report_sha256, planned, wait):
+    """Train and publish one run, in whichever process runs it; a run another process holds comes back as its _PlannedRun.
 
     Without `wait`, a run whose lock is held is left to its holder. Under the run's lock, temp
     dirs left by a killed earlier attempt are abandoned, so they are removed.
     """
     try:
-        with locked(runs_dir / LOCKS_DIR / f"{job.run_id}.lock", f"run {job.run_id} in {runs_dir}", wait=wait):
-            state = _finished(runs_dir, job)
+        with locked(runs_dir / LOCKS_DIR / f"{planned.run_id}.lock", f"run {planned.run_id} in {runs_dir}", wait=wait):
+            state = _finished(runs_dir, planned)
             if state.done:
-                return RunOutcome(job.run_id, job.kind, state.metrics, True)
-            for leftover in leftover_temps(runs_dir, job.run_id):
+                return RunOutcome(planned.run_id, planned.kind, state.metrics, True)
+            for leftover in leftover_temps(runs_dir, planned.run_id):
                 remove(leftover)
             data = _load(reduced_dir, report_sha256)
-            with storage_errors(f"run {job.run_id} in {runs_dir}", "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"):
-                with _staging(runs_dir / job.run_id) as staging:
-                    if job.kind == "baseline":
-                        metrics = _fit_baseline(runs_dir, data, job, staging)
+            with storage_errors(f"run {planned.run_id} in {runs_dir}", "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"):
+                with _staging(runs_dir / planned.run_id) as staging:
+                    if planned.kind == "baseline":
+                        metrics = _fit_baseline(runs_dir, data, planned, staging)
                     else:
-                        metrics = _fit_head(runs_dir, data, job, staging)
-                    _publish(runs_dir, data, staging, job.run_id)
+                        metrics = _fit_head(runs_dir, data, planned, staging)
+                    _publish(runs_dir, data, staging, planned.run_id)
     except LockBusy:
-        return job
-    return RunOutcome(job.run_id, job.kind, metrics, False)
+        return planned
+    return RunOutcome(planned.run_id, planned.kind, metrics, False)
 
 
 @contextlib.contextmanager
@@ -275,14 +275,14 @@ def _reduced_record(runs_dir, data):
     return {**reduced.to_json("reduced"), "split_sha256": data.report["splits"]["sha256"]}
 
 
-def _fit_baseline(runs_dir, data, job, staging):
+def _fit_baseline(runs_dir, data, planned, staging):
     """The linear probe (scoring.fit_linear_probe) on the same split, once per reduced dir."""
     started = time.perf_counter()
     probe, fit = fit_linear_probe(*data.split_rows("train"))
     metrics = split_metrics(data, lambda X: class_probabilities(probe, X, len(data.classes)))
     metrics.update(**fit, seconds=round(time.perf_counter() - started, 3))
     config = {
-        "run_id": job.run_id,
+        "run_id": planned.run_id,
         "kind": "baseline",
         "model": PROBE_MODEL,
         "reduced": _reduced_record(runs_dir, data),
@@ -293,23 +293,23 @@ def _fit_baseline(runs_dir, data, job, staging):
     return metrics
 
 
-def _fit_head(runs_dir, data, job, staging):
+def _fit_head(runs_dir, data, planned, staging):
     """Fit one head and write its files: config (with the model's sha256), metrics, history, model, plots, TensorBoard logs."""
     from pipeline import head  # TensorFlow loads only here, so that `pipeline runs` stays quick
 
     started = time.perf_counter()
-    fitted = head.fit_head(job.config, *data.split_rows("train"), *data.split_rows("val"), len(data.classes), staging / "tensorboard")
+    fitted = head.fit_head(planned.config, *data.split_rows("train"), *data.split_rows("val"), len(data.classes), staging / "tensorboard")
     try:
         metrics = split_metrics(data, lambda X: head.predict_proba(fitted.model, X))
     except PipelineError as e:
-        raise PipelineError(f"run {job.run_id}: {e}; the runs finished so far are kept") from None
+        raise PipelineError(f"run {planned.run_id}: {e}; the runs finished so far are kept") from None
     metrics.update(epochs=len(fitted.history["loss"]), best_epoch=fitted.best_epoch, seconds=round(time.perf_counter() - started, 3))
     fitted.model.save(staging / HEAD_NAME)
     write_json(staging / CONFIG_NAME, {
-        "run_id": job.run_id,
+        "run_id": planned.run_id,
         "kind": "head",
-        "run_sha256": job.run_sha,
-        "head": job.config.to_dict(),
+        "run_sha256": planned.run_sha,
+        "head": planned.config.to_dict(),
         "reduced": _reduced_record(runs_dir, data),
         "model_sha256": sha256_file(staging / HEAD_NAME),
     })

@@ -213,13 +213,13 @@ class FakeActor:
 
 
 def run_fake(tmp_path, actors, shard_count=4, size=3):
-    from pipeline.engines import ShardJob
+    from pipeline.engines import ShardTask
     from pipeline.engines.ray import RayEngine
 
     engine = RayEngine()
     engine._ray, engine._actors = FakeRay(), actors
     shown = []
-    jobs = [ShardJob(k, (None,) * size) for k in range(shard_count)]
+    jobs = [ShardTask(k, (None,) * size) for k in range(shard_count)]
     engine.run(jobs, None, tmp_path, shown.append)
     return sum(shown)
 

@@ -3,10 +3,10 @@
 Stage one: whatever runs a shard builds a `worker.ShardWorker` and writes the same bytes through
 the same writer; only the driver (or a plain rerun) writes the manifest, last. An engine
 (config.ENGINES) has `start(config)` (returns an object with the resolved `.config`, `.weights`
-and `.taps`), `run(jobs, run_identity, out_dir, progress)` and `close()`. This module does not
+and `.taps`), `run(tasks, run_identity, out_dir, progress)` and `close()`. This module does not
 import TensorFlow, so a driver that hands shards to Ray never loads it.
 
-Stage two: `jobs` runs train's runs at once (joblib: here, loky processes or Ray), and
+Stage two: `pool` runs train's runs at once (joblib: here, loky processes or Ray), and
 `ray_reduce` runs reduce's per-shard sums as Ray tasks; `ray_cluster` connects to Ray for both stages.
 """
 
@@ -17,8 +17,8 @@ from pipeline.sources import ImageRecord
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    """One shard to compute: its index and the listed images it covers, in id order."""
+class ShardTask:
+    """One shard for an engine to compute: its index and the listed images it covers, in id order."""
 
     index: int
     records: tuple[ImageRecord, ...]
