@@ -36,8 +36,48 @@ def run_state(run_dir, check_model=False):
 
     A head run records its model.keras sha256 (runs from before that are trusted as they are).
     """
-    if not run_dir.is_dir() or not any((run_dir / name).exists() for name in (CONFIG_NAME, METRICS_NAME)):
+    state = _records_state(run_dir)
+    if check_model and state.done and state.config["kind"] == "head":
+        model = run_dir / HEAD_NAME
+        recorded = state.config.get("model_sha256")
+        if not model.is_file() or (recorded is not None and sha256_file(model) != recorded):
+            return RunState(state.config, problem=f"run dir {run_dir} is damaged ({HEAD_NAME} is {'changed' if model.is_file() else 'missing'})")
+    return state
+
+
+_parsed = {}  # run dir -> (_signature of its records, their RunState): publishing a run re-reads only the run dirs that changed
+
+
+def _records_state(run_dir):
+    """The RunState of `run_dir`'s records, parsed again only when one of them was replaced or changed since it was last read."""
+    signature = _signature(run_dir)
+    if signature == (None, None):
         return RunState()
+    cached = _parsed.get(run_dir)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    state = _read_records(run_dir)
+    _parsed[run_dir] = (signature, state)
+    return state
+
+
+def _signature(run_dir):
+    """(inode, size, mtime) of config.json and of metrics.json, None for one that is not there.
+
+    Runs are published by renaming a new dir into place, so a rewritten record is a new inode.
+    """
+    signature = []
+    for name in (CONFIG_NAME, METRICS_NAME):
+        try:
+            stat = (run_dir / name).stat()
+        except OSError:
+            signature.append(None)
+        else:
+            signature.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(signature)
+
+
+def _read_records(run_dir):
     try:
         config, metrics = read_json(run_dir / CONFIG_NAME), read_json(run_dir / METRICS_NAME)
         _leaderboard_row(run_dir.name, config, metrics)  # every field the leaderboard needs is there
@@ -46,11 +86,6 @@ def run_state(run_dir, check_model=False):
         return RunState(problem=f"run dir {run_dir} is damaged ({first_line(e)})")
     except (KeyError, TypeError, IndexError) as e:
         return RunState(problem=f"run dir {run_dir} is damaged (its records lack {e})")
-    if check_model and config["kind"] == "head":
-        model = run_dir / HEAD_NAME
-        recorded = config.get("model_sha256")
-        if not model.is_file() or (recorded is not None and sha256_file(model) != recorded):
-            return RunState(config, problem=f"run dir {run_dir} is damaged ({HEAD_NAME} is {'changed' if model.is_file() else 'missing'})")
     return RunState(config, metrics)
 
 
