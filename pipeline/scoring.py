@@ -42,7 +42,7 @@ def split_metrics(data, proba):
 
 def evaluate(labels, proba, classes):
     """Accuracy, macro-F1, log loss, per-class report and confusion matrix of predicted probabilities."""
-    proba = np.asarray(proba, dtype=np.float64)
+    proba = np.array(proba, dtype=np.float64)  # a copy: normalising below must not change the caller's array
     bad = int((~np.isfinite(proba).all(axis=1)).sum())
     if bad:  # a head whose training diverged (NaN weights); log_loss would raise a ValueError
         raise PipelineError(

@@ -16,6 +16,7 @@ from pipeline.errors import PipelineError
 from pipeline.leaderboard import leaderboard as leaderboard_rows, sort_rows
 from pipeline.reduce import reduce_features
 from pipeline.reduced import load_reduced
+from pipeline.scoring import evaluate
 from pipeline.train import sweep_configs, train
 
 QUICK = dict(hidden=(16,), epochs=4, batch_size=32)
@@ -266,6 +267,15 @@ def test_publishing_a_run_reads_each_run_dir_once(reduced_dir, tmp_path, monkeyp
     assert sorted(reads) == sorted(tmp_path / "runs" / o.run_id / name for o in outcomes for name in ("config.json", "metrics.json"))
     (tmp_path / "runs" / outcomes[1].run_id / "metrics.json").write_text("{}")  # a changed record is read again
     assert leaderboard_module.run_state(tmp_path / "runs" / outcomes[1].run_id).problem is not None
+
+
+def test_evaluate_leaves_the_callers_probabilities_as_they_were():
+    """Regression: evaluate normalised float64 probabilities in the caller's array."""
+    proba = np.array([[0.2, 0.2], [0.9, 0.3], [0.1, 0.5]])
+    before = proba.copy()
+    metrics = evaluate(np.array([0, 0, 1]), proba, ["a", "b"])
+    np.testing.assert_array_equal(proba, before)
+    assert metrics["accuracy"] == 1.0 and metrics["rows"] == 3
 
 
 # --- command line
