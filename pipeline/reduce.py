@@ -39,7 +39,8 @@ def assign_splits(ids, labels, given, val_fraction, test_fraction, seed):
     """train/val/test for every row: the source's split where it gave one, else a stable stratified hash.
 
     Within each class, rows without a given split are ordered by sha256(f"{seed}:{id}"); the first
-    round(n * test_fraction) go to test, the next round(n * val_fraction) to val, the rest to train.
+    n * test_fraction rounded half up go to test, the next n * val_fraction rounded half up to val
+    (Python's round() would round halves to even), the rest to train.
     Unlabeled rows (label -1) are placed by their own hash alone.
     """
     splits = np.array(given, dtype=object)
