@@ -111,7 +111,7 @@ def _nvidia_smi(smi, build):
         findings.append(Finding(f"nvidia-smi GPU {gpu['index']}", OK, f"{gpu['name']}, {memory}, compute {capability}, driver {gpu['driver']}"))
     if not build.get("is_cuda_build"):
         findings.append(Finding(
-            "TensorFlow build", FAIL, "this TensorFlow cannot use the GPUs nvidia-smi lists",
+            "TensorFlow for the GPUs", FAIL, "this TensorFlow is a CPU-only build",
             "install the GPU build: `make install TF_EXTRA=gpu` (it removes tensorflow-cpu first)",
         ))
     findings += _driver(smi.gpus[0]["driver"], build.get("cuda_version", ""))
