@@ -53,10 +53,12 @@ class PipelineGroup(click.Group):
 class TensorFlowCommand(click.Command):
     """A command that runs TensorFlow in this process: the device options are set before its body runs.
 
-    This is the one place commands set them (devices.configure), after the flags are parsed and
-    before anything imports TensorFlow. `runs_here(params)` says whether TensorFlow runs in this
-    process (extract on Ray leaves it to the actors). `gpu_work` commands warn loudly when
-    nvidia-smi lists a GPU that TensorFlow does not see.
+    This is where commands set them (devices.configure), after the flags are parsed and before
+    anything imports TensorFlow. `runs_here(params)` says whether TensorFlow runs in this process
+    (train with --jobs leaves it to its workers). `gpu_work` commands warn loudly when nvidia-smi
+    lists a GPU that TensorFlow does not see. `extract` is not one: it loads TensorFlow only when
+    there is something to compute, and its worker (engines.worker.ShardWorker) sets the options
+    first, in this process or in a Ray actor.
     """
 
     def __init__(self, *args, runs_here=lambda params: True, gpu_work=False, **kwargs):
@@ -68,10 +70,15 @@ class TensorFlowCommand(click.Command):
             for problem in devices.configure():
                 click.echo(f"warning: {problem}", err=True)
             if self.gpu_work:
-                unseen = devices.unseen_gpus_warning(bool(devices.tensorflow_gpus()))
-                if unseen:
-                    click.echo(click.style(f"WARNING: {unseen}", fg="red", bold=True), err=True)
+                warn_unseen_gpus()
         return super().invoke(ctx)
+
+
+def warn_unseen_gpus():
+    """Loudly, when nvidia-smi lists an NVIDIA GPU but TensorFlow sees none (the work would run on the CPU)."""
+    unseen = devices.unseen_gpus_warning(bool(devices.tensorflow_gpus()))
+    if unseen:
+        click.echo(click.style(f"WARNING: {unseen}", fg="red", bold=True), err=True)
 
 
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -129,15 +136,17 @@ class Progress:
     """A tqdm bar on a terminal; a plain line every `interval` seconds otherwise.
 
     `start` gives the total and the images an earlier run finished; the rate and ETA count only
-    the images computed now.
+    the images computed now. `before_computing()` runs at the start of a run with images to compute.
     """
 
-    def __init__(self, label, interval=10.0):
-        self.label, self.interval = label, interval
+    def __init__(self, label, interval=10.0, before_computing=None):
+        self.label, self.interval, self.before_computing = label, interval, before_computing
         self.total = self.done = self.computed = 0
         self.bar = None
 
     def start(self, total, done):
+        if done < total and self.before_computing is not None:
+            self.before_computing()
         self.total, self.done = total, done
         self.started = self.last = time.monotonic()
         if sys.stderr.isatty():
@@ -175,7 +184,7 @@ EXTRACT_KEYS = (
 )
 
 
-@cli.command(cls=TensorFlowCommand, gpu_work=True, runs_here=lambda params: params["engine"] == "local")
+@cli.command()
 @click.argument("source", type=click.Path(exists=True, path_type=str))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Features directory to write (shards + manifest.json).")
 @click.option("--backbone", multiple=True, type=click.Choice(cfg.BACKBONES), help="Backbone to run; repeat for several. Default: both, or those of --tap.")
@@ -221,7 +230,8 @@ def extract(ctx, source, out, config_file, num_workers, worker_index, engine, ra
         click.echo(f"warning: {warning}", err=True)
     total = len(listing.records)
     click.echo(f"extract: {total} images from {source} -> {out}", err=True)
-    progress = Progress("extract")
+    # The local engine's worker has loaded TensorFlow (with the device options) when the computing starts.
+    progress = Progress("extract", before_computing=warn_unseen_gpus if engine == "local" else None)
     try:
         result = run_extract(
             config, listing, out, overwrite=overwrite, progress=progress, engine=engine, engine_options=engine_options,

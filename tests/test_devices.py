@@ -95,9 +95,37 @@ def test_every_command_that_runs_tensorflow_sets_the_device_options_first():
     from pipeline.cli import TensorFlowCommand, cli
 
     runs_tensorflow = {name for name, command in cli.commands.items() if isinstance(command, TensorFlowCommand)}
-    assert runs_tensorflow == {"extract", "predict", "export", "train", "taps", "bench", "doctor"}
-    assert not cli.commands["extract"].runs_here({"engine": "ray"})  # the actors configure themselves
+    assert runs_tensorflow == {"predict", "export", "train", "taps", "bench", "doctor"}  # extract: in its worker
     assert not cli.commands["train"].runs_here({"engine": "local", "jobs": 2})
+
+
+def test_the_worker_sets_the_device_options_before_it_builds_anything(monkeypatch):
+    from pipeline.engines import worker
+
+    order = []
+    monkeypatch.setattr(devices, "configure", lambda: order.append("configure") or [])
+    monkeypatch.setattr(worker.backbones, "build_backbone", lambda *args: order.append("build") or pytest.fail("built"))
+    with pytest.raises(pytest.fail.Exception):
+        worker.ShardWorker(ExtractConfig(taps=("vgg16/block1_pool",), image_size=32, weights="random"))
+    assert order == ["configure", "build"]
+
+
+UP_TO_DATE_RERUN = textwrap.dedent("""
+    import atexit, sys
+    atexit.register(lambda: print("TENSORFLOW", "tensorflow" in sys.modules))
+    from pipeline.cli import main
+    sys.argv = ["pipeline", *sys.argv[1:]]
+    main()
+""")
+
+
+def test_an_up_to_date_extract_still_loads_no_tensorflow(tmp_path, image_tree, run_cli):
+    root = image_tree(per_class=1)
+    args = ["extract", root, "--out", tmp_path / "f", "--weights", "random", "--image-size", "32", "--tap", "vgg16:block1_pool"]
+    run_cli(*args)
+    done = subprocess.run([sys.executable, "-c", UP_TO_DATE_RERUN, *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "up to date" in done.stdout and "TENSORFLOW False" in done.stdout
 
 
 def test_tests_ask_for_memory_growth_too():
