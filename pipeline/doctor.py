@@ -292,9 +292,13 @@ def probe():
 
 def _gpu_memory():
     """{device: bytes TensorFlow's allocator may use} per GPU (device_lib creates the devices, with growth on)."""
-    from tensorflow.python.client import device_lib
+    try:
+        from tensorflow.python.client import device_lib  # not public API: without it, no memory figures
 
-    return {device.name.removeprefix("/device:"): int(device.memory_limit) for device in device_lib.list_local_devices() if device.device_type == "GPU"}
+        local = device_lib.list_local_devices()
+    except Exception:
+        return {}
+    return {device.name.removeprefix("/device:"): int(device.memory_limit) for device in local if device.device_type == "GPU"}
 
 
 if __name__ == "__main__":
