@@ -34,7 +34,7 @@ class ShardWorker:
     """
 
     def __init__(self, config: ExtractConfig, eager: bool = False):
-        for problem in devices.configure():  # a no-op after the CLI's; first in a Ray actor
+        for problem in devices.configure():  # first thing in extract and in a Ray actor; a no-op after predict's
             warnings.warn(problem, stacklevel=2)
         gpus = devices.tensorflow_gpus()
         gpu = bool(gpus)
