@@ -401,6 +401,7 @@ def inspect(features, verify):
             raise click.ClickException(f"{len(problems)} problem(s) in {features}")
         click.echo(f"verified: {len(m['shards'])} shards, {m['rows']} rows, no problems")
 
+
 @cli.command(cls=TensorFlowCommand)
 @click.option("--out", default=".", show_default=True, type=click.Path(file_okay=False), help="Where features would go: its free space is reported.")
 @click.option("--require-gpu", is_flag=True, help="Exit non-zero when TensorFlow sees no GPU (for a GPU node's job script).")
