@@ -177,6 +177,34 @@ def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_deco
     return dataset.flat_map(shard).prefetch(AUTOTUNE)
 
 
+def pillow_batches(items, batch_size, image_size, resize, failed):
+    """Decode with Pillow what TensorFlow could not: batches of (indices int64 (B,), images float32 (B, S, S, 3)).
+
+    `items` are (index, path, problem) in order; one with a problem, or that Pillow cannot decode
+    either, goes to `failed(index, reason)` (which may raise to stop) and into no batch. Pictures are
+    decoded `batch_size` at a time, each batch once the caller has taken the one before, so a shard
+    that only Pillow can read holds one batch of pictures, not the whole shard; the batches are the
+    same as decoding all first and then batching would give.
+    """
+    indices, pictures = [], []
+    for index, path, problem in items:
+        try:
+            if problem:
+                raise UndecodableImage(problem)
+            pixels = decode_with_pillow(path)
+        except UndecodableImage as e:
+            failed(index, str(e))
+            continue
+        indices.append(index)
+        pictures.append(resize_image(tf.constant(pixels), image_size, resize))
+        del pixels
+        if len(pictures) == batch_size:
+            yield np.array(indices, np.int64), tf.stack(pictures)
+            indices, pictures = [], []
+    if pictures:
+        yield np.array(indices, np.int64), tf.stack(pictures)
+
+
 def decode_with_pillow(path):
     """Pillow decode to uint8 RGB (H, W, 3): first frame only, 16-bit as TensorFlow does it, alpha dropped.
 

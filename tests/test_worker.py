@@ -9,6 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from pipeline import shards
+from pipeline import inputs as inputs_module
 from pipeline.engines import worker as worker_module
 from pipeline.inputs import UndecodableImage, decode_with_pillow, resize_image
 
@@ -19,25 +20,22 @@ def files_bytes(features):
     return {p.name: p.read_bytes() for p in sorted(features.glob("shard-*.h5"))}
 
 
-def _fallback_before_batching(self, missing):
-    """The fallback as it was: every picture of the shard decoded first, then computed batch by batch (the reference)."""
-    rescued, pictures, errors = [], [], []
-    for index in missing:
-        record = self._record(index)
+def _pillow_batches_decoding_all_first(items, batch_size, image_size, resize, failed):
+    """The fallback as it was: every picture of the shard decoded first, then batched (the reference)."""
+    rescued, pictures = [], []
+    for index, path, problem in items:
         try:
-            if record.problem:
-                raise UndecodableImage(record.problem)
-            pixels = decode_with_pillow(record.path)
+            if problem:
+                raise UndecodableImage(problem)
+            pixels = decode_with_pillow(path)
         except UndecodableImage as e:
-            errors.append({"id": record.id, "path": record.path, "reason": str(e)})
+            failed(index, str(e))
             continue
         rescued.append(index)
-        pictures.append(resize_image(tf.constant(pixels), self.config.image_size, self.config.resize))
-    if not rescued:
-        return None, errors
-    batch, indices = self.config.batch_size, np.array(rescued, np.int64)
-    outputs = [self._compute(indices[i : i + batch], tf.stack(pictures[i : i + batch])) for i in range(0, len(pictures), batch)]
-    return (indices, {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}), errors
+        pictures.append(resize_image(tf.constant(pixels), image_size, resize))
+    indices = np.array(rescued, np.int64)
+    for i in range(0, len(pictures), batch_size):
+        yield indices[i : i + batch_size], tf.stack(pictures[i : i + batch_size])
 
 
 def test_the_fallback_holds_one_batch_of_pictures_and_gives_the_same_bytes(tmp_path, run_cli, monkeypatch):
@@ -51,21 +49,21 @@ def test_the_fallback_holds_one_batch_of_pictures_and_gives_the_same_bytes(tmp_p
     args = [*FAST, "--shard-size", 10, "--batch-size", 2]
 
     state = {"fallback": False, "held": 0, "peak": 0}
-    real_fallback, real_compute, real_decode = (
-        worker_module._ShardAssembler._fallback, worker_module._ShardAssembler._compute, worker_module.decode_with_pillow,
+    real_rescue, real_features, real_decode = (
+        worker_module._ShardAssembler._rescue, worker_module._TapRunner.features, inputs_module.decode_with_pillow,
     )
 
-    def fallback(self, missing):
+    def rescue(self, missing, errors):
         state["fallback"] = True
         try:
-            return real_fallback(self, missing)
+            return real_rescue(self, missing, errors)
         finally:
             state["fallback"] = False
 
-    def compute(self, indices, images):
+    def features(self, images, row_id, check_fidelity=False):
         if state["fallback"]:
-            state["held"] -= len(indices)  # computed: the worker lets go of these pictures
-        return real_compute(self, indices, images)
+            state["held"] -= int(images.shape[0])  # computed: the worker lets go of these pictures
+        return real_features(self, images, row_id, check_fidelity)
 
     def decode(path):
         pixels = real_decode(path)
@@ -74,14 +72,14 @@ def test_the_fallback_holds_one_batch_of_pictures_and_gives_the_same_bytes(tmp_p
         return pixels
 
     with monkeypatch.context() as patch:
-        patch.setattr(worker_module._ShardAssembler, "_fallback", fallback)
-        patch.setattr(worker_module._ShardAssembler, "_compute", compute)
-        patch.setattr(worker_module, "decode_with_pillow", decode)
+        patch.setattr(worker_module._ShardAssembler, "_rescue", rescue)
+        patch.setattr(worker_module._TapRunner, "features", features)
+        patch.setattr(inputs_module, "decode_with_pillow", decode)
         run_cli("extract", tmp_path / "images", "--out", tmp_path / "batched", *args)
     assert state["peak"] == 2 and state["held"] == 0  # 7 TIFFs, at most one batch of 2 decoded at once
 
     with monkeypatch.context() as patch:
-        patch.setattr(worker_module._ShardAssembler, "_fallback", _fallback_before_batching)
+        patch.setattr(worker_module, "pillow_batches", _pillow_batches_decoding_all_first)
         run_cli("extract", tmp_path / "images", "--out", tmp_path / "reference", *args)
     assert files_bytes(tmp_path / "batched") == files_bytes(tmp_path / "reference") and files_bytes(tmp_path / "batched")
     manifest = shards.read_manifest(tmp_path / "batched")

@@ -19,7 +19,7 @@ from pipeline.config import ExtractConfig, parse_weights, tap_backbone, tap_laye
 from pipeline.engines import RunIdentity, ShardJob
 from pipeline.errors import PipelineError
 from pipeline.files import storage_errors
-from pipeline.inputs import UndecodableImage, decode_with_pillow, image_batches, resize_image
+from pipeline.inputs import image_batches, pillow_batches
 
 FIDELITY_ROWS = 8  # rows of each shard's first batch also run in float32 to check reduced precision
 _MAX_PENDING_WRITES = 2  # shards buffered for the writer before compute waits
@@ -68,7 +68,7 @@ class ShardWorker:
             self.config.batch_size, self.config.image_size, self.config.resize, self.config.fast_decode,
         )
         with _ShardWriter(Path(out_dir), run, self.config.storage_dtype) as writer:
-            assembler = _ShardAssembler(self, jobs, offsets, writer, done.append)
+            assembler = _ShardAssembler(self._runner, self.dims, self.config, jobs, offsets, writer, done.append)
             for indices, images in batches:
                 assembler.add(indices.numpy(), images)
                 writer.raise_failure()
@@ -97,7 +97,7 @@ def _tap_entry(info, pooling):
 
 
 class _TapRunner:
-    """The forward pass (traced unless eager), plus its float32 twin for the fidelity check.
+    """The forward pass (traced unless eager), its float32 twin for the fidelity check, and the checks on what it computes.
 
     The twin is built on a background thread once the weights are in, while the first batch
     decodes and computes; building Keras layers is Python work, computing them is not.
@@ -121,6 +121,35 @@ class _TapRunner:
     def __call__(self, images):
         return {key: value.numpy() for key, value in self._forward(images).items()}
 
+    def features(self, images, row_id, check_fidelity=False):
+        """(features of one batch as they will be stored, the fidelity check of its first rows or None unless `check_fidelity`).
+
+        Both what the model computed and its cast to the storage dtype must be finite: float16
+        holds nothing above 65504, which the float32 pooling can exceed. `row_id(row)` names the
+        image of a batch row in the error.
+        """
+        features = self(images)
+        dtype = np.dtype(self.config.storage_dtype)
+        for key, values in features.items():
+            row = _first_non_finite(values)
+            if row is not None:
+                raise PipelineError(
+                    f"{self.config.precision} gives non-finite features (NaN or Inf) for {row_id(row)} at tap {key}; "
+                    "rerun with --precision float32"
+                )
+        fidelity = self.fidelity(images, features) if check_fidelity else None
+        with np.errstate(over="ignore"):  # an overflow is found below, and named
+            stored = {key: values.astype(dtype, copy=False) for key, values in features.items()}
+        for key, values in stored.items():
+            row = _first_non_finite(values)
+            if row is not None:
+                largest = float(np.abs(features[key][~np.isfinite(values)]).max())
+                raise PipelineError(
+                    f"--storage-dtype {dtype} cannot hold the features of {row_id(row)} at tap {key} (values up to "
+                    f"{largest:.4g}, more than {dtype}'s largest {float(np.finfo(dtype).max):g}); rerun with --storage-dtype float32"
+                )
+        return stored, fidelity
+
     def fidelity(self, images, features):
         """{min_cosine_vs_float32, rows_checked} of this policy's `features` of `images` (first FIDELITY_ROWS)."""
         rows = min(int(images.shape[0]), FIDELITY_ROWS)
@@ -129,6 +158,12 @@ class _TapRunner:
         reference = {key: value.numpy() for key, value in self._twin.result()(images[:rows], training=False).items()}
         cosines = np.concatenate([row_cosines(features[key][:rows], reference[key]) for key in reference])
         return {"min_cosine_vs_float32": float(cosines.min()), "rows_checked": rows}
+
+
+def _first_non_finite(values):
+    """The first row of `values` with a NaN or Inf, or None."""
+    bad = ~np.isfinite(values).all(axis=1)
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
 
 def row_cosines(a, b):
@@ -144,11 +179,11 @@ def row_cosines(a, b):
 
 
 class _ShardAssembler:
-    """Collects batch outputs per shard; fills TensorFlow's decode gaps with Pillow; hands shards to the writer."""
+    """Groups batch outputs by shard, the Pillow rescue's included, and hands each finished shard to the writer."""
 
-    def __init__(self, worker, jobs, offsets, writer, progress):
-        self.worker, self.jobs, self.offsets, self.writer, self.progress = worker, jobs, offsets, writer, progress
-        self.config = worker.config
+    def __init__(self, runner, dims, config, jobs, offsets, writer, progress):
+        self.runner, self.dims, self.config = runner, dims, config
+        self.jobs, self.offsets, self.writer, self.progress = jobs, offsets, writer, progress
         self.current, self.parts, self.fidelity = None, [], None
 
     def add(self, indices, images):
@@ -168,38 +203,11 @@ class _ShardAssembler:
                 self._flush()
 
     def _compute(self, indices, images):
-        """Features of one batch, as they will be stored; the shard's first batch also gets the fidelity check.
-
-        Both what the model computed and its cast to the storage dtype must be finite: float16
-        holds nothing above 65504, which the float32 pooling can exceed.
-        """
-        features = self.worker._runner(images)
-        dtype = np.dtype(self.config.storage_dtype)
-        for key, values in features.items():
-            record = self._first_non_finite(indices, values)
-            if record is not None:
-                raise PipelineError(
-                    f"{self.config.precision} gives non-finite features (NaN or Inf) for {record.id} at tap {key}; "
-                    "rerun with --precision float32"
-                )
-        if self.fidelity is None:
-            self.fidelity = self.worker._runner.fidelity(images, features)
-        with np.errstate(over="ignore"):  # an overflow is found below, and named
-            stored = {key: values.astype(dtype, copy=False) for key, values in features.items()}
-        for key, values in stored.items():
-            record = self._first_non_finite(indices, values)
-            if record is not None:
-                largest = float(np.abs(features[key][~np.isfinite(values)]).max())
-                raise PipelineError(
-                    f"--storage-dtype {dtype} cannot hold the features of {record.id} at tap {key} (values up to "
-                    f"{largest:.4g}, more than {dtype}'s largest {float(np.finfo(dtype).max):g}); rerun with --storage-dtype float32"
-                )
-        return stored
-
-    def _first_non_finite(self, indices, values):
-        """The record of the first row of `values` with a NaN or Inf, or None."""
-        bad = ~np.isfinite(values).all(axis=1)
-        return self._record(indices[np.flatnonzero(bad)[0]]) if bad.any() else None
+        """Features of one batch, as they will be stored; the shard's first batch also gets the fidelity check."""
+        features, fidelity = self.runner.features(images, lambda row: self._record(indices[row]).id, check_fidelity=self.fidelity is None)
+        if fidelity is not None:
+            self.fidelity = fidelity
+        return features
 
     def _record(self, index):
         job = int(np.searchsorted(self.offsets, index, side="right")) - 1
@@ -213,15 +221,14 @@ class _ShardAssembler:
         self.current, self.parts = None, []
         seen = {int(i) for indices, _ in parts for i in indices}
         missing = [i for i in range(start, start + len(job.records)) if i not in seen]
-        rescued, errors = self._fallback(missing)
+        errors = []
+        parts.extend(self._rescue(missing, errors))
         self.progress(len(missing))
-        if rescued:
-            parts.append(rescued)
         indices = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
         order = np.argsort(indices, kind="stable")
         features = {
             key: (np.concatenate([p[1][key] for p in parts])[order] if parts else np.zeros((0, dim), np.float32))
-            for key, dim in self.worker.dims.items()
+            for key, dim in self.dims.items()
         }
         records = [self._record(i) for i in indices[order]]
         data = shards.ShardData(
@@ -240,42 +247,18 @@ class _ShardAssembler:
         self.fidelity = None
         self.writer.submit(job.index, data)
 
-    def _fallback(self, missing):
-        """Decode what TensorFlow could not; return (indices, features) and error entries.
+    def _rescue(self, missing, errors):
+        """[(indices, features)] of the `missing` images that Pillow decodes; the others' error entries go to `errors`."""
 
-        Pictures are decoded, computed and dropped `batch_size` at a time, so a shard that only
-        Pillow can read holds one batch of pictures, not the whole shard. The batches are the
-        same as decoding all first and then computing would give, so the features are too.
-        """
-        batch, rescued, pictures, outputs, errors = self.config.batch_size, [], [], [], []
-
-        def compute():
-            indices = np.array(rescued[len(rescued) - len(pictures) :], np.int64)
-            outputs.append(self._compute(indices, tf.stack(pictures)))
-            pictures.clear()
-
-        for index in missing:
+        def failed(index, reason):
             record = self._record(index)
-            try:
-                if record.problem:
-                    raise UndecodableImage(record.problem)
-                pixels = decode_with_pillow(record.path)
-            except UndecodableImage as e:
-                if self.config.on_error == "fail":
-                    raise PipelineError(f"cannot decode {record.path}: {e} (--on-error fail stops here)") from None
-                errors.append({"id": record.id, "path": record.path, "reason": str(e)})
-                continue
-            rescued.append(index)
-            pictures.append(resize_image(tf.constant(pixels), self.config.image_size, self.config.resize))
-            del pixels
-            if len(pictures) == batch:
-                compute()
-        if pictures:
-            compute()
-        if not rescued:
-            return None, errors
-        features = {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
-        return (np.array(rescued, np.int64), features), errors
+            if self.config.on_error == "fail":
+                raise PipelineError(f"cannot decode {record.path}: {reason} (--on-error fail stops here)") from None
+            errors.append({"id": record.id, "path": record.path, "reason": reason})
+
+        items = [(index, record.path, record.problem) for index, record in ((i, self._record(i)) for i in missing)]
+        batches = pillow_batches(items, self.config.batch_size, self.config.image_size, self.config.resize, failed)
+        return [(indices, self._compute(indices, images)) for indices, images in batches]
 
 
 class _ShardWriter:
