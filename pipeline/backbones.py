@@ -202,7 +202,7 @@ def build_tap_model(trunks, taps, pooling, image_size):
     holds only the layers its outputs need). The shared caffe preprocessing runs once.
     """
     images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
-    shared = caffe_preprocessing()(images)
+    shared = caffe_preprocessing(images)
     outputs = {}
     for backbone, trunk in trunks.items():
         keys = [t for t in taps if tap_backbone(t) == backbone]

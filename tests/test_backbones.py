@@ -5,7 +5,7 @@ import pytest
 from pipeline import backbones
 from pipeline.config import WeightSource, parse_weights
 from pipeline.errors import PipelineError
-from pipeline.layers import CaffePreprocess, caffe_preprocessing
+from pipeline.layers import CAFFE_MEAN_BGR, CaffePreprocess, caffe_preprocessing
 
 
 def test_catalogue_declares_shapes_and_strides():
@@ -35,11 +35,17 @@ def test_each_backbone_is_cut_at_its_deepest_tap_and_preprocessing_is_shared():
     assert outputs["vgg16/block2_pool"].shape == (2, 128)
 
 
-def test_the_caffe_preprocessing_dense_flips_and_subtracts_exactly():
+def test_the_caffe_preprocessing_flips_and_subtracts_bit_for_bit_without_a_matmul(tmp_path):
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 5, 7, 3)).astype(np.float32)  # resized: not integers
-    built_in = np.asarray(caffe_preprocessing()(pixels))
-    np.testing.assert_array_equal(built_in, keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode="caffe"))
-    np.testing.assert_array_equal(built_in, np.asarray(CaffePreprocess()(pixels)))  # the layer older exports hold
+    reference = pixels[..., ::-1] - np.asarray(CAFFE_MEAN_BGR, np.float32)  # numpy, in float32
+    images = keras.Input((5, 7, 3), dtype="float32")
+    model = keras.Model(images, caffe_preprocessing(images))
+    np.testing.assert_array_equal(np.asarray(model(pixels)), reference)
+    np.testing.assert_array_equal(np.asarray(model(pixels)), keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode="caffe"))
+    np.testing.assert_array_equal(np.asarray(CaffePreprocess()(pixels)), reference)  # the layer older exports hold
+    assert not [layer for layer in model.layers if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]  # nothing TF32 rounds
+    model.save(tmp_path / "caffe.keras")  # and it saves and loads with plain Keras
+    np.testing.assert_array_equal(np.asarray(keras.saving.load_model(tmp_path / "caffe.keras")(pixels)), reference)
 
 
 def test_avgmax_pooling_concatenates_avg_then_max():
