@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -162,3 +166,35 @@ def test_the_eager_and_traced_forward_agree(policy):
     traced = backbones.compile_forward(model, 32, xla=False, trace=True)(x)["resnet50/conv3_block1_out"]
     eager = model(x, training=False)["resnet50/conv3_block1_out"]
     np.testing.assert_allclose(np.asarray(eager), np.asarray(traced), rtol=1e-6, atol=1e-6 * float(np.abs(traced).max()))
+
+
+_COMPILE_ONCE = """
+import sys
+import tensorflow as tf
+from pipeline import backbones
+
+backbones.persist_xla_programs()
+double = tf.function(lambda x: x * 2.0 + 1.0, jit_compile=True)
+print(float(double(tf.constant(3.0))))
+"""
+
+
+def test_xla_programs_are_kept_in_the_keras_cache_dir_for_later_processes(tmp_path):
+    """The flag exists in this TensorFlow: a compiled program lands in $KERAS_HOME/xla, and a second process reads it."""
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_XLA_FLAGS", None)
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _COMPILE_ONCE], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "7.0", done.stderr[-2000:]
+    programs = sorted(p.name for p in (tmp_path / "keras" / "xla").iterdir())
+    assert len(programs) == 1 and programs[0].startswith("xla_compile_cache")  # compiled once, found the second time
+
+
+def test_a_cache_dir_already_in_tf_xla_flags_is_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("TF_XLA_FLAGS", f"--tf_xla_auto_jit=2 {backbones.XLA_CACHE_FLAG}=/elsewhere")
+    backbones.persist_xla_programs()
+    assert os.environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=2 {backbones.XLA_CACHE_FLAG}=/elsewhere"
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=2")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    backbones.persist_xla_programs()
+    assert os.environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=2 {backbones.XLA_CACHE_FLAG}={tmp_path / 'xla'}"

@@ -159,3 +159,47 @@ def test_a_failed_write_is_raised_at_the_next_check(tmp_path, monkeypatch):
                 writer.submit(shard, None)
             writer.pool.shutdown(wait=True)
             writer.raise_failure()
+
+
+def test_a_small_run_skips_xla_records_its_device_and_computes_without_tf32(tmp_path, image_tree, run_cli, monkeypatch):
+    """Below EAGER_MAX_IMAGES the forward is not compiled even with --xla; TF32 is off; the shard and inspect say what computed."""
+    def no_compile(*args, **kwargs):
+        raise AssertionError("a 6-image run compiled its forward pass")
+
+    monkeypatch.setattr(worker_module.backbones, "compile_forward", no_compile)
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+    run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST, "--xla")
+    assert not tf.config.experimental.tensor_float_32_execution_enabled()
+    device = shards.read_shard_attrs(tmp_path / "f" / "shard-00000.h5")["device"]
+    assert device["forward"] == "eager" and device["cuda"] is None and device["op_determinism"] is False  # no GPU here
+    assert device["tensorflow"].startswith(tf.__version__) and device["device"]
+    assert shards.read_manifest(tmp_path / "f")["config"]["xla"] is True  # as asked: a larger listing would compile
+    inspected = run_cli("inspect", tmp_path / "f")
+    assert f"computed on {shards.describe_device(device)}: 1 shard" in inspected.output
+
+
+def test_running_out_of_device_memory_names_the_batch_and_image_size_to_lower(tmp_path, image_tree, run_cli, monkeypatch):
+    def exhausted(images, training=False):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[64,64,1024,1024]")
+
+    real_build = worker_module.backbones.build_tap_model
+    monkeypatch.setattr(worker_module.backbones, "build_tap_model", lambda *args: real_build(*args) and exhausted)
+    result = run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST, "--batch-size", 4, code=1)
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: the device ran out of memory computing a batch of 4 images of 32x32 px; "
+        "rerun with a smaller --batch-size (now 4) or --image-size"
+    )
+    assert "Traceback" not in result.output and not (tmp_path / "f" / "manifest.json").exists()
+
+
+def test_op_determinism_is_enabled_on_a_gpu_unless_no_deterministic(tmp_path, image_tree, run_cli, monkeypatch):
+    enabled = []
+    monkeypatch.setattr(worker_module.backbones, "has_gpu", lambda: True)  # this machine has none: only the decision is tested
+    monkeypatch.setattr(worker_module.backbones, "device_record", lambda gpu, forward, determinism: {"op_determinism": determinism})
+    monkeypatch.setattr(worker_module.tf.config.experimental, "enable_op_determinism", lambda: enabled.append(True))
+    root, args = image_tree(), [*FAST, "--precision", "float32", "--no-xla"]
+    run_cli("extract", root, "--out", tmp_path / "on", *args)
+    assert enabled == [True] and shards.read_shard_attrs(tmp_path / "on" / "shard-00000.h5")["device"] == {"op_determinism": True}
+    run_cli("extract", root, "--out", tmp_path / "off", *args, "--no-deterministic")
+    assert enabled == [True] and shards.read_shard_attrs(tmp_path / "off" / "shard-00000.h5")["device"] == {"op_determinism": False}
+    assert shards.read_manifest(tmp_path / "on")["config_sha256"] == shards.read_manifest(tmp_path / "off")["config_sha256"]

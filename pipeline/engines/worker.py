@@ -8,6 +8,7 @@ shards go to a one-thread background writer so HDF5 writing overlaps compute.
 
 import collections
 import contextlib
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,15 +30,23 @@ class ShardWorker:
     """The model of one resolved config, loaded once; `run` computes and writes shards with it.
 
     `eager` skips tracing the forward pass (a second or two of start-up) for runs too small to
-    repay it; the features are the same.
+    repay it, and XLA's compile too (tens of seconds on a GPU), even when asked for; without XLA
+    the features are the same as traced ones. `device` says what computes, as each shard records it.
     """
 
     def __init__(self, config: ExtractConfig, eager: bool = False):
         gpu = backbones.has_gpu()
         if gpu:
             backbones.enable_gpu_memory_growth()
-            tf.config.experimental.enable_op_determinism()  # cuDNN autotuning is not deterministic
-        self.config = backbones.resolve(config, gpu, backbones.cpu_flags())
+        deterministic = gpu and config.deterministic
+        if deterministic:  # cuDNN and XLA pick kernels by timing them, which need not pick alike twice
+            tf.config.experimental.enable_op_determinism()
+        backbones.disable_tf32()  # the float32 twin, --precision float32 and the float32 pooling
+        backbones.persist_xla_programs()
+        resolved = backbones.resolve(config, gpu, backbones.cpu_flags())
+        if eager and config.xla is None:  # auto: a run this small is not worth an XLA compile
+            resolved = dataclasses.replace(resolved, xla=False)
+        self.config = resolved
         sources = parse_weights(self.config.weights, self.config.backbones, self.config.seed)
         trunks = {name: backbones.build_backbone(name, self.config.image_size, self.config.precision) for name in self.config.backbones}
         tap_infos = backbones.check_taps(self.config.taps, trunks)
@@ -46,9 +55,10 @@ class ShardWorker:
         # Loading weights (numpy's generator, HDF5 reads, hashing) releases the GIL, so it overlaps tracing.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights") as pool:
             loading = pool.submit(backbones.load_trunk_weights, trunks, sources)
-            self._runner = _TapRunner(trunks, self.config, eager and not self.config.xla)
+            self._runner = _TapRunner(trunks, self.config, eager)
             self.weights = loading.result()
         self._runner.start_twin()
+        self.device = backbones.device_record(gpu, self._runner.forward, deterministic)
 
     def run(self, jobs: list[ShardJob], run: RunIdentity, out_dir, progress=None) -> None:
         """Compute every job and write its shard into `out_dir`; `progress(n)` as images are done."""
@@ -67,7 +77,7 @@ class ShardWorker:
             list(zip(offsets[:-1].tolist(), offsets[1:].tolist())),
             self.config.batch_size, self.config.image_size, self.config.resize, self.config.fast_decode,
         )
-        with _ShardWriter(Path(out_dir), run, self.config.storage_dtype) as writer:
+        with _ShardWriter(Path(out_dir), run, self.config.storage_dtype, self.device) as writer:
             assembler = _ShardAssembler(self._runner, self.dims, self.config, jobs, offsets, writer, done.append)
             for indices, images in batches:
                 assembler.add(indices.numpy(), images)
@@ -107,9 +117,10 @@ class _TapRunner:
         self.config, self._trunks = config, trunks
         model = backbones.build_tap_model(trunks, config.taps, config.pooling, config.image_size)
         if eager:
-            self._forward = lambda images: model(images, training=False)
+            self._forward, self.forward = (lambda images: model(images, training=False)), "eager"
         else:
             self._forward = backbones.compile_forward(model, config.image_size, config.xla, config.batch_size, trace=True)
+            self.forward = "xla" if config.xla else "traced"
         self._twin = None
 
     def start_twin(self):
@@ -119,7 +130,14 @@ class _TapRunner:
             pool.shutdown(wait=False)
 
     def __call__(self, images):
-        return {key: value.numpy() for key, value in self._forward(images).items()}
+        try:
+            return {key: value.numpy() for key, value in self._forward(images).items()}
+        except tf.errors.ResourceExhaustedError:
+            raise PipelineError(
+                f"the device ran out of memory computing a batch of {int(images.shape[0])} images of "
+                f"{self.config.image_size}x{self.config.image_size} px; rerun with a smaller --batch-size "
+                f"(now {self.config.batch_size}) or --image-size"
+            ) from None
 
     def features(self, images, row_id, check_fidelity=False):
         """(features of one batch as they will be stored, the fidelity check of its first rows or None unless `check_fidelity`).
@@ -269,8 +287,8 @@ class _ShardWriter:
     however many shards the run has written.
     """
 
-    def __init__(self, out_dir, run, storage_dtype):
-        self.out_dir, self.run, self.storage_dtype = out_dir, run, storage_dtype
+    def __init__(self, out_dir, run, storage_dtype, device=None):
+        self.out_dir, self.run, self.storage_dtype, self.device = out_dir, run, storage_dtype, device
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self.submitted = set()  # shard indices handed to the writer
         self.pending = collections.deque()  # their futures not yet seen to succeed, in submission (= completion) order
@@ -292,7 +310,7 @@ class _ShardWriter:
         with storage_errors(path, remedy):
             shards.write_shard(
                 path, data, index=shard, config_sha256=self.run.config_sha256, config=self.run.config,
-                storage_dtype=self.storage_dtype, weights=self.run.weights, taps=self.run.taps,
+                storage_dtype=self.storage_dtype, weights=self.run.weights, taps=self.run.taps, device=self.device,
             )
 
     def raise_failure(self):
