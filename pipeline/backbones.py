@@ -135,8 +135,8 @@ XLA_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
 
 def persist_xla_programs():
     """Let XLA keep the programs it compiles in the Keras cache dir (`$KERAS_HOME/xla`), where later processes and
-    Ray actors on this machine find them instead of compiling again. Takes effect only before this process's first
-    XLA compile; a directory already set in TF_XLA_FLAGS is kept."""
+    Ray actors on this machine find them instead of compiling again. Takes effect only before TensorFlow reads its
+    XLA flags, which listing the devices already does; a directory already set in TF_XLA_FLAGS is kept."""
     flags = os.environ.get("TF_XLA_FLAGS", "")
     if XLA_CACHE_FLAG not in flags:
         os.environ["TF_XLA_FLAGS"] = f"{flags} {XLA_CACHE_FLAG}={keras_cache_dir().parent / 'xla'}".strip()

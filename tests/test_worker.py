@@ -1,6 +1,9 @@
 """The shard worker itself: the Pillow fallback's memory, what float16 storage can hold, the writer's bookkeeping."""
 
 import concurrent.futures
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -203,3 +206,18 @@ def test_op_determinism_is_enabled_on_a_gpu_unless_no_deterministic(tmp_path, im
     run_cli("extract", root, "--out", tmp_path / "off", *args, "--no-deterministic")
     assert enabled == [True] and shards.read_shard_attrs(tmp_path / "off" / "shard-00000.h5")["device"] == {"op_determinism": False}
     assert shards.read_manifest(tmp_path / "on")["config_sha256"] == shards.read_manifest(tmp_path / "off")["config_sha256"]
+
+
+def test_a_compiled_forward_is_kept_for_the_next_process(tmp_path, image_tree):
+    """In fresh processes, as a user runs them: the worker sets XLA's cache dir before anything reads XLA's flags."""
+    root = image_tree(per_class=9)  # 18 images: above EAGER_MAX_IMAGES, so --xla compiles
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_XLA_FLAGS", None)
+    programs = []
+    for run in ("first", "second"):
+        argv = [sys.executable, "-m", "pipeline", "extract", str(root), "--out", str(tmp_path / run), *map(str, FAST), "--xla", "--precision", "float32"]
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert shards.read_shard_attrs(tmp_path / run / "shard-00000.h5")["device"]["forward"] == "xla"
+        programs.append({p.name: p.stat().st_mtime_ns for p in (tmp_path / "keras" / "xla").iterdir()})
+    assert len(programs[0]) == 1 and programs[1] == programs[0]  # compiled by the first, read (not rewritten) by the second

@@ -35,6 +35,7 @@ class ShardWorker:
     """
 
     def __init__(self, config: ExtractConfig, eager: bool = False):
+        backbones.persist_xla_programs()  # first: listing the devices fixes XLA's flags
         gpu = backbones.has_gpu()
         if gpu:
             backbones.enable_gpu_memory_growth()
@@ -42,7 +43,6 @@ class ShardWorker:
         if deterministic:  # cuDNN and XLA pick kernels by timing them, which need not pick alike twice
             tf.config.experimental.enable_op_determinism()
         backbones.disable_tf32()  # the float32 twin, --precision float32 and the float32 pooling
-        backbones.persist_xla_programs()
         resolved = backbones.resolve(config, gpu, backbones.cpu_flags())
         if eager and config.xla is None:  # auto: a run this small is not worth an XLA compile
             resolved = dataclasses.replace(resolved, xla=False)
@@ -52,11 +52,16 @@ class ShardWorker:
         tap_infos = backbones.check_taps(self.config.taps, trunks)
         self.taps = [_tap_entry(info, self.config.pooling) for info in tap_infos.values()]
         self.dims = {tap["key"]: tap["dim"] for tap in self.taps}
-        # Loading weights (numpy's generator, HDF5 reads, hashing) releases the GIL, so it overlaps tracing.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights") as pool:
-            loading = pool.submit(backbones.load_trunk_weights, trunks, sources)
+        if self.config.xla and not eager:
+            # XLA's program cache knows a program by its function's name, which numbers the functions TensorFlow
+            # made before it: tracing while weights load would number it differently in every process.
+            self.weights = backbones.load_trunk_weights(trunks, sources)
             self._runner = _TapRunner(trunks, self.config, eager)
-            self.weights = loading.result()
+        else:  # loading weights (numpy's generator, HDF5 reads, hashing) releases the GIL, so it overlaps tracing
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights") as pool:
+                loading = pool.submit(backbones.load_trunk_weights, trunks, sources)
+                self._runner = _TapRunner(trunks, self.config, eager)
+                self.weights = loading.result()
         self._runner.start_twin()
         self.device = backbones.device_record(gpu, self._runner.forward, deterministic)
 
