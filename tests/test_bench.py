@@ -95,6 +95,7 @@ def test_start_up_phases_come_in_order_and_reruns_are_timed(tiny_report):
         medians = [phases[phase]["median"] for phase in ("imports", "listing", "model_ready", "first_batch", "end")]
         assert medians == sorted(medians) and medians[0] > 0
     assert 0 < startup["up_to_date_seconds"]["median"] and 0 < startup["predict_one_seconds"]["median"]
+    assert set(startup["four_images_seconds"]) == {"--xla", "--no-xla"} and all(s["median"] > 0 for s in startup["four_images_seconds"].values())
     assert "command start to first batch computed" in (out / "bench.md").read_text()
 
 
