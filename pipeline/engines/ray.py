@@ -227,7 +227,7 @@ class RayEngine:
             ready, _ = self._ray.wait(pool.waiting(), num_returns=1, timeout=_POLL_SECONDS)
             for ref in ready:
                 pool.handle(ref)
-            self._head.check()
+            self._check_head()
         _wait_until_visible(Path(out_dir), [task.index for task in tasks])
 
     def close(self):
@@ -245,11 +245,15 @@ class RayEngine:
         finally:
             self._stack.close()
 
+    def _check_head(self):
+        if self._head is not None:
+            self._head.check()
+
     def _get(self, refs, doing):
         ray = self._ray
         try:
             while len(ray.wait(refs, num_returns=len(refs), timeout=_POLL_SECONDS)[0]) < len(refs):
-                self._head.check()
+                self._check_head()
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
             raise _user_error(e)
