@@ -109,10 +109,11 @@ def choose_policy(requested, gpu, flags):
 
 
 def resolve(config, gpu, flags):
-    """An ExtractConfig with `auto` choices replaced by what this machine gets, so the saved config says what ran."""
+    """An ExtractConfig with `auto` choices replaced by what this machine gets (EXIF orientation: on), so the saved config says what ran."""
     policy = choose_policy(config.precision, gpu, flags)
     xla = gpu if config.xla is None else config.xla
-    return dataclasses.replace(config, precision=policy, xla=xla)
+    exif = True if config.exif_orientation is None else config.exif_orientation
+    return dataclasses.replace(config, precision=policy, xla=xla, exif_orientation=exif)
 
 
 def enable_gpu_memory_growth():

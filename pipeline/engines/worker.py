@@ -19,7 +19,7 @@ from pipeline.config import ExtractConfig, parse_weights, tap_backbone, tap_laye
 from pipeline.engines import RunIdentity, ShardTask
 from pipeline.errors import PipelineError
 from pipeline.files import storage_errors
-from pipeline.inputs import UndecodableImage, decode_with_pillow, image_batches, resize_image
+from pipeline.inputs import UndecodableImage, decode_with_pillow, exif_orientation, image_batches, orient, resize_image
 
 FIDELITY_ROWS = 8  # rows of each shard's first batch also run in float32 to check reduced precision
 _MAX_PENDING_WRITES = 2  # shards buffered for the writer before compute waits
@@ -62,19 +62,26 @@ class ShardWorker:
         done = []
         records = [record for job in jobs for record in job.records]
         offsets = np.cumsum([0, *(len(job.records) for job in jobs)])
+        orientations = _orientations(records) if self.config.exif_orientation else None
         batches = image_batches(
             [None if r.problem else r.path for r in records],
             list(zip(offsets[:-1].tolist(), offsets[1:].tolist())),
-            self.config.batch_size, self.config.image_size, self.config.resize, self.config.fast_decode,
+            self.config.batch_size, self.config.image_size, self.config.resize, self.config.fast_decode, orientations,
         )
         with _ShardWriter(Path(out_dir), run, self.config.storage_dtype) as writer:
-            assembler = _ShardAssembler(self, jobs, offsets, writer, done.append)
+            assembler = _ShardAssembler(self, jobs, offsets, writer, done.append, orientations)
             for indices, images in batches:
                 assembler.add(indices.numpy(), images)
                 writer.raise_failure()
                 yield _take(done)
             assembler.finish()
             yield _take(done)
+
+
+def _orientations(records):
+    """The EXIF orientation of every record's image (1 for a file the listing found unsafe to read); headers read on a few threads."""
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="exif") as pool:
+        return list(pool.map(lambda r: 1 if r.problem else exif_orientation(r.path), records))
 
 
 def _take(counts):
@@ -146,8 +153,9 @@ def row_cosines(a, b):
 class _ShardAssembler:
     """Collects batch outputs per shard; fills TensorFlow's decode gaps with Pillow; hands shards to the writer."""
 
-    def __init__(self, worker, jobs, offsets, writer, progress):
+    def __init__(self, worker, jobs, offsets, writer, progress, orientations=None):
         self.worker, self.jobs, self.offsets, self.writer, self.progress = worker, jobs, offsets, writer, progress
+        self.orientations = orientations  # EXIF orientation by record index, or None: images as stored
         self.config = worker.config
         self.current, self.parts, self.fidelity = None, [], None
 
@@ -266,7 +274,10 @@ class _ShardAssembler:
                 errors.append({"id": record.id, "path": record.path, "reason": str(e)})
                 continue
             rescued.append(index)
-            pictures.append(resize_image(tf.constant(pixels), self.config.image_size, self.config.resize))
+            picture = tf.constant(pixels)
+            if self.orientations is not None:
+                picture = orient(picture, tf.constant(self.orientations[index], tf.int32))
+            pictures.append(resize_image(picture, self.config.image_size, self.config.resize))
             del pixels
             if len(pictures) == batch:
                 compute()
