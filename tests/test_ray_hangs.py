@@ -2,7 +2,6 @@
 Ray started on this machine stays on 127.0.0.1."""
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess
