@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import shards
-from pipeline.files import atomic_path, leftover_temps, lock_beside, locked, make_dir, remove, storage_errors, temp_sibling
+from pipeline.files import atomic_path, output_guard, remove, storage_errors, temp_sibling
 from pipeline.lineage import load_lineage
 from pipeline.sources import Listing
 
@@ -61,12 +61,9 @@ def predict(
     )
     transform, head = lineage.load_transform(), lineage.load_head()
     out = Path(out).absolute()
-    make_dir(out.parent, "--out's folder")
     probabilities = {}
     before = f"the previous {out.name} is unchanged" if out.exists() else f"no {out.name} was written"
-    with locked(lock_beside(out), f"predictions file {out}"):
-        for leftover in leftover_temps(out.parent, out.name):
-            remove(leftover)
+    with output_guard(out, f"predictions file {out}"):
         with storage_errors(f"{out} (or the scratch features beside it)", f"{before}; free space (or fix the rights) and rerun"):
             scratch = temp_sibling(out)  # beside --out, where there is room for what it writes, not in a small /tmp
             try:

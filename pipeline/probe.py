@@ -25,7 +25,7 @@ from pipeline import shards
 from pipeline.config import ReduceConfig, tap_backbone
 from pipeline.estimators import RANDOMIZED_SEED, CovariancePCA, Moments, TapTransform, gram_sums
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_path, write_json
+from pipeline.files import atomic_path, lock_beside, output_guard, write_json
 from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, follow_link, link, recorded_link
 from pipeline.reduce import (
     NonFinite, assign_splits, check_shards, choose_solver, masked_chunks, read_rows, resolve_taps, split_sha256, split_source,
@@ -92,12 +92,18 @@ def probe(path, out_dir, jobs=None, **options):
     batch_rows, and for a features dir val_fraction, test_fraction, split_seed). Unset ones take
     the reduced dir's settings, or ReduceConfig's defaults for a features dir. `jobs` groups are
     fitted at once (default: one per core), on threads, with BLAS capped so that jobs x threads <= cores.
+    One probe at a time writes `out_dir` (a lock file beside it); a second one is refused.
     """
     started = time.perf_counter()
     jobs = jobs or joblib.cpu_count()
     path, out_dir = Path(path), Path(out_dir)
     source = _open(path, out_dir, options)
     _check_probeable(source)
+    with output_guard(out_dir, f"probe directory {out_dir}", into=True, lock_file=lock_beside(out_dir)):
+        return _probe(source, out_dir, jobs, started)
+
+
+def _probe(source, out_dir, jobs, started):
     labels, splits = source.labels[source.labelled], source.splits[source.labelled]
     report = {
         "format": PROBE_FORMAT,

@@ -20,7 +20,7 @@ from pipeline.config import ReduceConfig
 from pipeline.estimators import CovariancePCA  # noqa: F401
 from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, leftover_temps, lock_beside, locked, make_dir, read_json, remove, storage_errors, write_json
+from pipeline.files import atomic_dir, check_space, output_guard, read_json, storage_errors, write_json
 from pipeline.lineage import MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, link, sha256_file
 from pipeline.reduced import CHECKED_OUTPUTS, PLOT_NAME, REDUCED_NAME, SPLITS, output_damage, write_reduced
 
@@ -152,10 +152,7 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
     features = link(features_dir, MANIFEST_NAME, out_dir)
     config = resolve_taps(config, manifest)
     check_shards(features_dir, manifest)
-    make_dir(out_dir.parent, "--out's parent")
-    with locked(lock_beside(out_dir), f"reduced directory {out_dir}"):
-        for leftover in leftover_temps(out_dir.parent, out_dir.name):  # of a killed reduce: only we write here now
-            remove(leftover)
+    with output_guard(out_dir, f"reduced directory {out_dir}"):
         previous, damage = _previous(out_dir, features.sha256, config, overwrite)
         if previous is not None and damage is None:
             return ReduceResult(out_dir, previous, True)
@@ -465,14 +462,9 @@ def _stack(chunks, rows, dim):
 
 
 def _check_space(out_dir, rows, dim, components):
-    """Fail before computing when the reduced dir would not fit: HDF5 cannot recover from a disk that fills mid-file."""
+    """Fail before computing when the reduced dir would not fit."""
     needed = int((rows * (components * 4 + _ROW_OVERHEAD) + dim * (components * 4 + 64) + 2**20) * _SPACE_MARGIN)
-    free = shutil.disk_usage(out_dir.parent).free
-    if needed > free:
-        raise PipelineError(
-            f"the reduced directory needs about {needed / 2**20:,.1f} MiB but only {free / 2**20:,.1f} MiB are free "
-            f"where {out_dir} goes; free space (or use another --out) and rerun"
-        )
+    check_space(out_dir, needed, "the reduced directory needs")
 
 
 def _plot_explained_variance(ratios, path):

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from pipeline.config import HeadConfig, ParallelConfig, load_toml, normalize_keys, sha256_json
 from pipeline.engines.pool import task_runner
 from pipeline.errors import PipelineError
-from pipeline.files import LockBusy, atomic_path, leftover_temps, locked, make_dir, remove, replace_dir, storage_errors, temp_sibling, write_json
+from pipeline.files import LockBusy, atomic_path, locked, make_dir, output_guard, remove, replace_dir, storage_errors, temp_sibling, write_json
 from pipeline.leaderboard import (
     LEADERBOARD_LOCK, LEADERBOARD_NAME, LOCKS_DIR, METRICS_NAME, read_runs, run_state, write_leaderboard,
 )
@@ -222,12 +222,11 @@ def _train_planned(runs_dir, reduced_dir, report_sha256, planned, wait):
     dirs left by a killed earlier attempt are abandoned, so they are removed.
     """
     try:
-        with locked(runs_dir / LOCKS_DIR / f"{planned.run_id}.lock", f"run {planned.run_id} in {runs_dir}", wait=wait):
+        lock = runs_dir / LOCKS_DIR / f"{planned.run_id}.lock"
+        with output_guard(runs_dir / planned.run_id, f"run {planned.run_id} in {runs_dir}", lock_file=lock, wait=wait):
             state = _finished(runs_dir, planned)
             if state.done:
                 return RunOutcome(planned.run_id, planned.kind, state.metrics, True)
-            for leftover in leftover_temps(runs_dir, planned.run_id):
-                remove(leftover)
             data = _load(reduced_dir, report_sha256)
             with storage_errors(f"run {planned.run_id} in {runs_dir}", "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"):
                 with _staging(runs_dir / planned.run_id) as staging:

@@ -195,7 +195,7 @@ def test_too_little_free_space_fails_before_computing(tmp_path, image_tree, run_
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("pipeline.extract.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
+    monkeypatch.setattr("pipeline.files.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
     monkeypatch.setattr(worker_module.ShardWorker, "run", lambda *a, **k: pytest.fail("images were computed"))
     result = run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST, code=1)
     assert "1 shards need about" in result.output and "MiB are free" in result.output

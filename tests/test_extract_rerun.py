@@ -109,7 +109,7 @@ def fake_free_space(monkeypatch, free):
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("pipeline.extract.shutil.disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+    monkeypatch.setattr("pipeline.files.shutil.disk_usage", lambda path: usage(10**12, 10**12 - free, free))
 
 
 def test_overwrite_without_room_for_the_new_features_keeps_the_old_ones(tmp_path, image_tree, run_cli, monkeypatch):
