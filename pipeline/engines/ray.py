@@ -21,7 +21,7 @@ from pathlib import Path
 from pipeline import shards
 from pipeline.config import ExtractConfig
 from pipeline.engines import ray_cluster
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line, worker_error
 
 MAX_ATTEMPTS = 3  # a shard whose worker dies this many times stops the run (a crashing image, too little memory)
 REVIVE_SECONDS = 300  # how long the run waits for Ray to restart a worker when none is alive
@@ -243,10 +243,10 @@ class RayEngine:
         try:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
-            raise _user_error(e)
+            raise worker_error(e)
         except ray.exceptions.RayActorError as e:
             raise PipelineError(
-                f"a Ray worker died while {doing} ({_first_line(e)}); every node needs this project installed "
+                f"a Ray worker died while {doing} ({first_line(e)}); every node needs this project installed "
                 "(with its ray extra) and memory for the model"
             ) from None
 
@@ -304,7 +304,7 @@ class _Pool:
             self._lost(attempt, e)
             return
         except self.ray.exceptions.RayTaskError as e:
-            raise _user_error(e)
+            raise worker_error(e)
         attempt.images += images
         index = attempt.task.index
         if attempt.images > self.counted[index]:
@@ -317,7 +317,7 @@ class _Pool:
         self.deaths[index] += 1
         if self.deaths[index] >= MAX_ATTEMPTS:
             raise PipelineError(
-                f"{shards.shard_filename(index)} killed its Ray worker {MAX_ATTEMPTS} times (last: {_first_line(error)}); "
+                f"{shards.shard_filename(index)} killed its Ray worker {MAX_ATTEMPTS} times (last: {first_line(error)}); "
                 "look for an image in it that crashes the decoder or needs more memory than a worker has"
             ) from None
         self.pending.appendleft(attempt.task)
@@ -342,18 +342,6 @@ class _Attempt:
     actor: object
     task: object
     images: int = 0
-
-
-def _user_error(error):
-    """A worker's PipelineError as the same one sentence; anything else (a bug) keeps its remote traceback."""
-    if isinstance(error.cause, PipelineError):
-        return PipelineError(str(error.cause))
-    return error
-
-
-def _first_line(error):
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _wait_until_visible(out_dir, indices):

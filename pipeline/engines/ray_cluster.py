@@ -5,7 +5,7 @@ import os
 import signal
 import threading
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 INSTALL_HINT = "pip install -e '.[ray]' (or make install EXTRAS=ray)"
 
@@ -40,7 +40,7 @@ def connected(address=None, **init_options):
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, **init_options)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise PipelineError(f"could not connect to {where} ({str(e).strip().splitlines()[0]}); check --ray-address") from None
+        raise PipelineError(f"could not connect to {where} ({first_line(e)}); check --ray-address") from None
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaces it with sys.exit; the CLI's handler cleans up and says so
