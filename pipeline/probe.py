@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 
 from pipeline import shards
 from pipeline.config import ReduceConfig, tap_backbone
+from pipeline.engines.pool import cores, worker_threads
 from pipeline.estimators import RANDOMIZED_SEED, CovariancePCA, Moments, TapTransform, gram_sums
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, lock_beside, output_guard, write_json
@@ -95,7 +96,7 @@ def probe(path, out_dir, jobs=None, **options):
     One probe at a time writes `out_dir` (a lock file beside it); a second one is refused.
     """
     started = time.perf_counter()
-    jobs = jobs or joblib.cpu_count()
+    jobs = jobs or cores()
     path, out_dir = Path(path), Path(out_dir)
     source = _open(path, out_dir, options)
     _check_probeable(source)
@@ -379,7 +380,7 @@ def _parallel(jobs, tasks, costs):
     """
     jobs = min(jobs, len(tasks))
     order = sorted(range(len(tasks)), key=lambda i: -costs[i])
-    with threadpool_limits(max(1, joblib.cpu_count() // jobs)):
+    with threadpool_limits(worker_threads(jobs, cores())):
         done = joblib.Parallel(n_jobs=jobs, prefer="threads")(tasks[i] for i in order)
     results = [None] * len(tasks)
     for i, result in zip(order, done):

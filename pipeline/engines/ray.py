@@ -21,6 +21,7 @@ from pathlib import Path
 from pipeline import shards
 from pipeline.config import ExtractConfig
 from pipeline.engines import ray_cluster
+from pipeline.engines.pool import tensorflow_thread_env
 from pipeline.errors import PipelineError, first_line, worker_error
 
 MAX_ATTEMPTS = 3  # a shard whose worker dies this many times stops the run (a crashing image, too little memory)
@@ -101,8 +102,7 @@ def actor_options(plan, node_ids):
     options = []
     for node, cpus in plan.actors:
         env = {
-            "TF_NUM_INTRAOP_THREADS": str(cpus),  # TensorFlow's pools sized to the CPUs Ray gave, not the node's
-            "TF_NUM_INTEROP_THREADS": str(cpus),
+            **tensorflow_thread_env(cpus),  # TensorFlow's pools sized to the CPUs Ray gave, not the node's
             "HDF5_USE_FILE_LOCKING": os.environ.get("HDF5_USE_FILE_LOCKING", "FALSE"),  # as h5py advises on NFS
         }
         if not plan.gpus:
