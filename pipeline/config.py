@@ -147,12 +147,28 @@ class _Config:
     """What every run configuration shares: a JSON-ready dict and a hash that names it."""
 
     _UNHASHED = ()  # fields that do not change what a run writes
+    _NOT_SETTINGS = ()  # keys a record holds beside the fields
+    _SETTINGS = "settings"  # what the fields are called in an error
 
     def to_dict(self):
         return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
 
     def sha256(self):
         return sha256_json({key: value for key, value in self.to_dict().items() if key not in self._UNHASHED})
+
+    @classmethod
+    def from_record(cls, recorded: dict, where: str, *, remedy: str = "use the pipeline version that made it", **changes):
+        """The config a record holds (a shard's or manifest's `config`, reduce.json's), with `changes` applied.
+
+        A setting added after the record was made takes its default, which by design keeps the old
+        behaviour; a setting this version does not know cannot be rebuilt: one sentence naming
+        `where` (the record) and `remedy`.
+        """
+        settings = {key: value for key, value in recorded.items() if key not in cls._NOT_SETTINGS}
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise PipelineError(f"{where} records {cls._SETTINGS} this version does not know ({', '.join(unknown)}); {remedy}")
+        return cls(**{**settings, **changes})
 
 
 # Keys of a recorded run config (shard attrs, manifest) that describe the listed images, not the extraction.
@@ -164,6 +180,8 @@ class ExtractConfig(_Config):
     """Everything that decides the bytes stage one writes."""
 
     _UNHASHED = ("on_error",)  # it only decides whether a run stops
+    _NOT_SETTINGS = SOURCE_KEYS
+    _SETTINGS = "extraction settings"
 
     taps: tuple[str, ...] = DEFAULT_TAPS  # "backbone/layer"; each backbone is cut at its deepest tap
     pooling: str = "avg"  # global pooling of each tap: avg, max, or both concatenated
@@ -198,22 +216,6 @@ class ExtractConfig(_Config):
     @property
     def backbones(self):
         return tuple(b for b in BACKBONES if any(tap_backbone(t) == b for t in self.taps))
-
-    @classmethod
-    def from_run(cls, recorded: dict, where: str, **changes) -> "ExtractConfig":
-        """The config a run records (a shard's or manifest's `config`: these fields plus SOURCE_KEYS), with `changes` applied.
-
-        A setting added after the run was made takes its default, which by design keeps the old
-        behaviour; a setting this version does not know cannot be rebuilt (`where` names the record).
-        """
-        settings = {key: value for key, value in recorded.items() if key not in SOURCE_KEYS}
-        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise PipelineError(
-                f"{where} records extraction settings this version does not know ({', '.join(unknown)}); "
-                "use the pipeline version that made the features"
-            )
-        return cls(**{**settings, **changes})
 
 
 def _check_choice(name, value, allowed):

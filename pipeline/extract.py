@@ -240,7 +240,7 @@ def _same_run(recorded, config, source_sha256):
 
 def _run_config_to_extract(recorded, config, out_dir):
     """The recorded run's resolved config, to finish it exactly as it began (with this call's on_error)."""
-    return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error)
+    return ExtractConfig.from_record(recorded, f"a shard in {out_dir}", on_error=config.on_error)
 
 
 def _differences(recorded, config, source_sha256, shard_paths, listing):

@@ -8,7 +8,6 @@ taps, of which each group's PCA takes its block), and once to project the labell
 every group's components.
 """
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -200,14 +199,9 @@ def _recorded_config(report_path, report, options):
     except (KeyError, TypeError) as e:
         missing = f"lacks {e}" if isinstance(e, KeyError) else "is not a mapping"
         raise PipelineError(f"{report_path} has no complete record of its settings (it {missing}); reduce again with --overwrite") from None
-    known = {f.name for f in dataclasses.fields(ReduceConfig)}
-    unknown = sorted(set(recorded) - known)
-    if unknown:
-        raise PipelineError(
-            f"{report_path} records settings this version does not know ({', '.join(unknown)}); "
-            "use the pipeline version that made it, or probe the features directory"
-        )
-    return ReduceConfig(**{**recorded, **options})
+    return ReduceConfig.from_record(
+        recorded, str(report_path), remedy="use the pipeline version that made it, or probe the features directory", **options
+    )
 
 
 def _check_probeable(source):

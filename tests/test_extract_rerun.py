@@ -25,10 +25,10 @@ def edit_shard_config(path, **changes):
 def test_a_run_config_is_rebuilt_from_its_record_and_unknown_settings_are_one_sentence():
     config = ExtractConfig(taps=("vgg16/block1_pool",), image_size=32)
     record = {**config.to_dict(), "source": "/images", "source_sha256": "0" * 64}
-    assert ExtractConfig.from_run(record, "r") == config
-    assert ExtractConfig.from_run(record, "r", pooling="max").pooling == "max"
+    assert ExtractConfig.from_record(record, "r") == config
+    assert ExtractConfig.from_record(record, "r", pooling="max").pooling == "max"
     with pytest.raises(PipelineError, match=r"^r records extraction settings this version does not know \(colour\); use the pipeline"):
-        ExtractConfig.from_run({**record, "colour": "red"}, "r")
+        ExtractConfig.from_record({**record, "colour": "red"}, "r")
 
 
 def test_resuming_shards_that_record_a_setting_this_version_does_not_know_is_one_sentence(tmp_path, image_tree, run_cli):

@@ -187,7 +187,7 @@ class ShardActor:
                     f"{what} {path} does not exist on Ray node {host}; on a cluster the images and --out must be "
                     "on a filesystem every node mounts at the same path"
                 )
-        settings = ExtractConfig.from_run(run.config, "the run config")
+        settings = ExtractConfig.from_record(run.config, "the run config")
         problem = disagreement([WorkerSummary(settings, run.weights, run.taps, "the run's first workers"), self._summary()])
         if problem:
             raise PipelineError(problem)
