@@ -44,7 +44,10 @@ class ExportResult:
     warnings: list  # where the model will not agree with `pipeline predict`
 
 
-def export(run_dir, out, *, format="keras", version=None, overwrite=False, image_size=None, weights=None):
+def export(
+    run_dir: Path | str, out: Path | str, *, format: str = "keras", version: int | None = None, overwrite: bool = False,
+    image_size: int | None = None, weights: str | None = None,
+) -> ExportResult:
     """Build the image -> probabilities model of a head run and write it to `out`.
 
     `format` "keras" writes `out` (a .keras file, replaced if it exists); "saved_model" writes

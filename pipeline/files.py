@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -220,7 +221,9 @@ DIR_LOCK_NAME = ".pipeline.lock"  # the lock inside an output directory whose fi
 
 
 @contextlib.contextmanager
-def output_guard(path, what, *, into=False, lock_file=None, shared=False, wait=False):
+def output_guard(
+    path: Path | str, what: str, *, into: bool = False, lock_file: Path | None = None, shared: bool = False, wait: bool = False
+) -> Iterator[None]:
     """Hold the output `path` for the block: the lock's folder made, the lock taken, a killed writer's temps removed.
 
     `what` names the output in the errors. The lock is `lock_file`, by default beside `path` (an
@@ -239,7 +242,7 @@ def output_guard(path, what, *, into=False, lock_file=None, shared=False, wait=F
         yield
 
 
-def check_space(path, needed, what, freeable=0, freed_by="the old output"):
+def check_space(path: Path | str, needed: int, what: str, freeable: int = 0, freed_by: str = "the old output") -> None:
     """Fail before computing when `needed` bytes will not fit where `path` goes (HDF5 cannot recover from a disk that fills mid-file).
 
     `what` says what needs them ("2 shards need"); `freeable` bytes, which `freed_by` frees once

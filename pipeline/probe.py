@@ -10,6 +10,7 @@ every group's components.
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ class Group:
     taps: tuple[str, ...]
 
 
-def plan_groups(taps):
+def plan_groups(taps: Sequence[str]) -> list[Group]:
     """Every tap alone, every backbone with more than one tap (unless that is all taps), then all taps."""
     groups = [Group(tap, "tap", (tap,)) for tap in taps]
     for backbone in dict.fromkeys(tap_backbone(t) for t in taps):
@@ -85,7 +86,7 @@ class ProbeResult:
     report: dict  # the contents of probe.json
 
 
-def probe(path, out_dir, jobs=None, **options):
+def probe(path: Path | str, out_dir: Path | str, jobs: int | None = None, **options) -> ProbeResult:
     """Fit the probe of every tap group of a features or reduced dir; write probe.json and probe.png to `out_dir`.
 
     `options` are ReduceConfig fields (taps, scaling, components as an integer, whiten,
@@ -130,7 +131,7 @@ def _probe(source, out_dir, jobs, started):
     return ProbeResult(out_dir, report)
 
 
-def ranked(entries):
+def ranked(entries: list[dict]) -> list[dict]:
     """Group entries best first: highest val accuracy, then lowest val log loss, then name."""
     return sorted(entries, key=lambda e: (-e["val"]["accuracy"], e["val"]["log_loss"], e["name"]))
 

@@ -8,6 +8,7 @@ import csv
 import itertools
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class RunOutcome:
     done_before: bool  # the run was already finished in the runs dir, so nothing was trained
 
 
-def sweep_configs(path, overrides=None):
+def sweep_configs(path: Path | str, overrides: dict | None = None) -> list[HeadConfig]:
     """Every HeadConfig of a sweep file: its [base] table, then each combination of its [grid] lists.
 
     Precedence, lowest first: HeadConfig defaults, [base], `overrides` (options given on the
@@ -72,7 +73,10 @@ def sweep_configs(path, overrides=None):
     return configs
 
 
-def train(reduced_dir, runs_dir, configs, name=None, parallel=ParallelConfig(), on_warning=None):
+def train(
+    reduced_dir: Path | str, runs_dir: Path | str, configs: list[HeadConfig], name: str | None = None,
+    parallel: ParallelConfig = ParallelConfig(), on_warning: Callable[[str], None] | None = None,
+) -> Iterator[RunOutcome]:
     """Check everything, then return an iterator that trains the baseline and each head, yielding RunOutcomes.
 
     The logistic-regression baseline is recorded once per reduced dir, a finished run is not
