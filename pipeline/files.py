@@ -237,7 +237,11 @@ def output_guard(
     make_dir(lock_file.parent, "--out" if lock_file.parent == path else "--out's folder")
     with locked(lock_file, what, shared=shared, wait=wait):
         if not shared:
-            for leftover in (leftover_temps(path) if path.is_dir() else []) if into else leftover_temps(path.parent, path.name):
+            if into:
+                leftovers = leftover_temps(path) if path.is_dir() else []
+            else:
+                leftovers = leftover_temps(path.parent, path.name)
+            for leftover in leftovers:
                 remove(leftover)
         yield
 
