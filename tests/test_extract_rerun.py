@@ -4,17 +4,12 @@ import json
 import shutil
 
 import h5py
-import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline import shards
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
-
-SMALL_TAPS = ["--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
-FAST = ["--weights", "random", "--image-size", "32", *SMALL_TAPS]
-
+from helpers import FAST, write_image_tree
 
 def edit_shard_config(path, **changes):
     with h5py.File(path, "r+") as f:
@@ -174,12 +169,7 @@ def two_shards(tmp_path_factory):
     from pipeline.cli import cli
 
     work = tmp_path_factory.mktemp("two-shards")
-    root = work / "images"
-    rng = np.random.default_rng(0)
-    for cls in ("cat", "dog"):
-        (root / cls).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / cls / f"{i:03d}.png")
+    root = write_image_tree(work / "images")
     args = [*FAST, "--shard-size", "4"]
     result = CliRunner().invoke(cli, ["extract", str(root), "--out", str(work / "features"), *args])
     assert result.exit_code == 0, result.output

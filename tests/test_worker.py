@@ -11,13 +11,7 @@ from PIL import Image
 from pipeline import shards
 from pipeline.engines import worker as worker_module
 from pipeline.inputs import UndecodableImage, decode_with_pillow, resize_image
-
-FAST = ["--weights", "random", "--image-size", "32", "--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
-
-
-def files_bytes(features):
-    return {p.name: p.read_bytes() for p in sorted(features.glob("shard-*.h5"))}
-
+from helpers import FAST, files_bytes
 
 def _fallback_before_batching(self, missing):
     """The fallback as it was: every picture of the shard decoded first, then computed batch by batch (the reference)."""
