@@ -149,22 +149,28 @@ class _Config:
     _UNHASHED = ()  # fields that do not change what a run writes
     _NOT_SETTINGS = ()  # keys a record holds beside the fields
     _SETTINGS = "settings"  # what the fields are called in an error
+    # Fields added after runs were recorded, with the value that means what such a run did: a record
+    # without the field has that value, and the hash leaves the field out while it has it (old hashes stay valid).
+    _LEGACY = {}
 
     def to_dict(self):
         return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
 
     def sha256(self):
-        return sha256_json({key: value for key, value in self.to_dict().items() if key not in self._UNHASHED})
+        return sha256_json({
+            key: value for key, value in self.to_dict().items()
+            if key not in self._UNHASHED and not (key in self._LEGACY and value == self._LEGACY[key])
+        })
 
     @classmethod
     def from_record(cls, recorded: dict, where: str, *, remedy: str = "use the pipeline version that made it", **changes):
         """The config a record holds (a shard's or manifest's `config`, reduce.json's), with `changes` applied.
 
-        A setting added after the record was made takes its default, which by design keeps the old
-        behaviour; a setting this version does not know cannot be rebuilt: one sentence naming
-        `where` (the record) and `remedy`.
+        A setting added after the record was made takes its _LEGACY value, else its default, which by
+        design keeps the old behaviour; a setting this version does not know cannot be rebuilt: one
+        sentence naming `where` (the record) and `remedy`.
         """
-        settings = {key: value for key, value in recorded.items() if key not in cls._NOT_SETTINGS}
+        settings = {**cls._LEGACY, **{key: value for key, value in recorded.items() if key not in cls._NOT_SETTINGS}}
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise PipelineError(f"{where} records {cls._SETTINGS} this version does not know ({', '.join(unknown)}); {remedy}")
@@ -182,6 +188,7 @@ class ExtractConfig(_Config):
     _UNHASHED = ("on_error", "deterministic")  # whether a run stops; whether a GPU's kernels are picked reproducibly
     _NOT_SETTINGS = SOURCE_KEYS
     _SETTINGS = "extraction settings"
+    _LEGACY = {"exif_orientation": False}
 
     taps: tuple[str, ...] = DEFAULT_TAPS  # "backbone/layer"; each backbone is cut at its deepest tap
     pooling: str = "avg"  # global pooling of each tap: avg, max, or both concatenated
@@ -197,6 +204,7 @@ class ExtractConfig(_Config):
     storage_dtype: str = "float32"  # dtype of stored features; pooling is always float32
     on_error: str = "skip"  # undecodable image: record and go on, or stop the run
     deterministic: bool = True  # on a GPU: TensorFlow's op determinism (no timed kernel picking), so reruns give the same bytes
+    exif_orientation: bool | None = None  # turn images upright by their EXIF orientation; None: on (a resumed run: as recorded)
 
     def __post_init__(self):
         _check_types(self)
