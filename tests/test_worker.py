@@ -15,13 +15,7 @@ from pipeline import shards
 from pipeline import inputs as inputs_module
 from pipeline.engines import worker as worker_module
 from pipeline.inputs import UndecodableImage, decode_with_pillow, orient, resize_image
-
-FAST = ["--weights", "random", "--image-size", "32", "--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
-
-
-def files_bytes(features):
-    return {p.name: p.read_bytes() for p in sorted(features.glob("shard-*.h5"))}
-
+from helpers import FAST, files_bytes
 
 def _pillow_batches_decoding_all_first(items, batch_size, image_size, resize, failed, orientations=None):
     """The fallback as it was: every picture of the shard decoded first, then batched (the reference)."""
