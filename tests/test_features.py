@@ -1,6 +1,7 @@
 """The public reader: live rows in sorted-id order, batches, memory, and a manifest checked against its shards."""
 
 import json
+import re
 import tracemalloc
 
 import h5py
@@ -144,3 +145,29 @@ def test_damaged_features_are_one_sentence(features_dir):
         opened.load()
     with pytest.raises(PipelineError, match="shard-00001.h5"):
         list(opened.batches(batch_rows=16))
+
+
+# --- every reader goes through it
+
+
+@pytest.mark.parametrize("command", ["inspect", "reduce"])
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["classes"].reverse(), r"lists its classes as \['c', 'b', 'a'\], not sorted and unique"),
+    (lambda m: m.pop("taps"), "has no 'taps' record"),
+])
+def test_inspect_and_reduce_refuse_a_manifest_that_disagrees_with_its_shards(features_dir, tmp_path, run_cli, command, change, message):
+    features = features_dir(n=60, shard_size=30)
+    edit_manifest(features, change)
+    args = ["--out", tmp_path / "reduced"] if command == "reduce" else []
+    output = run_cli(command, features, *args, code=1).output
+    assert output.startswith("Error: ") and "Traceback" not in output and len(output.strip().splitlines()) == 1
+    assert re.search(message + ".*; rerun the same `pipeline extract` command, which rebuilds the manifest from the shards", output)
+    assert not (tmp_path / "reduced").exists()
+
+
+def test_inspect_counts_live_rows_only(tmp_path, image_tree, run_cli):
+    run_cli("extract", image_tree(), "--out", tmp_path / "f", "--weights", "random", "--image-size", "32",
+            "--tap", "vgg16:block1_pool", "--shard-size", "4")
+    assert "6 rows in 2 shards" in run_cli("inspect", tmp_path / "f").output
+    edit_manifest(tmp_path / "f", lambda m: (m["shards"][0].update(retired=[0, 2], live=2), m.update(rows=4)))
+    assert "4 rows in 2 shards" in run_cli("inspect", tmp_path / "f").output
