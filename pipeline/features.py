@@ -59,7 +59,7 @@ class Batch:
     def matrix(self, dtype=np.float32):
         """The taps side by side, in the order they were requested, as one (rows, sum of dims) array."""
         columns = [values.astype(dtype, copy=False) for values in self.features.values()]
-        return np.concatenate(columns, axis=1) if columns else np.zeros((len(self.ids), 0), dtype)
+        return np.concatenate(columns, axis=1) if columns else np.zeros((len(self.positions), 0), dtype)
 
 
 @dataclass(frozen=True)
@@ -145,18 +145,19 @@ class Features:
 
 
 def read_part(part, taps, columns, batch_rows, dtype, features_dir) -> Iterator[Batch]:
-    """Batches of the live rows of one shard: `taps` maps tap keys to dims, `columns` are the part's (ids, labels, splits).
+    """Batches of the live rows of one shard: `taps` maps tap keys to dims, `columns` are the part's (ids, labels, splits)
+    (any of them None: the batches' is None too).
 
     A function of picklable values, so that a Ray task can read its shard itself.
     """
-    ids, labels, splits = columns
     with _open_shard(part.path, features_dir) as f:
         for a in range(0, len(part.rows), batch_rows):
             b = min(a + batch_rows, len(part.rows))
             out = {key: np.empty((b - a, dim), dtype) for key, dim in taps.items()}
             for key in taps:
                 _read_into(f["features"][key], part.rows[a:b], out[key], np.arange(b - a))
-            yield Batch(part.positions[a:b], ids[a:b], labels[a:b], splits[a:b], out)
+            ids, labels, splits = (None if column is None else column[a:b] for column in columns)
+            yield Batch(part.positions[a:b], ids, labels, splits, out)
 
 
 def load_features(path, taps=None, dtype=None):
@@ -186,12 +187,16 @@ def open_features(path):
     ids = np.concatenate([c[0] for c in columns]) if columns else np.zeros(0, object)
     labels = np.concatenate([c[1] for c in columns]) if columns else np.zeros(0, np.int32)
     splits = np.concatenate([c[2] for c in columns]) if columns else np.zeros(0, object)
-    order = _sorted_order(ids)
-    duplicate = np.flatnonzero(ids[order][1:] == ids[order][:-1])
-    if duplicate.size:
-        raise _refuse(manifest_path, f"leaves id {ids[order][duplicate[0]]!r} live in more than one row")
-    rank = np.empty(len(ids), np.int64)
-    rank[order] = np.arange(len(ids))
+    if len(ids) < 2 or (ids[1:] > ids[:-1]).all():  # one generation: the shards' rows are in sorted-id order already
+        rank = np.arange(len(ids))
+    else:
+        order = np.argsort(ids, kind="stable")
+        ids, labels, splits = ids[order], labels[order], splits[order]
+        duplicate = np.flatnonzero(ids[1:] == ids[:-1])
+        if duplicate.size:
+            raise _refuse(manifest_path, f"leaves id {ids[duplicate[0]]!r} live in more than one row")
+        rank = np.empty(len(ids), np.int64)
+        rank[order] = np.arange(len(ids))
     parts, at = [], 0
     for entry, rows in zip(manifest["shards"], parts_rows):
         positions = rank[at:at + len(rows)]
@@ -202,16 +207,9 @@ def open_features(path):
             )
         parts.append(ShardPart(path / entry["file"], int(entry["rows"]), rows, positions))
     return Features(
-        path=path, manifest=manifest, ids=ids[order], labels=labels[order], splits=splits[order], classes=list(classes),
+        path=path, manifest=manifest, ids=ids, labels=labels, splits=splits, classes=list(classes),
         taps=taps, dtype=np.dtype(dtypes.pop() if dtypes else np.float32), parts=tuple(parts),
     )
-
-
-def _sorted_order(ids):
-    """The permutation that sorts `ids` (the identity, found in one pass, when they are sorted already)."""
-    if len(ids) < 2 or (ids[1:] > ids[:-1]).all():
-        return np.arange(len(ids))
-    return np.argsort(ids, kind="stable")
 
 
 def _refuse(manifest_path, what):

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from pipeline.config import ExtractConfig, WeightSource
 from pipeline.errors import PipelineError
 from pipeline.files import read_json
+from pipeline.splits import FIRST_RULE, rule_of
 
 FEATURES_FORMAT = "pipeline-features/1"
 REDUCED_FORMAT = "pipeline-reduced/1"
@@ -223,6 +224,51 @@ def recorded_link(path: Path, record: dict, key: str, kind: str, remedy: str) ->
     except (KeyError, TypeError, IndexError) as e:
         missing = f"lacks {e}" if isinstance(e, KeyError) else "is not a mapping"
         raise PipelineError(f"{path} has no {key!r} record of what it was made from (it {missing}); {remedy}") from None
+
+
+def reduced_notes(reduced_dir: Path, report: dict) -> list[str]:
+    """Sentences a trainer should hear about a reduced dir: an old split rule, features updated since it was made.
+
+    A reduced dir is self-contained, so these are warnings: features moved away or unreadable say nothing.
+    """
+    notes = []
+    if rule_of(report.get("splits", {})) == FIRST_RULE:
+        notes.append(
+            f"{reduced_dir} was split by the first rule ({FIRST_RULE}: ids ranked within each class), under which adding images "
+            "moved old ones between val and test; reduce again (with --overwrite, or into another --out) for the stable rule"
+        )
+    changed = _features_changed(reduced_dir, report)
+    if changed:
+        notes.append(changed)
+    return notes
+
+
+def _features_changed(reduced_dir: Path, report: dict) -> str | None:
+    """A sentence when the manifest reduce.json links to has changed since (an extract update), else None."""
+    try:
+        recorded = Link.from_json(report["inputs"], "features")
+    except (KeyError, TypeError, IndexError):
+        return None
+    for directory in (Path(os.path.normpath(reduced_dir / recorded.relative)), Path(recorded.absolute)):
+        try:
+            data, actual = read_hashed(directory / MANIFEST_NAME)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    if actual == recorded.sha256:
+        return None
+    try:
+        generation = json.loads(data).get("generation", 0)
+    except (ValueError, AttributeError):
+        generation = None
+    then = report["inputs"].get("generation", 0)
+    updated = f" (extract updated it: generation {then}, now {generation})" if isinstance(generation, int) and generation != then else ""
+    return (
+        f"the features in {directory} changed since {reduced_dir} was reduced from them{updated}; this trains on the rows "
+        "as they were then: reduce again (into another --out, or with --overwrite) to train on the current ones"
+    )
 
 
 def load_lineage(run_dir: Path | str) -> Lineage:

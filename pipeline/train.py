@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError, first_line
 from pipeline.files import (
     LockBusy, atomic_path, leftover_temps, locked, make_dir, read_json, remove, replace_dir, storage_errors, temp_sibling, write_json,
 )
-from pipeline.lineage import HEAD_NAME, REPORT_NAME, RUN_CONFIG_NAME as CONFIG_NAME, link, sha256_file
+from pipeline.lineage import HEAD_NAME, REPORT_NAME, RUN_CONFIG_NAME as CONFIG_NAME, link, reduced_notes, sha256_file
 from pipeline.reduce import load_reduced
 
 METRICS_NAME = "metrics.json"
@@ -88,7 +88,8 @@ def train(reduced_dir, runs_dir, configs, name=None, parallel=ParallelConfig(), 
     The logistic-regression baseline is recorded once per reduced dir, a finished run is not
     redone (a damaged one is trained again), every run appears in `runs_dir` complete or not at
     all, and leaderboard.csv is rebuilt after every new run. `parallel` says where the runs train
-    (see engines.jobs); `on_warning(sentence)` hears about damaged run dirs.
+    (see engines.jobs); `on_warning(sentence)` hears about damaged run dirs and a reduced dir made by an old split rule
+    or from features updated since.
 
     Other processes may train into the same runs dir at the same time: each run is claimed with
     its own lock while it trains, a run another process holds is left to it (and reported
@@ -97,6 +98,8 @@ def train(reduced_dir, runs_dir, configs, name=None, parallel=ParallelConfig(), 
     """
     on_warning = on_warning or (lambda sentence: None)
     data = load_reduced(Path(reduced_dir).absolute())  # absolute: workers may start elsewhere
+    for note in reduced_notes(data.path, data.report):  # an old split rule, features updated since
+        on_warning(note)
     runs_dir = Path(runs_dir).absolute()
     _check_trainable(data)
     finished, problems = _runs_in(runs_dir)

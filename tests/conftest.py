@@ -84,12 +84,15 @@ def updated_features(features_dir):
     adds class "aa" (shifting every index: each shard records its own `classes`), appends one shard
     with new ids between the old ones, retires `removed` old rows and relabels `relabelled` ones
     (their feature bytes copied into the new shard with label "c" and split "test", the old row
-    retired). Returns the dir; `live_rows(dir)` reads what it should show.
+    retired). `before(dir)` is called before the update. Returns the dir; `live_rows(dir)` reads what it should show.
     """
     import json
 
-    def make(n=60, shard_size=25, removed=(3, 4, 30), relabelled=(7, 41), added=(10, 20, 50), storage_dtype="float32", name="features"):
+    def make(n=60, shard_size=25, removed=(3, 4, 30), relabelled=(7, 41), added=(10, 20, 50), storage_dtype="float32", name="features",
+             before=None):
         out = features_dir(n=n, shard_size=shard_size, storage_dtype=storage_dtype, name=name)
+        if before is not None:
+            before(out)  # say, reduce generation 0
         manifest = json.loads((out / "manifest.json").read_text())
         old_classes = manifest["classes"]
         for entry in manifest["shards"]:

@@ -171,3 +171,61 @@ def test_inspect_counts_live_rows_only(tmp_path, image_tree, run_cli):
     assert "6 rows in 2 shards" in run_cli("inspect", tmp_path / "f").output
     edit_manifest(tmp_path / "f", lambda m: (m["shards"][0].update(retired=[0, 2], live=2), m.update(rows=4)))
     assert "4 rows in 2 shards" in run_cli("inspect", tmp_path / "f").output
+
+
+def one_generation_copy(features, live_rows, out, shard_size=20):
+    """The live rows of `features` (same bytes, labels and splits) written as a directory that was never updated."""
+    from pipeline import shards
+
+    manifest = json.loads((features / "manifest.json").read_text())
+    rows = live_rows(features)
+    ids = sorted(rows)
+    out.mkdir()
+    entries = []
+    for index, start in enumerate(range(0, len(ids), shard_size)):
+        part = ids[start:start + shard_size]
+        data = shards.ShardData(
+            part, np.array([manifest["classes"].index(rows[i][0]) for i in part], np.int32), [rows[i][1] for i in part],
+            {key: np.stack([rows[i][2][key] for i in part]) for key in TAPS},
+        )
+        shards.write_shard(out / shards.shard_filename(index), data, index=index, config_sha256=manifest["config_sha256"],
+                           config=manifest["config"])
+        entries.append({"file": shards.shard_filename(index), "rows": len(part)})
+    manifest.update(shards=entries, rows=len(ids), generation=0)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.parametrize("solver", ["full", "incremental"])
+def test_reduce_and_probe_see_the_live_rows_only(updated_features, live_rows, tmp_path, solver):
+    from pipeline.config import ReduceConfig
+    from pipeline.probe import probe
+    from pipeline.reduce import load_reduced, reduce_features
+
+    updated = updated_features()
+    fresh = one_generation_copy(updated, live_rows, tmp_path / "fresh")
+    config = ReduceConfig(components=5, solver=solver, batch_rows=7, val_fraction=0.2)
+    reduced = [load_reduced(reduce_features(f, tmp_path / f"reduced-{f.name}", config).out) for f in (updated, fresh)]
+    assert reduced[0].ids == reduced[1].ids == sorted(live_rows(updated))
+    assert reduced[0].labels.tolist() == reduced[1].labels.tolist() and reduced[0].splits.tolist() == reduced[1].splits.tolist()
+    assert reduced[0].report["rows"] == len(live_rows(updated)) and reduced[0].classes == ["a", "aa", "b", "c"]
+    if solver == "full":  # the same rows in the same order: the same numbers
+        assert np.array_equal(reduced[0].X, reduced[1].X)
+    else:  # per-shard sums, added in another grouping
+        assert np.allclose(np.abs(reduced[0].X), np.abs(reduced[1].X), atol=1e-4)
+    probes = [probe(f, tmp_path / f"probe-{f.name}", components=4, val_fraction=0.2).report for f in (updated, fresh)]
+    assert probes[0]["splits"] == probes[1]["splits"] and probes[0]["rows"] == len(live_rows(updated))
+    assert [g["val"] for g in probes[0]["groups"]] == [g["val"] for g in probes[1]["groups"]]
+
+
+def test_a_reduce_after_an_update_is_a_new_reduce_and_training_the_old_one_says_so(updated_features, tmp_path, run_cli):
+    def reduce_generation_0(features):
+        run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", "4", "--val-fraction", "0.2")
+
+    features = updated_features(before=reduce_generation_0)
+    output = run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", "4", "--val-fraction", "0.2", code=1).output
+    assert "already holds a different reduction (made from the features before extract updated them (generation 0, now 1))" in output
+    trained = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "runs", "--epochs", "1", "--hidden", "4").output
+    assert "warning: the features in" in trained and "(extract updated it: generation 0, now 1); this trains on the rows as they were" in trained
+    run_cli("reduce", features, "--out", tmp_path / "reduced-1", "--components", "4", "--val-fraction", "0.2")
+    assert "warning" not in run_cli("train", tmp_path / "reduced-1", "--runs", tmp_path / "runs-1", "--epochs", "1", "--hidden", "4").output
