@@ -247,7 +247,7 @@ def _read_shard_rows(features_dir, manifest, manifest_path, entry, taps):
     path = features_dir / entry["file"]
     attrs = shards.read_shard_attrs(path)
     if attrs is None:
-        raise PipelineError(f"{path} is listed in {manifest_path} but is missing or not a features shard; rerun `pipeline extract`")
+        raise PipelineError(f"{path} is listed in the manifest but is missing or not a features shard; rerun `pipeline extract`")
     if attrs["config_sha256"] != manifest["config_sha256"]:
         raise PipelineError(
             f"{path} was written by another extraction (config {attrs['config_sha256'][:12]}) than its manifest describes "

@@ -27,7 +27,8 @@ from pipeline.files import (
 )
 from pipeline.splits import SPLIT_RULE, SPLITS, assign_splits, empty_splits, rule_of, split_sha256, split_source
 from pipeline.lineage import (
-    MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, check_sha256, link, parse_record, read_hashed, sha256_file,
+    MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, check_sha256, extraction_sha256, link, parse_record, read_hashed,
+    sha256_file,
 )
 
 REDUCED_NAME = "reduced.h5"
@@ -174,7 +175,10 @@ def _reduce(live, features, out_dir, config, engine, ray_address, started, damag
             _plot_explained_variance(ratios, staging / PLOT_NAME)
             report = {
                 "format": REDUCED_FORMAT,
-                "inputs": {**features.to_json("features"), "generation": manifest.get("generation", 0)},
+                "inputs": {
+                    **features.to_json("features"), "generation": manifest.get("generation", 0),
+                    "extraction_sha256": extraction_sha256(manifest),
+                },
                 "config": config.to_dict(),
                 "config_sha256": config.sha256(),
                 "classes": manifest["classes"],
