@@ -93,8 +93,8 @@ class Features:
     def load(self, taps=None, dtype=None):
         """These rows with the features of `taps` in memory (a new Features); `dtype` converts them (default: as stored).
 
-        Each output array is allocated once and filled shard by shard: memory beyond the outputs is
-        at most one shard's range of rows of one tap when retired rows must be picked out.
+        Each output array is allocated once and filled shard by shard, reading runs of consecutive live
+        rows (retired rows are not read): memory beyond the outputs is at most BATCH_ROWS rows of one tap.
         """
         taps = self.resolve_taps(taps)
         dtype = np.dtype(dtype or self.dtype)
@@ -358,8 +358,9 @@ def _read_into(dataset, rows, out, positions):
     """
     lo, hi = int(rows[0]), int(rows[-1]) + 1
     p0 = int(positions[0])
-    if hi - lo == len(rows) and int(positions[-1]) - p0 + 1 == len(rows):
+    consecutive = hi - lo == len(rows)
+    if consecutive and int(positions[-1]) - p0 + 1 == len(rows):
         dataset.read_direct(out, np.s_[lo:hi], np.s_[p0:p0 + len(rows)])
         return
     block = dataset[lo:hi]
-    out[positions] = block[rows - lo]
+    out[positions] = block if consecutive else block[rows - lo]
