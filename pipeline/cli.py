@@ -608,7 +608,7 @@ _TABLE_COLUMNS = ("run_id", "kind", "val_accuracy", "test_accuracy", "val_macro_
 @click.option("--top", default=20, show_default=True, type=click.IntRange(min=1), help="Rows to show.")
 def runs(runs_dir, sort, top):
     """Print the leaderboard of RUNS as a table, best first; the linear-probe baseline is marked."""
-    from pipeline.train import METRIC_COLUMNS, leaderboard, sort_rows
+    from pipeline.leaderboard import METRIC_COLUMNS, leaderboard, sort_rows
 
     rows, warnings = leaderboard(runs_dir)
     for warning in warnings:

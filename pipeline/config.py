@@ -9,10 +9,10 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engines import ENGINES  # noqa: F401  (the CLI offers them from here)
 from pipeline.errors import PipelineError
 
 BACKBONES = ("resnet50", "vgg16")
+ENGINES = ("local", "ray")  # where work runs (engines.make_engine builds stage one's); the CLI offers them from here
 POOLINGS = ("avg", "max", "avgmax")
 RESIZES = ("squash", "center-crop")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")

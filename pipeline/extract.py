@@ -117,7 +117,7 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
         return ExtractResult(None, out_dir, written=0, skipped=len(ranges), up_to_date=True)
 
     to_run = _run_config_to_extract(existing.config, config, out_dir) if resumed else config
-    from pipeline.engines import RunIdentity, ShardJob, make_engine  # the local engine loads TensorFlow, once there is something to compute
+    from pipeline.engines import RunIdentity, ShardTask, make_engine  # the local engine loads TensorFlow, once there is something to compute
 
     engine = make_engine(engine_name, **engine_options)
     try:
@@ -140,7 +140,7 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
         if overwriting:  # only now that the new run is known to load and to fit
             _remove_outputs(out_dir, replaced[1:])
         progress.start(_images(ranges, pending | done), _images(ranges, done))
-        jobs = [ShardJob(k, listing.records[slice(*ranges[k])]) for k in sorted(pending)]
+        jobs = [ShardTask(k, listing.records[slice(*ranges[k])]) for k in sorted(pending)]
         engine.run(jobs, RunIdentity(run.config_sha256, run.config, worker.weights, worker.taps), out_dir, progress)
         if num_workers == 1:
             _remove_leftovers(out_dir)  # a worker killed while writing (a Ray actor) leaves its temp file

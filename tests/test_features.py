@@ -200,7 +200,8 @@ def one_generation_copy(features, live_rows, out, shard_size=20):
 def test_reduce_and_probe_see_the_live_rows_only(updated_features, live_rows, tmp_path, solver):
     from pipeline.config import ReduceConfig
     from pipeline.probe import probe
-    from pipeline.reduce import load_reduced, reduce_features
+    from pipeline.reduce import reduce_features
+    from pipeline.reduced import load_reduced
 
     updated = updated_features()
     fresh = one_generation_copy(updated, live_rows, tmp_path / "fresh")

@@ -203,24 +203,24 @@ class FakeActor:
         if not args:  # a ping
             self.pings += 1
             return True if self.revives else FakeRay.exceptions.ActorDiedError("gone")
-        job = args[0]
+        task = args[0]
         behaviour = self.script.pop(0) if self.script else "ok"
         if behaviour == "die":
             return iter([1, FakeRay.exceptions.RayActorError("worker died")])
-        self.shards.append(job.index)
-        (self.out_dir / shards.shard_filename(job.index)).touch()
-        return iter([len(job.records)])
+        self.shards.append(task.index)
+        (self.out_dir / shards.shard_filename(task.index)).touch()
+        return iter([len(task.records)])
 
 
 def run_fake(tmp_path, actors, shard_count=4, size=3):
-    from pipeline.engines import ShardJob
+    from pipeline.engines import ShardTask
     from pipeline.engines.ray import RayEngine
 
     engine = RayEngine()
     engine._ray, engine._actors = FakeRay(), actors
     shown = []
-    jobs = [ShardJob(k, (None,) * size) for k in range(shard_count)]
-    engine.run(jobs, None, tmp_path, shown.append)
+    tasks = [ShardTask(k, (None,) * size) for k in range(shard_count)]
+    engine.run(tasks, None, tmp_path, shown.append)
     return sum(shown)
 
 

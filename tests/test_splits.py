@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.lineage import reduced_notes
-from pipeline.reduce import load_reduced
+from pipeline.reduced import load_reduced
 from pipeline.splits import SPLIT_RULE, assign_splits, id_unit
 
 

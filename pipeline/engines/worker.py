@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from pipeline import backbones, shards
 from pipeline.config import ExtractConfig, parse_weights, tap_backbone, tap_layer
-from pipeline.engines import RunIdentity, ShardJob
+from pipeline.engines import RunIdentity, ShardTask
 from pipeline.errors import PipelineError
 from pipeline.files import storage_errors
 from pipeline.inputs import UndecodableImage, decode_with_pillow, image_batches, resize_image
@@ -50,14 +50,14 @@ class ShardWorker:
             self.weights = loading.result()
         self._runner.start_twin()
 
-    def run(self, jobs: list[ShardJob], run: RunIdentity, out_dir, progress=None) -> None:
+    def run(self, jobs: list[ShardTask], run: RunIdentity, out_dir, progress=None) -> None:
         """Compute every job and write its shard into `out_dir`; `progress(n)` as images are done."""
         with contextlib.closing(self.steps(jobs, run, out_dir)) as steps:  # closing: an error here still waits for the writer
             for images in steps:
                 if progress is not None:
                     progress(images)
 
-    def steps(self, jobs: list[ShardJob], run: RunIdentity, out_dir):
+    def steps(self, jobs: list[ShardTask], run: RunIdentity, out_dir):
         """`run` as a generator: yields the images done since the last yield, after every batch; ends once every shard is written."""
         done = []
         records = [record for job in jobs for record in job.records]
