@@ -344,18 +344,18 @@ def taps(backbone, image_size):
 def inspect(features, verify):
     """Summarise a features directory (and optionally verify it)."""
     from pipeline import shards
-    from pipeline.features import open_features
+    from pipeline.features import check_features
 
     m = shards.read_manifest(features)
     try:
-        live = open_features(features)  # the manifest checked against its shards
+        live = check_features(features)  # the manifest checked against its shards
     except PipelineError as e:
         if not verify:
             raise
         click.echo(f"problem: {e}", err=True)
         raise click.ClickException(f"1 problem(s) in {features}") from None
     c = m["config"]
-    click.echo(f"{features}: {len(live)} rows in {len(m['shards'])} shards, {len(m['errors'])} errors, {m['listed']} images listed")
+    click.echo(f"{features}: {live.rows} rows in {len(m['shards'])} shards, {len(m['errors'])} errors, {m['listed']} images listed")
     click.echo(f"source: {c['source']} ({len(live.classes)} classes)")
     click.echo(f"image: {c['image_size']} px, {c['resize']}; pooling {c['pooling']}; storage {c['storage_dtype']}")
     for key, dim in live.taps.items():

@@ -165,25 +165,52 @@ def load_features(path, taps=None, dtype=None):
     return open_features(path).load(taps, dtype)
 
 
-def open_features(path):
-    """The live rows of features directory `path` (ids, labels, splits, classes), checked, without reading features."""
-    path = Path(path)
+@dataclass(frozen=True)
+class Summary:
+    """A features directory's manifest, checked against its shards, and what it holds (see check_features)."""
+
+    path: Path
+    manifest: dict
+    rows: int  # live rows
+    classes: list
+    taps: dict  # tap key -> dim, in manifest order
+    dtype: np.dtype  # as stored
+
+
+def check_features(path):
+    """The manifest of features directory `path` checked against its shards as open_features checks it, but without
+    reading ids and splits (the slow part of a large directory): what `inspect` shows. Returns a Summary.
+    """
+    return _checked(Path(path), read_ids=False)[0]
+
+
+def _checked(path, read_ids):
+    """(Summary, [(live rows, ids, labels, splits) per shard]); ids and splits are None unless `read_ids`."""
     manifest = shards.read_manifest(path)
     manifest_path = path / MANIFEST_NAME
     _check_manifest(manifest, manifest_path)
-    classes = manifest["classes"]
     taps = {tap["key"]: tap["dim"] for tap in manifest["taps"]}
-    columns, parts_rows, dtypes = [], [], set()
+    found, dtypes = [], set()
     for entry in manifest["shards"]:
-        shard_rows, ids, labels, splits, dtype = _read_shard_rows(path, manifest, manifest_path, entry, taps)
-        parts_rows.append(shard_rows)
-        columns.append((ids, labels, splits))
+        *columns, dtype = _read_shard_rows(path, manifest, manifest_path, entry, taps, read_ids)
+        found.append(columns)
         dtypes |= dtype
-    live = sum(len(rows) for rows in parts_rows)
+    live = sum(len(rows) for rows, *_ in found)
     if live != manifest["rows"]:
         raise _refuse(manifest_path, f"says {manifest['rows']} live rows, but its shards leave {live} live")
     if len(dtypes) > 1:
         raise _refuse(manifest_path, f"lists shards stored as {' and '.join(sorted(map(str, dtypes)))}, which one extraction never mixes")
+    dtype = np.dtype(dtypes.pop() if dtypes else np.float32)
+    return Summary(path, manifest, live, list(manifest["classes"]), taps, dtype), found
+
+
+def open_features(path):
+    """The live rows of features directory `path` (ids, labels, splits, classes), checked, without reading features."""
+    path = Path(path)
+    summary, found = _checked(path, read_ids=True)
+    manifest, manifest_path = summary.manifest, path / MANIFEST_NAME
+    parts_rows = [rows for rows, *_ in found]
+    columns = [c for _, *c in found]
     ids = np.concatenate([c[0] for c in columns]) if columns else np.zeros(0, object)
     labels = np.concatenate([c[1] for c in columns]) if columns else np.zeros(0, np.int32)
     splits = np.concatenate([c[2] for c in columns]) if columns else np.zeros(0, object)
@@ -207,8 +234,8 @@ def open_features(path):
             )
         parts.append(ShardPart(path / entry["file"], int(entry["rows"]), rows, positions))
     return Features(
-        path=path, manifest=manifest, ids=ids, labels=labels, splits=splits, classes=list(classes),
-        taps=taps, dtype=np.dtype(dtypes.pop() if dtypes else np.float32), parts=tuple(parts),
+        path=path, manifest=manifest, ids=ids, labels=labels, splits=splits, classes=summary.classes, taps=summary.taps,
+        dtype=summary.dtype, parts=tuple(parts),
     )
 
 
@@ -239,10 +266,11 @@ def _check_manifest(manifest, manifest_path):
         )
 
 
-def _read_shard_rows(features_dir, manifest, manifest_path, entry, taps):
+def _read_shard_rows(features_dir, manifest, manifest_path, entry, taps, read_ids=True):
     """(live rows, and their ids, labels mapped to the manifest's classes and splits; {dtype of its taps}) of one shard.
 
     Everything the manifest says of the shard is checked against the shard's attrs and datasets.
+    Without `read_ids`, ids and splits are not read (None).
     """
     path = features_dir / entry["file"]
     attrs = shards.read_shard_attrs(path)
@@ -267,15 +295,18 @@ def _read_shard_rows(features_dir, manifest, manifest_path, entry, taps):
             if short:
                 raise damaged_shard(path, features_dir, f"tap {short[0]} has {datasets[short[0]].shape[0]} rows, not {stored}")
             dtypes = {dataset.dtype for dataset in datasets.values()}
-            ids = f["ids"].asstr()[:]
+            lengths = {name: len(f[name]) for name in ("ids", "labels", "splits")}
             labels = f["labels"][:]
-            splits = f["splits"].asstr()[:]
+            ids = f["ids"].asstr()[:] if read_ids else None
+            splits = f["splits"].asstr()[:] if read_ids else None
     except (OSError, KeyError) as e:
         raise damaged_shard(path, features_dir, e) from None
-    if not len(ids) == len(labels) == len(splits) == stored:
-        raise damaged_shard(path, features_dir, f"{len(ids)} ids, {len(labels)} labels and {len(splits)} splits for {stored} rows")
+    if set(lengths.values()) != {stored}:
+        raise damaged_shard(path, features_dir, ", ".join(f"{n} {name}" for name, n in lengths.items()) + f" for {stored} rows")
     labels = _mapped_labels(path, manifest_path, attrs.get("classes"), manifest["classes"], labels[rows])
-    return rows, ids[rows].astype(object), labels, splits[rows].astype(object), dtypes
+    if not read_ids:
+        return rows, None, labels, None, dtypes
+    return rows, ids[rows], labels, splits[rows], dtypes
 
 
 def _taps_text(taps):

@@ -150,7 +150,7 @@ def test_damaged_features_are_one_sentence(features_dir):
 # --- every reader goes through it
 
 
-@pytest.mark.parametrize("command", ["inspect", "reduce"])
+@pytest.mark.parametrize("command", [["inspect"], ["inspect", "--verify"], ["reduce"]])
 @pytest.mark.parametrize("change, message", [
     (lambda m: m["classes"].reverse(), r"lists its classes as \['c', 'b', 'a'\], not sorted and unique"),
     (lambda m: m.pop("taps"), "has no 'taps' record"),
@@ -158,9 +158,13 @@ def test_damaged_features_are_one_sentence(features_dir):
 def test_inspect_and_reduce_refuse_a_manifest_that_disagrees_with_its_shards(features_dir, tmp_path, run_cli, command, change, message):
     features = features_dir(n=60, shard_size=30)
     edit_manifest(features, change)
-    args = ["--out", tmp_path / "reduced"] if command == "reduce" else []
-    output = run_cli(command, features, *args, code=1).output
-    assert output.startswith("Error: ") and "Traceback" not in output and len(output.strip().splitlines()) == 1
+    args = ["--out", tmp_path / "reduced"] if command == ["reduce"] else command[1:]
+    output = run_cli(command[0], features, *args, code=1).output
+    assert "Traceback" not in output
+    if "--verify" in command:  # the problem, then the count
+        assert output.startswith("problem: ") and output.strip().splitlines()[-1] == f"Error: 1 problem(s) in {features}"
+    else:
+        assert output.startswith("Error: ") and len(output.strip().splitlines()) == 1
     assert re.search(message + ".*; rerun the same `pipeline extract` command, which rebuilds the manifest from the shards", output)
     assert not (tmp_path / "reduced").exists()
 
@@ -230,3 +234,13 @@ def test_a_reduce_after_an_update_is_a_new_reduce_and_training_the_old_one_says_
     assert "warning: the features in" in trained and "(extract updated it: generation 0, now 1); this trains on the rows as they were" in trained
     run_cli("reduce", features, "--out", tmp_path / "reduced-1", "--components", "4", "--val-fraction", "0.2")
     assert "warning" not in run_cli("train", tmp_path / "reduced-1", "--runs", tmp_path / "runs-1", "--epochs", "1", "--hidden", "4").output
+
+
+def test_check_features_counts_live_rows_without_reading_ids(updated_features, live_rows, monkeypatch):
+    from pipeline.features import check_features
+
+    features = updated_features()
+    expected = len(live_rows(features))
+    monkeypatch.setattr(h5py.Dataset, "asstr", lambda self: pytest.fail("check_features read strings"))
+    summary = check_features(features)
+    assert summary.rows == expected and summary.classes == ["a", "aa", "b", "c"] and list(summary.taps) == TAPS
