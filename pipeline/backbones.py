@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import WeightSource, tap_backbone, tap_layer
+from pipeline.devices import FLOAT16_TENSOR_CORES
 from pipeline.errors import PipelineError, first_line as _first_line
 from pipeline.layers import caffe_preprocessing
 
@@ -81,6 +82,9 @@ def check_taps(taps, trunks):
 # --- precision -----------------------------------------------------------------------------
 
 
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags of bfloat16 units
+
+
 def cpu_flags():
     """The CPU feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
@@ -97,31 +101,27 @@ def has_gpu():
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def choose_policy(requested, gpu, flags):
-    """`auto`: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with bf16 units, float32 otherwise."""
+def choose_policy(requested, gpu, flags, compute_capability=None):
+    """`auto`: mixed_float16 on a GPU with float16 tensor cores, mixed_bfloat16 on a CPU with bf16 units, float32 otherwise.
+
+    A GPU below compute capability 7.0 (Pascal and older) has no float16 tensor cores: float16
+    would only cost fidelity there. An unknown capability counts as a modern GPU.
+    """
     if requested != "auto":
         return requested
     if gpu:
-        return "mixed_float16"
-    if {"avx512_bf16", "amx_bf16"} & set(flags):
+        old = compute_capability is not None and tuple(compute_capability) < FLOAT16_TENSOR_CORES
+        return "float32" if old else "mixed_float16"
+    if BF16_FLAGS & set(flags):
         return "mixed_bfloat16"
     return "float32"
 
 
-def resolve(config, gpu, flags):
+def resolve(config, gpu, flags, compute_capability=None):
     """An ExtractConfig with `auto` choices replaced by what this machine gets, so the saved config says what ran."""
-    policy = choose_policy(config.precision, gpu, flags)
+    policy = choose_policy(config.precision, gpu, flags, compute_capability)
     xla = gpu if config.xla is None else config.xla
     return dataclasses.replace(config, precision=policy, xla=xla)
-
-
-def enable_gpu_memory_growth():
-    """Let TensorFlow grow GPU memory on demand instead of taking it all (must run before any op)."""
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised in this process: the setting is fixed by then
-            pass
 
 
 # --- weights -------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from pipeline import config as cfg
+from pipeline import config as cfg, devices
 from pipeline.bench import STAGES as BENCH_STAGES
 from pipeline.errors import PipelineError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info logs off the user's screen
+devices.request_memory_growth()  # before any TensorFlow import; inherited by local Ray actors and worker processes
 
 
 REDELIVERY_DELAY_S = 0.1  # after the unraisable hook has returned
@@ -47,6 +48,37 @@ class PipelineGroup(click.Group):
         except (KeyboardInterrupt, Terminated) as e:
             click.echo("interrupted; rerun the same command to resume", err=True)
             ctx.exit(143 if isinstance(e, Terminated) else 130)
+
+
+class TensorFlowCommand(click.Command):
+    """A command that runs TensorFlow in this process: the device options are set before its body runs.
+
+    This is where commands set them (devices.configure), after the flags are parsed and before
+    anything imports TensorFlow. `runs_here(params)` says whether TensorFlow runs in this process
+    (train with --jobs leaves it to its workers). `gpu_work` commands warn loudly when nvidia-smi
+    lists a GPU that TensorFlow does not see. `extract` is not one: it loads TensorFlow only when
+    there is something to compute, and its worker (engines.worker.ShardWorker) sets the options
+    first, in this process or in a Ray actor.
+    """
+
+    def __init__(self, *args, runs_here=lambda params: True, gpu_work=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.runs_here, self.gpu_work = runs_here, gpu_work
+
+    def invoke(self, ctx):
+        if self.runs_here(ctx.params):
+            for problem in devices.configure():
+                click.echo(f"warning: {problem}", err=True)
+            if self.gpu_work:
+                warn_unseen_gpus()
+        return super().invoke(ctx)
+
+
+def warn_unseen_gpus():
+    """Loudly, when nvidia-smi lists an NVIDIA GPU but TensorFlow sees none (the work would run on the CPU)."""
+    unseen = devices.unseen_gpus_warning(bool(devices.tensorflow_gpus()))
+    if unseen:
+        click.echo(click.style(f"WARNING: {unseen}", fg="red", bold=True), err=True)
 
 
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,15 +136,17 @@ class Progress:
     """A tqdm bar on a terminal; a plain line every `interval` seconds otherwise.
 
     `start` gives the total and the images an earlier run finished; the rate and ETA count only
-    the images computed now.
+    the images computed now. `before_computing()` runs at the start of a run with images to compute.
     """
 
-    def __init__(self, label, interval=10.0):
-        self.label, self.interval = label, interval
+    def __init__(self, label, interval=10.0, before_computing=None):
+        self.label, self.interval, self.before_computing = label, interval, before_computing
         self.total = self.done = self.computed = 0
         self.bar = None
 
     def start(self, total, done):
+        if done < total and self.before_computing is not None:
+            self.before_computing()
         self.total, self.done = total, done
         self.started = self.last = time.monotonic()
         if sys.stderr.isatty():
@@ -160,7 +194,7 @@ EXTRACT_KEYS = (
 @click.option("--resize", default=_EXTRACT.resize, show_default=True, type=click.Choice(cfg.RESIZES), help="Squash the whole image, or center-crop to square first.")
 @click.option("--fast-decode/--no-fast-decode", default=_EXTRACT.fast_decode, show_default=True, help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers --image-size (faster, features move slightly).")
 @click.option("--batch-size", default=_EXTRACT.batch_size, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--precision", default=_EXTRACT.precision, show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy; auto = mixed_float16 on GPU, mixed_bfloat16 on bf16 CPUs, else float32.")
+@click.option("--precision", default=_EXTRACT.precision, show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy; auto = mixed_float16 on a GPU of compute capability 7.0+, mixed_bfloat16 on bf16 CPUs, else float32.")
 @click.option("--xla/--no-xla", default=_EXTRACT.xla, help="XLA-compile the forward pass. Default: on with a GPU.")
 @click.option("--weights", default=_EXTRACT.weights, show_default=True, help="imagenet, random (seeded), or resnet50=PATH,vgg16=PATH.")
 @click.option("--seed", default=_EXTRACT.seed, show_default=True, type=click.IntRange(min=0), help="Seed for --weights random.")
@@ -196,7 +230,8 @@ def extract(ctx, source, out, config_file, num_workers, worker_index, engine, ra
         click.echo(f"warning: {warning}", err=True)
     total = len(listing.records)
     click.echo(f"extract: {total} images from {source} -> {out}", err=True)
-    progress = Progress("extract")
+    # The local engine's worker has loaded TensorFlow (with the device options) when the computing starts.
+    progress = Progress("extract", before_computing=warn_unseen_gpus if engine == "local" else None)
     try:
         result = run_extract(
             config, listing, out, overwrite=overwrite, progress=progress, engine=engine, engine_options=engine_options,
@@ -321,7 +356,7 @@ def _print_extract_summary(result, num_workers, worker_index):
         click.echo(f"warning: {warning}", err=True)
 
 
-@cli.command()
+@cli.command(cls=TensorFlowCommand)
 @click.option("--backbone", multiple=True, type=click.Choice(cfg.BACKBONES), help="Only this backbone; repeat for several. Default: all.")
 @click.option("--image-size", default=_EXTRACT.image_size, show_default=True, type=click.IntRange(cfg.MIN_IMAGE_SIZE, cfg.MAX_IMAGE_SIZE), help="Input side the shapes are given for.")
 def taps(backbone, image_size):
@@ -374,6 +409,30 @@ def inspect(features, verify):
             raise click.ClickException(f"{len(problems)} problem(s) in {features}")
         click.echo(f"verified: {len(m['shards'])} shards, {m['rows']} rows, no problems")
 
+
+@cli.command(cls=TensorFlowCommand)
+@click.option("--out", default=".", show_default=True, type=click.Path(file_okay=False), help="Where features would go: its free space is reported.")
+@click.option("--require-gpu", is_flag=True, help="Exit non-zero when TensorFlow sees no GPU (for a GPU node's job script).")
+def doctor(out, require_gpu):
+    """Check this machine for stage one: TensorFlow build, GPUs, precision and XLA choices, caches, space.
+
+    Exits 1 when something a GPU run needs is missing (e.g. nvidia-smi lists a GPU that TensorFlow
+    cannot see).
+    """
+    from pipeline.doctor import diagnose, failed
+
+    findings = diagnose(out, require_gpu)
+    width = max(len(finding.topic) for finding in findings)
+    for finding in findings:
+        click.echo(f"{finding.status:<4}  {finding.topic:<{width}}  {finding.value}")
+        if finding.hint:
+            click.echo(f"{'':<4}  {'':<{width}}  -> {finding.hint}")
+    problems = failed(findings)
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s) for a GPU run: " + "; ".join(p.topic for p in problems))
+    click.echo("no problems found")
+
+
 # --- using a run: predict, export ---
 
 _RUN_WEIGHTS_HELP = (
@@ -382,7 +441,7 @@ _RUN_WEIGHTS_HELP = (
 )
 
 
-@cli.command()
+@cli.command(cls=TensorFlowCommand, gpu_work=True)
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write: one row per listed image, sorted by id.")
@@ -419,7 +478,7 @@ def predict(run, source, out, **options):
         click.echo(f"accuracy: {result.accuracy:.3f} on {result.labelled} labelled images")
 
 
-@cli.command()
+@cli.command(cls=TensorFlowCommand)
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(), help="Where to write: a .keras file, or for saved_model a directory that receives OUT/VERSION/ (point TF Serving at OUT).")
 @click.option("--format", "format_", default="keras", show_default=True, type=click.Choice(cfg.EXPORT_FORMATS), help="keras: one .keras file; saved_model: a TensorFlow SavedModel whose signatures take encoded image bytes or uint8 pixels.")
@@ -445,7 +504,7 @@ def export(run, out, format_, **options):
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
 
-@cli.command()
+@cli.command(cls=TensorFlowCommand, gpu_work=True)
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False), help="Directory for bench.json and bench.md.")
 @click.option("--quick", is_flag=True, help="A few minutes: 64 px, 32 images, 1 run, tiny stage two; a smoke test, not a measurement.")
 @click.option("--image-size", type=click.IntRange(min=32), help="Model input side. Default: 224 (64 with --quick).")
@@ -555,7 +614,7 @@ def reduce(features, out, overwrite, engine, ray_address, **options):
     click.echo(f"wrote {out} in {report['seconds']:.1f} s")
 
 
-@cli.command("train")
+@cli.command("train", cls=TensorFlowCommand, runs_here=lambda params: params["engine"] == "local" and params["jobs"] == 1)
 @click.argument("reduced", type=click.Path(file_okay=False))
 @click.option("--runs", "runs_dir", required=True, type=click.Path(file_okay=False), help="Runs directory: one sub-directory per run, plus leaderboard.csv.")
 @click.option("--hidden", multiple=True, default=_HEAD.hidden, show_default=True, type=click.IntRange(min=1), help="Units of a hidden ReLU layer; repeat for more layers, input side first.")

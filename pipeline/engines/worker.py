@@ -8,13 +8,14 @@ shards go to a one-thread background writer so HDF5 writing overlaps compute.
 
 import collections
 import contextlib
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from pipeline import backbones, shards
+from pipeline import backbones, devices, shards
 from pipeline.config import ExtractConfig, parse_weights, tap_backbone, tap_layer
 from pipeline.engines import RunIdentity, ShardTask
 from pipeline.errors import PipelineError
@@ -33,11 +34,13 @@ class ShardWorker:
     """
 
     def __init__(self, config: ExtractConfig, eager: bool = False):
-        gpu = backbones.has_gpu()
+        for problem in devices.configure():  # first thing in extract and in a Ray actor; a no-op after predict's
+            warnings.warn(problem, stacklevel=2)
+        gpus = devices.tensorflow_gpus()
+        gpu = bool(gpus)
         if gpu:
-            backbones.enable_gpu_memory_growth()
             tf.config.experimental.enable_op_determinism()  # cuDNN autotuning is not deterministic
-        self.config = backbones.resolve(config, gpu, backbones.cpu_flags())
+        self.config = backbones.resolve(config, gpu, backbones.cpu_flags(), devices.compute_capability(gpus))
         sources = parse_weights(self.config.weights, self.config.backbones, self.config.seed)
         trunks = {name: backbones.build_backbone(name, self.config.image_size, self.config.precision) for name in self.config.backbones}
         tap_infos = backbones.check_taps(self.config.taps, trunks)
