@@ -244,3 +244,18 @@ def test_check_features_counts_live_rows_without_reading_ids(updated_features, l
     monkeypatch.setattr(h5py.Dataset, "asstr", lambda self: pytest.fail("check_features read strings"))
     summary = check_features(features)
     assert summary.rows == expected and summary.classes == ["a", "aa", "b", "c"] and list(summary.taps) == TAPS
+
+
+def test_a_shard_with_every_row_retired_is_skipped(updated_features, live_rows):
+    features = updated_features()
+
+    def retire_shard_1(manifest):
+        entry = manifest["shards"][1]
+        manifest["rows"] -= entry["live"]
+        entry.update(retired=list(range(entry["rows"])), live=0)
+
+    edit_manifest(features, retire_shard_1)
+    expected = live_rows(features)
+    loaded = load_features(features)
+    assert loaded.ids.tolist() == sorted(expected) and "img00026.png" not in loaded.ids and "img00041.png" in loaded.ids  # its copy
+    assert np.concatenate([b.ids for b in open_features(features).batches(batch_rows=5)]).tolist() == sorted(expected)
