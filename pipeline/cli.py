@@ -180,7 +180,7 @@ _EXTRACT = cfg.ExtractConfig()
 # Keys a --config file may set: every option below but --out and --config themselves.
 EXTRACT_KEYS = (
     "backbone", "tap", "pooling", "image_size", "resize", "fast_decode", "batch_size", "precision", "xla",
-    "weights", "seed", "shard_size", "storage_dtype", "on_error", "overwrite",
+    "weights", "seed", "shard_size", "storage_dtype", "on_error", "deterministic", "overwrite",
 )
 
 
@@ -200,6 +200,7 @@ EXTRACT_KEYS = (
 @click.option("--seed", default=_EXTRACT.seed, show_default=True, type=click.IntRange(min=0), help="Seed for --weights random.")
 @click.option("--shard-size", default=_EXTRACT.shard_size, show_default=True, type=click.IntRange(min=1), help="Listed images per HDF5 shard.")
 @click.option("--storage-dtype", default=_EXTRACT.storage_dtype, show_default=True, type=click.Choice(cfg.STORAGE_DTYPES), help="Dtype of the stored features.")
+@click.option("--deterministic/--no-deterministic", default=_EXTRACT.deterministic, show_default=True, help="On a GPU: TensorFlow's op determinism, so reruns give the same bytes (cuDNN and XLA do not time kernels to pick the fastest).")
 @click.option("--on-error", default=_EXTRACT.on_error, show_default=True, type=click.Choice(cfg.ON_ERROR), help="An undecodable image: record it and go on, or stop.")
 @click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out (refused in a job-array task).")
 @click.option("--num-workers", type=click.IntRange(min=1), help="Job arrays: this task computes only shards k with k % N == --worker-index and writes no manifest. Default: $SLURM_ARRAY_TASK_COUNT, else 1.")
@@ -399,6 +400,8 @@ def inspect(features, verify):
         click.echo(f"  weights {name}: {cfg.WeightSource.from_record(w['source'])} (sha256 {w['sha256'][:12]})")
     p = m["precision"]
     click.echo(f"precision: {p['policy']}, min cosine vs float32 {p['min_cosine_vs_float32']:.5f}")
+    for device, count in shards.devices(features, m).items():
+        click.echo(f"computed on {device or 'a device not recorded'}: {count} shard{'s' if count != 1 else ''}")
     for error in m["errors"][:10]:
         click.echo(f"  error: {error['id']}: {error['reason']}")
     if verify:

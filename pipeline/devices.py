@@ -26,11 +26,15 @@ def request_memory_growth():
 
 
 def configure() -> list[str]:
-    """Set the process-wide device options (GPU memory growth); return a sentence per option that could not be set.
+    """Set the process-wide device options (XLA's program cache, TF32 off, GPU memory growth); return a sentence per option that could not be set.
 
     Call it before anything runs a TensorFlow op. Calling it again is harmless: an option already
     set to the same value is not set twice. A user's own `TF_FORCE_GPU_ALLOW_GROWTH=false` wins.
     """
+    from pipeline import backbones
+
+    backbones.persist_xla_programs()  # first: listing the devices fixes XLA's flags
+    backbones.disable_tf32()  # float32 (the fidelity twin, --precision float32, predict) computes in float32
     request_memory_growth()
     if os.environ[GROWTH_VARIABLE].lower() == "false":
         return []

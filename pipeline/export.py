@@ -1,6 +1,6 @@
 """`pipeline export`: a head run as one model, images in, class probabilities and names out.
 
-The model is built from built-in Keras layers only, all float32 and frozen: the extraction's
+The model is built from built-in Keras layers and ops only, all float32 and frozen: the extraction's
 resize (Rescaling to float32, then Resizing), the fused tap model (caffe preprocessing, trunks cut
 at their deepest tap, global pooling), the taps concatenated in the transform's order, scaling +
 PCA folded into one Dense, the trained head, and a StringLookup naming the top class. It is

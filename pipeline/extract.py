@@ -240,8 +240,8 @@ def _same_run(recorded, config, source_sha256):
 
 
 def _run_config_to_extract(recorded, config, out_dir):
-    """The recorded run's resolved config, to finish it exactly as it began (with this call's on_error)."""
-    return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error)
+    """The recorded run's resolved config, to finish it exactly as it began (with this call's on_error and deterministic)."""
+    return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error, deterministic=config.deterministic)
 
 
 def _differences(recorded, config, source_sha256, shard_paths, listing):

@@ -398,6 +398,13 @@ def measure_startup(options, config, policies, corpus, work, log):
     run_dir, one = startup.prepare_run(corpus, work / "startup-run", dataclasses.replace(config, precision="float32"))
     predict = startup.predict_argv(run_dir, one, work / "startup-run" / "one.csv")
     results["predict_one_seconds"] = bench_report.summarize([startup.time_command(predict) for _ in range(options.repeats)])
+    log("start-up, extract of 4 images with and without --xla")
+    four = startup.first_images(corpus, work / "startup-four", 4)
+    results["four_images_seconds"] = {}
+    out = work / "startup-four-features"
+    for xla in ("--xla", "--no-xla"):
+        argv = [*startup.extract_argv(four, out, dataclasses.replace(config, precision="float32")), xla]
+        results["four_images_seconds"][xla] = bench_report.summarize([startup.time_fresh_extract(argv, out) for _ in range(options.repeats)])
     return results
 
 

@@ -122,6 +122,7 @@ class WorkerSummary:
     weights: dict
     taps: list
     host: str
+    device: dict | None = None  # what computes (backbones.device_record); None where unknown
 
 
 def disagreement(summaries):
@@ -143,9 +144,21 @@ def disagreement(summaries):
                     f"Ray workers loaded different {name} weights (sha256 {record['sha256'][:12]} on {where[0]}, "
                     f"{theirs[:12]} on {where[1]}); give every node the same weights"
                 )
+        if first.device and other.device and _computing(first.device) != _computing(other.device):
+            return (
+                f"Ray workers compute on different devices or libraries ({shards.describe_device(first.device)} on {where[0]}, "
+                f"{shards.describe_device(other.device)} on {where[1]}), whose features can differ in bytes; run on one kind of GPU "
+                "with one installation (or --gpus-per-worker 0 for CPU workers)"
+            )
         if (first.config, first.taps) != (other.config, other.taps):
             return f"Ray workers on {where[0]} and {where[1]} built different models; install the same version of this project on every node"
     return None
+
+
+def _computing(device):
+    """What of a device record decides the bytes: on a GPU its model and libraries, on a CPU the TensorFlow build only."""
+    kernels = (device["device"], device["cuda"], device["cudnn"]) if device["cuda"] else ()
+    return (*kernels, device["tensorflow"], device["forward"])
 
 
 class ShardActor:
@@ -169,7 +182,7 @@ class ShardActor:
 
     def _summary(self):
         worker = self._built()
-        return WorkerSummary(worker.config, worker.weights, worker.taps, socket.gethostname())
+        return WorkerSummary(worker.config, worker.weights, worker.taps, socket.gethostname(), worker.device)
 
     def _built(self):
         if self._worker is None:
