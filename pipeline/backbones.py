@@ -114,10 +114,11 @@ def choose_policy(requested, gpu, flags, compute_capability=None):
 
 
 def resolve(config, gpu, flags, compute_capability=None):
-    """An ExtractConfig with `auto` choices replaced by what this machine gets, so the saved config says what ran."""
+    """An ExtractConfig with `auto` choices replaced by what this machine gets (EXIF orientation: on), so the saved config says what ran."""
     policy = choose_policy(config.precision, gpu, flags, compute_capability)
     xla = gpu if config.xla is None else config.xla
-    return dataclasses.replace(config, precision=policy, xla=xla)
+    exif = True if config.exif_orientation is None else config.exif_orientation
+    return dataclasses.replace(config, precision=policy, xla=xla, exif_orientation=exif)
 
 
 def disable_tf32():

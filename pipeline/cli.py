@@ -179,7 +179,7 @@ class Progress:
 _EXTRACT = cfg.ExtractConfig()
 # Keys a --config file may set: every option below but --out and --config themselves.
 EXTRACT_KEYS = (
-    "backbone", "tap", "pooling", "image_size", "resize", "fast_decode", "batch_size", "precision", "xla",
+    "backbone", "tap", "pooling", "image_size", "resize", "fast_decode", "exif_orientation", "batch_size", "precision", "xla",
     "weights", "seed", "shard_size", "storage_dtype", "on_error", "deterministic", "overwrite",
 )
 
@@ -193,6 +193,7 @@ EXTRACT_KEYS = (
 @click.option("--image-size", default=_EXTRACT.image_size, show_default=True, type=click.IntRange(cfg.MIN_IMAGE_SIZE, cfg.MAX_IMAGE_SIZE), help="Square input side in pixels.")
 @click.option("--resize", default=_EXTRACT.resize, show_default=True, type=click.Choice(cfg.RESIZES), help="Squash the whole image, or center-crop to square first.")
 @click.option("--fast-decode/--no-fast-decode", default=_EXTRACT.fast_decode, show_default=True, help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers --image-size (faster, features move slightly).")
+@click.option("--exif-orientation/--no-exif-orientation", default=None, help="Turn photos upright by their EXIF orientation tag before computing. Default: on (a resumed run keeps what it recorded; runs made before this option had it off).")
 @click.option("--batch-size", default=_EXTRACT.batch_size, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--precision", default=_EXTRACT.precision, show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy; auto = mixed_float16 on a GPU of compute capability 7.0+, mixed_bfloat16 on bf16 CPUs, else float32.")
 @click.option("--xla/--no-xla", default=_EXTRACT.xla, help="XLA-compile the forward pass. Default: on with a GPU.")

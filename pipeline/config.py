@@ -147,12 +147,18 @@ class _Config:
     """What every run configuration shares: a JSON-ready dict and a hash that names it."""
 
     _UNHASHED = ()  # fields that do not change what a run writes
+    # Fields added after runs were recorded, with the value that means what such a run did: a record
+    # without the field has that value, and the hash leaves the field out while it has it (old hashes stay valid).
+    _LEGACY = {}
 
     def to_dict(self):
         return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
 
     def sha256(self):
-        return sha256_json({key: value for key, value in self.to_dict().items() if key not in self._UNHASHED})
+        return sha256_json({
+            key: value for key, value in self.to_dict().items()
+            if key not in self._UNHASHED and not (key in self._LEGACY and value == self._LEGACY[key])
+        })
 
 
 # Keys of a recorded run config (shard attrs, manifest) that describe the listed images, not the extraction.
@@ -164,6 +170,7 @@ class ExtractConfig(_Config):
     """Everything that decides the bytes stage one writes."""
 
     _UNHASHED = ("on_error", "deterministic")  # whether a run stops; whether a GPU's kernels are picked reproducibly
+    _LEGACY = {"exif_orientation": False}
 
     taps: tuple[str, ...] = DEFAULT_TAPS  # "backbone/layer"; each backbone is cut at its deepest tap
     pooling: str = "avg"  # global pooling of each tap: avg, max, or both concatenated
@@ -179,6 +186,7 @@ class ExtractConfig(_Config):
     storage_dtype: str = "float32"  # dtype of stored features; pooling is always float32
     on_error: str = "skip"  # undecodable image: record and go on, or stop the run
     deterministic: bool = True  # on a GPU: TensorFlow's op determinism (no timed kernel picking), so reruns give the same bytes
+    exif_orientation: bool | None = None  # turn images upright by their EXIF orientation; None: on (a resumed run: as recorded)
 
     def __post_init__(self):
         _check_types(self)
@@ -207,7 +215,7 @@ class ExtractConfig(_Config):
         A setting added after the run was made takes its default, which by design keeps the old
         behaviour; a setting this version does not know cannot be rebuilt (`where` names the record).
         """
-        settings = {key: value for key, value in recorded.items() if key not in SOURCE_KEYS}
+        settings = {**cls._LEGACY, **{key: value for key, value in recorded.items() if key not in SOURCE_KEYS}}
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise PipelineError(

@@ -28,7 +28,7 @@ from pipeline.sources import Listing
 
 FIDELITY_THRESHOLD = 0.99  # min cosine vs float32 below which a reduced-precision run warns
 LOCK_NAME = ".pipeline.lock"  # in the features dir: one writer at a time (job-array tasks share it)
-_AUTO = {"precision": "auto", "xla": None}  # requested values that any resolved value satisfies
+_AUTO = {"precision": "auto", "xla": None, "exif_orientation": None}  # requested values that any resolved value satisfies
 _SPACE_MARGIN = 1.1  # free disk space wanted beyond the estimated size of the pending shards
 # Listings this small run the model eagerly: tracing costs ~2 s, eager calls ~0.1 s more per 224 px image (2 CPU cores).
 EAGER_MAX_IMAGES = 16
@@ -233,10 +233,15 @@ def _same_run(recorded, config, source_sha256):
         return False
     wanted = config.to_dict()
     return all(
-        recorded.get(key) == value or (key in _AUTO and value == _AUTO[key])
+        _recorded(recorded, key) == value or (key in _AUTO and value == _AUTO[key])
         for key, value in wanted.items()
         if key not in ExtractConfig._UNHASHED
     )
+
+
+def _recorded(recorded, key):
+    """A recorded setting; one added since the run was made has the value that means what the run did."""
+    return recorded.get(key, ExtractConfig._LEGACY.get(key))
 
 
 def _run_config_to_extract(recorded, config, out_dir):
@@ -248,10 +253,10 @@ def _differences(recorded, config, source_sha256, shard_paths, listing):
     wanted = config.to_dict()
     keys = [
         key for key in wanted
-        if key not in ExtractConfig._UNHASHED and recorded.get(key) != wanted[key] and not (key in _AUTO and wanted[key] == _AUTO[key])
+        if key not in ExtractConfig._UNHASHED and _recorded(recorded, key) != wanted[key] and not (key in _AUTO and wanted[key] == _AUTO[key])
     ]
     if keys:
-        return ", ".join(f"{key}: {recorded.get(key)!r} -> {wanted[key]!r}" for key in keys)
+        return ", ".join(f"{key}: {_recorded(recorded, key)!r} -> {wanted[key]!r}" for key in keys)
     return _changed_images(shard_paths, listing, recorded.get("shard_size")) or "same settings, other images"
 
 

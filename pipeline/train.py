@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline.config import HeadConfig, ParallelConfig, load_toml, normalize_keys, sha256_json
-from pipeline.engines.pool import task_runner
+from pipeline.engines.pool import exit_if_orphaned, task_runner
 from pipeline.errors import PipelineError
 from pipeline.files import LockBusy, atomic_path, leftover_temps, locked, make_dir, remove, replace_dir, storage_errors, temp_sibling, write_json
 from pipeline.leaderboard import (
@@ -263,6 +263,7 @@ def _publish(runs_dir, data, staging, run_id):
     """
     with locked(runs_dir / LOCKS_DIR / LEADERBOARD_LOCK, f"runs directory {runs_dir}", wait=True):
         _check_same_split(runs_dir, data, read_runs(runs_dir)[0])
+        exit_if_orphaned()  # a worker whose command was killed publishes nothing
         replace_dir(staging, runs_dir / run_id)
         # The run is in place now: a failure from here on must not say it was lost.
         with storage_errors(

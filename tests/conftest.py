@@ -6,6 +6,9 @@ import io
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Every Ray the tests start (ray.init, cluster_utils.Cluster) on 127.0.0.1 only: Ray's single-machine
+# mode, read when `ray` is first imported (pipeline.engines.ray_cluster does the same for the Ray it starts).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import h5py
 import numpy as np

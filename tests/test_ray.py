@@ -21,31 +21,13 @@ from pipeline.engines.ray import RayEngine, WorkerSummary, actor_options, disagr
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.sources import list_source
+from same_features import assert_same_features
 
 TAPS = ("resnet50/conv2_block1_out", "vgg16/block1_pool")
 FAST = ["--weights", "random", "--image-size", "32", "--tap", TAPS[0], "--tap", TAPS[1]]
 
 
-def files_bytes(features):
-    """Every shard file's bytes, by name."""
-    return {p.name: p.read_bytes() for p in sorted(features.glob("shard-*.h5"))}
-
-
-def without_timing(manifest):
-    return {key: value for key, value in manifest.items() if key != "timing"}
-
-
-def temp_files(features):
-    return [p.name for p in features.iterdir() if p.name.endswith(".tmp")]
-
-
-def assert_same_features(ours, reference):
-    assert files_bytes(ours) == files_bytes(reference) and files_bytes(ours)
-    assert without_timing(shards.read_manifest(ours)) == without_timing(shards.read_manifest(reference))
-    assert temp_files(ours) == [] and shards.verify(ours) == []
-
-
-def test_two_ray_workers_write_the_local_engine_s_bytes(tmp_path, image_tree, run_cli):
+def test_two_ray_workers_write_the_local_engine_s_features(tmp_path, image_tree, run_cli):
     root = image_tree(per_class=3)
     args = [*FAST[:4], "--tap", "vgg16:block1_pool", "--shard-size", 2]  # one small backbone: the actors build it quicker
     ray_run = run_cli("extract", root, "--out", tmp_path / "ray", *args, "--engine", "ray", "--workers", 2)  # starts a local Ray

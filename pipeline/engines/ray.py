@@ -213,12 +213,13 @@ class RayEngine:
         ray_cluster.require_ray()  # a missing extra fails before anything starts
         self.address, self.workers, self.cpus_per_worker, self.gpus_per_worker = address, workers, cpus_per_worker, gpus_per_worker
         self._stack = contextlib.ExitStack()
-        self._ray = None
+        self._ray = self._head = None
         self._actors = []
 
     def start(self, config, eager=False):
         """Connect to Ray, start the actors and build their models; return their (agreed) WorkerSummary."""
         ray = self._ray = self._stack.enter_context(ray_cluster.connected(self.address))
+        self._head = ray_cluster.HeadWatch(ray)
         alive = [n for n in ray.nodes() if n["Alive"]]
         nodes = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in alive]
         self.plan = plan_workers(nodes, self.workers, self.cpus_per_worker, self.gpus_per_worker)
@@ -239,11 +240,17 @@ class RayEngine:
             ready, _ = self._ray.wait(pool.waiting(), num_returns=1, timeout=_POLL_SECONDS)
             for ref in ready:
                 pool.handle(ref)
+            self._check_head()
         _wait_until_visible(Path(out_dir), [task.index for task in tasks])
 
     def close(self):
-        """Stop the actors, and the Ray this engine started (a Ray it found running is left running)."""
+        """Stop the actors, and the Ray this engine started (a Ray it found running is left running).
+
+        Once the cluster's head is lost nothing more is asked of Ray: every call would wait on it.
+        """
         actors, self._actors = self._actors, []
+        if self._head is not None and self._head.lost:
+            return
         try:
             for actor in actors:
                 with contextlib.suppress(Exception):  # a lost head or a dead actor must not keep the others (or Ray) running
@@ -251,9 +258,15 @@ class RayEngine:
         finally:
             self._stack.close()
 
+    def _check_head(self):
+        if self._head is not None:
+            self._head.check()
+
     def _get(self, refs, doing):
         ray = self._ray
         try:
+            while len(ray.wait(refs, num_returns=len(refs), timeout=_POLL_SECONDS)[0]) < len(refs):
+                self._check_head()
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
             raise _user_error(e)

@@ -21,7 +21,7 @@ from pipeline.config import ExtractConfig, parse_weights, tap_backbone, tap_laye
 from pipeline.engines import RunIdentity, ShardTask
 from pipeline.errors import PipelineError
 from pipeline.files import storage_errors
-from pipeline.inputs import image_batches, pillow_batches
+from pipeline.inputs import exif_orientation, image_batches, pillow_batches
 
 FIDELITY_ROWS = 8  # rows of each shard's first batch also run in float32 to check reduced precision
 _MAX_PENDING_WRITES = 2  # shards buffered for the writer before compute waits
@@ -77,19 +77,26 @@ class ShardWorker:
         done = []
         records = [record for job in jobs for record in job.records]
         offsets = np.cumsum([0, *(len(job.records) for job in jobs)])
+        orientations = _orientations(records) if self.config.exif_orientation else None
         batches = image_batches(
             [None if r.problem else r.path for r in records],
             list(zip(offsets[:-1].tolist(), offsets[1:].tolist())),
-            self.config.batch_size, self.config.image_size, self.config.resize, self.config.fast_decode,
+            self.config.batch_size, self.config.image_size, self.config.resize, self.config.fast_decode, orientations,
         )
         with _ShardWriter(Path(out_dir), run, self.config.storage_dtype, self.device) as writer:
-            assembler = _ShardAssembler(self._runner, self.dims, self.config, jobs, offsets, writer, done.append)
+            assembler = _ShardAssembler(self._runner, self.dims, self.config, jobs, offsets, writer, done.append, orientations)
             for indices, images in batches:
                 assembler.add(indices.numpy(), images)
                 writer.raise_failure()
                 yield _take(done)
             assembler.finish()
             yield _take(done)
+
+
+def _orientations(records):
+    """The EXIF orientation of every record's image (1 for a file the listing found unsafe to read); headers read on a few threads."""
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="exif") as pool:
+        return list(pool.map(lambda r: 1 if r.problem else exif_orientation(r.path), records))
 
 
 def _take(counts):
@@ -204,9 +211,10 @@ def row_cosines(a, b):
 class _ShardAssembler:
     """Groups batch outputs by shard, the Pillow rescue's included, and hands each finished shard to the writer."""
 
-    def __init__(self, runner, dims, config, jobs, offsets, writer, progress):
+    def __init__(self, runner, dims, config, jobs, offsets, writer, progress, orientations=None):
         self.runner, self.dims, self.config = runner, dims, config
         self.jobs, self.offsets, self.writer, self.progress = jobs, offsets, writer, progress
+        self.orientations = orientations  # EXIF orientation by record index, or None: images as stored
         self.current, self.parts, self.fidelity = None, [], None
 
     def add(self, indices, images):
@@ -280,7 +288,7 @@ class _ShardAssembler:
             errors.append({"id": record.id, "path": record.path, "reason": reason})
 
         items = [(index, record.path, record.problem) for index, record in ((i, self._record(i)) for i in missing)]
-        batches = pillow_batches(items, self.config.batch_size, self.config.image_size, self.config.resize, failed)
+        batches = pillow_batches(items, self.config.batch_size, self.config.image_size, self.config.resize, failed, self.orientations)
         return [(indices, self._compute(indices, images)) for indices, images in batches]
 
 
