@@ -5,6 +5,7 @@
     f.ids, f.labels, f.splits, f.classes, f.features["vgg16/block5_conv3"]
     for batch in open_features("features/").batches(batch_rows=8192):   # a set larger than memory
         batch.ids, batch.features, batch.matrix()
+    check_features("features/").rows                 # the checks alone, without reading ids (inspect)
 
 Rows the manifest retires (removed images, the old rows of changed or relabelled ones) never
 appear. The manifest is derived from the shards, so what is used from it (taps, classes, row
@@ -41,7 +42,6 @@ class ShardPart:
     """The live rows of one shard: which rows of the file they are, and their places among all live rows."""
 
     path: Path
-    stored: int  # rows stored in the file, live or retired
     rows: np.ndarray  # ascending indices of the file's live rows
     positions: np.ndarray  # ascending places of those rows in the sorted-id order of all live rows
 
@@ -101,7 +101,7 @@ class Features:
         out = {key: np.empty((len(self.ids), self.taps[key]), dtype) for key in taps}
         for part in self.parts:
             with _open_shard(part.path, self.path) as f:
-                for a, b in _runs(part.rows, len(part.rows)):
+                for a, b in _runs(part.rows):
                     for key in taps:
                         _read_into(f["features"][key], part.rows[a:b], out[key], part.positions[a:b])
         return dataclasses.replace(self, features=out)
@@ -232,7 +232,7 @@ def open_features(path):
             raise PipelineError(
                 f"the ids of {path / entry['file']} are not sorted, so it was not written by `pipeline extract`; extract again into a new --out"
             )
-        parts.append(ShardPart(path / entry["file"], int(entry["rows"]), rows, positions))
+        parts.append(ShardPart(path / entry["file"], rows, positions))
     return Features(
         path=path, manifest=manifest, ids=ids, labels=labels, splits=splits, classes=summary.classes, taps=summary.taps,
         dtype=summary.dtype, parts=tuple(parts),
@@ -373,10 +373,10 @@ def damaged_shard(path, features_dir, error):
     )
 
 
-def _runs(rows, count):
-    """(a, b) pieces of `rows[:count]` that are each a contiguous range of file rows, at most BATCH_ROWS long."""
-    breaks = np.flatnonzero(np.diff(rows[:count]) != 1) + 1
-    edges = [0, *breaks.tolist(), count]
+def _runs(rows):
+    """(a, b) pieces of `rows` that are each a contiguous range of file rows, at most BATCH_ROWS long."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    edges = [0, *breaks.tolist(), len(rows)]
     for a, b in zip(edges[:-1], edges[1:]):
         for start in range(a, b, BATCH_ROWS):
             yield start, min(start + BATCH_ROWS, b)
