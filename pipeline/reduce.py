@@ -12,6 +12,7 @@ import joblib
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipeline import shards
 from pipeline.config import ReduceConfig
 # transform.joblib files written before estimators.py existed name TapTransform and CovariancePCA
 # under pipeline.reduce; unpickling them looks them up here.
@@ -19,7 +20,7 @@ from pipeline.estimators import CovariancePCA  # noqa: F401
 from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
 from pipeline.errors import PipelineError
 from pipeline.features import ShardPart, open_features, read_part
-from pipeline.files import atomic_dir, leftover_temps, lock_beside, locked, make_dir, read_json, remove, storage_errors, write_json
+from pipeline.files import atomic_dir, check_space, output_guard, read_json, storage_errors, write_json
 from pipeline.lineage import MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, extraction_sha256, link, sha256_file
 from pipeline.reduced import CHECKED_OUTPUTS, PLOT_NAME, REDUCED_NAME, SPLITS, output_damage, write_reduced
 from pipeline.splits import SPLIT_RULE, assign_splits, empty_splits, rule_of, split_sha256, split_source
@@ -95,7 +96,10 @@ class ReduceResult:
     warnings: list = field(default_factory=list)
 
 
-def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=False, engine="local", ray_address=None):
+def reduce_features(
+    features_dir: Path | str, out_dir: Path | str, config: ReduceConfig = ReduceConfig(), overwrite: bool = False,
+    engine: str = "local", ray_address: str | None = None,
+) -> ReduceResult:
     """Split, scale and PCA-reduce a features dir into `out_dir`; an identical finished one is a cache hit.
 
     Everything is validated before any output is written, and the outputs appear together
@@ -108,10 +112,7 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
     live = open_features(features_dir)  # the manifest checked against its shards; live rows only
     features = link(features_dir, MANIFEST_NAME, out_dir)
     config = resolve_taps(config, live.manifest)
-    make_dir(out_dir.parent, "--out's parent")
-    with locked(lock_beside(out_dir), f"reduced directory {out_dir}"):
-        for leftover in leftover_temps(out_dir.parent, out_dir.name):  # of a killed reduce: only we write here now
-            remove(leftover)
+    with output_guard(out_dir, f"reduced directory {out_dir}"):
         previous, damage = _previous(out_dir, features.sha256, config, overwrite, live.manifest)
         if previous is not None and damage is None:
             return ReduceResult(out_dir, previous, True)
@@ -201,7 +202,7 @@ def _reduce(live, features, out_dir, config, engine, ray_address, started, damag
     return report, empty_splits(labels, splits, manifest["classes"], config.val_fraction, config.test_fraction)
 
 
-def resolve_taps(config, manifest):
+def resolve_taps(config: ReduceConfig, manifest: shards.Manifest) -> ReduceConfig:
     """The config with its taps checked against the manifest and put in manifest order (empty = all)."""
     available = [t["key"] for t in manifest["taps"]]
     unknown = [t for t in config.taps if t not in available]
@@ -392,14 +393,9 @@ def _stack(chunks, rows, dim):
 
 
 def _check_space(out_dir, rows, dim, components):
-    """Fail before computing when the reduced dir would not fit: HDF5 cannot recover from a disk that fills mid-file."""
+    """Fail before computing when the reduced dir would not fit."""
     needed = int((rows * (components * 4 + _ROW_OVERHEAD) + dim * (components * 4 + 64) + 2**20) * _SPACE_MARGIN)
-    free = shutil.disk_usage(out_dir.parent).free
-    if needed > free:
-        raise PipelineError(
-            f"the reduced directory needs about {needed / 2**20:,.1f} MiB but only {free / 2**20:,.1f} MiB are free "
-            f"where {out_dir} goes; free space (or use another --out) and rerun"
-        )
+    check_space(out_dir, needed, "the reduced directory needs")
 
 
 def _plot_explained_variance(ratios, path):
