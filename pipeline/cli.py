@@ -381,14 +381,22 @@ def taps(backbone, image_size):
 def inspect(features, verify):
     """Summarise a features directory (and optionally verify it)."""
     from pipeline import shards
+    from pipeline.features import check_features
 
     m = shards.read_manifest(features)
+    try:
+        live = check_features(features)  # the manifest checked against its shards
+    except PipelineError as e:
+        if not verify:
+            raise
+        click.echo(f"problem: {e}", err=True)
+        raise click.ClickException(f"1 problem(s) in {features}") from None
     c = m["config"]
-    click.echo(f"{features}: {m['rows']} rows in {len(m['shards'])} shards, {len(m['errors'])} errors, {m['listed']} images listed")
-    click.echo(f"source: {c['source']} ({len(m['classes'])} classes)")
+    click.echo(f"{features}: {live.rows} rows in {len(m['shards'])} shards, {len(m['errors'])} errors, {m['listed']} images listed")
+    click.echo(f"source: {c['source']} ({len(live.classes)} classes)")
     click.echo(f"image: {c['image_size']} px, {c['resize']}; pooling {c['pooling']}; storage {c['storage_dtype']}")
-    for tap in m["taps"]:
-        click.echo(f"  tap {tap['key']}: {tap['dim']} dims")
+    for key, dim in live.taps.items():
+        click.echo(f"  tap {key}: {dim} dims")
     for name, w in m["weights"].items():
         click.echo(f"  weights {name}: {cfg.WeightSource.from_record(w['source'])} (sha256 {w['sha256'][:12]})")
     p = m["precision"]
@@ -577,8 +585,8 @@ def _engine_flags(engine_help):
 @click.option("--whiten", is_flag=True, help="Rescale every kept component to unit variance.")
 @click.option("--solver", default=_REDUCE.solver, show_default=True, type=click.Choice(cfg.SOLVERS), help="PCA solver; auto = full or randomized when the train rows fit in memory, else incremental (exact, streams the shards).")
 @click.option("--batch-rows", default=_REDUCE.batch_rows, show_default=True, type=click.IntRange(min=1), help="Rows read at a time; bounds memory.")
-@click.option("--val-fraction", default=_REDUCE.val_fraction, show_default=True, type=float, help="Share of each class hashed to val (rows whose source gave no split).")
-@click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Share of each class hashed to test (rows whose source gave no split).")
+@click.option("--val-fraction", default=_REDUCE.val_fraction, show_default=True, type=float, help="Share of rows hashed to val, each by its id (rows whose source gave no split); a row keeps its split as images come and go.")
+@click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Share of rows hashed to test, each by its id (rows whose source gave no split).")
 @click.option("--split-seed", default=_REDUCE.split_seed, show_default=True, type=click.IntRange(min=0), help="Salt of the id hash that assigns splits.")
 @click.option("--overwrite", is_flag=True, help="Replace a reduction with other settings in --out.")
 @_engine_flags("Where the incremental solver's per-shard sums are computed: here, or as Ray tasks (implies --solver incremental).")
@@ -707,8 +715,8 @@ def _align(value, width):
 @click.option("--components", type=click.IntRange(min=1), help=f"PCA components of every group (at most its dims and the train rows). Default: the reduced dir's, or {_REDUCE.components}.")
 @click.option("--whiten/--no-whiten", default=None, help="Rescale every kept component to unit variance. Default: as the reduced dir, or off.")
 @click.option("--batch-rows", type=click.IntRange(min=1), help=f"Rows read at a time; bounds memory. Default: the reduced dir's, or {_REDUCE.batch_rows}.")
-@click.option("--val-fraction", default=_REDUCE.val_fraction, show_default=True, type=float, help="Features dir only (a reduced dir keeps its split): share of each class hashed to val, as reduce.")
-@click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Features dir only: share of each class hashed to test, as reduce.")
+@click.option("--val-fraction", default=_REDUCE.val_fraction, show_default=True, type=float, help="Features dir only (a reduced dir keeps its split): share of rows hashed to val, as reduce.")
+@click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Features dir only: share of rows hashed to test, as reduce.")
 @click.option("--split-seed", default=_REDUCE.split_seed, show_default=True, type=click.IntRange(min=0), help="Features dir only: salt of the id hash that assigns splits, as reduce.")
 @click.option("--jobs", type=click.IntRange(min=1), help="Groups fitted at once, BLAS threads per job capped at cores / jobs. Default: one per core (one BLAS thread each).")
 @click.pass_context

@@ -283,8 +283,8 @@ class ReduceConfig(_Config):
     whiten: bool = False  # rescale every kept component to unit variance
     solver: str = "auto"  # PCA solver; auto = full/randomized in memory, incremental (streaming) when too big
     batch_rows: int = 8192  # rows read per chunk; bounds memory
-    val_fraction: float = 0.1  # share of each class hashed to val when the source gave no splits
-    test_fraction: float = 0.1  # share of each class hashed to test when the source gave no splits
+    val_fraction: float = 0.1  # share of rows hashed to val (each by its id) when the source gave no split
+    test_fraction: float = 0.1  # share of rows hashed to test (each by its id) when the source gave no split
     split_seed: int = 0  # salt of the id hash that assigns splits
 
     def __post_init__(self):

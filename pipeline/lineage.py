@@ -17,9 +17,10 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from pipeline.config import ExtractConfig, WeightSource
+from pipeline.config import SOURCE_KEYS, ExtractConfig, WeightSource, sha256_json
 from pipeline.errors import PipelineError
 from pipeline.files import read_json
+from pipeline.splits import FIRST_RULE, rule_of
 
 FEATURES_FORMAT = "pipeline-features/1"
 REDUCED_FORMAT = "pipeline-reduced/1"
@@ -108,8 +109,13 @@ def follow_link(pointer: Path, recorded: Link, base: Path, key_file: str, what: 
     return follow_link_bytes(pointer, recorded, base, key_file, what, changed)[0]
 
 
-def follow_link_bytes(pointer: Path, recorded: Link, base: Path, key_file: str, what: str, changed: str) -> tuple[Path, bytes]:
-    """follow_link, and the bytes of `key_file` whose sha256 was checked: parse these, not a second read that may differ."""
+def follow_link_bytes(
+    pointer: Path, recorded: Link, base: Path, key_file: str, what: str, changed: str, still_serves=None,
+) -> tuple[Path, bytes]:
+    """follow_link, and the bytes of `key_file` whose sha256 was checked: parse these, not a second read that may differ.
+
+    `still_serves(bytes)`, when given, may accept a `key_file` whose sha256 changed (say, a manifest updated by extract).
+    """
     candidates = [Path(os.path.normpath(base / recorded.relative)), Path(recorded.absolute)]
     for directory in candidates:
         if (directory / key_file).is_file():
@@ -123,11 +129,34 @@ def follow_link_bytes(pointer: Path, recorded: Link, base: Path, key_file: str, 
         data, actual = read_hashed(directory / key_file)
     except OSError as e:
         raise PipelineError(f"cannot read {directory / key_file} ({e.strerror}), which {pointer} points to; {changed}") from None
-    if actual != recorded.sha256:
+    if actual != recorded.sha256 and not (still_serves is not None and still_serves(data)):
         raise PipelineError(
             f"{directory / key_file} has sha256 {actual[:12]} but {pointer} was made from {recorded.sha256[:12]}; {changed}"
         )
     return directory, data
+
+
+def extraction_sha256(manifest: dict) -> str | None:
+    """sha256 of what predict and export take from a features manifest: the extraction settings and the weights'
+    fingerprints, not which images it holds (an extract update changes those). None when the manifest lacks them.
+    """
+    try:
+        settings = {key: value for key, value in manifest["config"].items() if key not in SOURCE_KEYS}
+        return sha256_json({"config": settings, "weights": manifest["weights"]})
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def _same_extraction(recorded: str | None):
+    """still_serves for a features manifest: it was updated since, but its extraction is the one `recorded`."""
+    def serves(data: bytes) -> bool:
+        try:
+            manifest = json.loads(data)
+        except ValueError:
+            return False
+        return recorded is not None and isinstance(manifest, dict) and extraction_sha256(manifest) == recorded
+
+    return serves
 
 
 def check_fingerprints(loaded, expected):
@@ -225,6 +254,51 @@ def recorded_link(path: Path, record: dict, key: str, kind: str, remedy: str) ->
         raise PipelineError(f"{path} has no {key!r} record of what it was made from (it {missing}); {remedy}") from None
 
 
+def reduced_notes(reduced_dir: Path, report: dict) -> list[str]:
+    """Sentences a trainer should hear about a reduced dir: an old split rule, features updated since it was made.
+
+    A reduced dir is self-contained, so these are warnings: features moved away or unreadable say nothing.
+    """
+    notes = []
+    if rule_of(report.get("splits", {})) == FIRST_RULE:
+        notes.append(
+            f"{reduced_dir} was split by the first rule ({FIRST_RULE}: ids ranked within each class), under which adding images "
+            "moved old ones between val and test; reduce again (with --overwrite, or into another --out) for the stable rule"
+        )
+    changed = _features_changed(reduced_dir, report)
+    if changed:
+        notes.append(changed)
+    return notes
+
+
+def _features_changed(reduced_dir: Path, report: dict) -> str | None:
+    """A sentence when the manifest reduce.json links to has changed since (an extract update), else None."""
+    try:
+        recorded = Link.from_json(report["inputs"], "features")
+    except (KeyError, TypeError, IndexError):
+        return None
+    for directory in (Path(os.path.normpath(reduced_dir / recorded.relative)), Path(recorded.absolute)):
+        try:
+            data, actual = read_hashed(directory / MANIFEST_NAME)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    if actual == recorded.sha256:
+        return None
+    try:
+        generation = json.loads(data).get("generation", 0)
+    except (ValueError, AttributeError):
+        generation = None
+    then = report["inputs"].get("generation", 0)
+    updated = f" (extract updated it: generation {then}, now {generation})" if isinstance(generation, int) and generation != then else ""
+    return (
+        f"the features in {directory} changed since {reduced_dir} was reduced from them{updated}; this trains on the rows "
+        "as they were then: reduce again (into another --out, or with --overwrite) to train on the current ones"
+    )
+
+
 def load_lineage(run_dir: Path | str) -> Lineage:
     """Follow a head run back to its reduced and features dirs, refusing anything missing or changed since."""
     run_dir = Path(run_dir)
@@ -255,9 +329,11 @@ def load_lineage(run_dir: Path | str) -> Lineage:
     if not (reduced_dir / TRANSFORM_NAME).is_file():
         raise PipelineError(f"{reduced_dir} has no {TRANSFORM_NAME}, so it is not a complete reduced directory; reduce again")
     rereduce = "rerun the `pipeline reduce` command that made it with --overwrite, then train again"
+    # An extract update since reduce changes the manifest but not the extraction the transform and head expect.
+    recorded_extraction = report["inputs"].get("extraction_sha256") if isinstance(report.get("inputs"), dict) else None
     features_dir, manifest_bytes = follow_link_bytes(
         report_path, recorded_link(report_path, report, "inputs", "features", rereduce), reduced_dir, MANIFEST_NAME, "features directory",
-        "the features changed since reduce, so reduce and train again",
+        "the features changed since reduce, so reduce and train again", still_serves=_same_extraction(recorded_extraction),
     )
     manifest = parse_record(features_dir / MANIFEST_NAME, manifest_bytes, FEATURES_FORMAT, "extract again")
     return Lineage(run_dir, reduced_dir, report, features_dir, manifest, run)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline import shards
+from pipeline.features import open_features
 from pipeline.files import atomic_path, output_guard, remove, storage_errors, temp_sibling
 from pipeline.lineage import load_lineage
 from pipeline.sources import Listing
@@ -74,8 +74,8 @@ def predict(
                 result = extract(
                     config, listing, scratch / "features", progress=progress, expected_weights=lineage.expected_weights(config.backbones)
                 )
-                for ids, _, _, X in shards.iter_feature_chunks(result.out_dir, result.manifest, list(lineage.taps), CHUNK_ROWS):
-                    probabilities.update(zip(ids, predict_proba(head, transform.transform(X))))
+                for batch in open_features(result.out_dir).batches(lineage.taps, CHUNK_ROWS):
+                    probabilities.update(zip(batch.ids, predict_proba(head, transform.transform(batch.matrix()))))
             finally:
                 remove(scratch)
             errors = {error["id"]: error for error in result.manifest["errors"]}

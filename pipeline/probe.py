@@ -21,18 +21,17 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline import shards
 from pipeline.config import ReduceConfig, tap_backbone
 from pipeline.engines.pool import cores, worker_threads
 from pipeline.estimators import RANDOMIZED_SEED, CovariancePCA, Moments, TapTransform, gram_sums
 from pipeline.errors import PipelineError
+from pipeline.features import Features, open_features
 from pipeline.files import atomic_path, lock_beside, output_guard, write_json
 from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, follow_link, link, recorded_link
-from pipeline.reduce import (
-    NonFinite, assign_splits, check_shards, choose_solver, masked_chunks, read_rows, resolve_taps, split_sha256, split_source,
-)
-from pipeline.reduced import REDUCED_NAME, SPLITS, load_reduced
+from pipeline.reduce import NonFinite, choose_solver, masked_chunks, resolve_taps
+from pipeline.reduced import REDUCED_NAME, load_reduced
 from pipeline.scoring import PROBE_MODEL, class_probabilities, evaluate, fit_linear_probe
+from pipeline.splits import SPLIT_RULE, SPLITS, assign_splits, rule_of, split_sha256, split_source
 
 PROBE_FORMAT = "pipeline-probe/1"
 PROBE_NAME = "probe.json"
@@ -67,17 +66,24 @@ class _Input:
     """What a probe reads: the features, the resolved settings and the split of every row."""
 
     path: Path  # as given: a features or a reduced dir
-    features_dir: Path
-    manifest: dict
+    live: Features  # the live rows of the features dir
     config: ReduceConfig  # taps in manifest order; components an integer
     labels: np.ndarray
     splits: np.ndarray  # train/val/test of every row
-    split_record: dict  # source and sha256, as reduce.json records them
+    split_record: dict  # source, rule and sha256, as reduce.json records them
     inputs: dict  # how probe.json names what it read
 
     @property
     def labelled(self):
         return self.labels >= 0
+
+    @property
+    def features_dir(self):
+        return self.live.path
+
+    @property
+    def manifest(self):
+        return self.live.manifest
 
 
 @dataclass(frozen=True)
@@ -149,14 +155,13 @@ def _open(path, out_dir, options):
 
 def _open_features(path, out_dir, options):
     """A features dir: reduce's split (assign_splits) with the given or default fractions and seed."""
-    manifest = shards.read_manifest(path)
-    check_shards(path, manifest)
-    config = resolve_taps(ReduceConfig(**options), manifest)
-    ids, labels, given = read_rows(path, manifest)
+    live = open_features(path)
+    config = resolve_taps(ReduceConfig(**options), live.manifest)
+    ids, labels, given = live.ids.tolist(), live.labels, live.splits.tolist()
     splits = assign_splits(ids, labels, given, config.val_fraction, config.test_fraction, config.split_seed)
     return _Input(
-        path, path, manifest, config, labels, splits,
-        split_record={"source": split_source(given), "sha256": split_sha256(ids, labels, splits)},
+        path, live, config, labels, splits,
+        split_record={"source": split_source(given), "rule": SPLIT_RULE, "sha256": split_sha256(ids, labels, splits)},
         inputs={"kind": "features", **link(path, MANIFEST_NAME, out_dir).to_json("features")},
     )
 
@@ -177,14 +182,13 @@ def _open_reduced(path, out_dir, options):
         report_path, recorded_link(report_path, report, "inputs", "features", again), path, MANIFEST_NAME, "features directory",
         "the features changed since reduce, so reduce again (or probe the features directory)",
     )
-    manifest = shards.read_manifest(features_dir)
-    check_shards(features_dir, manifest)
-    config = resolve_taps(_recorded_config(report_path, report, options), manifest)
-    if read_rows(features_dir, manifest)[0] != reduced.ids:
+    live = open_features(features_dir)
+    config = resolve_taps(_recorded_config(report_path, report, options), live.manifest)
+    if live.ids.tolist() != reduced.ids:
         raise PipelineError(f"{path / REDUCED_NAME} holds other rows than {features_dir}; reduce again")
     return _Input(
-        path, features_dir, manifest, config, reduced.labels, reduced.splits,
-        split_record={"source": report["splits"]["source"], "sha256": report["splits"]["sha256"]},
+        path, live, config, reduced.labels, reduced.splits,
+        split_record={"source": report["splits"]["source"], "rule": rule_of(report["splits"]), "sha256": report["splits"]["sha256"]},
         inputs={
             "kind": "reduced",
             "reduced": link(path, REPORT_NAME, out_dir).to_json("reduced"),
@@ -264,7 +268,7 @@ def _fit_pcas(source, tap_dims, columns, widths, jobs):
     n_train = int(is_train.sum())
     bad = NonFinite(config.taps, tap_dims)  # every row is read in this first pass: NaN or Inf stop it, as in reduce
     if n_train < sum(tap_dims):
-        chunks = list(masked_chunks(source.features_dir, source.manifest, config.taps, is_train, config.batch_rows, bad))
+        chunks = list(masked_chunks(source.live, config.taps, is_train, config.batch_rows, bad))
         bad.check(source.features_dir, len(source.labels))
         X = np.concatenate(chunks)
         scaling = TapTransform(tap_dims, config.scaling).set_scaling(StandardScaler().fit(X))
@@ -293,7 +297,7 @@ def _train_covariance(source, tap_dims, is_train, bad=None):
 
     def centered_chunks():
         shift = None
-        for X in masked_chunks(source.features_dir, source.manifest, config.taps, is_train, config.batch_rows, bad):
+        for X in masked_chunks(source.live, config.taps, is_train, config.batch_rows, bad):
             moments.add_rows(X)
             if shift is None:
                 shift = (moments.total / moments.count).astype(np.float32)  # near the mean, so the float32 Gram products stay accurate
@@ -341,7 +345,7 @@ def _project(source, scaling, fitted):
     """Each group's components of every labelled row, in row order: one pass over the features for all groups."""
     outputs = [np.empty((int(source.labelled.sum()), pca.n_components_), dtype=np.float32) for _, pca in fitted]
     at = 0
-    for X in masked_chunks(source.features_dir, source.manifest, source.config.taps, source.labelled, source.config.batch_rows):
+    for X in masked_chunks(source.live, source.config.taps, source.labelled, source.config.batch_rows):
         scaled = scaling.scale(X)
         for out, (cols, pca) in zip(outputs, fitted):
             out[at:at + len(X)] = pca.transform(scaled[:, cols])

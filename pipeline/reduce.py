@@ -1,7 +1,6 @@
 """Stage two (a): fixed splits, per-tap scaling and PCA fitted on train rows, written as reduced/ (the format: reduced.py)."""
 
 import dataclasses
-import hashlib
 import itertools
 import os
 import shutil
@@ -20,59 +19,16 @@ from pipeline.config import ReduceConfig
 from pipeline.estimators import CovariancePCA  # noqa: F401
 from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
 from pipeline.errors import PipelineError
+from pipeline.features import ShardPart, open_features, read_part
 from pipeline.files import atomic_dir, check_space, output_guard, read_json, storage_errors, write_json
-from pipeline.lineage import MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, link, sha256_file
+from pipeline.lineage import MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, extraction_sha256, link, sha256_file
 from pipeline.reduced import CHECKED_OUTPUTS, PLOT_NAME, REDUCED_NAME, SPLITS, output_damage, write_reduced
+from pipeline.splits import SPLIT_RULE, assign_splits, empty_splits, rule_of, split_sha256, split_source
 
 # auto keeps the train rows in memory up to this share of RAM: a full SVD holds about three copies.
 IN_MEMORY_SHARE = 0.25
 _ROW_OVERHEAD = 256  # bytes of reduced.h5 per row besides X: id, label, split and HDF5 bookkeeping
 _SPACE_MARGIN = 1.1  # free disk space wanted beyond the estimated size of the outputs
-
-
-def _id_hash(seed, row_id):
-    """A stable 64-bit integer from the split seed and an id."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[:8], "big")
-
-
-def assign_splits(
-    ids: list[str], labels: np.ndarray, given: list[str], val_fraction: float, test_fraction: float, seed: int
-) -> np.ndarray:
-    """train/val/test for every row: the source's split where it gave one, else a stable stratified hash.
-
-    Within each class, rows without a given split are ordered by sha256(f"{seed}:{id}"); the first
-    n * test_fraction rounded half up go to test, the next n * val_fraction rounded half up to val
-    (Python's round() would round halves to even), the rest to train.
-    Unlabeled rows (label -1) are placed by their own hash alone.
-    """
-    splits = np.array(given, dtype=object)
-    unknown = sorted(set(splits.tolist()) - set(SPLITS) - {""})
-    if unknown:
-        raise PipelineError(f"the features hold split name(s) {unknown}; only {', '.join(SPLITS)} or none are allowed")
-    labels = np.asarray(labels)
-    todo = splits == ""
-    for label in np.unique(labels[todo]):
-        rows = np.flatnonzero(todo & (labels == label))
-        hashes = np.array([_id_hash(seed, ids[r]) for r in rows], dtype=np.uint64)
-        if label < 0:
-            unit = hashes / 2.0**64
-            splits[rows] = np.where(unit < test_fraction, "test", np.where(unit < test_fraction + val_fraction, "val", "train"))
-            continue
-        ordered = rows[np.argsort(hashes, kind="stable")]
-        n_test = int(len(rows) * test_fraction + 0.5)
-        n_val = int(len(rows) * val_fraction + 0.5)
-        splits[ordered[:n_test]] = "test"
-        splits[ordered[n_test:n_test + n_val]] = "val"
-        splits[ordered[n_test + n_val:]] = "train"
-    return splits
-
-
-def split_sha256(ids: list[str], labels: np.ndarray, splits: np.ndarray) -> str:
-    """Fingerprint of who is in which split, so runs can refuse to compare different splits."""
-    h = hashlib.sha256()
-    for row_id, label, split in zip(ids, labels, splits):
-        h.update(f"{row_id}\t{label}\t{split}\n".encode())
-    return h.hexdigest()
 
 
 def physical_memory():
@@ -153,21 +109,24 @@ def reduce_features(
     """
     started = time.perf_counter()
     features_dir, out_dir = Path(features_dir), Path(out_dir).absolute()
-    manifest = shards.read_manifest(features_dir)
+    live = open_features(features_dir)  # the manifest checked against its shards; live rows only
     features = link(features_dir, MANIFEST_NAME, out_dir)
-    config = resolve_taps(config, manifest)
-    check_shards(features_dir, manifest)
+    config = resolve_taps(config, live.manifest)
     with output_guard(out_dir, f"reduced directory {out_dir}"):
-        previous, damage = _previous(out_dir, features.sha256, config, overwrite)
+        previous, damage = _previous(out_dir, features.sha256, config, overwrite, live.manifest)
         if previous is not None and damage is None:
             return ReduceResult(out_dir, previous, True)
-        report = _reduce(features_dir, manifest, features, out_dir, config, engine, ray_address, started, previous)
-    return ReduceResult(out_dir, report, False, [f"{damage}, so it was reduced again"] if damage else [])
+        report, warnings = _reduce(live, features, out_dir, config, engine, ray_address, started, previous)
+    return ReduceResult(out_dir, report, False, ([f"{damage}, so it was reduced again"] if damage else []) + warnings)
 
 
-def _reduce(features_dir, manifest, features, out_dir, config, engine, ray_address, started, damaged=None):
-    """Compute and write the reduction; `damaged` is the intact reduce.json of a damaged copy of it."""
-    ids, labels, given = read_rows(features_dir, manifest)
+def _reduce(live, features, out_dir, config, engine, ray_address, started, damaged=None):
+    """Compute and write the reduction of features.Features `live`; `damaged` is the intact reduce.json of a damaged copy of it.
+
+    Returns (reduce.json's contents, warnings).
+    """
+    features_dir, manifest = live.path, live.manifest
+    ids, labels, given = live.ids, live.labels, live.splits
     splits = assign_splits(ids, labels, given, config.val_fraction, config.test_fraction, config.split_seed)
     is_train = splits == "train"
     n_train = int(is_train.sum())
@@ -183,7 +142,7 @@ def _reduce(features_dir, manifest, features, out_dir, config, engine, ray_addre
 
     transform = TapTransform(tap_dims, config.scaling, config.components, config.whiten, solver)
     if solver == "incremental":
-        tasks = _shard_sums_tasks(features_dir, manifest, config, is_train)
+        tasks = _shard_sums_tasks(live, config, is_train)
         if engine == "ray":
             from pipeline.engines.ray_reduce import ray_map
 
@@ -193,22 +152,24 @@ def _reduce(features_dir, manifest, features, out_dir, config, engine, ray_addre
             fit_incremental(transform, tasks, map)
     else:
         bad = NonFinite(config.taps, tap_dims)
-        X = _stack(_train_rows(_chunks(features_dir, manifest["shards"], config.taps, config.batch_rows), is_train, bad), n_train, dim)
+        X = _stack(_train_rows(_chunks(live, config.taps, config.batch_rows), is_train, bad), n_train, dim)
         bad.check(features_dir, len(ids))
         transform.fit(X)
 
     previous = "the previous reduction in it is unchanged" if out_dir.exists() else "nothing was written"
     with storage_errors(f"reduced directory {out_dir}", f"{previous}; free space (or fix the rights) and rerun the same command"):
         with atomic_dir(out_dir) as staging:
-            chunks = _chunks(features_dir, manifest["shards"], config.taps, config.batch_rows)
-            reduced_rows = (transform.transform(chunk) for _, chunk in chunks)
+            reduced_rows = (transform.transform(chunk) for _, chunk in _chunks(live, config.taps, config.batch_rows))
             write_reduced(staging / REDUCED_NAME, ids, labels, splits, transform.pca_.n_components_, reduced_rows, config.sha256())
             joblib.dump(transform, staging / TRANSFORM_NAME)
             ratios = transform.pca_.explained_variance_ratio_.astype(float)
             _plot_explained_variance(ratios, staging / PLOT_NAME)
             report = {
                 "format": REDUCED_FORMAT,
-                "inputs": features.to_json("features"),
+                "inputs": {
+                    **features.to_json("features"), "generation": manifest.get("generation", 0),
+                    "extraction_sha256": extraction_sha256(manifest),
+                },
                 "config": config.to_dict(),
                 "config_sha256": config.sha256(),
                 "classes": manifest["classes"],
@@ -224,6 +185,7 @@ def _reduce(features_dir, manifest, features, out_dir, config, engine, ray_addre
                 "rows": len(ids),
                 "splits": {
                     "source": split_source(given),
+                    "rule": SPLIT_RULE,
                     "rows": {name: int((splits == name).sum()) for name in SPLITS},
                     "unlabeled": int((np.asarray(labels) < 0).sum()),
                     "sha256": split_sha256(ids, labels, splits),
@@ -237,7 +199,7 @@ def _reduce(features_dir, manifest, features, out_dir, config, engine, ray_addre
                 shutil.copyfile(out_dir / REPORT_NAME, staging / REPORT_NAME)
             else:
                 write_json(staging / REPORT_NAME, report)
-    return report
+    return report, empty_splits(labels, splits, manifest["classes"], config.val_fraction, config.test_fraction)
 
 
 def resolve_taps(config: ReduceConfig, manifest: shards.Manifest) -> ReduceConfig:
@@ -250,22 +212,7 @@ def resolve_taps(config: ReduceConfig, manifest: shards.Manifest) -> ReduceConfi
     return dataclasses.replace(config, taps=tuple(chosen))
 
 
-def check_shards(features_dir: Path, manifest: shards.Manifest) -> None:
-    """Every listed shard exists and was written by the extraction the manifest describes."""
-    for entry in manifest["shards"]:
-        path = features_dir / entry["file"]
-        attrs = shards.read_shard_attrs(path)
-        if attrs is None:
-            raise PipelineError(f"{path} is listed in the manifest but is missing or not a features shard; rerun `pipeline extract`")
-        if attrs["config_sha256"] != manifest["config_sha256"]:
-            raise PipelineError(
-                f"{path} was written by another extraction (config {attrs['config_sha256'][:12]}) than its "
-                f"manifest describes ({manifest['config_sha256'][:12]}); the directory mixes two manifests, "
-                "so extract again into a fresh --out"
-            )
-
-
-def _previous(out_dir, manifest_sha256, config, overwrite):
+def _previous(out_dir, manifest_sha256, config, overwrite, manifest):
     """(reduce.json, None) when `out_dir` holds this reduction intact, (reduce.json, what is damaged) when it holds
     it damaged, else (None, None): nothing, or something --overwrite allows us to replace. Raises otherwise.
     """
@@ -280,7 +227,7 @@ def _previous(out_dir, manifest_sha256, config, overwrite):
         return None, None
     try:
         previous = read_json(report_path)
-        changes = _changes(previous, manifest_sha256, config)
+        changes = _changes(previous, manifest_sha256, config, manifest)
     except (OSError, ValueError, KeyError, TypeError):
         if overwrite:
             return None, None
@@ -296,54 +243,28 @@ def _previous(out_dir, manifest_sha256, config, overwrite):
     return previous, output_damage(out_dir, previous)
 
 
-def _changes(previous, manifest_sha256, config):
-    """Human-readable differences between a previous reduce.json and this run."""
+def _changes(previous, manifest_sha256, config, manifest):
+    """Human-readable differences between a previous reduce.json and this run (on features `manifest`)."""
     changes = []
     made_from = Link.from_json(previous["inputs"], "features").sha256
-    if made_from != manifest_sha256:
+    then, now = previous["inputs"].get("generation", 0), manifest.get("generation", 0)
+    if then != now:
+        changes.append(f"made from the features before extract updated them (generation {then}, now {now})")
+    elif made_from != manifest_sha256:
         changes.append(f"made from another features manifest ({made_from[:12]}, now {manifest_sha256[:12]})")
     for key, value in config.to_dict().items():
         if previous["config"].get(key) != value:
             changes.append(f"{key} {previous['config'].get(key)!r}, now {value!r}")
+    rule = rule_of(previous["splits"])
+    if rule != SPLIT_RULE:
+        changes.append(f"split rule {rule}, now {SPLIT_RULE}")
     return changes
 
 
-def read_rows(features_dir: Path, manifest: shards.Manifest) -> tuple[list[str], np.ndarray, list[str]]:
-    """ids, labels and given splits of all rows in order, without reading any features."""
-    ids, labels, given = [], [], []
-    for entry in manifest["shards"]:
-        path = features_dir / entry["file"]
-        try:
-            part = shards.read_shard(path, taps=[])
-        except (OSError, KeyError) as e:
-            raise _damaged_shard(path, features_dir, e) from None
-        ids += part.ids
-        labels.append(np.asarray(part.labels, dtype=np.int32))
-        given += part.splits
-    return ids, np.concatenate(labels) if labels else np.zeros(0, np.int32), given
-
-
-def _damaged_shard(path, features_dir, error):
-    return PipelineError(
-        f"cannot read {path} ({str(error).splitlines()[0]}); the features are damaged: "
-        f"`pipeline inspect {features_dir} --verify` lists the problems, then extract again"
-    )
-
-
-def split_source(given):
-    provided = sum(1 for s in given if s)
-    return "source" if provided == len(given) else "hash" if provided == 0 else "source+hash"
-
-
-def _chunks(features_dir, entries, taps, chunk_rows):
-    """(ids, X) of every row of the shards `entries`, `chunk_rows` at a time; an unreadable shard is one sentence."""
-    for entry in entries:
-        path = Path(features_dir) / entry["file"]
-        try:
-            for ids, _, _, X in shards.iter_feature_chunks(features_dir, {"shards": [entry]}, list(taps), chunk_rows):
-                yield ids, X
-        except (OSError, KeyError) as e:
-            raise _damaged_shard(path, features_dir, e) from None
+def _chunks(live, taps, chunk_rows):
+    """(ids, X float32 with `taps` side by side) of every live row in sorted-id order, `chunk_rows` at a time."""
+    for batch in live.batches(taps, chunk_rows, np.float32):
+        yield batch.ids, batch.matrix()
 
 
 class NonFinite:
@@ -384,12 +305,13 @@ class NonFinite:
             )
 
 
-def masked_chunks(features_dir, manifest, taps, mask, chunk_rows, bad=None):
-    """The rows where `mask` is true, read `chunk_rows` rows at a time, in order (float32, `taps` concatenated).
+def masked_chunks(live, taps, mask, chunk_rows, bad=None):
+    """The live rows of features.Features `live` where `mask` is true, `chunk_rows` rows read at a time, in order
+    (float32, `taps` concatenated).
 
     With a NonFinite `bad`, every row read is checked and a chunk holding NaN or Inf is only counted.
     """
-    return _train_rows(_chunks(features_dir, manifest["shards"], taps, chunk_rows), mask, bad)
+    return _train_rows(_chunks(live, taps, chunk_rows), mask, bad)
 
 
 def _train_rows(chunks, is_train, bad=None):
@@ -404,36 +326,40 @@ def _train_rows(chunks, is_train, bad=None):
 
 @dataclass(frozen=True)
 class ShardSumsTask:
-    """One shard's part of the incremental solver's passes: which rows are train, and how to read it."""
+    """One shard's part of the incremental solver's passes: its live rows, which of them are train, and how to read it."""
 
     features_dir: Path
-    entry: dict  # the manifest's {file, rows}
+    part: ShardPart  # the shard's live rows
+    ids: np.ndarray  # of its live rows, in file order
     taps: tuple
     tap_dims: tuple
-    is_train: np.ndarray  # this shard's rows only
+    is_train: np.ndarray  # of its live rows, in file order
     batch_rows: int
 
+    def chunks(self):
+        """(ids, X float32) of the shard's live rows, `batch_rows` at a time."""
+        taps = dict(zip(self.taps, self.tap_dims))
+        for batch in read_part(self.part, taps, (self.ids, None, None), self.batch_rows, np.float32, self.features_dir):
+            yield batch.ids, batch.matrix()
 
-def _shard_sums_tasks(features_dir, manifest, config, is_train):
-    dims = {t["key"]: t["dim"] for t in manifest["taps"]}
-    offsets = np.cumsum([0, *(entry["rows"] for entry in manifest["shards"])])
+
+def _shard_sums_tasks(live, config, is_train):
+    tap_dims = tuple(live.taps[t] for t in config.taps)
     return [
-        ShardSumsTask(features_dir, entry, config.taps, tuple(dims[t] for t in config.taps), is_train[a:b], config.batch_rows)
-        for entry, a, b in zip(manifest["shards"], offsets[:-1], offsets[1:])
+        ShardSumsTask(live.path, part, live.ids[part.positions], config.taps, tap_dims, is_train[part.positions], config.batch_rows)
+        for part in live.parts
     ]
 
 
 def shard_moments(task):
-    """First pass over one shard: (Moments of its train rows, NonFinite count of all its rows)."""
+    """First pass over one shard: (Moments of its train rows, NonFinite count of all its live rows)."""
     bad = NonFinite(task.taps, task.tap_dims)
-    chunks = _chunks(task.features_dir, [task.entry], task.taps, task.batch_rows)
-    return moment_sums(_train_rows(chunks, task.is_train, bad), sum(task.tap_dims)), bad
+    return moment_sums(_train_rows(task.chunks(), task.is_train, bad), sum(task.tap_dims)), bad
 
 
 def shard_grams(task, transform):
     """Second pass over one shard: GramSums of its train rows as `transform` scales them."""
-    chunks = _chunks(task.features_dir, [task.entry], task.taps, task.batch_rows)
-    return gram_sums(map(transform.scale, _train_rows(chunks, task.is_train)), sum(task.tap_dims))
+    return gram_sums(map(transform.scale, _train_rows(task.chunks(), task.is_train)), sum(task.tap_dims))
 
 
 def fit_incremental(transform, tasks, run):
@@ -448,7 +374,7 @@ def fit_incremental(transform, tasks, run):
     for shard, shard_bad in run(shard_moments, tasks):
         moments += shard
         bad += shard_bad
-    bad.check(tasks[0].features_dir, sum(task.entry["rows"] for task in tasks))
+    bad.check(tasks[0].features_dir, sum(len(task.ids) for task in tasks))
     transform.fit_scaling(moments)
     grams = GramSums(dim)
     for part in run(shard_grams, tasks, itertools.repeat(transform)):

@@ -12,12 +12,12 @@ from pipeline import shards
 from pipeline.errors import PipelineError
 from pipeline.files import LockBusy, lock_beside, locked
 from pipeline.lineage import REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, check_sha256, parse_record, read_hashed, sha256_file
+from pipeline.splits import SPLITS  # noqa: F401 (reduced.h5 holds one of these for every row)
 
 REDUCED_NAME = "reduced.h5"
 PLOT_NAME = "explained_variance.png"
 OUTPUT_NAMES = (REDUCED_NAME, TRANSFORM_NAME, PLOT_NAME, REPORT_NAME)
 CHECKED_OUTPUTS = (REDUCED_NAME, TRANSFORM_NAME)  # what later stages load: reduce.json records their sha256
-SPLITS = ("train", "val", "test")
 
 
 def write_reduced(

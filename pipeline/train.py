@@ -22,7 +22,7 @@ from pipeline.files import LockBusy, atomic_path, locked, make_dir, output_guard
 from pipeline.leaderboard import (
     LEADERBOARD_LOCK, LEADERBOARD_NAME, LOCKS_DIR, METRICS_NAME, read_runs, run_state, write_leaderboard,
 )
-from pipeline.lineage import HEAD_NAME, REPORT_NAME, RUN_CONFIG_NAME as CONFIG_NAME, link, sha256_file
+from pipeline.lineage import HEAD_NAME, REPORT_NAME, RUN_CONFIG_NAME as CONFIG_NAME, link, reduced_notes, sha256_file
 from pipeline.reduced import load_reduced
 from pipeline.scoring import PROBE_MODEL, class_probabilities, fit_linear_probe, split_metrics
 
@@ -82,7 +82,8 @@ def train(
     The logistic-regression baseline is recorded once per reduced dir, a finished run is not
     redone (a damaged one is trained again), every run appears in `runs_dir` complete or not at
     all, and leaderboard.csv is rebuilt after every new run. `parallel` says where the runs train
-    (see engines.pool); `on_warning(sentence)` hears about damaged run dirs.
+    (see engines.pool); `on_warning(sentence)` hears about damaged run dirs and a reduced dir made by an old split rule
+    or from features updated since.
 
     Other processes may train into the same runs dir at the same time: each run is claimed with
     its own lock while it trains, a run another process holds is left to it (and reported
@@ -91,6 +92,8 @@ def train(
     """
     on_warning = on_warning or (lambda sentence: None)
     data = load_reduced(Path(reduced_dir).absolute())  # absolute: workers may start elsewhere
+    for note in reduced_notes(data.path, data.report):  # an old split rule, features updated since
+        on_warning(note)
     runs_dir = Path(runs_dir).absolute()
     _check_trainable(data)
     finished, problems = read_runs(runs_dir)

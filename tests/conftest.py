@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # mode, read when `ray` is first imported (pipeline.engines.ray_cluster does the same for the Ray it starts).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -82,6 +83,94 @@ def features_dir(tmp_path):
         return out
 
     return make
+
+
+@pytest.fixture
+def updated_features(features_dir):
+    """Factory: a synthetic features dir as an update leaves it (see CONTRACT in the README's formats), without extract.
+
+    Generation 0 is `features_dir(n, shard_size)` (classes a, b, c, no split). Generation 1 then
+    adds class "aa" (shifting every index: each shard records its own `classes`), appends one shard
+    with new ids between the old ones, retires `removed` old rows and relabels `relabelled` ones
+    (their feature bytes copied into the new shard with label "c" and split "test", the old row
+    retired). `before(dir)` is called before the update. Returns the dir; `live_rows(dir)` reads what it should show.
+    """
+    import json
+
+    def make(n=60, shard_size=25, removed=(3, 4, 30), relabelled=(7, 41), added=(10, 20, 50), storage_dtype="float32", name="features",
+             before=None):
+        out = features_dir(n=n, shard_size=shard_size, storage_dtype=storage_dtype, name=name)
+        if before is not None:
+            before(out)  # say, reduce generation 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        old_classes = manifest["classes"]
+        for entry in manifest["shards"]:
+            with h5py.File(out / entry["file"], "r+") as f:
+                f.attrs["classes"] = json.dumps(old_classes)
+        new_classes = sorted({*old_classes, "aa"})
+        taps = [tap["key"] for tap in manifest["taps"]]
+        by_id = {}
+        for index, entry in enumerate(manifest["shards"]):
+            data = shards.read_shard(out / entry["file"])
+            for row, row_id in enumerate(data.ids):
+                by_id[row_id] = (index, row, {t: data.features[t][row] for t in taps})
+        rng = np.random.default_rng(7)
+        rows = []  # (id, class name, split, {tap: values})
+        for i in added:
+            rows.append((f"img{i:05d}+new.png", "aa", "", {t: rng.normal(size=by_id["img00000.png"][2][t].shape) for t in taps}))
+        for i in relabelled:
+            rows.append((f"img{i:05d}.png", "c", "test", by_id[f"img{i:05d}.png"][2]))
+        rows.sort()
+        data = shards.ShardData(
+            [r[0] for r in rows], np.array([new_classes.index(r[1]) for r in rows], np.int32), [r[2] for r in rows],
+            {t: np.stack([r[3][t] for r in rows]) for t in taps},
+        )
+        name_ = shards.shard_filename(len(manifest["shards"]))
+        shards.write_shard(out / name_, data, index=len(manifest["shards"]), config_sha256=manifest["config_sha256"],
+                           config=manifest["config"], storage_dtype=storage_dtype)
+        with h5py.File(out / name_, "r+") as f:
+            f.attrs["classes"] = json.dumps(new_classes)
+            f.attrs["generation"] = 1
+        for entry in manifest["shards"]:
+            entry.update(generation=0, retired=[])
+        for i in (*removed, *relabelled):
+            index, row, _ = by_id[f"img{i:05d}.png"]
+            manifest["shards"][index]["retired"].append(row)
+        for entry in manifest["shards"]:
+            entry["retired"].sort()
+            entry["live"] = entry["rows"] - len(entry["retired"])
+        manifest["shards"].append({"file": name_, "rows": len(rows), "live": len(rows), "generation": 1, "retired": []})
+        manifest.update(classes=new_classes, rows=sum(e["live"] for e in manifest["shards"]), generation=1,
+                        listed=manifest["listed"] - len(removed) + len(added))
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        return out
+
+    return make
+
+
+@pytest.fixture
+def live_rows():
+    """The function below: what a reader must show of a features dir."""
+    return _live_rows
+
+
+def _live_rows(features):
+    """{id: (class name, split, {tap: row})} of the live rows of a features dir, read from the shards by hand (no reader)."""
+    import json
+
+    manifest = json.loads((features / "manifest.json").read_text())
+    live = {}
+    for entry in manifest["shards"]:
+        with h5py.File(features / entry["file"], "r") as f:
+            classes = json.loads(f.attrs["classes"]) if "classes" in f.attrs else manifest["classes"]
+            retired = set(entry.get("retired", []))
+            taps = shards.list_taps(f)
+            for row, row_id in enumerate(f["ids"].asstr()[:]):
+                if row not in retired:
+                    label = int(f["labels"][row])
+                    name = classes[label] if label >= 0 else None
+                    live[row_id] = (name, f["splits"].asstr()[row], {t: f["features"][t][row] for t in taps})
+    return live
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ def test_report_holds_every_stage_for_every_precision(tiny_report):
     assert list(results["flops"]["policies"]) == policies
     assert [size["rows"] for size in results["reduce"]["sizes"]] == [200, 400]
     assert results["reduce"]["dims"] == 32
+    assert results["reduce"]["load_features"]["rows"] == 400 and "load_features peak RSS / its arrays" in report["derived"]
     assert results["heads"]["rows"] == 200 and results["heads"]["dims"] == 4
     assert list(results["sweep"]["jobs"]) == ["1", "2"] and results["sweep"]["heads"] == 4
     assert results["extract"][policies[0]]["images"] == 4
@@ -265,6 +266,14 @@ def test_measure_reduce_reports_the_child_process_own_peak_rss(tmp_path):
     assert (tmp_path / "reduced" / "reduced.h5").is_file()
     assert measured["seconds"] > 0
     assert 20 < measured["peak_rss_mb"] < 400
+
+
+def test_measure_load_reports_the_reader_s_rate_and_memory_against_its_arrays(tmp_path):
+    dims = dict(zip(bench_stage_two.DEFAULT_TAP_DIMS, (64, 64, 64, 64)))
+    features = bench_stage_two.write_synthetic_features(tmp_path / "features", 4000, 1000, dims)
+    measured = bench_stage_two.measure_load(features)
+    assert measured["rows"] == 4000 and measured["arrays_mb"] == pytest.approx(4000 * 256 * 2 / 2**20)  # float16 stays float16
+    assert measured["gb_per_second"] > 0 and measured["file_gb_per_second"] > 0 and measured["peak_rss_mb"] > measured["arrays_mb"]
 
 
 def test_options_reject_an_unknown_stage_naming_the_valid_ones():

@@ -267,7 +267,8 @@ def test_an_existing_version_is_replaced_only_with_overwrite(head_run, exports, 
         tf.saved_model.load(str(path)).signatures["pixels"](images=pixels)["probabilities"].numpy()
         for path in (serving / "3", exports.root / "serving" / "1")
     )
-    assert at_48.shape == (2, 3) and not np.allclose(at_48, at_32, atol=1e-4)
+    # In log space: a confident head saturates probabilities near 0 and 1, where another input size moves them by < 1e-4.
+    assert at_48.shape == (2, 3) and not np.allclose(np.log(at_48 + 1e-30), np.log(at_32 + 1e-30), atol=1e-2)
 
 
 def test_another_image_size_in_a_keras_file(head_run, tmp_path):

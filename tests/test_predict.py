@@ -87,6 +87,21 @@ def test_features_changed_since_reduce_are_refused(head_run, tmp_path):
         load_lineage(run)
 
 
+def test_features_updated_by_extract_since_reduce_still_serve_the_run(head_run, tmp_path):
+    run = copy_lineage(head_run, tmp_path)
+
+    def update(manifest):  # what an extract update changes: the images (source hash, rows, retired rows), not the extraction
+        manifest["config"].update(source_sha256="0" * 64)
+        manifest["shards"][0].update(retired=[0], live=manifest["shards"][0]["rows"] - 1, generation=0)
+        manifest.update(rows=manifest["rows"] - 1, generation=1)
+
+    edit_json(tmp_path / "copy" / "features" / "manifest.json", update)
+    assert load_lineage(run).manifest["generation"] == 1
+    edit_json(tmp_path / "copy" / "features" / "manifest.json", lambda m: m["config"].update(pooling="max"))
+    with pytest.raises(PipelineError, match="the features changed since reduce, so reduce and train again"):
+        load_lineage(run)
+
+
 def test_a_reduced_dir_changed_since_training_is_refused(head_run, tmp_path):
     run = copy_lineage(head_run, tmp_path)
     edit_json(tmp_path / "copy" / "reduced" / "reduce.json", lambda r: r.update(components=5))

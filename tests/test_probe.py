@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline import features as features_module
 from pipeline import shards
 from pipeline.config import ReduceConfig
 from pipeline.errors import PipelineError
@@ -73,7 +74,8 @@ def test_probe_json_records_inputs_settings_split_and_every_group(mixed_features
     assert report["inputs"]["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
     assert report["settings"]["taps"] == list(MIXED)
     assert report["settings"]["scaling"] == ReduceConfig().scaling and report["settings"]["components"] == 16
-    assert report["splits"]["rows"] == {"train": 480, "val": 60, "test": 60}
+    assert report["splits"]["rows"] == {"train": 480, "val": 67, "test": 53}
+    assert report["splits"]["rule"] == "id-hash-threshold/2"
     groups = by_name(report)
     assert [(g["name"], g["kind"], g["input_dims"], g["components"]) for g in report["groups"]] == [
         (SIGNAL, "tap", 12, 12), (NOISE[0], "tap", 20, 16), (NOISE[1], "tap", 16, 16),
@@ -81,7 +83,7 @@ def test_probe_json_records_inputs_settings_split_and_every_group(mixed_features
     ]
     assert groups[SIGNAL]["kept_variance"] == pytest.approx(1.0)  # all 12 of 12 dims
     for entry in report["groups"]:
-        assert set(entry["val"]) == {"rows", "accuracy", "macro_f1", "log_loss"} and entry["val"]["rows"] == 60
+        assert set(entry["val"]) == {"rows", "accuracy", "macro_f1", "log_loss"} and entry["val"]["rows"] == 67
         assert entry["converged"] and entry["seconds"] >= 0 and entry["pca_solver"] == "covariance"
     png = (tmp_path / "out" / "probe.png").read_bytes()
     assert png.startswith(b"\x89PNG")
@@ -185,17 +187,16 @@ def test_cli_without_test_rows_shows_val_only(features_dir, tmp_path, run_cli):
 def test_the_features_are_read_twice_whatever_the_number_of_groups(features_dir, tmp_path, monkeypatch, rows):
     features = features_dir(n=rows, taps=MIXED)
     passes = []
-    real = shards.iter_feature_chunks
+    real = features_module.Features.batches
 
-    def counting(features_dir, manifest, taps, chunk_rows):
-        passes.extend((entry["file"], tuple(taps), chunk_rows) for entry in manifest["shards"])
-        yield from real(features_dir, manifest, taps, chunk_rows)
+    def counting(live, taps, batch_rows, dtype=None):  # every pass reads every shard's live rows once (test_features.py)
+        passes.append((tuple(taps), batch_rows))
+        yield from real(live, taps, batch_rows, dtype)
 
-    monkeypatch.setattr(shards, "iter_feature_chunks", counting)
+    monkeypatch.setattr(features_module.Features, "batches", counting)
     report = probe(features, tmp_path / "out", components=4, batch_rows=100).report
     assert len(report["groups"]) == 5
-    every_shard = [entry["file"] for entry in shards.read_manifest(features)["shards"]]
-    assert sorted(passes) == sorted((name, tuple(MIXED), 100) for name in every_shard for _ in range(2))
+    assert passes == [(tuple(MIXED), 100)] * 2
 
 
 def test_a_changed_manifest_is_refused(mixed_features, tmp_path):

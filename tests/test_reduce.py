@@ -11,13 +11,14 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from pipeline import features as features_module
 from pipeline import reduced as reduced_module
 from pipeline import shards
 from pipeline.config import ReduceConfig
 from pipeline.errors import PipelineError
 from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
 from pipeline.lineage import TRANSFORM_NAME
-from pipeline.reduce import assign_splits, choose_solver, reduce_features
+from pipeline.reduce import choose_solver, reduce_features
 from pipeline.reduced import load_reduced
 
 TAPS = {"resnet50/conv5_block3_out": 24, "vgg16/block5_conv3": 16}
@@ -39,49 +40,7 @@ def subspace_cosines(a, b):
     return np.linalg.svd(a @ b.T, compute_uv=False)
 
 
-# --- splits
-
-
-def test_hash_split_gives_every_class_its_exact_shares():
-    ids = [f"img{i:04d}" for i in range(300)]
-    labels = np.arange(300) % 3
-    splits = assign_splits(ids, labels, [""] * 300, 0.1, 0.2, seed=0)
-    for label in range(3):
-        mine = splits[labels == label]
-        assert [(mine == s).sum() for s in ("train", "val", "test")] == [70, 10, 20]
-
-
-def test_hash_split_depends_on_the_seed_and_not_on_row_order():
-    ids = [f"img{i:04d}" for i in range(200)]
-    labels = np.arange(200) % 2
-    first = assign_splits(ids, labels, [""] * 200, 0.1, 0.1, seed=0)
-    reversed_ = assign_splits(ids[::-1], labels[::-1], [""] * 200, 0.1, 0.1, seed=0)[::-1]
-    other_seed = assign_splits(ids, labels, [""] * 200, 0.1, 0.1, seed=1)
-    assert first.tolist() == reversed_.tolist()
-    assert first.tolist() != other_seed.tolist()
-
-
-def test_given_splits_are_kept_and_blank_rows_hashed():
-    ids = [f"img{i:04d}" for i in range(100)]
-    labels = np.arange(100) % 2
-    given = ["test"] * 10 + ["val"] * 10 + [""] * 80
-    splits = assign_splits(ids, labels, given, 0.25, 0.25, seed=0)
-    assert splits[:20].tolist() == given[:20]
-    blank = splits[20:]
-    assert [(blank == s).sum() for s in ("train", "val", "test")] == [40, 20, 20]
-
-
-def test_unlabeled_rows_go_by_their_own_hash():
-    ids = [f"u{i:04d}" for i in range(400)]
-    alone = assign_splits(ids, np.full(400, -1), [""] * 400, 0.1, 0.1, seed=0)
-    with_others = assign_splits(ids[:50], np.full(50, -1), [""] * 50, 0.1, 0.1, seed=0)
-    assert alone[:50].tolist() == with_others.tolist()
-    assert 20 < (alone == "test").sum() < 60 and 20 < (alone == "val").sum() < 60
-
-
-def test_unknown_given_split_is_refused():
-    with pytest.raises(PipelineError, match="split name"):
-        assign_splits(["a"], np.array([0]), ["holdout"], 0.1, 0.1, seed=0)
+# --- splits (the rule itself: test_splits.py)
 
 
 def test_every_setting_sees_the_same_split(features_dir, tmp_path):
@@ -153,14 +112,13 @@ def test_incremental_memory_is_bounded_by_the_chunk(features_dir, tmp_path, monk
                             shard_size=4000, storage_dtype="float16")
     raw_train_bytes = 25600 * 128 * 4
     chunk_rows = []
-    real_iter = shards.iter_feature_chunks
+    real_matrix = features_module.Batch.matrix
 
-    def recording_iter(*args, **kwargs):
-        for chunk in real_iter(*args, **kwargs):
-            chunk_rows.append(len(chunk[3]))
-            yield chunk
+    def recording_matrix(batch, *args, **kwargs):
+        chunk_rows.append(len(batch.positions))
+        return real_matrix(batch, *args, **kwargs)
 
-    monkeypatch.setattr(shards, "iter_feature_chunks", recording_iter)
+    monkeypatch.setattr(features_module.Batch, "matrix", recording_matrix)
     peaks = {}
     # One BLAS thread: on a busy 2-core machine OpenBLAS threads spin against each other.
     with threadpool_limits(1):
@@ -281,7 +239,8 @@ def test_outputs_follow_the_format(features_dir, tmp_path):
         assert set(f["splits"].asstr()[:]) == {"train", "val", "test"}
     report = load_reduced(out).report
     assert report["inputs"]["features"] == "../features"
-    assert report["splits"]["rows"] == {"train": 96, "val": 12, "test": 12}
+    assert report["splits"]["rows"] == {"train": 97, "val": 13, "test": 10}  # about 80/10/10: each id by its own hash
+    assert report["splits"]["rule"] == "id-hash-threshold/2" and report["inputs"]["generation"] == 0
     assert [t["key"] for t in report["taps"]] == list(TAPS)
     assert report["config"]["taps"] == list(TAPS)
     assert len(report["explained_variance_ratio"]) == 6
@@ -336,7 +295,7 @@ def test_fractions_that_leave_no_train_rows_are_refused():
 def test_cli_reduce_reports_and_then_is_up_to_date(features_dir, tmp_path, run_cli):
     features = features_dir(n=120)
     first = run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", "0.8", "--tap", "vgg16:block5_conv3")
-    assert "train 96, val 12, test 12 (splits from hash)" in first.output
+    assert "train 97, val 13, test 10 (splits from hash)" in first.output
     assert "vgg16/block5_conv3" in first.output and "resnet50" not in first.output
     again = run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", "0.8", "--tap", "vgg16/block5_conv3")
     assert "up to date" in again.output

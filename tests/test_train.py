@@ -101,10 +101,10 @@ def test_a_run_writes_every_output_and_is_not_redone(reduced_dir, tmp_path):
     assert list((run / "tensorboard" / "validation").glob("events.out.tfevents.*"))
 
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["rows"] == {"train": 120, "val": 15, "test": 15}
+    assert metrics["rows"] == {"train": 121, "val": 18, "test": 11}
     for split in ("val", "test"):
         assert {"accuracy", "macro_f1", "log_loss", "per_class", "confusion"} <= set(metrics[split])
-        assert np.sum(metrics[split]["confusion"]) == 15
+        assert np.sum(metrics[split]["confusion"]) == metrics["rows"][split]
     assert set(metrics["val"]["per_class"]) >= {"a", "b", "c", "macro avg"}
     with open(run / "history.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == metrics["epochs"] == 4

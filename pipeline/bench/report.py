@@ -16,6 +16,8 @@ REDUCE_ROW_COST_GROWTH = 1.25  # seconds per row at the largest size / at the sm
 UP_TO_DATE_SECONDS = 5.0  # a whole `pipeline extract` rerun over a finished directory
 NOT_APPLICABLE = "not applicable"  # a target's `met` where the machine lacks what it measures
 SWEEP_SPEEDUP = 1.6  # a sweep with --jobs 2 against --jobs 1, on 2 cores: at least this
+LOAD_OVER_FILE_READ = 0.5  # load_features' rate over a plain sequential read of the same files: at least this
+LOAD_RSS_OVER_ARRAYS = 1.1  # load_features' peak RSS over the arrays it returns (the interpreter and h5py aside): at most this
 
 
 def summarize(values):
@@ -99,6 +101,10 @@ def derived(results, policy):
     if reduce:
         figures["reduce peak RSS at the largest size (MB)"] = reduce["sizes"][-1]["peak_rss_mb"]["median"]
         figures["reduce seconds per row, largest / smallest size"] = reduce["row_cost_growth"]
+        load = reduce.get("load_features")
+        if load:
+            figures["load_features rate / sequential read of its files"] = ratio(load["gb_per_second"], load["file_gb_per_second"])
+            figures["load_features peak RSS / its arrays"] = ratio(load["peak_rss_mb"], load["arrays_mb"])
     sweep = results.get("sweep")
     if sweep:
         reference, *others = sweep["jobs"]
@@ -159,6 +165,8 @@ def targets(figures, policies):
         ("reduce peak RSS at the largest size (MB)", "<", REDUCE_RSS_MB, False),
         ("reduce seconds per row, largest / smallest size", "<=", REDUCE_ROW_COST_GROWTH, False),
         (sweep_figure("1", "2"), ">=", SWEEP_SPEEDUP, False),
+        ("load_features rate / sequential read of its files", ">=", LOAD_OVER_FILE_READ, False),
+        ("load_features peak RSS / its arrays", "<=", LOAD_RSS_OVER_ARRAYS, False),
     ]
     compare = {">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
     rows = []
@@ -230,6 +238,12 @@ def _measurement_rows(results):
             what = f"reduce {size['rows']:,} x {reduce['dims']:,} float16, {reduce['solver']}"
             rows.append((what, "-", size["seconds"], "s"))
             rows.append((f"{what}: peak RSS", "-", size["peak_rss_mb"], "MB"))
+        load = reduce.get("load_features")
+        if load:
+            what = f"load_features {load['rows']:,} x {reduce['dims']:,} float16, every tap in memory"
+            rows.append((what, "-", summarize([load["gb_per_second"]]), "GB/s"))
+            rows.append((f"{what}: plain sequential read of the same files", "-", summarize([load["file_gb_per_second"]]), "GB/s"))
+            rows.append((f"{what}: peak RSS ({load['arrays_mb']:,.0f} MB of arrays)", "-", summarize([load["peak_rss_mb"]]), "MB"))
     startup = results.get("startup")
     if startup:
         for policy, phases in startup["first_batch"].items():

@@ -440,6 +440,8 @@ def _stage_two(options, work, log):
             "sizes": runs,
             "row_cost_growth": bench_report.ratio(growth, 1),
         }
+        log(f"load_features, {max(sizes):,} rows")
+        results["reduce"]["load_features"] = bench_stage_two.measure_load(synthetic)
     if "heads" in wanted:
         log(f"head experiments on {sizes[0]:,} x {config.components}")
         head_config = HeadConfig(epochs=options.head_epochs)

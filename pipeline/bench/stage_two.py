@@ -118,6 +118,42 @@ def _reduce_and_report(features_dir, out_dir, config_json):
     print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()}))
 
 
+def measure_load(features_dir):
+    """`load_features` of every tap in a fresh Python process, after a plain sequential read of the same shard files:
+    {seconds, gigabytes, gb_per_second, file_gb_per_second, peak_rss_mb, arrays_mb}.
+
+    The plain read leaves the files in whatever cache state `load_features` then meets, so the ratio of the two rates
+    compares the reader with the fastest sequential read of its files here (the disk's, or the page cache's).
+    """
+    argv = [sys.executable, "-m", __name__, "--load", str(features_dir)]
+    completed = subprocess.run(argv, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"load_features of {features_dir} failed:\n{completed.stderr}")
+    return json.loads(completed.stdout.splitlines()[-1])
+
+
+def _load_and_report(features_dir):
+    """The child's side of `measure_load`: read the files, then load_features, and print the figures as JSON."""
+    from pipeline import load_features
+
+    files = sorted(Path(features_dir).glob("shard-*.h5"))
+    started = time.perf_counter()
+    file_bytes = 0
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(16 * 2**20):
+                file_bytes += len(chunk)
+    file_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    loaded = load_features(features_dir)
+    seconds = time.perf_counter() - started
+    arrays = sum(array.nbytes for array in loaded.features.values())
+    print(json.dumps({
+        "rows": len(loaded), "seconds": seconds, "gigabytes": arrays / 1e9, "gb_per_second": arrays / 1e9 / seconds,
+        "file_gb_per_second": file_bytes / 1e9 / file_seconds, "peak_rss_mb": _peak_rss_mb(), "arrays_mb": arrays / 2**20,
+    }))
+
+
 def _peak_rss_mb():
     """This process's peak RSS: VmHWM, which starts afresh at exec (ru_maxrss keeps the parent's)."""
     status = Path("/proc/self/status")
@@ -167,4 +203,7 @@ def measure_sweep(reduced_dir, runs_dir, sweep, jobs):
 
 
 if __name__ == "__main__":
-    _reduce_and_report(*sys.argv[1:])
+    if sys.argv[1] == "--load":
+        _load_and_report(sys.argv[2])
+    else:
+        _reduce_and_report(*sys.argv[1:])
