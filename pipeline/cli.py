@@ -304,6 +304,8 @@ def _print_extract_summary(result, num_workers, worker_index):
         f"extracted {m['rows']} rows, {len(m['errors'])} errors, into {result.out_dir} "
         f"({result.written} shards written, {result.skipped} already done)"
     )
+    if result.counts:
+        click.echo("update: " + ", ".join(f"{key} {value}" for key, value in result.counts.items()))
     for error in m["errors"][:10]:
         click.echo(f"  error: {error['id']}: {error['reason']}")
     if len(m["errors"]) > 10:
