@@ -357,6 +357,7 @@ def inspect(features, verify):
         click.echo(f"  weights {name}: {cfg.WeightSource.from_record(w['source'])} (sha256 {w['sha256'][:12]})")
     p = m["precision"]
     click.echo(f"precision: {p['policy']}, min cosine vs float32 {p['min_cosine_vs_float32']:.5f}")
+    _echo_generations(m)
     for error in m["errors"][:10]:
         click.echo(f"  error: {error['id']}: {error['reason']}")
     if verify:
@@ -366,6 +367,35 @@ def inspect(features, verify):
         if problems:
             raise click.ClickException(f"{len(problems)} problem(s) in {features}")
         click.echo(f"verified: {len(m['shards'])} shards, {m['rows']} rows, no problems")
+
+def _echo_generations(m):
+    """Shards by generation with their live and retired rows, then the history of updates."""
+    by_generation = {}
+    for entry in m["shards"]:
+        shards_, live, retired = by_generation.get(entry.get("generation", 0), (0, 0, 0))
+        by_generation[entry.get("generation", 0)] = (shards_ + 1, live + entry.get("live", entry["rows"]), retired + len(entry.get("retired", [])))
+    for generation, (count, live, retired) in sorted(by_generation.items()):
+        click.echo(f"  generation {generation}: {count} shard{'s' * (count != 1)}, {live} live rows, {retired} retired")
+    for h in m.get("history", [])[-5:]:
+        counts = ", ".join(f"{key} {h.get(key, 0)}" for key in ("added", "changed", "removed", "restored", "relabeled", "computed"))
+        click.echo(f"  update {h.get('generation')} at {h.get('time')}: {counts}")
+
+
+@cli.command()
+@click.argument("features", type=click.Path(exists=True, file_okay=False))
+def compact(features):
+    """Rewrite FEATURES so that no retired rows remain (atomically; live rows keep their feature bytes)."""
+    from pipeline.extract import compact as run_compact
+
+    result = run_compact(features)
+    if not result.retired:
+        click.echo(f"{features} has no retired rows; nothing to compact")
+        return
+    click.echo(
+        f"compacted {features}: {result.rows} live rows kept, {result.retired} retired rows dropped, "
+        f"{result.shards_before} -> {result.shards_after} shards"
+    )
+
 
 # --- using a run: predict, export ---
 

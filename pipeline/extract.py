@@ -26,7 +26,7 @@ import numpy as np
 from pipeline import shards
 from pipeline.config import SOURCE_KEYS, ExtractConfig, check_tap_layers, parse_weights
 from pipeline.errors import PipelineError
-from pipeline.files import file_sha256, is_temp, leftover_temps, locked, make_dir, read_json, remove
+from pipeline.files import file_sha256, is_temp, leftover_temps, locked, make_dir, read_json, remove, swap_dir, temp_sibling
 from pipeline.lineage import MANIFEST_NAME, check_fingerprints
 from pipeline.sources import Listing
 
@@ -292,6 +292,7 @@ class _Shard:
     classes: list = None  # names the labels index into
     explicit_classes: bool = True  # False: an old shard whose labels index the manifest's classes
     listed: shards.Listed | None = None
+    content: dict | None = None  # id -> (size, mtime_ns, sha256) from `listed`, once asked for
 
 
 @dataclass
@@ -446,19 +447,15 @@ def _plan(state, listing, shard_size):
     candidates = {}  # id -> [(kind, shard, row or error entry, (size, mtime, sha256))]
     for index in sorted(state.shards):
         shard = state.shards[index]
-        content = {}
-        if shard.listed is not None:
-            sha = shard.listed.sha256 or [""] * len(shard.listed.ids)
-            content = {i: (int(size), int(mtime), h) for i, size, mtime, h in zip(shard.listed.ids, shard.listed.sizes, shard.listed.mtimes_ns, sha)}
         for row, image_id in enumerate(shard.ids):
-            candidates.setdefault(image_id, []).append(("row", index, row, content.get(image_id)))
+            candidates.setdefault(image_id, []).append(("row", index, row, _content_of(shard, image_id)))
         for error in shard.attrs["errors"]:
-            candidates.setdefault(error["id"], []).append(("error", index, error, content.get(error["id"])))
+            candidates.setdefault(error["id"], []).append(("error", index, error, _content_of(shard, error["id"])))
     live_ids = {state.shards[i].ids[r] for i, r in state.live if i in state.shards}
-    live, errors, compute, copy = {}, [], [], []
+    live, errors, compute, copy, hashes = {}, [], [], [], {}
     counts = dict.fromkeys(COUNTS, 0)
     for record in listing.records:
-        hashed = {}
+        hashed = {}  # "sha256" -> the file's, once hashed
         matching = [c for c in candidates.get(record.id, ()) if _same_content(c[3], record, hashed, state.trust_unknown)]
         rows = [c for c in matching if c[0] == "row"]
         was = record.id in live_ids or record.id in state.errors
@@ -477,7 +474,9 @@ def _plan(state, listing, shard_size):
         else:
             compute.append(record)
             counts["changed" if was else "added"] += 1
-    listed_now = {r.id for r in listing.records}
+        if "sha256" in hashed:
+            hashes[record.id] = hashed["sha256"]
+    compute = _copy_known_content(state, candidates, compute, copy, hashes)
     counts["removed"] = len((live_ids | state.errors) - listed_now)
     counts["computed"] = len(compute)
     changes = any(counts[key] for key in COUNTS if key != "unchanged")
@@ -491,6 +490,30 @@ def _plan(state, listing, shard_size):
         new.append(_NewShard(index, tuple(r for r, _, _ in part), tuple((i, row) for _, i, row in part)))
         index += 1
     return _Plan(live, sorted(errors, key=lambda e: e["id"]), new, max(generation, 0), counts)
+
+
+def _copy_known_content(state, candidates, compute, copy, hashes):
+    """The records of `compute` whose bytes no committed row was made from; the others go to `copy`.
+
+    A file moved to another class folder has a new id, but the bytes of a row made before: its
+    features are copied, not computed. Only files whose size some row's file had are hashed.
+    """
+    known = {}  # (size, sha256) -> (shard index, row), the newest row
+    for image_id, found in candidates.items():
+        for kind, index, row, content in found:
+            if kind == "row" and content is not None and content[2]:
+                known[(content[0], content[2])] = (index, row)
+    sizes = {size for size, _ in known}
+    remaining = []
+    for record in compute:
+        if record.size in sizes and not record.problem:
+            sha = hashes.get(record.id) or file_sha256(record.path, record.size, record.mtime_ns)
+            if (record.size, sha) in known:
+                copy.append((record, *known[(record.size, sha)]))
+                continue
+        remaining.append(record)
+    copy.sort(key=lambda item: item[0].id)
+    return remaining
 
 
 def _same_content(recorded, record, hashed, trust_unknown):
@@ -606,15 +629,16 @@ def _finish(out_dir, run, state, plan, listing, expected_weights, started, compu
             shard.unlink(missing_ok=True)
     warnings = [f"{out_dir / name} was damaged ({why}), so its rows were computed again" for name, why in state.dropped]
     result = dict(out_dir=out_dir, written=written, skipped=len(entries) - written, counts=plan.counts)
+    quiet = not changed and not written and not state.dropped  # nothing changed (a manifest may still be brought up to date)
     if run.manifest is not None and _same_manifest(run.manifest, manifest, stats=True):
-        return ExtractResult(run.manifest, up_to_date=not written and not state.dropped, warnings=warnings, **result)
+        return ExtractResult(run.manifest, up_to_date=quiet, warnings=warnings, **result)
     if run.manifest_problem is not None:
         warnings.append(f"{path} could not be read ({run.manifest_problem}), so it was rebuilt from the shards")
     elif run.manifest is not None and "generation" in run.manifest and (not state.manifest_good or not changed) \
             and not _same_manifest(run.manifest, manifest, stats=False):
         warnings.append(f"{path} did not match its shards, so it was rebuilt from them")
     shards.write_manifest(out_dir, manifest)
-    return ExtractResult(manifest, warnings=warnings + _warnings(manifest), **result)
+    return ExtractResult(manifest, up_to_date=quiet and not warnings, warnings=warnings + _warnings(manifest), **result)
 
 
 def _entries(out_dir, state, plan):
@@ -700,6 +724,114 @@ def _remove_outputs(out_dir, shard_paths):
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     for path in shard_paths:
         path.unlink(missing_ok=True)
+
+
+# --- compact ---
+
+@dataclass
+class CompactResult:
+    out_dir: Path
+    shards_before: int
+    shards_after: int
+    rows: int  # live rows, all kept
+    retired: int  # retired rows dropped
+
+
+def compact(out_dir: Path | str) -> CompactResult:
+    """Rewrite a features directory's live rows (and errors) into fresh shards with nothing retired; swap it in atomically.
+
+    The new shards are what a first run over the same listing would lay out (ids sorted,
+    `shard_size` listed images each), every live row keeping its feature bytes, labels mapped to
+    the manifest's classes; they keep the directory's generation and its history. The old
+    directory stays whole until the new one replaces it in one step.
+    """
+    out_dir = Path(out_dir)
+    shards.read_manifest(out_dir)  # a clear sentence for what is not a features directory
+    with locked(out_dir / LOCK_NAME, f"features directory {out_dir}"):
+        for leftover in leftover_temps(out_dir.absolute().parent, out_dir.absolute().name):  # a killed compact's
+            remove(leftover)
+        manifest = shards.read_manifest(out_dir)
+        problems = shards.verify(out_dir)
+        if problems:
+            raise PipelineError(f"{out_dir} has {len(problems)} problem(s) ({problems[0]}); rerun `pipeline extract` to repair it, then compact")
+        retired = sum(len(entry.get("retired", [])) for entry in manifest["shards"])
+        if not retired:
+            return CompactResult(out_dir, len(manifest["shards"]), len(manifest["shards"]), manifest["rows"], 0)
+        staging = temp_sibling(out_dir.absolute())
+        staging.mkdir()
+        try:
+            entries = _write_compacted(out_dir, manifest, staging)
+            shards.write_manifest(staging, {**manifest, "shards": entries, "rows": sum(e["live"] for e in entries)})
+            swap_dir(staging, out_dir)
+        finally:
+            remove(staging)
+    return CompactResult(out_dir, len(manifest["shards"]), len(entries), manifest["rows"], retired)
+
+
+def _write_compacted(out_dir, manifest, staging):
+    """Write the compacted shards into `staging`; return their manifest entries."""
+    state = _State({}, set(), set(), manifest.get("generation", 0), [], True, 0, False)
+    items = []  # (id, "row", shard index, row) or (id, "error", shard index, error entry)
+    errors = {e["id"] for e in manifest["errors"]}
+    for entry in manifest["shards"]:
+        index = int(shards.SHARD_PATTERN.match(entry["file"]).group(1))
+        shard = _Shard(index, out_dir / entry["file"], shards.read_shard_attrs(out_dir / entry["file"]))
+        _read_rows(shard, manifest["classes"])
+        state.shards[index] = shard
+        retired = set(entry.get("retired", []))
+        items += [(image_id, "row", index, row) for row, image_id in enumerate(shard.ids) if row not in retired]
+        items += [(e["id"], "error", index, e) for e in shard.attrs["errors"] if e["id"] in errors]
+    chosen = {}
+    for item in items:  # an error listed by several shards: the newest
+        chosen[(item[0], item[1])] = item
+    items = sorted(chosen.values(), key=lambda item: item[0])
+    first = state.attrs_any()
+    size = int(manifest["config"].get("shard_size", 4096))
+    precision = manifest["precision"]
+    class_index = {name: i for i, name in enumerate(manifest["classes"])}
+    entries = []
+    for k, start in enumerate(range(0, len(items), size)):
+        part = items[start : start + size]
+        rows = [item for item in part if item[1] == "row"]
+        features = _copied_features(state, [(index, row) for _, _, index, row in rows]) if rows else {
+            tap["key"]: np.zeros((0, tap["dim"]), manifest["config"]["storage_dtype"]) for tap in first["taps"]
+        }
+        labels = []
+        for _, _, index, row in rows:
+            shard, label = state.shards[index], int(state.shards[index].labels[row])
+            labels.append(class_index[shard.classes[label]] if label >= 0 else -1)
+        content = [_content_of(state.shards[item[2]], item[0]) for item in part]
+        listed = None if None in content else shards.Listed(
+            [item[0] for item in part], np.array([c[0] for c in content], np.int64), np.array([c[1] for c in content], np.int64),
+            [c[2] for c in content],
+        )
+        data = shards.ShardData(
+            ids=[item[0] for item in rows], labels=np.array(labels, np.int32),
+            splits=[state.shards[index].splits[row] for _, _, index, row in rows], features=features,
+            errors=[item[3] for item in part if item[1] == "error"],
+            fidelity={"min_cosine_vs_float32": precision["min_cosine_vs_float32"] if k == 0 else 1.0,
+                      "rows_checked": precision.get("rows_checked", 0) if k == 0 else 0},
+            listed=listed,
+        )
+        path = staging / shards.shard_filename(k)
+        shards.write_shard(
+            path, data, index=k, config_sha256=manifest["config_sha256"], config=first["config"],
+            storage_dtype=manifest["config"]["storage_dtype"], weights=first["weights"], taps=first["taps"],
+            generation=state.generation, classes=manifest["classes"],
+        )
+        entries.append(_entry(path, {"generation": state.generation}, data.rows, []))
+    return entries
+
+
+def _content_of(shard, image_id):
+    """(size, mtime_ns, sha256) a shard's listing recorded for an image, or None."""
+    if shard.listed is None:
+        return None
+    if shard.content is None:
+        listed = shard.listed
+        sha = listed.sha256 or [""] * len(listed.ids)
+        shard.content = {i: (int(n), int(t), h) for i, n, t, h in zip(listed.ids, listed.sizes, listed.mtimes_ns, sha)}
+    return shard.content.get(image_id)
 
 
 def _check_space(out_dir, images, shard_count, taps, storage_dtype, freeable=0):

@@ -203,6 +203,38 @@ def replace_dir(new, path):
     remove(old)
 
 
+def swap_dir(new, path):
+    """Put the directory `new` in the place of the existing directory `path` in one atomic step, then delete the old one.
+
+    Linux swaps the two names at once (renameat2 RENAME_EXCHANGE), so a reader or a crash sees
+    the old directory or the new one, never none. Where the system cannot, `replace_dir` does it
+    in two renames.
+    """
+    new, path = Path(new), Path(path)
+    sync_tree(new)
+    if not _exchange(new, path):
+        replace_dir(new, path)
+        return
+    _fsync(path.parent, directory=True)
+    remove(new)  # now the old directory
+
+
+def _exchange(a, b):
+    """Swap the paths `a` and `b` atomically; False where the system has no such call."""
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a filesystem or kernel without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def write_json(path, obj):
     """Write `obj` as indented, strict JSON (no NaN), atomically."""
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
