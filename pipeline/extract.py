@@ -477,6 +477,7 @@ def _plan(state, listing, shard_size):
         if "sha256" in hashed:
             hashes[record.id] = hashed["sha256"]
     compute = _copy_known_content(state, candidates, compute, copy, hashes)
+    listed_now = {r.id for r in listing.records}
     counts["removed"] = len((live_ids | state.errors) - listed_now)
     counts["computed"] = len(compute)
     changes = any(counts[key] for key in COUNTS if key != "unchanged")
@@ -668,9 +669,15 @@ def _entry(path, attrs, rows, retired):
 
 
 def _same_manifest(on_disk, rebuilt, stats):
-    """Whether a manifest read from disk says all that the rebuilt one says (its timing aside; the shards' stats unless `stats`)."""
+    """Whether a manifest read from disk says all that the rebuilt one says (its timing aside).
+
+    Without `stats`, what the shards cannot contradict is set aside too: the shard files' stats
+    and where the listing was and what it looked like (a copied collection, a touched file).
+    """
     def comparable(manifest):
         manifest = {key: value for key, value in manifest.items() if key != "timing"}
+        if not stats and isinstance(manifest.get("config"), dict):
+            manifest["config"] = {key: value for key, value in manifest["config"].items() if key not in SOURCE_KEYS}
         if not stats and isinstance(manifest.get("shards"), list):
             manifest["shards"] = [
                 {k: v for k, v in s.items() if k not in ("bytes", "mtime_ns")} if isinstance(s, dict) else s for s in manifest["shards"]
@@ -684,7 +691,7 @@ def _make_manifest(run, listing, entries, errors, generation, history, started, 
     """The manifest of `entries` ([(shard entry, attrs)]) for this listing."""
     attrs = [a for _, a in entries]
     if not attrs:
-        raise PipelineError(f"no shards of this run to describe; rerun the same command")
+        raise PipelineError("no shards of this run to describe; rerun the same command")
     checked = [a["fidelity"] for a in attrs if a["fidelity"] and a["fidelity"]["rows_checked"]]
     seconds = time.perf_counter() - started
     config = {key: value for key, value in run.config.items() if key not in SOURCE_KEYS}

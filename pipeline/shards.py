@@ -236,6 +236,14 @@ def make_manifest(*, config, config_sha256, weights, taps, classes, shards, list
     )
 
 
+def without_run_facts(manifest):
+    """A manifest without what differs between two runs that wrote the same features: timing, update times, shard mtimes."""
+    manifest = {key: value for key, value in manifest.items() if key != "timing"}
+    manifest["shards"] = [{k: v for k, v in s.items() if k != "mtime_ns"} for s in manifest.get("shards", [])]
+    manifest["history"] = [{k: v for k, v in h.items() if k != "time"} for h in manifest.get("history", [])]
+    return manifest
+
+
 def write_manifest(features_dir, manifest: Manifest):
     write_json(Path(features_dir) / MANIFEST_NAME, manifest)
 

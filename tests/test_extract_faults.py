@@ -28,7 +28,7 @@ def files_bytes(features):
 
 
 def without_timing(manifest):
-    return {key: value for key, value in manifest.items() if key != "timing"}
+    return shards.without_run_facts(manifest)
 
 
 def test_whole_shard_files_are_byte_identical_across_runs(tmp_path, image_tree, run_cli):

@@ -32,7 +32,7 @@ def files_bytes(features):
 
 
 def without_timing(manifest):
-    return {key: value for key, value in manifest.items() if key != "timing"}
+    return shards.without_run_facts(manifest)
 
 
 def temp_files(features):
