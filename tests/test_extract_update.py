@@ -333,3 +333,19 @@ def test_other_feature_settings_are_refused_naming_each_setting(tmp_path, image_
     result = run_cli("extract", root, "--out", out, *ARGS, "--pooling", "max", "--image-size", "40", code=1)
     assert (f"{out} holds features made with other settings (pooling: 'avg' -> 'max', image_size: 32 -> 40); "
             "use another --out or pass --overwrite") in result.output
+
+
+def test_a_ray_update_writes_the_local_update_s_bytes(tmp_path, image_tree, run_cli):
+    root = image_tree()
+    args = [*FAST[:4], "--tap", "vgg16:block1_pool", "--shard-size", "2"]  # one small backbone: the actor builds it quicker
+    run_cli("extract", root, "--out", tmp_path / "local", *args)
+    shutil.copytree(tmp_path / "local", tmp_path / "ray")
+    for i in range(3):
+        picture(root / "cat" / f"01{i}.png", seed=50 + i)
+    (root / "dog" / "002.png").unlink()
+    run_cli("extract", root, "--out", tmp_path / "local", *args)
+    result = run_cli("extract", root, "--out", tmp_path / "ray", *args, "--engine", "ray", "--workers", 1)
+    assert update_line(result) == "update: added 3, changed 0, removed 1, restored 0, relabeled 0, unchanged 5, computed 3"
+    local, ray_ = shard_files(tmp_path / "local"), shard_files(tmp_path / "ray")
+    assert {name: b for name, (_, b) in local.items()} == {name: b for name, (_, b) in ray_.items()} and len(ray_) == 5
+    assert shards.without_run_facts(shards.read_manifest(tmp_path / "ray")) == shards.without_run_facts(shards.read_manifest(tmp_path / "local"))
