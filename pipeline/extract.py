@@ -620,7 +620,8 @@ def _finish(out_dir, run, state, plan, listing, expected_weights, started, compu
     changed = any(plan.counts[key] for key in COUNTS if key != "unchanged")
     history = list(state.history)
     if changed and not any(isinstance(h, dict) and h.get("generation") == plan.generation for h in history):
-        history.append({"generation": plan.generation, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **plan.counts})
+        rows = sum(entry["live"] for entry, _ in entries)
+        history.append({"generation": plan.generation, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **plan.counts, "rows": rows})
     manifest = _make_manifest(run, listing, entries, sorted(plan.errors + new_errors, key=lambda e: e["id"]),
                               plan.generation, history, started, computed)
     path = out_dir / MANIFEST_NAME

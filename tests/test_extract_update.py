@@ -74,8 +74,9 @@ def test_an_update_computes_only_new_and_changed_images_and_rewrites_no_shard(tm
     assert [(e["file"], e["generation"], e["live"], e["retired"]) for e in manifest["shards"]] == [
         ("shard-00000.h5", 0, 4, []), ("shard-00001.h5", 0, 1, [0]), ("shard-00002.h5", 1, 2, []),  # dog/001.png's old row retired
     ]
-    assert [{k: h[k] for k in ("generation", "added", "changed", "computed")} for h in manifest["history"]] == [
-        {"generation": 0, "added": 6, "changed": 0, "computed": 6}, {"generation": 1, "added": 1, "changed": 1, "computed": 2},
+    assert [{k: h[k] for k in ("generation", "added", "changed", "computed", "rows")} for h in manifest["history"]] == [
+        {"generation": 0, "added": 6, "changed": 0, "computed": 6, "rows": 6},
+        {"generation": 1, "added": 1, "changed": 1, "computed": 2, "rows": 7},
     ]
     assert shards.verify(out) == []
     rows = live_rows(out)
