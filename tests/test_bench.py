@@ -36,7 +36,7 @@ def test_report_holds_every_stage_for_every_precision(tiny_report):
     report, out = tiny_report
     results = report["results"]
     policies = list(dict.fromkeys([report["settings"]["precision_auto"], "float32"]))
-    assert set(results) == {"model", "extract", "decode", "baseline", "flops", "fast_decode", "startup", "reduce", "heads", "sweep"}
+    assert set(results) == {"model", "extract", "decode", "baseline", "flops", "fast_decode", "startup", "update", "reduce", "heads", "sweep"}
     for stage in ("model", "extract"):
         assert list(results[stage]) == policies
     assert list(results["flops"]["policies"]) == policies
