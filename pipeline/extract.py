@@ -115,7 +115,7 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
             f"{out_dir} holds features made with other settings ({_differences(existing.config, config)}); "
             "use another --out or pass --overwrite"
         )
-    state = _committed(out_dir, existing, snapshot, listing, drop_damaged=not task) if same else _State.empty(listing)
+    state = _committed(out_dir, existing, snapshot, listing, drop_damaged=not task) if same else _State.empty()
     plan = _plan(state, listing, config.shard_size)
     done = _finished(out_dir, plan, existing.config_sha256 if same else None)
     mine = {k for k in range(len(plan.new)) if k not in done and plan.new[k].index % num_workers == worker_index}
@@ -308,10 +308,9 @@ class _State:
     next_index: int  # first index for new shards
     trust_unknown: bool  # rows of shards that recorded no file stats count as unchanged (their run listed these very files)
     dropped: list = field(default_factory=list)  # (file name, why): damaged committed shards, whose rows are recomputed
-    in_progress: dict = field(default_factory=dict)  # index -> attrs of this run's shards that are not committed
 
     @classmethod
-    def empty(cls, listing):
+    def empty(cls):
         return cls({}, set(), set(), 0, [], False, 0, False)
 
     def attrs_any(self):
@@ -379,16 +378,22 @@ def _committed(out_dir, run, snapshot, listing, drop_damaged):
         errors = {e["id"] for shard in committed.values() for e in shard.attrs["errors"]}
         live = {(index, row) for index, shard in committed.items() for row in range(int(shard.attrs["rows"]))}  # refined below
         next_index = max(committed, default=-1) + 1
-    in_progress = {k: a for k, a in found.items() if a is not None and k not in committed and k >= next_index}
-    for shard in committed.values():
-        _read_rows(shard, old_classes)
+    for index, shard in sorted(committed.items()):
+        try:
+            _read_rows(shard, old_classes)
+        except (OSError, KeyError) as e:  # damaged where its stats did not show it
+            dropped.append((shard.path.name, str(e) or type(e).__name__))
+            del committed[index]
+            live = {(i, row) for i, row in live if i != index}
+            if drop_damaged:
+                shard.path.unlink(missing_ok=True)
     if entries is None:  # without a manifest, each id's row in the newest committed shard is taken as the live one
         newest = {}
         for index, row in sorted(live):
             newest[committed[index].ids[row]] = (index, row)
         live = set(newest.values())
     trust = listing.fingerprint() == run.config.get("source_sha256")
-    return _State(committed, live, errors, generation, history, entries is not None, next_index, trust, dropped, in_progress)
+    return _State(committed, live, errors, generation, history, entries is not None, next_index, trust, dropped)
 
 
 def _manifest_entries(manifest, run):

@@ -302,6 +302,11 @@ def test_a_compact_that_fails_midway_leaves_the_old_directory_whole(tmp_path, im
     monkeypatch.setattr(shards, "write_shard", full_at_the_second)
     run_cli("compact", out, code=1)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not list(tmp_path.glob(".f.*"))
+    monkeypatch.setattr(shards, "write_shard", real)
+    flip_a_feature_byte(out / "shard-00000.h5")
+    refused = run_cli("compact", out, code=1)
+    assert f"Error: {out} has 1 problem(s) (shard-00000.h5 cannot be read" in refused.output
+    assert "rerun `pipeline extract` to repair it, then compact" in refused.output
 
 
 def test_inspect_verify_checks_the_retired_bookkeeping(tmp_path, image_tree, run_cli):
