@@ -27,15 +27,27 @@ DEMO_SWEEP ?= data/demo-sweep.toml
 BENCH_OUT ?= bench-out
 BENCH_ARGS ?=
 BENCH_DATA ?=
+# BENCH_RESULTS=pipeline/bench/RESULTS.md also writes the tables into that page's bench-table block.
+BENCH_RESULTS ?=
 
 .PHONY: install data extract reduce probe train demo bench test test-all clean
 
 install: $(VENV)/.installed-$(INSTALL_EXTRAS)
 
+# The TensorFlow package of each flavour (the first of a set of extras), and the other flavour of a set.
+TF_PACKAGE.cpu := tensorflow-cpu
+TF_PACKAGE.gpu := tensorflow
+other_flavour = $(if $(filter gpu,$(firstword $(subst $(comma), ,$(1)))),cpu,gpu)
+
 # One stamp per set of extras: asking for another set installs it. The test extra pulls in ray.
+# tensorflow and tensorflow-cpu write the same files, so switching flavour first removes both (the one
+# asked for may hold the other's files) and forgets the other flavour's stamps; then pip installs one.
 $(VENV)/.installed-%: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	if $(BIN)/pip show --quiet $(TF_PACKAGE.$(call other_flavour,$*)) 2>/dev/null; then \
+		$(BIN)/pip uninstall --quiet --yes $(TF_PACKAGE.cpu) $(TF_PACKAGE.gpu); fi
+	rm -f $(VENV)/.installed-$(call other_flavour,$*) $(VENV)/.installed-$(call other_flavour,$*),*
 	$(BIN)/pip install --quiet -e ".[$*]"
 	touch $@
 
@@ -66,7 +78,7 @@ demo: install
 	$(BIN)/pipeline runs $(RUNS)
 
 bench: $(VENV)/.installed-$(INSTALL_EXTRAS),ray
-	$(BIN)/pipeline bench --out $(BENCH_OUT) $(if $(BENCH_DATA),--data $(BENCH_DATA)) $(BENCH_ARGS)
+	$(BIN)/pipeline bench --out $(BENCH_OUT) $(if $(BENCH_DATA),--data $(BENCH_DATA)) $(if $(BENCH_RESULTS),--results $(BENCH_RESULTS)) $(BENCH_ARGS)
 
 # Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one of them so that
 # module fixtures (a local Ray, a built lineage) start once. Two overlap TensorFlow's single-threaded

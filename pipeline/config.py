@@ -9,10 +9,10 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engines import ENGINES  # noqa: F401  (the CLI offers them from here)
 from pipeline.errors import PipelineError
 
 BACKBONES = ("resnet50", "vgg16")
+ENGINES = ("local", "ray")  # where work runs (engines.make_engine builds stage one's); the CLI offers them from here
 POOLINGS = ("avg", "max", "avgmax")
 RESIZES = ("squash", "center-crop")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -163,7 +163,7 @@ SOURCE_KEYS = ("source", "source_sha256")
 class ExtractConfig(_Config):
     """Everything that decides the bytes stage one writes."""
 
-    _UNHASHED = ("on_error",)  # it only decides whether a run stops
+    _UNHASHED = ("on_error", "deterministic")  # whether a run stops; whether a GPU's kernels are picked reproducibly
 
     taps: tuple[str, ...] = DEFAULT_TAPS  # "backbone/layer"; each backbone is cut at its deepest tap
     pooling: str = "avg"  # global pooling of each tap: avg, max, or both concatenated
@@ -178,6 +178,7 @@ class ExtractConfig(_Config):
     shard_size: int = 4096  # listed images per HDF5 shard
     storage_dtype: str = "float32"  # dtype of stored features; pooling is always float32
     on_error: str = "skip"  # undecodable image: record and go on, or stop the run
+    deterministic: bool = True  # on a GPU: TensorFlow's op determinism (no timed kernel picking), so reruns give the same bytes
 
     def __post_init__(self):
         _check_types(self)

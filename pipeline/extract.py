@@ -146,7 +146,7 @@ def _run_model(config, listing, out_dir, overwrite, progress, expected_weights, 
     """Compute the pending new shards on an engine (and write this task's copies); then the manifest, unless a job-array task."""
     num_workers, _ = array
     to_run = _run_config_to_extract(existing.config, config, out_dir) if same else config
-    from pipeline.engines import RunIdentity, ShardJob, make_engine  # the local engine loads TensorFlow, once there is something to compute
+    from pipeline.engines import RunIdentity, ShardTask, make_engine  # the local engine loads TensorFlow, once there is something to compute
 
     engine = make_engine(engine_name, **engine_options)
     try:
@@ -170,7 +170,7 @@ def _run_model(config, listing, out_dir, overwrite, progress, expected_weights, 
         progress.start(len(listing.records), len(listing.records) - pending_images)
         if copies:
             _write_copies(out_dir, run, state, plan, copies, listing)
-        jobs = [ShardJob(plan.new[k].index, plan.new[k].records) for k in compute]
+        jobs = [ShardTask(plan.new[k].index, plan.new[k].records) for k in compute]
         identity = RunIdentity(run.config_sha256, run_config, worker.weights, worker.taps, plan.generation, tuple(listing.classes))
         engine.run(jobs, identity, out_dir, progress)
         if num_workers == 1:
@@ -263,8 +263,8 @@ def _same_run(recorded, config):
 
 
 def _run_config_to_extract(recorded, config, out_dir):
-    """The recorded run's resolved config, to go on exactly as it began (with this call's on_error)."""
-    return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error)
+    """The recorded run's resolved config, to go on exactly as it began (with this call's on_error and deterministic)."""
+    return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error, deterministic=config.deterministic)
 
 
 def _differences(recorded, config):
@@ -592,6 +592,7 @@ def _write_copies(out_dir, run, state, plan, copies, listing):
             out_dir / shards.shard_filename(new.index), data, index=new.index, config_sha256=run.config_sha256,
             config={**config, "source": str(Path(listing.root).resolve())}, storage_dtype=run.config["storage_dtype"],
             weights=attrs["weights"], taps=attrs["taps"], generation=plan.generation, classes=list(listing.classes),
+            device=_common_device(state, {index for index, _ in new.copies}),
         )
 
 
@@ -831,9 +832,16 @@ def _write_compacted(out_dir, manifest, staging):
             path, data, index=k, config_sha256=manifest["config_sha256"], config=first["config"],
             storage_dtype=manifest["config"]["storage_dtype"], weights=first["weights"], taps=first["taps"],
             generation=state.generation, classes=manifest["classes"],
+            device=_common_device(state, {item[2] for item in part}),
         )
         entries.append(_entry(path, {"generation": state.generation}, data.rows, []))
     return entries
+
+
+def _common_device(state, indices):
+    """The `device` record of the shards `indices` when they all have the same one, else None (not recorded)."""
+    devices = {json.dumps(state.shards[index].attrs.get("device"), sort_keys=True) for index in indices}
+    return json.loads(devices.pop()) if len(devices) == 1 else None
 
 
 def _content_of(shard, image_id):

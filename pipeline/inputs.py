@@ -1,8 +1,8 @@
 """The input pipeline: read, decode, resize, batch and prefetch with tf.data, plus a Pillow fallback.
 
 TensorFlow reads and decodes JPEG, PNG, BMP and still WebP in parallel inside the graph, once
-the image's header says it is within MAX_PIXELS. An element whose header check, read or decode
-fails is dropped from the stream by `ignore_errors`; the caller sees the gap in the carried
+the image's header says it is within MAX_PIXELS. An element whose header check fails is filtered
+out, one whose read or decode fails is dropped by `ignore_errors`; the caller sees the gap in the carried
 indices and decodes that file with Pillow (GIF, TIFF, and whatever else TensorFlow rejects),
 or records why nobody could. The caller passes None for files its listing found unsafe to read
 (see `file_problem`); the fallback reads every file with the same checks (`read_image_file`).
@@ -94,11 +94,35 @@ def read_image_file(path):
     return contents
 
 
-def _for_tensorflow(contents):
-    """`contents` if TensorFlow may decode them, else an error: a gap that the Pillow fallback fills."""
-    check = tf.debugging.Assert(_header_pixels(contents) <= MAX_PIXELS, ["left to the Pillow fallback"])
-    with tf.control_dependencies([check]):
-        return tf.identity(contents)
+def _fits(contents, fast_decode):
+    """Whether TensorFlow may decode `contents`: a bool tensor, False leaving a gap that the Pillow fallback fills.
+
+    A stateless signal rather than an assert, so that op determinism keeps the map parallel. With
+    `fast_decode` a JPEG's full size is checked too: its scaled decode would pass the decoder's own check.
+    """
+    fits = _header_pixels(contents) <= MAX_PIXELS
+    if not fast_decode:
+        return fits
+    jpeg = tf.cond(
+        tf.io.is_jpeg(contents),
+        lambda: tf.reduce_prod(tf.image.extract_jpeg_shape(contents, output_type=tf.int64)[:2]),
+        lambda: tf.constant(0, tf.int64),
+    )
+    return fits & (jpeg <= MAX_PIXELS)
+
+
+def load_image(contents, image_size, resize, fast_decode=False):
+    """What the input map does with one file's bytes: (float32 (S, S, 3) image, whether it was decoded).
+
+    An image that may not be decoded (see `_fits`) comes back as zeros with False, without being
+    decoded; bytes that fail to decode raise, as any decoder error does.
+    """
+    decode = functools.partial(_decode_fast, image_size=image_size) if fast_decode else decode_image
+    fits = _fits(contents, fast_decode)
+    image = tf.cond(
+        fits, lambda: resize_image(decode(contents), image_size, resize), lambda: tf.zeros((image_size, image_size, 3), tf.float32)
+    )
+    return image, fits
 
 
 def _header_pixels(contents):
@@ -135,9 +159,7 @@ def _decode_fast(contents, image_size):
             (short_side >= (image_size - 1) * ratio + 1, functools.partial(tf.io.decode_jpeg, contents, channels=3, ratio=ratio))
             for ratio in JPEG_RATIOS
         ]
-        # a scaled decode would pass the decoder's own size check, so check the full size here
-        with tf.control_dependencies([tf.debugging.Assert(shape[0] * shape[1] <= MAX_PIXELS, ["too many pixels"])]):
-            return tf.case(branches, default=functools.partial(decode_image, contents))
+        return tf.case(branches, default=functools.partial(decode_image, contents))  # the full size is checked by `_fits`
 
     image = tf.cond(tf.io.is_jpeg(contents), scaled_jpeg, functools.partial(decode_image, contents))
     image.set_shape([None, None, 3])
@@ -156,18 +178,18 @@ def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_deco
     readable = tf.constant([i for i, p in enumerate(paths) if p is not None], dtype=tf.int64)
     # Bytes, so that a name with undecodable (surrogate-escaped) bytes reaches the file system as is.
     paths = tf.constant([b"" if p is None else os.fsencode(p) for p in paths], dtype=tf.string)
-    decode = functools.partial(_decode_fast, image_size=image_size) if fast_decode else decode_image
 
     def load(index):
-        contents = _for_tensorflow(tf.io.read_file(paths[index]))
-        return index, resize_image(decode(contents), image_size, resize)
+        return index, *load_image(tf.io.read_file(paths[index]), image_size, resize, fast_decode)
 
     def shard(start, stop):
         low, high = tf.unstack(tf.searchsorted(readable, tf.stack([start, stop]), out_type=tf.int64))
         return (
-            tf.data.Dataset.from_tensor_slices(readable[low:high])  # a per-element filter costs ~20%
+            tf.data.Dataset.from_tensor_slices(readable[low:high])  # slicing: a per-element filter here cost ~20%
             .map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-            .ignore_errors()
+            .ignore_errors()  # what failed to decode
+            .filter(lambda index, image, decoded: decoded)  # what was not decoded
+            .map(lambda index, image, decoded: (index, image))
             .batch(batch_size)
         )
 
@@ -175,6 +197,34 @@ def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_deco
     stops = [stop for _, stop in shard_ranges]
     dataset = tf.data.Dataset.from_tensor_slices((tf.constant(starts, tf.int64), tf.constant(stops, tf.int64)))
     return dataset.flat_map(shard).prefetch(AUTOTUNE)
+
+
+def pillow_batches(items, batch_size, image_size, resize, failed):
+    """Decode with Pillow what TensorFlow could not: batches of (indices int64 (B,), images float32 (B, S, S, 3)).
+
+    `items` are (index, path, problem) in order; one with a problem, or that Pillow cannot decode
+    either, goes to `failed(index, reason)` (which may raise to stop) and into no batch. Pictures are
+    decoded `batch_size` at a time, each batch once the caller has taken the one before, so a shard
+    that only Pillow can read holds one batch of pictures, not the whole shard; the batches are the
+    same as decoding all first and then batching would give.
+    """
+    indices, pictures = [], []
+    for index, path, problem in items:
+        try:
+            if problem:
+                raise UndecodableImage(problem)
+            pixels = decode_with_pillow(path)
+        except UndecodableImage as e:
+            failed(index, str(e))
+            continue
+        indices.append(index)
+        pictures.append(resize_image(tf.constant(pixels), image_size, resize))
+        del pixels
+        if len(pictures) == batch_size:
+            yield np.array(indices, np.int64), tf.stack(pictures)
+            indices, pictures = [], []
+    if pictures:
+        yield np.array(indices, np.int64), tf.stack(pictures)
 
 
 def decode_with_pillow(path):

@@ -25,7 +25,7 @@ from pipeline.lineage import FEATURES_FORMAT as FORMAT, MANIFEST_NAME, read_reco
 
 SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.h5$")
 _STR = h5py.string_dtype("utf-8")
-_JSON_ATTRS = ("config", "errors", "fidelity", "weights", "taps", "classes")  # attrs stored as JSON text
+_JSON_ATTRS = ("config", "errors", "fidelity", "weights", "taps", "device", "classes")  # attrs stored as JSON text
 
 
 class Manifest(TypedDict):
@@ -106,7 +106,7 @@ def create_dataset(group, name, data):
 
 
 def write_shard(path, data, *, index, config_sha256, config, storage_dtype="float32", weights=None, taps=None,
-                generation=0, classes=None):
+                device=None, generation=0, classes=None):
     """Write one shard to `path` through a temp file; the attrs say which run (and generation) made it.
 
     `classes` are the class names the shard's labels index into. Listed files with `paths` are
@@ -139,11 +139,28 @@ def write_shard(path, data, *, index, config_sha256, config, storage_dtype="floa
             f.attrs["shard_index"] = index
             f.attrs["rows"] = data.rows
             f.attrs["generation"] = generation
-            attrs = (("config", config), ("errors", data.errors), ("fidelity", data.fidelity), ("weights", weights), ("taps", taps))
+            named = (("config", config), ("errors", data.errors), ("fidelity", data.fidelity), ("weights", weights), ("taps", taps), ("device", device))
             if classes is not None:
-                attrs += (("classes", list(classes)),)
-            for name, value in attrs:
+                named += (("classes", list(classes)),)
+            for name, value in named:
                 f.attrs[name] = json.dumps(value, sort_keys=True, allow_nan=False)
+
+
+def describe_device(device):
+    """A device record (see backbones.device_record) as one line."""
+    libraries = f", CUDA {device['cuda']}, cuDNN {device['cudnn']}" if device.get("cuda") else ""
+    determinism = ", op determinism" if device.get("op_determinism") else ""
+    return f"{device['device']}{libraries}, TensorFlow {device['tensorflow']}, forward {device['forward']}{determinism}"
+
+
+def devices(features_dir, manifest):
+    """{device line: shards computed there} over the manifest's shards; shards that record none count under None."""
+    found = {}
+    for entry in manifest["shards"]:
+        attrs = read_shard_attrs(Path(features_dir) / entry["file"]) or {}
+        line = describe_device(attrs["device"]) if attrs.get("device") else None
+        found[line] = found.get(line, 0) + 1
+    return found
 
 
 def read_shard_attrs(path):

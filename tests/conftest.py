@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import shards
+from pipeline import devices, shards
+
+devices.request_memory_growth()  # pytest-xdist workers share a GPU; their children (pipeline, Ray) inherit this
+
+
+@pytest.fixture(scope="session", autouse=True)
+def device_options():
+    """Each test process sets the device options before its first TensorFlow op, as every command does."""
+    problems = devices.configure()
+    assert not problems, problems
 
 
 @pytest.fixture

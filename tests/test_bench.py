@@ -98,6 +98,7 @@ def test_start_up_phases_come_in_order_and_reruns_are_timed(tiny_report):
         medians = [phases[phase]["median"] for phase in ("imports", "listing", "model_ready", "first_batch", "end")]
         assert medians == sorted(medians) and medians[0] > 0
     assert 0 < startup["up_to_date_seconds"]["median"] and 0 < startup["predict_one_seconds"]["median"]
+    assert set(startup["four_images_seconds"]) == {"--xla", "--no-xla"} and all(s["median"] > 0 for s in startup["four_images_seconds"].values())
     assert "command start to first batch computed" in (out / "bench.md").read_text()
 
 
@@ -203,8 +204,7 @@ def test_count_flops_counts_every_conv_and_dense_once_also_nested():
 def test_count_flops_of_a_tap_model_stops_at_the_deepest_tap():
     trunks = {"vgg16": backbones.build_backbone("vgg16", 32)}
     model = backbones.build_tap_model(trunks, ("vgg16/block1_conv2",), "avg", 32)
-    caffe = 3 * 3  # the preprocessing is a Dense(3) on every pixel
-    assert count_flops(model) == 2 * 32 * 32 * (caffe + 3 * 3 * 3 * 64 + 3 * 3 * 64 * 64)
+    assert count_flops(model) == 2 * 32 * 32 * (3 * 3 * 3 * 64 + 3 * 3 * 64 * 64)  # the preprocessing multiplies nothing
 
 
 def test_matmul_rate_is_one_positive_figure_per_run():
@@ -276,3 +276,27 @@ def test_cli_bench_help_lists_every_stage_and_bad_stage_is_one_line(tmp_path):
     result = runner.invoke(cli, ["bench", "--out", str(tmp_path), "--skip", "nope"])
     assert result.exit_code == 1
     assert "Error: bench stage 'nope' is not one of" in result.output
+
+
+def test_results_page_gets_the_new_tables_between_its_markers_and_keeps_its_commentary():
+    page = f"# Results\nintro\n{bench_report.RESULTS_START}\nold table\n{bench_report.RESULTS_END}\n\ncommentary\n"
+    updated = bench_report.replace_results_table(page, "| new | table |\n")
+    assert "old table" not in updated
+    assert updated == f"# Results\nintro\n{bench_report.RESULTS_START}\n| new | table |\n{bench_report.RESULTS_END}\n\ncommentary\n"
+
+
+def test_cli_bench_refuses_a_results_page_without_markers_before_running(tmp_path):
+    page = tmp_path / "RESULTS.md"
+    page.write_text("# no markers here\n")
+    result = CliRunner().invoke(cli, ["bench", "--out", str(tmp_path / "out"), "--results", str(page)])
+    assert result.exit_code == 1
+    assert "has no <!-- bench-table:start -->" in result.output
+    assert not (tmp_path / "out").exists()  # refused before any stage ran
+    assert page.read_text() == "# no markers here\n"
+
+
+def test_the_shipped_results_page_has_one_table_block():
+    from pathlib import Path
+
+    page = (Path(bench_report.__file__).parent / "RESULTS.md").read_text()
+    assert page.count(bench_report.RESULTS_START) == page.count(bench_report.RESULTS_END) == 1

@@ -37,3 +37,13 @@ def test_a_parallel_sweep_gives_the_metrics_of_a_sequential_one(features_dir, tm
 
 def test_train_jobs_below_one_is_refused(tmp_path, run_cli):
     assert "Invalid value for '--jobs'" in run_cli("train", tmp_path, "--runs", tmp_path / "runs", "--jobs", 0, code=2).output
+
+
+def test_config_imports_no_engine():
+    """Regression: config imported the engine names from engines/, which imports config (an import circle)."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.config; print(sorted(m for m in sys.modules if m.startswith('pipeline.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['pipeline.config', 'pipeline.errors']"

@@ -3,6 +3,8 @@
 import math
 import statistics
 
+from pipeline.errors import PipelineError
+
 # The issue's targets.
 E2E_OVER_MODEL = 0.90
 RAY_OVER_LOCAL = 0.90  # the ray engine's images/s over the local engine's on the same machine
@@ -94,6 +96,8 @@ def derived(results, policy):
             figures[f"start-up: command start to model ready (s, {p})"] = phases["model_ready"]["median"]
         figures["start-up: up-to-date extract rerun, whole command (s)"] = startup["up_to_date_seconds"]["median"]
         figures["start-up: predict on one image, whole command (s)"] = startup["predict_one_seconds"]["median"]
+        for flag, seconds in startup.get("four_images_seconds", {}).items():
+            figures[f"start-up: extract of 4 images {flag}, whole command (s)"] = seconds["median"]
     update = results.get("update")
     if update:
         figures["update: rerun after adding 1% / full run, whole command"] = ratio(update["add_seconds"]["median"], update["full_seconds"]["median"])
@@ -249,6 +253,8 @@ def _measurement_rows(results):
                 rows.append((f"start-up, fresh process: command start to {label}", policy, phases[phase], "s"))
         rows.append(("start-up: `pipeline extract` rerun over a finished directory", "-", startup["up_to_date_seconds"], "s"))
         rows.append(("start-up: `pipeline predict` on one image, whole command", "float32", startup["predict_one_seconds"], "s"))
+        for flag, seconds in startup.get("four_images_seconds", {}).items():
+            rows.append((f"start-up: `pipeline extract` of 4 images {flag}, whole command", "float32", seconds, "s"))
     update = results.get("update")
     if update:
         n = update["images"]
@@ -304,3 +310,16 @@ def _number(value, digits=4):
     if abs(value) >= 10**digits or float(value).is_integer():
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
+
+
+RESULTS_START = "<!-- bench-table:start -->"
+RESULTS_END = "<!-- bench-table:end -->"
+
+
+def replace_results_table(page, tables):
+    """`page` (a results page in Markdown) with the text between its bench-table markers replaced by `tables`."""
+    before, start, rest = page.partition(RESULTS_START)
+    middle, end, after = rest.partition(RESULTS_END)
+    if not start or not end:
+        raise PipelineError(f"the results page has no {RESULTS_START} ... {RESULTS_END} block to replace; add both markers around its table")
+    return f"{before}{RESULTS_START}\n{tables.strip()}\n{RESULTS_END}{after}"

@@ -1,22 +1,24 @@
-"""Where stage one's shards are computed: in this process, on a Ray cluster, or as a job-array task.
+"""Where work runs in parallel: stage one's shards (this module's engines) and stage two's tasks.
 
-Whatever runs a shard builds a `worker.ShardWorker` and writes the same bytes through the same
-writer; only the driver (or a plain rerun) writes the manifest, last. An engine has
-`start(config)` (returns an object with the resolved `.config`, `.weights` and `.taps`),
-`run(jobs, run_identity, out_dir, progress)` and `close()`. This module does not import
-TensorFlow, so a driver that hands shards to Ray never loads it.
+Stage one: whatever runs a shard builds a `worker.ShardWorker` and writes the same bytes through
+the same writer; only the driver (or a plain rerun) writes the manifest, last. An engine
+(config.ENGINES) has `start(config)` (returns an object with the resolved `.config`, `.weights`
+and `.taps`), `run(tasks, run_identity, out_dir, progress)` and `close()`. This module does not
+import TensorFlow, so a driver that hands shards to Ray never loads it.
+
+Stage two: `pool` runs train's runs at once (joblib: here, loky processes or Ray), and
+`ray_reduce` runs reduce's per-shard sums as Ray tasks; `ray_cluster` connects to Ray for both stages.
 """
 
 from dataclasses import dataclass
 
+from pipeline.config import ENGINES
 from pipeline.sources import ImageRecord
-
-ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    """One shard to compute: its index and the listed images it covers, in id order."""
+class ShardTask:
+    """One shard for an engine to compute: its index and the listed images it covers, in id order."""
 
     index: int
     records: tuple[ImageRecord, ...]
@@ -35,7 +37,7 @@ class RunIdentity:
 
 
 def make_engine(name, **options):
-    """The engine called `name` (one of ENGINES); Ray is imported only when asked for."""
+    """The engine called `name` (one of config.ENGINES); Ray is imported only when asked for."""
     if name == "local":
         from pipeline.engines.local import LocalEngine
 
@@ -44,4 +46,4 @@ def make_engine(name, **options):
         from pipeline.engines.ray import RayEngine
 
         return RayEngine(**options)
-    raise ValueError(f"unknown engine {name!r}")
+    raise ValueError(f"unknown engine {name!r}; the engines are {', '.join(ENGINES)}")
