@@ -342,6 +342,8 @@ def _print_extract_summary(result, num_workers, worker_index):
         f"extracted {m['rows']} rows, {len(m['errors'])} errors, into {result.out_dir} "
         f"({result.written} shards written, {result.skipped} already done)"
     )
+    if result.counts:
+        click.echo("update: " + ", ".join(f"{key} {value}" for key, value in result.counts.items()))
     for error in m["errors"][:10]:
         click.echo(f"  error: {error['id']}: {error['reason']}")
     if len(m["errors"]) > 10:
@@ -403,6 +405,7 @@ def inspect(features, verify):
     click.echo(f"precision: {p['policy']}, min cosine vs float32 {p['min_cosine_vs_float32']:.5f}")
     for device, count in shards.devices(features, m).items():
         click.echo(f"computed on {device or 'a device not recorded'}: {count} shard{'s' if count != 1 else ''}")
+    _echo_generations(m)
     for error in m["errors"][:10]:
         click.echo(f"  error: {error['id']}: {error['reason']}")
     if verify:
@@ -412,6 +415,35 @@ def inspect(features, verify):
         if problems:
             raise click.ClickException(f"{len(problems)} problem(s) in {features}")
         click.echo(f"verified: {len(m['shards'])} shards, {m['rows']} rows, no problems")
+
+
+def _echo_generations(m):
+    """Shards by generation with their live and retired rows, then the history of updates."""
+    by_generation = {}
+    for entry in m["shards"]:
+        shards_, live, retired = by_generation.get(entry.get("generation", 0), (0, 0, 0))
+        by_generation[entry.get("generation", 0)] = (shards_ + 1, live + entry.get("live", entry["rows"]), retired + len(entry.get("retired", [])))
+    for generation, (count, live, retired) in sorted(by_generation.items()):
+        click.echo(f"  generation {generation}: {count} shard{'s' * (count != 1)}, {live} live rows, {retired} retired")
+    for h in m.get("history", [])[-5:]:
+        counts = ", ".join(f"{key} {h.get(key, 0)}" for key in ("added", "changed", "removed", "restored", "relabeled", "computed"))
+        click.echo(f"  update {h.get('generation')} at {h.get('time')}: {counts}")
+
+
+@cli.command()
+@click.argument("features", type=click.Path(exists=True, file_okay=False))
+def compact(features):
+    """Rewrite FEATURES so that no retired rows remain (atomically; live rows keep their feature bytes)."""
+    from pipeline.extract import compact as run_compact
+
+    result = run_compact(features)
+    if not result.retired:
+        click.echo(f"{features} has no retired rows; nothing to compact")
+        return
+    click.echo(
+        f"compacted {features}: {result.rows} live rows kept, {result.retired} retired rows dropped, "
+        f"{result.shards_before} -> {result.shards_after} shards"
+    )
 
 
 @cli.command(cls=TensorFlowCommand)

@@ -10,6 +10,7 @@ so a power loss, not only a killed process, keeps what was renamed into place.
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -21,8 +22,9 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-# .<name>.<pid>.<8 hex>.tmp: what temp_sibling makes, so leftovers can be told from a user's own files.
-_TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+# .<name>.pipeline-<host>-<pid>.<8 hex>.tmp: what temp_sibling makes. The marker tells them from a user's own files
+# (a `.thesis.123.abcdef12.tmp` is not ours); host and pid tell whether their writer is provably dead.
+_TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.pipeline-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 # errno values of a write that fails for lack of room or rights, not because of a bug
 STORAGE_ERRORS = {
     errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -34,21 +36,62 @@ class LockBusy(PipelineError):
     """`locked` without `wait` found the lock held by another process."""
 
 
-def temp_sibling(path):
-    """A unique hidden path next to `path`, for content that will be renamed onto it."""
+def host_tag(hostname=None):
+    """8 hex digits naming this machine (or `hostname`) in temp names: a pid means something only on its own host."""
+    return hashlib.sha256((hostname or socket.gethostname()).encode()).hexdigest()[:8]
+
+
+def temp_sibling(path, pid=None):
+    """A unique hidden path next to `path`, for content that will be renamed onto it (`pid`: the writer's, default ours)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return path.with_name(f".{path.name}.pipeline-{host_tag()}-{pid or os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def is_temp(name):
-    """Whether a file name is one temp_sibling makes."""
+    """Whether a file name is one temp_sibling makes (its writer alive or not)."""
     return _TEMP_PATTERN.match(name) is not None
 
 
 def leftover_temps(directory, name=None):
-    """Temp files and dirs that temp_sibling made in `directory` (say, by a killed run); only those for `name` if given."""
+    """Temp files and dirs that temp_sibling made in `directory` whose writer is provably dead; only those for `name` if given.
+
+    Provably dead: made on this host by a process that no longer exists. A temp of a live process
+    (another command at work), or from another host sharing the directory, is never returned.
+    """
     found = ((p, _TEMP_PATTERN.match(p.name)) for p in Path(directory).iterdir())
-    return sorted(p for p, match in found if match and name in (None, match["name"]))
+    return sorted(p for p, match in found if match and name in (None, match["name"]) and _dead_here(match))
+
+
+def _dead_here(match):
+    """Whether the writer a temp name records ran on this host and no longer exists."""
+    if match["host"] != host_tag():
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except OverflowError:  # no process can have such a pid
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
+
+
+def file_sha256(path, size, mtime_ns):
+    """sha256 (hex) of a file's bytes, or "" when it cannot be read or no longer has this `size` and `mtime_ns`.
+
+    The stat is checked after reading, so a file rewritten while it was hashed is not given the
+    new content's hash under the old stat.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return ""
+    return digest.hexdigest() if (info.st_size, info.st_mtime_ns) == (int(size), int(mtime_ns)) else ""
 
 
 def lock_beside(path):
@@ -159,6 +202,38 @@ def replace_dir(new, path):
             old.rename(path)  # put the old directory back rather than leave none
         raise
     remove(old)
+
+
+def swap_dir(new, path):
+    """Put the directory `new` in the place of the existing directory `path` in one atomic step, then delete the old one.
+
+    Linux swaps the two names at once (renameat2 RENAME_EXCHANGE), so a reader or a crash sees
+    the old directory or the new one, never none. Where the system cannot, `replace_dir` does it
+    in two renames.
+    """
+    new, path = Path(new), Path(path)
+    sync_tree(new)
+    if not _exchange(new, path):
+        replace_dir(new, path)
+        return
+    _fsync(path.parent, directory=True)
+    remove(new)  # now the old directory
+
+
+def _exchange(a, b):
+    """Swap the paths `a` and `b` atomically; False where the system has no such call."""
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a filesystem or kernel without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def write_json(path, obj):

@@ -42,7 +42,8 @@ def files_bytes(features):
 
 
 def without_timing(manifest):
-    return {key: value for key, value in manifest.items() if key != "timing"}
+    """A manifest without what differs between two runs that wrote the same features (timing, update times, shard mtimes)."""
+    return shards.without_run_facts(manifest)
 
 
 def tree_bytes(directory):

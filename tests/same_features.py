@@ -60,4 +60,4 @@ def _attr(value):
 
 
 def _comparable(manifest):
-    return {key: value for key, value in manifest.items() if key not in ("timing", "precision")}
+    return {key: value for key, value in shards.without_run_facts(manifest).items() if key != "precision"}

@@ -38,7 +38,7 @@ def test_report_holds_every_stage_for_every_precision(tiny_report):
     report, out = tiny_report
     results = report["results"]
     policies = list(dict.fromkeys([report["settings"]["precision_auto"], "float32"]))
-    assert set(results) == {"model", "extract", "decode", "baseline", "flops", "fast_decode", "startup", "reduce", "heads", "sweep"}
+    assert set(results) == {"model", "extract", "decode", "baseline", "flops", "fast_decode", "startup", "update", "reduce", "heads", "sweep"}
     for stage in ("model", "extract"):
         assert list(results[stage]) == policies
     assert list(results["flops"]["policies"]) == policies
@@ -48,6 +48,9 @@ def test_report_holds_every_stage_for_every_precision(tiny_report):
     assert results["heads"]["rows"] == 200 and results["heads"]["dims"] == 4
     assert list(results["sweep"]["jobs"]) == ["1", "2"] and results["sweep"]["heads"] == 4
     assert results["extract"][policies[0]]["images"] == 4
+    update = results["update"]
+    assert (update["images"], update["added"], update["removed"]) == (4, 1, 1) and update["sha256_ms_per_image"] > 0
+    assert update["no_change_seconds"]["median"] > 0 and update["start_up_seconds"]["median"] > 0
     assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(report))
     assert not (out / "work").exists()
 

@@ -366,7 +366,9 @@ class SlowModel:
 def test_two_exports_to_one_path_both_succeed_and_leftovers_of_killed_ones_are_removed(tmp_path):
     """Regression: both used .model.partial.keras, and one deleted the other's file before its rename."""
     target = tmp_path / "model.keras"
-    killed = [tmp_path / ".model.keras.999999.0badc0de.tmp", tmp_path / ".1.partial-999999"]
+    from pipeline.files import temp_sibling
+
+    killed = [temp_sibling(target, pid=999999), tmp_path / ".1.partial-999999"]
     for path in killed:
         path.mkdir()
     errors = []

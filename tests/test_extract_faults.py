@@ -84,15 +84,15 @@ def test_overwrite_with_weights_that_fail_to_load_keeps_the_old_features(tmp_pat
     assert {p.name: p.read_bytes() for p in (tmp_path / "f").iterdir() if not p.name.startswith(".")} == before
 
 
-def test_a_changed_image_is_named_and_refused_unless_overwrite(tmp_path, image_tree, run_cli):
+def test_a_changed_image_is_computed_again_and_its_old_row_retired(tmp_path, image_tree, run_cli):
     root = image_tree()
     run_cli("extract", root, "--out", tmp_path / "f", *FAST)
     Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "dog" / "001.png")
     os.utime(root / "dog" / "001.png", ns=(10**18, 10**18))
-    refused = run_cli("extract", root, "--out", tmp_path / "f", *FAST, code=1)
-    assert "holds features of a different run (dog/001.png changed since:" in refused.output
-    assert "modified" in refused.output and "pass --overwrite" in refused.output
-    run_cli("extract", root, "--out", tmp_path / "f", *FAST, "--overwrite")
+    updated = run_cli("extract", root, "--out", tmp_path / "f", *FAST)
+    assert "update: added 0, changed 1, removed 0, restored 0, relabeled 0, unchanged 5, computed 1" in updated.output
+    manifest = shards.read_manifest(tmp_path / "f")
+    assert manifest["rows"] == 6 and manifest["shards"][0]["retired"] == [4] and shards.verify(tmp_path / "f") == []
     assert "up to date" in run_cli("extract", root, "--out", tmp_path / "f", *FAST).output
 
 
@@ -136,15 +136,19 @@ def test_a_second_writer_fails_naming_the_process_that_holds_the_directory(tmp_p
 
 
 def test_only_temp_files_this_tool_made_are_cleaned_up(tmp_path, image_tree, run_cli):
+    from pipeline.files import temp_sibling
+
     (tmp_path / "f").mkdir()
-    (tmp_path / "f" / ".shard-00000.h5.12345.0badc0de.tmp").write_bytes(b"half a shard")
+    done = subprocess.Popen(["true"])
+    done.wait()
+    temp_sibling(tmp_path / "f" / "shard-00000.h5", pid=done.pid).write_bytes(b"half a shard")  # a killed run's
     run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST)
     assert not list((tmp_path / "f").glob("*.tmp")) and shards.verify(tmp_path / "f") == []
     (tmp_path / "g").mkdir()
-    (tmp_path / "g" / "notes.tmp").write_text("mine")
+    (tmp_path / "g" / ".notes.12345.0badc0de.tmp").write_text("mine")  # named like the old temps: not ours
     refused = run_cli("extract", image_tree(), "--out", tmp_path / "g", *FAST, code=1)
-    assert "is not empty and holds no features (it has notes.tmp)" in refused.output
-    assert (tmp_path / "g" / "notes.tmp").read_text() == "mine"
+    assert "is not empty and holds no features (it has .notes.12345.0badc0de.tmp)" in refused.output
+    assert (tmp_path / "g" / ".notes.12345.0badc0de.tmp").read_text() == "mine"
 
 
 def test_disk_full_while_writing_stops_at_once_keeps_finished_shards_and_resumes(tmp_path, image_tree, run_cli, monkeypatch):
@@ -247,7 +251,7 @@ def test_flipped_feature_bytes_fail_verify(tmp_path, image_tree, run_cli):
     data[chunk.byte_offset + 5] ^= 0xFF
     path.write_bytes(bytes(data))
     result = run_cli("inspect", tmp_path / "f", "--verify", code=1)
-    assert "shard-00000.h5 cannot be read" in result.output and "extract it again" in result.output
+    assert "shard-00000.h5 cannot be read" in result.output and "extract again (the same command) to recompute its rows" in result.output
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

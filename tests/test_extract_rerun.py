@@ -122,16 +122,17 @@ def test_the_space_check_counts_what_overwrite_frees(tmp_path, monkeypatch):
     from pipeline.extract import _check_space
 
     fake_free_space(monkeypatch, 2**20)
-    taps, ranges = [{"dim": 1000}], [(0, 1000)]  # 1000 rows x 4256 bytes x 1.1: about 4.5 MiB
+    taps = [{"dim": 1000}]  # 1000 rows x 4256 bytes x 1.1: about 4.5 MiB
     with pytest.raises(PipelineError, match=r"^1 shards need about 4 MiB but only 1 MiB are free where"):
-        _check_space(tmp_path, ranges, {0}, taps, "float32")
-    _check_space(tmp_path, ranges, {0}, taps, "float32", freeable=4 * 2**20)  # 5 MiB with the old features'
+        _check_space(tmp_path, 1000, 1, taps, "float32")
+    _check_space(tmp_path, 1000, 1, taps, "float32", freeable=4 * 2**20)  # 5 MiB with the old features'
 
 
 def test_temp_files_a_concurrent_task_makes_while_the_directory_is_read_are_never_foreign(tmp_path, image_tree, run_cli, monkeypatch):
     """Regression: three listings of --out (temps, shards, everything) disagreed when a task wrote in between."""
     import pathlib
-    import secrets
+
+    from pipeline.files import temp_sibling
 
     out = tmp_path / "f"
     out.mkdir()
@@ -139,7 +140,7 @@ def test_temp_files_a_concurrent_task_makes_while_the_directory_is_read_are_neve
 
     def another_task_starts_a_shard(self):
         if self == out:  # every listing sees one more temp file, as when job-array tasks write at once
-            (out / f".shard-00007.h5.99999.{secrets.token_hex(4)}.tmp").write_bytes(b"half a shard")
+            temp_sibling(out / "shard-00007.h5", pid=99999).write_bytes(b"half a shard")
         return iterdir(self)
 
     monkeypatch.setattr(pathlib.Path, "iterdir", another_task_starts_a_shard)
@@ -206,6 +207,9 @@ def test_an_edited_or_broken_manifest_is_rebuilt_from_the_shards_without_computi
     assert "0 shards written, 2 already done" in result.output and "Traceback" not in result.output
     assert shard_stats(out) == before
     rebuilt = json.loads((out / "manifest.json").read_text())
+    if "could not be read" in warning:  # the history is in the manifest alone: a new entry stands for the shards found
+        assert [{**h, "time": None} for h in rebuilt["history"]] == [{**h, "time": None} for h in good["history"]]
+        rebuilt["history"] = good["history"]
     assert {k: v for k, v in rebuilt.items() if k != "timing"} == {k: v for k, v in good.items() if k != "timing"}
     assert shards.verify(out) == [] and "up to date" in run_cli("extract", root, "--out", out, *args).output
 
@@ -216,44 +220,3 @@ def test_a_manifest_whose_timing_alone_differs_is_up_to_date(tmp_path, image_tre
     _edit(lambda m: m["timing"].update(seconds=12345.0))(out / "manifest.json")
     result = run_cli("extract", root, "--out", out, *FAST)
     assert "up to date" in result.output and "warning" not in result.output
-
-
-def png(path, seed=1):
-    from PIL import Image
-
-    Image.new("RGB", (32, 32), (seed, 2, 3)).save(path)
-
-
-@pytest.mark.parametrize(
-    "change, shard_size, message",
-    [
-        (lambda root: png(root / "cat" / "0005.png"), 2, "cat/0005.png is listed now but was not then"),  # used to blame cat/001.png
-        (lambda root: (root / "dog" / "000.png").unlink(), 2, "dog/000.png was listed then but not now"),
-        (lambda root: png(root / "dog" / "003.png"), 4, "dog/003.png is listed now but was not then"),  # after the last shard
-        (lambda root: png(root / "dog" / "003.png"), 2, "same settings, other images"),  # the last shard is full: was there one after?
-        (lambda root: (root / "cat" / "000.png").rename(root / "cat" / "009.png"), 2, "cat/000.png was listed then but not now"),
-    ],
-)
-def test_the_refusal_names_the_file_truly_added_or_removed(tmp_path, image_tree, run_cli, change, shard_size, message):
-    root, out = image_tree(), tmp_path / "f"
-    args = [*FAST, "--shard-size", shard_size]
-    run_cli("extract", root, "--out", out, *args)
-    change(root)
-    result = run_cli("extract", root, "--out", out, *args, code=1)
-    assert f"holds features of a different run ({message}); use another --out or pass --overwrite" in result.output
-
-
-def test_an_unreadable_shard_does_not_stop_the_refusal_from_naming_the_change(tmp_path, image_tree, run_cli, monkeypatch):
-    root, out = image_tree(), tmp_path / "f"
-    run_cli("extract", root, "--out", out, *FAST, "--shard-size", 2)
-    png(root / "dog" / "002.png", seed=9)
-    read_listed = shards.read_listed
-
-    def shard_zero_fails(path):
-        if path.name == "shard-00000.h5":
-            raise OSError("Unable to synchronously open file (truncated file)")
-        return read_listed(path)
-
-    monkeypatch.setattr(shards, "read_listed", shard_zero_fails)
-    result = run_cli("extract", root, "--out", out, *FAST, "--shard-size", 2, code=1)
-    assert "holds features of a different run (dog/002.png changed since:" in result.output

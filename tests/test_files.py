@@ -119,3 +119,28 @@ def test_the_free_space_check_counts_what_the_old_output_frees(tmp_path, monkeyp
         f"2 shards need about 5 MiB but only 1 MiB are free (plus 2 MiB the old features would free) where {tmp_path / 'out'} goes; "
         "free space (or use another --out) and rerun"
     )
+
+
+def test_only_temps_of_this_tool_whose_writer_is_provably_dead_are_leftovers(tmp_path):
+    import subprocess
+
+    done = subprocess.Popen(["true"])
+    done.wait()
+    dead = files.temp_sibling(tmp_path / "manifest.json", pid=done.pid)
+    alive = files.temp_sibling(tmp_path / "manifest.json")  # this process
+    elsewhere = tmp_path / f".manifest.json.pipeline-{files.host_tag('another-host')}-{done.pid}.0badc0de.tmp"
+    look_alikes = [tmp_path / ".thesis.123.abcdef12.tmp", tmp_path / ".manifest.json.4242.0badc0de.tmp"]
+    for path in (dead, alive, elsewhere, *look_alikes):
+        path.write_text("x")
+    assert files.is_temp(dead.name) and files.is_temp(elsewhere.name) and not any(files.is_temp(p.name) for p in look_alikes)
+    assert files.leftover_temps(tmp_path) == [dead] and files.leftover_temps(tmp_path, "other") == []
+
+
+def test_swap_dir_puts_the_new_directory_in_place_in_one_step(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "old").write_text("old")
+    new = files.temp_sibling(tmp_path / "d")
+    new.mkdir()
+    (new / "new").write_text("new")
+    files.swap_dir(new, tmp_path / "d")
+    assert [p.name for p in tmp_path.iterdir()] == ["d"] and [p.name for p in (tmp_path / "d").iterdir()] == ["new"]

@@ -253,7 +253,13 @@ def test_a_killed_predict_s_scratch_is_removed_and_a_second_predict_is_refused_n
 
     source, out = image_tree(classes=("a",), per_class=2), tmp_path / "out" / "p.csv"
     out.parent.mkdir()
-    scratch = out.parent / ".p.csv.99999.0badc0de.tmp"  # what a predict killed mid-extraction leaves
+    import subprocess
+
+    from pipeline.files import temp_sibling
+
+    killed = subprocess.Popen(["true"])
+    killed.wait()
+    scratch = temp_sibling(out, pid=killed.pid)  # what a predict killed mid-extraction leaves
     (scratch / "features").mkdir(parents=True)
     (scratch / "features" / "shard-00000.h5").write_bytes(b"half a shard")
     with locked(lock_beside(out), "test"):

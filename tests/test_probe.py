@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from pipeline import features as features_module
-from pipeline import shards
 from pipeline.config import ReduceConfig
 from pipeline.errors import PipelineError
 from pipeline.files import leftover_temps, lock_beside, locked, temp_sibling

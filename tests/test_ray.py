@@ -313,7 +313,11 @@ def test_an_actor_killed_mid_run_still_gives_complete_identical_output(tmp_path,
     assert busy and len(shards.existing_shards(out)) < 6, "nothing left to kill"
     os.kill(busy[0], signal.SIGKILL)
     # what a worker killed while writing leaves behind; the driver may remove it once the run is done
-    (out / ".shard-00005.h5.4242.0badc0de.tmp").write_bytes(b"half a shard")
+    from pipeline.files import temp_sibling
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    temp_sibling(out / "shard-00005.h5", pid=gone.pid).write_bytes(b"half a shard")
     result = join()
     assert result.written == 6 and busy[0] not in _actor_pids("ray::ShardActor")
     assert_same_features(out, local)

@@ -88,7 +88,13 @@ def test_two_reduces_with_other_settings_at_once_leave_one_consistent_reduction(
 
 def test_a_killed_reduce_s_staging_dir_is_removed_by_the_next(reduced, run_cli):
     features, out = reduced
-    leftover = out.parent / f".{out.name}.99999.0badc0de.tmp"
+    import subprocess
+
+    from pipeline.files import temp_sibling
+
+    killed = subprocess.Popen(["true"])
+    killed.wait()
+    leftover = temp_sibling(out, pid=killed.pid)
     leftover.mkdir()
     (leftover / "reduced.h5").write_bytes(b"half")
     run_cli("reduce", features, "--out", out, "--components", 4)

@@ -64,7 +64,8 @@ def corrupt(path, dataset, index, value):
     "damage, expected",
     [
         (lambda d: corrupt(d / "shard-00001.h5", "features/vgg16/block5_conv3", 0, np.full(16, np.nan)), "NaN or Inf"),
-        (lambda d: corrupt(d / "shard-00001.h5", "ids", 0, "img00000.png"), "not unique and sorted"),
+        (lambda d: corrupt(d / "shard-00001.h5", "ids", 0, "img00000.png"), "'img00000.png' is live in two rows"),
+        (lambda d: corrupt(d / "shard-00001.h5", "ids", 1, "img00010.png"), "not unique and sorted"),
         (lambda d: corrupt(d / "shard-00000.h5", "labels", 2, 7), "outside -1..2"),
         (lambda d: (d / "shard-00001.h5").unlink(), "missing or not a features shard"),
         (lambda d: (d / "shard-00009.h5").write_bytes(b""), "not in the manifest"),

@@ -14,6 +14,9 @@ MIN_COSINE = 0.99
 REDUCE_RSS_MB = 1536
 REDUCE_ROW_COST_GROWTH = 1.25  # seconds per row at the largest size / at the smallest: at most this (linear)
 UP_TO_DATE_SECONDS = 5.0  # a whole `pipeline extract` rerun over a finished directory
+UPDATE_ADD_SHARE = 0.05  # a rerun after adding 1% of the images, less start-up, over the full run's whole time (issue 14)
+UPDATE_REMOVE_SECONDS = 2.0  # a whole rerun after 1% of the images were removed (issue 14)
+UPDATE_NO_CHANGE_SECONDS = 0.5  # a rerun with no change, in process (issue 14)
 NOT_APPLICABLE = "not applicable"  # a target's `met` where the machine lacks what it measures
 SWEEP_SPEEDUP = 1.6  # a sweep with --jobs 2 against --jobs 1, on 2 cores: at least this
 LOAD_OVER_FILE_READ = 0.5  # load_features' rate over a plain sequential read of the same files: at least this
@@ -97,6 +100,15 @@ def derived(results, policy):
         figures["start-up: predict on one image, whole command (s)"] = startup["predict_one_seconds"]["median"]
         for flag, seconds in startup.get("four_images_seconds", {}).items():
             figures[f"start-up: extract of 4 images {flag}, whole command (s)"] = seconds["median"]
+    update = results.get("update")
+    if update:
+        figures["update: rerun after adding 1% / full run, whole command"] = ratio(update["add_seconds"]["median"], update["full_seconds"]["median"])
+        figures["update: (rerun after adding 1% - start-up) / full run"] = ratio(
+            update["add_seconds"]["median"] - update["start_up_seconds"]["median"], update["full_seconds"]["median"])
+        figures["update: rerun after removing 1%, whole command (s)"] = update["remove_seconds"]["median"]
+        figures["update: rerun with no change, whole command (s)"] = update["no_change_seconds"]["median"]
+        figures["update: rerun with no change, in process (s)"] = update["no_change_in_process_seconds"]["median"]
+        figures["update: sha256 per image (ms)"] = update["sha256_ms_per_image"]
     reduce = results.get("reduce")
     if reduce:
         figures["reduce peak RSS at the largest size (MB)"] = reduce["sizes"][-1]["peak_rss_mb"]["median"]
@@ -162,6 +174,10 @@ def targets(figures, policies):
         (f"ray engine / local engine, steady state ({policy})", ">=", RAY_OVER_LOCAL, False),
         (f"ray engine / local engine, start to manifest ({policy})", ">=", RAY_OVER_LOCAL, False),
         ("start-up: up-to-date extract rerun, whole command (s)", "<", UP_TO_DATE_SECONDS, False),
+        ("update: (rerun after adding 1% - start-up) / full run", "<=", UPDATE_ADD_SHARE, False),
+        ("update: rerun after removing 1%, whole command (s)", "<", UPDATE_REMOVE_SECONDS, False),
+        ("update: rerun with no change, whole command (s)", "<", UP_TO_DATE_SECONDS, False),
+        ("update: rerun with no change, in process (s)", "<", UPDATE_NO_CHANGE_SECONDS, False),
         ("reduce peak RSS at the largest size (MB)", "<", REDUCE_RSS_MB, False),
         ("reduce seconds per row, largest / smallest size", "<=", REDUCE_ROW_COST_GROWTH, False),
         (sweep_figure("1", "2"), ">=", SWEEP_SPEEDUP, False),
@@ -253,6 +269,17 @@ def _measurement_rows(results):
         rows.append(("start-up: `pipeline predict` on one image, whole command", "float32", startup["predict_one_seconds"], "s"))
         for flag, seconds in startup.get("four_images_seconds", {}).items():
             rows.append((f"start-up: `pipeline extract` of 4 images {flag}, whole command", "float32", seconds, "s"))
+    update = results.get("update")
+    if update:
+        n = update["images"]
+        rows.append((f"update: first `pipeline extract` over {n} images, whole command", "-", update["full_seconds"], "s"))
+        rows.append((f"update: rerun after adding {update['added']} images (1%)", "-", update["add_seconds"], "s"))
+        rows.append((f"update: rerun after removing {update['removed']} images (1%)", "-", update["remove_seconds"], "s"))
+        rows.append(("update: start-up, a first run over one image, whole command", "-", update["start_up_seconds"], "s"))
+        rows.append(("update: rerun with no change, whole command", "-", update["no_change_seconds"], "s"))
+        rows.append(("update: rerun with no change, in process (listing, planning, checks)", "-", update["no_change_in_process_seconds"], "s"))
+        sha = summarize([update["sha256_ms_per_image"]])
+        rows.append((f"update: sha256 of one image ({update['mean_image_kb']} KB mean, page cache)", "-", sha, "ms"))
     heads = results.get("heads")
     if heads:
         what = f"head experiment, {heads['rows']:,} x {heads['dims']} reduced, hidden {heads['hidden']}"

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import backbones, devices
-from pipeline.bench import STAGES, corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two, startup
+from pipeline.bench import STAGES, corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two, startup, update as bench_update
 from pipeline.config import DEFAULT_TAPS, ExtractConfig, HeadConfig, ReduceConfig, parse_tap, parse_weights, tap_backbone, tap_layer
 from pipeline.errors import PipelineError
 from pipeline.engines.worker import row_cosines
@@ -109,6 +109,9 @@ def run_bench(options, log=print):
         results = _stage_one(options, config, policies, corpus, paths, work, log)
         if "startup" not in options.skip:
             results["startup"] = measure_startup(options, config, policies, corpus, work, log)
+        if "update" not in options.skip:
+            log("updates: add 1%, remove 1%, no change")
+            results["update"] = bench_update.measure_update(corpus, work, dataclasses.replace(config, precision=policies[-1]), options.repeats)
         results.update(_stage_two(options, work, log))
     finally:
         shutil.rmtree(work, ignore_errors=True)

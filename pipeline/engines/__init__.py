@@ -38,10 +38,12 @@ class ShardTask:
 class RunIdentity:
     """What every shard of a run records about the run (the shard attrs besides its own data)."""
 
-    config_sha256: str
-    config: dict  # the resolved config plus source and source_sha256
+    config_sha256: str  # names the feature settings (not the listed images)
+    config: dict  # the resolved config plus source
     weights: dict[str, dict]  # backbone -> {source, sha256}
     taps: list[dict]  # tap entries as the manifest lists them
+    generation: int = 0  # the directory's generation the shards are written for
+    classes: tuple | None = None  # the class names the shards' labels index into
 
 
 def make_engine(name, **options):

@@ -273,6 +273,7 @@ class _ShardAssembler:
                 [r.id for r in job.records],
                 np.array([r.size for r in job.records], np.int64),
                 np.array([r.mtime_ns for r in job.records], np.int64),
+                paths=[None if r.problem else r.path for r in job.records],  # hashed by the writer
             ),
         )
         self.fidelity = None
@@ -324,6 +325,7 @@ class _ShardWriter:
             shards.write_shard(
                 path, data, index=shard, config_sha256=self.run.config_sha256, config=self.run.config,
                 storage_dtype=self.storage_dtype, weights=self.run.weights, taps=self.run.taps, device=self.device,
+                generation=self.run.generation, classes=self.run.classes,
             )
 
     def raise_failure(self):
