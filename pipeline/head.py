@@ -14,8 +14,8 @@ class FittedHead:
     best_epoch: int  # 1-based epoch whose weights the model holds
 
 
-def build_head(input_dim, n_classes, config):
-    """The compiled head for a HeadConfig; every layer computes in float32 whatever the global policy."""
+def build_head(input_dim, n_classes, config, compile=True):
+    """The head for a HeadConfig (compiled for fitting unless told); every layer computes in float32 whatever the global policy."""
     regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
     inputs = keras.Input((input_dim,), dtype="float32")
     x = inputs
@@ -25,6 +25,8 @@ def build_head(input_dim, n_classes, config):
             x = keras.layers.Dropout(config.dropout, dtype="float32")(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=regularizer, dtype="float32")(x)
     model = keras.Model(inputs, outputs, name="head")
+    if not compile:
+        return model
     model.compile(
         optimizer=keras.optimizers.Adam(config.lr),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
@@ -35,6 +37,7 @@ def build_head(input_dim, n_classes, config):
 
 def fit_head(config, X_train, y_train, X_val, y_val, n_classes, log_dir):
     """Seeded fit with early stopping on val loss (best weights restored) and TensorBoard logs in `log_dir`."""
+    deterministic()
     keras.utils.set_random_seed(config.seed)
     model = build_head(X_train.shape[1], n_classes, config)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
@@ -42,8 +45,9 @@ def fit_head(config, X_train, y_train, X_val, y_val, n_classes, log_dir):
         _dataset(X_train, y_train, n_classes, config.batch_size, shuffle_seed=config.seed),
         validation_data=_dataset(X_val, y_val, n_classes, config.batch_size),
         epochs=config.epochs,
+        steps_per_epoch=-(-len(X_train) // config.batch_size),  # one endless iterator: epoch e is the shuffle's e-th order
         shuffle=False,  # the dataset reshuffles itself, in a seeded order
-        class_weight=_class_weight(y_train, n_classes) if config.class_weight == "balanced" else None,
+        class_weight=dict(enumerate(class_weight_table(y_train, n_classes).tolist())) if config.class_weight == "balanced" else None,
         callbacks=[stopper, keras.callbacks.TensorBoard(str(log_dir), write_graph=False)],
         verbose=0,
     )
@@ -59,15 +63,25 @@ def predict_proba(model, X, batch_size=4096):
 
 
 def _dataset(X, y, n_classes, batch_size, shuffle_seed=None):
-    """Rows from memory with one-hot targets; reshuffled every epoch in a seeded order when training."""
+    """Rows from memory with one-hot targets; when training, endless, reshuffled every epoch in a seeded order."""
     dataset = tf.data.Dataset.from_tensor_slices((X, keras.utils.to_categorical(y, n_classes).astype(np.float32)))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(X), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if shuffle_seed is None:
+        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return shuffled(dataset, len(X), shuffle_seed).batch(batch_size).repeat().prefetch(tf.data.AUTOTUNE)
 
 
-def _class_weight(y, n_classes):
-    """Balanced weights, rows / (classes present * rows of the class); 1 for classes absent from train."""
+def shuffled(dataset, rows, seed):
+    """`dataset` reshuffled every epoch in the order seeded by `seed` (and the global seed fit_head sets)."""
+    return dataset.shuffle(rows, seed=seed, reshuffle_each_iteration=True)
+
+
+def class_weight_table(y, n_classes):
+    """Balanced weights per class, rows / (classes present * rows of the class); 1 for classes absent from train."""
     counts = np.bincount(y, minlength=n_classes)
     present = np.count_nonzero(counts)
-    return {c: float(len(y) / (present * counts[c])) if counts[c] else 1.0 for c in range(n_classes)}
+    return np.array([len(y) / (present * counts[c]) if counts[c] else 1.0 for c in range(n_classes)], np.float32)
+
+
+def deterministic():
+    """Make TensorFlow's ops deterministic in this process, so that a rerun of a seeded fit gives the same weights."""
+    tf.config.experimental.enable_op_determinism()
