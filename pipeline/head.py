@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+import contextlib
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -37,7 +39,11 @@ def build_head(input_dim, n_classes, config, compile=True):
 
 def fit_head(config, X_train, y_train, X_val, y_val, n_classes, log_dir):
     """Seeded fit with early stopping on val loss (best weights restored) and TensorBoard logs in `log_dir`."""
-    deterministic()
+    with deterministic():
+        return _fit_head(config, X_train, y_train, X_val, y_val, n_classes, log_dir)
+
+
+def _fit_head(config, X_train, y_train, X_val, y_val, n_classes, log_dir):
     keras.utils.set_random_seed(config.seed)
     model = build_head(X_train.shape[1], n_classes, config)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
@@ -82,6 +88,19 @@ def class_weight_table(y, n_classes):
     return np.array([len(y) / (present * counts[c]) if counts[c] else 1.0 for c in range(n_classes)], np.float32)
 
 
+@contextlib.contextmanager
 def deterministic():
-    """Make TensorFlow's ops deterministic in this process, so that a rerun of a seeded fit gives the same weights."""
-    tf.config.experimental.enable_op_determinism()
+    """TensorFlow's ops deterministic while fitting, so that a rerun of a seeded fit gives the same weights.
+
+    The switch is process-wide, so the previous state comes back afterwards (stage one's input
+    pipeline would run its parallel maps one at a time under it).
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    was = tf_config.is_op_determinism_enabled()
+    tf_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was:
+            tf_config.disable_op_determinism()

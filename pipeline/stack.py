@@ -55,10 +55,14 @@ def fit_stack(configs, X_train, y_train, X_val, y_val, n_classes, on_finished=No
 
     `on_finished(index, fit)` hears about each head as soon as it stops, while the others train on.
     """
+    with head.deterministic():
+        return _fit_stack(configs, X_train, y_train, X_val, y_val, n_classes, on_finished)
+
+
+def _fit_stack(configs, X_train, y_train, X_val, y_val, n_classes, on_finished):
     keys = {stack_key(c) for c in configs}
     if len(keys) != 1:
         raise ValueError(f"a stack needs one hidden/batch_size shape, got {sorted(keys)}")
-    head.deterministic()
     X_train = np.ascontiguousarray(X_train, np.float32)
     X_val = np.ascontiguousarray(X_val, np.float32)
     data = _Data(X_train, y_train, X_val, y_val, n_classes)

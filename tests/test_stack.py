@@ -84,10 +84,13 @@ def test_a_head_s_dropout_does_not_depend_on_its_stack(rows):
     assert relative(with_dropout_off.weights[0], alone.weights[0]) > 1e-3  # the masks do something
 
 
-def test_a_solo_head_trains_deterministically(rows, tmp_path):
+def test_a_solo_head_trains_deterministically(rows, tmp_path, monkeypatch):
+    fit_head = head._fit_head
     config = HeadConfig(hidden=(32,), dropout=0.3, batch_size=64, epochs=2, seed=3)
+    seen = []
+    monkeypatch.setattr(head, "_fit_head", lambda *args: seen.append(is_op_determinism_enabled()) or fit_head(*args))
     first, second = solo(config, rows, tmp_path), solo(config, rows, tmp_path)
-    assert is_op_determinism_enabled()
+    assert seen == [True, True] and not is_op_determinism_enabled()  # on while fitting, off again after
     for x, y in zip(first.model.get_weights(), second.model.get_weights()):
         np.testing.assert_array_equal(x, y)
 
