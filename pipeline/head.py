@@ -1,8 +1,10 @@
 """The Keras head: Dense ReLU layers with dropout and L2, a float32 softmax, fitted with Adam."""
 
-from dataclasses import dataclass
-
 import contextlib
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -47,17 +49,42 @@ def _fit_head(config, X_train, y_train, X_val, y_val, n_classes, log_dir):
     keras.utils.set_random_seed(config.seed)
     model = build_head(X_train.shape[1], n_classes, config)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
-    history = model.fit(
-        _dataset(X_train, y_train, n_classes, config.batch_size, shuffle_seed=config.seed),
-        validation_data=_dataset(X_val, y_val, n_classes, config.batch_size),
-        epochs=config.epochs,
-        steps_per_epoch=-(-len(X_train) // config.batch_size),  # one endless iterator: epoch e is the shuffle's e-th order
-        shuffle=False,  # the dataset reshuffles itself, in a seeded order
-        class_weight=dict(enumerate(class_weight_table(y_train, n_classes).tolist())) if config.class_weight == "balanced" else None,
-        callbacks=[stopper, keras.callbacks.TensorBoard(str(log_dir), write_graph=False)],
-        verbose=0,
-    )
+    with summary_storage_errors(log_dir):
+        history = model.fit(
+            _dataset(X_train, y_train, n_classes, config.batch_size, shuffle_seed=config.seed),
+            validation_data=_dataset(X_val, y_val, n_classes, config.batch_size),
+            epochs=config.epochs,
+            steps_per_epoch=-(-len(X_train) // config.batch_size),  # one endless iterator: epoch e is the shuffle's e-th order
+            shuffle=False,  # the dataset reshuffles itself, in a seeded order
+            class_weight=dict(enumerate(class_weight_table(y_train, n_classes).tolist())) if config.class_weight == "balanced" else None,
+            callbacks=[stopper, keras.callbacks.TensorBoard(str(log_dir), write_graph=False)],
+            verbose=0,
+        )
     return FittedHead(model, history.history, stopper.best_epoch + 1)
+
+
+def write_tensorboard(history, log_dir):
+    """The per-epoch scalars the Keras TensorBoard callback writes (train/ and validation/ event files), for a head fitted elsewhere."""
+    with summary_storage_errors(log_dir):
+        for split, prefix in (("train", ""), ("validation", "val_")):
+            writer = tf.summary.create_file_writer(str(Path(log_dir) / split))
+            with writer.as_default():
+                for metric in ("loss", "accuracy"):
+                    for epoch, value in enumerate(history[prefix + metric]):
+                        tf.summary.scalar(f"epoch_{metric}", value, step=epoch)
+            writer.close()
+
+
+@contextlib.contextmanager
+def summary_storage_errors(log_dir):
+    """TensorFlow's summary writer reports a full disk or a refused write as its own error: make it the OSError it is."""
+    try:
+        yield
+    except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError) as e:
+        if "Summary" not in str(e):  # an op of the fit itself (say, out of memory): not a file
+            raise
+        code = errno.ENOSPC if isinstance(e, tf.errors.ResourceExhaustedError) else errno.EACCES
+        raise OSError(code, os.strerror(code), str(log_dir)) from None
 
 
 def predict_proba(model, X, batch_size=4096):
