@@ -38,20 +38,8 @@ class StackedFit:
     best_epoch: int
 
 
-def stack_key(config):
-    """Heads with equal keys can train as one stack."""
-    return tuple(config.hidden), config.batch_size
-
-
-def stack_bytes(config, input_dim, n_classes):
-    """Memory one head adds to a stack: weights, Adam's two moments, best snapshot, gradients, activations of a batch."""
-    widths = [input_dim, *config.hidden, n_classes]
-    parameters = sum(a * b + b for a, b in zip(widths, widths[1:]))
-    return 4 * (5 * parameters + 4 * config.batch_size * (input_dim + sum(widths[1:])))
-
-
 def fit_stack(configs, X_train, y_train, X_val, y_val, n_classes, on_finished=None):
-    """Train heads of one stack_key together; return one StackedFit per config, in order.
+    """Train heads of one shape (hidden sizes, batch size) together; return one StackedFit per config, in order.
 
     `on_finished(index, fit)` hears about each head as soon as it stops, while the others train on.
     """
@@ -60,7 +48,7 @@ def fit_stack(configs, X_train, y_train, X_val, y_val, n_classes, on_finished=No
 
 
 def _fit_stack(configs, X_train, y_train, X_val, y_val, n_classes, on_finished):
-    keys = {stack_key(c) for c in configs}
+    keys = {(tuple(c.hidden), c.batch_size) for c in configs}
     if len(keys) != 1:
         raise ValueError(f"a stack needs one hidden/batch_size shape, got {sorted(keys)}")
     X_train = np.ascontiguousarray(X_train, np.float32)
@@ -77,7 +65,7 @@ def _fit_stack(configs, X_train, y_train, X_val, y_val, n_classes, on_finished):
     epoch = 0
     while state.heads:
         order = np.stack([orders[i].next_epoch() for i in state.heads])
-        train_logs = program.train_epoch(tf.constant(order, tf.int32))
+        train_logs = program.train_epoch(order)
         val_loss, val_accuracy = program.validate()
         improved = np.zeros(len(state.heads), bool)
         stopped = []
@@ -184,12 +172,13 @@ class _Program:
         self.class_weights = tf.constant(
             np.stack([self.data.class_weight if c.class_weight == "balanced" else np.ones(data.n_classes, np.float32) for c in configs])
         )
-        self._train_epoch_graph = tf.function(self._train_epoch)
-        self.train_epoch = lambda order: [t.numpy() for t in self._train_epoch_graph(order)]
-        self.validate = lambda: [t.numpy() for t in self._validate()]
-        self._validate = tf.function(self._validate_graph)
-        self.snapshot = lambda improved: self._snapshot(tf.constant(improved))
-        self._snapshot = tf.function(self._snapshot_graph)
+        # Functions of this program alone (not methods, which TensorFlow would count as one function retraced per program)
+        train_epoch = tf.function(lambda order: self._train_epoch(order))
+        validate = tf.function(lambda: self._validate())
+        snapshot = tf.function(lambda improved: self._snapshot(improved))
+        self.train_epoch = lambda order: [t.numpy() for t in train_epoch(tf.constant(order, tf.int32))]
+        self.validate = lambda: [t.numpy() for t in validate()]
+        self.snapshot = lambda improved: snapshot(tf.constant(improved))
 
     def _forward(self, x, training, step=None):
         """Logits (K, rows, classes) of x: (K, rows, in), or (rows, in) for every head."""
@@ -249,14 +238,14 @@ class _Program:
             loss_sum, hits = loss_sum + losses * (rows % batch), hits + step_hits
         return hits / rows, loss_sum / rows
 
-    def _validate_graph(self):
+    def _validate(self):
         logits = self._forward(self.data.X_val, False)
         y = tf.broadcast_to(self.data.Y_val, tf.concat([[len(self.heads)], tf.shape(self.data.Y_val)], 0))
         losses = self._losses(logits, y, tf.ones(tf.shape(y)[:2]))
         hits = tf.cast(tf.equal(tf.argmax(logits, axis=2), tf.argmax(y, axis=2)), tf.float32)
         return losses, tf.reduce_mean(hits, axis=1)
 
-    def _snapshot_graph(self, improved):
+    def _snapshot(self, improved):
         for variable, best in zip(self.variables, self.best):
             best.assign(tf.where(tf.reshape(improved, [-1] + [1] * (variable.shape.rank - 1)), variable, best))
 

@@ -4,9 +4,11 @@ import contextlib
 import csv
 import io
 import itertools
+import os
 import re
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -35,6 +37,7 @@ HEAD_COLUMNS = ("hidden", "dropout", "l2", "lr", "batch_size", "label_smoothing"
 LEADERBOARD_COLUMNS = ("run_id", "kind", *METRIC_COLUMNS, "epochs", "seconds", *HEAD_COLUMNS, "reduced")
 LOCKS_DIR = ".locks"  # in the runs dir: one lock file per run being trained, and LEADERBOARD_LOCK
 LEADERBOARD_LOCK = "leaderboard.lock"  # held briefly to publish a run and rebuild the leaderboard
+MAX_STACK = 64  # most heads in one stack: past this the step is arithmetic-bound and a stack gains little
 HIGHER_IS_BETTER = frozenset({"val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1"})
 
 
@@ -82,8 +85,12 @@ def sweep_configs(path, overrides=None):
     return configs
 
 
-def train(reduced_dir, runs_dir, configs, name=None, parallel=ParallelConfig(), on_warning=None):
+def train(reduced_dir, runs_dir, configs, name=None, parallel=ParallelConfig(), on_warning=None, stack=True, max_stack=None):
     """Check everything, then return an iterator that trains the baseline and each head, yielding RunOutcomes.
+
+    With `stack`, heads of one shape (hidden sizes, batch size) train together as one program
+    (see stack.py), at most `max_stack` at a time (default: what memory allows, see
+    default_max_stack); each still lands as its own run.
 
     The logistic-regression baseline is recorded once per reduced dir, a finished run is not
     redone (a damaged one is trained again), every run appears in `runs_dir` complete or not at
@@ -104,7 +111,9 @@ def train(reduced_dir, runs_dir, configs, name=None, parallel=ParallelConfig(), 
         on_warning(f"{problem}; it is left out of the leaderboard")
     _check_same_split(runs_dir, data, finished)
     plan = _plan(runs_dir, data, configs, name)
-    return _run_all(runs_dir, data, plan, parallel, on_warning)
+    if max_stack is not None and max_stack < 1:
+        raise PipelineError(f"--max-stack {max_stack} must be a positive number of heads")
+    return _run_all(runs_dir, data, plan, parallel, on_warning, stack, max_stack)
 
 
 def _check_trainable(data):
@@ -181,7 +190,7 @@ def _finished(runs_dir, job):
     return state
 
 
-def _run_all(runs_dir, data, plan, parallel, on_warning):
+def _run_all(runs_dir, data, plan, parallel, on_warning, stack, max_stack):
     make_dir(runs_dir, "--runs")
     make_dir(runs_dir / LOCKS_DIR, "--runs")
     pending = []
@@ -196,15 +205,54 @@ def _run_all(runs_dir, data, plan, parallel, on_warning):
     if not pending:
         return
     _remember(data)
+    groups = _groups(pending, data, stack, max_stack, parallel.jobs)
     with task_runner(parallel) as run:
         busy = []
-        for result in run(_run_job, [(runs_dir, data.path, data.report_sha256, job, False) for job in pending]):
-            if isinstance(result, _Job):
-                busy.append(result)
-            else:
-                yield result
+        for results in run(_run_group, [(runs_dir, data.path, data.report_sha256, group, False, stack) for group in groups]):
+            for result in results:
+                if isinstance(result, _Job):
+                    busy.append(result)
+                else:
+                    yield result
         if busy:  # runs another process was training: wait for it, then they are done (or ours, if it failed)
-            yield from run(_run_job, [(runs_dir, data.path, data.report_sha256, job, True) for job in busy])
+            for results in run(_run_group, [(runs_dir, data.path, data.report_sha256, [job], True, stack) for job in busy]):
+                yield from results
+
+
+def default_max_stack(config, input_dim, n_classes, available=None):
+    """Heads of `config`'s shape per stack: those whose weights, Adam state, best snapshot and batch activations
+    fit in a quarter of the available memory, at most MAX_STACK."""
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(MAX_STACK, available // 4 // stack_bytes(config, input_dim, n_classes)))
+
+
+def stack_shape(config):
+    """Heads of one shape can train as one stack: the same hidden sizes and batch size."""
+    return tuple(config.hidden), config.batch_size
+
+
+def stack_bytes(config, input_dim, n_classes):
+    """Memory one head adds to a stack (float32): weights, Adam's two moments, best snapshot, gradients; a batch's activations."""
+    widths = [input_dim, *config.hidden, n_classes]
+    parameters = sum(a * b + b for a, b in zip(widths, widths[1:]))
+    return 4 * (5 * parameters + 4 * config.batch_size * sum(widths))
+
+
+def _groups(pending, data, stack, max_stack, workers):
+    """The tasks: the baseline alone; with `stack`, heads of one shape in stacks of near-equal size, enough for every worker."""
+    groups = [[job] for job in pending if job.kind == "baseline" or not stack]
+    heads = [job for job in pending if job.kind == "head"] if stack else []
+    shapes = {}
+    for job in heads:
+        shapes.setdefault(stack_shape(job.config), []).append(job)
+    for jobs in shapes.values():
+        size = max_stack or default_max_stack(jobs[0].config, data.X.shape[1], len(data.classes))
+        if workers > 1:  # several smaller stacks rather than idle workers
+            size = min(size, -(-len(heads) // workers))
+        count = -(-len(jobs) // size)
+        groups.extend(jobs[len(jobs) * k // count:len(jobs) * (k + 1) // count] for k in range(count))
+    return groups
 
 
 _loaded = {}  # the reduced data this process last used, by (path, reduce.json sha256): workers reuse it across runs
@@ -223,6 +271,65 @@ def _load(reduced_dir, report_sha256):
             raise PipelineError(f"{reduced_dir} was reduced again while this sweep ran; rerun the train command to train on the new reduction")
         _remember(data)
     return _loaded[key]
+
+
+def _run_group(runs_dir, reduced_dir, report_sha256, jobs, wait, stack):
+    """The results of one task: a stack of heads, or one run trained alone."""
+    if stack and jobs[0].kind == "head":
+        return _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait)
+    return [_run_job(runs_dir, reduced_dir, report_sha256, job, wait) for job in jobs]
+
+
+def _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait):
+    """Train the heads of `jobs` as one stack and publish each as its own run; runs held elsewhere come back as their _Job.
+
+    Each head's files are written when it stops (its plots on a thread, off the training path)
+    and it is published when they are complete.
+    """
+    from pipeline import head, stack
+
+    results, mine = [], []
+    with contextlib.ExitStack() as held:
+        for job in jobs:
+            try:
+                held.enter_context(locked(runs_dir / LOCKS_DIR / f"{job.run_id}.lock", f"run {job.run_id} in {runs_dir}", wait=wait))
+            except LockBusy:
+                results.append(job)
+                continue
+            state = _finished(runs_dir, job)
+            if state.done:
+                results.append(RunOutcome(job.run_id, job.kind, state.metrics, True))
+                continue
+            for leftover in leftover_temps(runs_dir, job.run_id):
+                remove(leftover)
+            mine.append(job)
+        if not mine:
+            return results
+        data = _load(reduced_dir, report_sha256)
+        names = f"runs {mine[0].run_id} … {mine[-1].run_id} in {runs_dir}" if len(mine) > 1 else f"run {mine[0].run_id} in {runs_dir}"
+        with storage_errors(names, "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"):
+            stagings = [held.enter_context(_staging(runs_dir / job.run_id)) for job in mine]
+            written = []
+            started = time.perf_counter()
+            with ThreadPoolExecutor(1) as plotter:  # matplotlib draws one figure at a time, beside the training
+
+                def finished(index, fit):
+                    job, staging = mine[index], stagings[index]
+                    model = head.build_head(data.X.shape[1], len(data.classes), job.config, compile=False)
+                    model.set_weights(fit.weights)
+                    head.write_tensorboard(fit.history, staging / "tensorboard")
+                    seconds = (time.perf_counter() - started) / len(mine)  # its share of the stack's time so far
+                    plots = []
+                    metrics = _write_head(runs_dir, data, job, staging, model, fit.history, fit.best_epoch, seconds, len(mine), plotter, plots)
+                    written.append((job, staging, metrics, plots))
+
+                stack.fit_stack([job.config for job in mine], *_rows(data, "train"), *_rows(data, "val"), len(data.classes), finished)
+            for job, staging, metrics, plots in written:
+                for plot in plots:
+                    plot.result()  # raises what drawing it raised
+                _publish(runs_dir, data, staging, job.run_id)
+                results.append(RunOutcome(job.run_id, job.kind, metrics, False))
+    return results
 
 
 def _run_job(runs_dir, reduced_dir, report_sha256, job, wait):
@@ -318,17 +425,29 @@ def _fit_baseline(runs_dir, data, job, staging):
 
 
 def _fit_head(runs_dir, data, job, staging):
-    """Fit one head and write its files: config (with the model's sha256), metrics, history, model, plots, TensorBoard logs."""
+    """Fit one head alone (Keras's fit) and write its files."""
     from pipeline import head  # TensorFlow loads only here, so that `pipeline runs` stays quick
 
     started = time.perf_counter()
     fitted = head.fit_head(job.config, *_rows(data, "train"), *_rows(data, "val"), len(data.classes), staging / "tensorboard")
+    return _write_head(runs_dir, data, job, staging, fitted.model, fitted.history, fitted.best_epoch, time.perf_counter() - started)
+
+
+def _write_head(runs_dir, data, job, staging, model, history, best_epoch, seconds, stack=None, plotter=None, plots=None):
+    """A fitted head's files: config (with the model's sha256 and the stack it trained in), metrics, history, model, plots.
+
+    With `plotter` (an executor) the plots are drawn there and their futures appended to `plots`:
+    the caller waits for them before publishing.
+    """
+    from pipeline import head
+
+    started = time.perf_counter()
     try:
-        metrics = _split_metrics(data, lambda X: head.predict_proba(fitted.model, X))
+        metrics = _split_metrics(data, lambda X: head.predict_proba(model, X))
     except PipelineError as e:
         raise PipelineError(f"run {job.run_id}: {e}; the runs finished so far are kept") from None
-    metrics.update(epochs=len(fitted.history["loss"]), best_epoch=fitted.best_epoch, seconds=round(time.perf_counter() - started, 3))
-    fitted.model.save(staging / HEAD_NAME)
+    model.save(staging / HEAD_NAME)
+    metrics.update(epochs=len(history["loss"]), best_epoch=best_epoch, seconds=round(seconds + time.perf_counter() - started, 3))
     write_json(staging / CONFIG_NAME, {
         "run_id": job.run_id,
         "kind": "head",
@@ -336,11 +455,16 @@ def _fit_head(runs_dir, data, job, staging):
         "head": job.config.to_dict(),
         "reduced": _reduced_record(runs_dir, data),
         "model_sha256": sha256_file(staging / HEAD_NAME),
+        "stack": stack,  # heads trained with it as one program (stack.py); None: alone, with Keras's fit
     })
     write_json(staging / METRICS_NAME, metrics)
-    _write_history(fitted.history, staging / "history.csv")
-    _plot_curves(fitted.history, fitted.best_epoch, staging / "curves.png")
-    _plot_confusion(metrics, data.classes, staging / "confusion.png")
+    _write_history(history, staging / "history.csv")
+    drawings = [(_plot_curves, history, best_epoch, staging / "curves.png"), (_plot_confusion, metrics, data.classes, staging / "confusion.png")]
+    for plot, *args in drawings:
+        if plotter is None:
+            plot(*args)
+        else:
+            plots.append(plotter.submit(plot, *args))
     return metrics
 
 
