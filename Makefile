@@ -27,6 +27,8 @@ DEMO_SWEEP ?= data/demo-sweep.toml
 BENCH_OUT ?= bench-out
 BENCH_ARGS ?=
 BENCH_DATA ?=
+# BENCH_RESULTS=pipeline/bench/RESULTS.md also writes the tables into that page's bench-table block.
+BENCH_RESULTS ?=
 
 .PHONY: install data extract reduce probe train demo bench test test-all clean
 
@@ -66,7 +68,7 @@ demo: install
 	$(BIN)/pipeline runs $(RUNS)
 
 bench: $(VENV)/.installed-$(INSTALL_EXTRAS),ray
-	$(BIN)/pipeline bench --out $(BENCH_OUT) $(if $(BENCH_DATA),--data $(BENCH_DATA)) $(BENCH_ARGS)
+	$(BIN)/pipeline bench --out $(BENCH_OUT) $(if $(BENCH_DATA),--data $(BENCH_DATA)) $(if $(BENCH_RESULTS),--results $(BENCH_RESULTS)) $(BENCH_ARGS)
 
 # Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one of them so that
 # module fixtures (a local Ray, a built lineage) start once. Two overlap TensorFlow's single-threaded

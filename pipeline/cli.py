@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -447,10 +448,12 @@ def export(run, out, format_, **options):
 @click.option("--data", envvar="BENCH_DATA", type=click.Path(exists=True), help="Your images (folder or CSV; the first --images) instead of the generated corpus. Env: BENCH_DATA.")
 @click.option("--weights", default="random", show_default=True, help="As for extract; speed does not depend on the values, the fidelity check does.")
 @click.option("--skip", multiple=True, help=f"Stage not to run, repeat for several: {', '.join(BENCH_STAGES)}.")
-def bench(out, quick, taps, data, weights, skip, **sizes):
+@click.option(
+    "--results", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A results page (e.g. pipeline/bench/RESULTS.md) whose table block, between its bench-table markers, gets this run's tables.",
+)
+def bench(out, quick, taps, data, weights, skip, results, **sizes):
     """Measure every stage against its bound and a tutorial-style baseline; write bench.json and bench.md."""
-    from pathlib import Path
-
     from pipeline.bench.runner import BenchOptions, run_bench
 
     given = {name: value for name, value in sizes.items() if value is not None}  # unset: the mode's default
@@ -458,8 +461,16 @@ def bench(out, quick, taps, data, weights, skip, **sizes):
         given["taps"] = taps
     make = BenchOptions.quick if quick else BenchOptions
     options = make(out=Path(out), data=Path(data) if data else None, weights=weights, skip=tuple(skip), **given)
+    from pipeline.bench.report import replace_results_table
+
+    if results is not None:
+        replace_results_table(results.read_text(), "")  # a page without the markers fails before the long run
     run_bench(options, log=lambda line: click.echo(f"bench: {line}", err=True))
-    click.echo((Path(out) / "bench.md").read_text(), nl=False)
+    tables = (Path(out) / "bench.md").read_text()
+    if results is not None:
+        results.write_text(replace_results_table(results.read_text(), tables))
+        click.echo(f"bench: wrote the tables into {results}", err=True)
+    click.echo(tables, nl=False)
 
 
 # --- stage two: reduce, train, runs ---

@@ -273,3 +273,27 @@ def test_cli_bench_help_lists_every_stage_and_bad_stage_is_one_line(tmp_path):
     result = runner.invoke(cli, ["bench", "--out", str(tmp_path), "--skip", "nope"])
     assert result.exit_code == 1
     assert "Error: bench stage 'nope' is not one of" in result.output
+
+
+def test_results_page_gets_the_new_tables_between_its_markers_and_keeps_its_commentary():
+    page = f"# Results\nintro\n{bench_report.RESULTS_START}\nold table\n{bench_report.RESULTS_END}\n\ncommentary\n"
+    updated = bench_report.replace_results_table(page, "| new | table |\n")
+    assert "old table" not in updated
+    assert updated == f"# Results\nintro\n{bench_report.RESULTS_START}\n| new | table |\n{bench_report.RESULTS_END}\n\ncommentary\n"
+
+
+def test_cli_bench_refuses_a_results_page_without_markers_before_running(tmp_path):
+    page = tmp_path / "RESULTS.md"
+    page.write_text("# no markers here\n")
+    result = CliRunner().invoke(cli, ["bench", "--out", str(tmp_path / "out"), "--results", str(page)])
+    assert result.exit_code == 1
+    assert "has no <!-- bench-table:start -->" in result.output
+    assert not (tmp_path / "out").exists()  # refused before any stage ran
+    assert page.read_text() == "# no markers here\n"
+
+
+def test_the_shipped_results_page_has_one_table_block():
+    from pathlib import Path
+
+    page = (Path(bench_report.__file__).parent / "RESULTS.md").read_text()
+    assert page.count(bench_report.RESULTS_START) == page.count(bench_report.RESULTS_END) == 1

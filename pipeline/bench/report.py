@@ -3,6 +3,8 @@
 import math
 import statistics
 
+from pipeline.errors import PipelineError
+
 # The issue's targets.
 E2E_OVER_MODEL = 0.90
 RAY_OVER_LOCAL = 0.90  # the ray engine's images/s over the local engine's on the same machine
@@ -277,3 +279,16 @@ def _number(value, digits=4):
     if abs(value) >= 10**digits or float(value).is_integer():
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
+
+
+RESULTS_START = "<!-- bench-table:start -->"
+RESULTS_END = "<!-- bench-table:end -->"
+
+
+def replace_results_table(page, tables):
+    """`page` (a results page in Markdown) with the text between its bench-table markers replaced by `tables`."""
+    before, start, rest = page.partition(RESULTS_START)
+    middle, end, after = rest.partition(RESULTS_END)
+    if not start or not end:
+        raise PipelineError(f"the results page has no {RESULTS_START} ... {RESULTS_END} block to replace; add both markers around its table")
+    return f"{before}{RESULTS_START}\n{tables.strip()}\n{RESULTS_END}{after}"
