@@ -51,11 +51,11 @@ def _fit_head(config, X_train, y_train, X_val, y_val, n_classes, log_dir):
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
     with summary_storage_errors(log_dir):
         history = model.fit(
-            _dataset(X_train, y_train, n_classes, config.batch_size, shuffle_seed=config.seed),
+            _dataset(X_train, y_train, n_classes, config.batch_size, shuffle_seed=config.seed, epochs=config.epochs),
             validation_data=_dataset(X_val, y_val, n_classes, config.batch_size),
             epochs=config.epochs,
-            steps_per_epoch=-(-len(X_train) // config.batch_size),  # one endless iterator: epoch e is the shuffle's e-th order
-            shuffle=False,  # the dataset reshuffles itself, in a seeded order
+            steps_per_epoch=-(-len(X_train) // config.batch_size),  # one iterator over every epoch's batches
+            shuffle=False,  # the dataset orders each epoch itself
             class_weight=dict(enumerate(class_weight_table(y_train, n_classes).tolist())) if config.class_weight == "balanced" else None,
             callbacks=[stopper, keras.callbacks.TensorBoard(str(log_dir), write_graph=False)],
             verbose=0,
@@ -95,17 +95,35 @@ def predict_proba(model, X, batch_size=4096):
     ])
 
 
-def _dataset(X, y, n_classes, batch_size, shuffle_seed=None):
-    """Rows from memory with one-hot targets; when training, endless, reshuffled every epoch in a seeded order."""
-    dataset = tf.data.Dataset.from_tensor_slices((X, keras.utils.to_categorical(y, n_classes).astype(np.float32)))
+def _dataset(X, y, n_classes, batch_size, shuffle_seed=None, epochs=None):
+    """Rows from memory with one-hot targets; when training, `epochs` epochs, each in epoch_order(shuffle_seed, epoch)."""
+    Y = keras.utils.to_categorical(y, n_classes).astype(np.float32)
     if shuffle_seed is None:
-        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    return shuffled(dataset, len(X), shuffle_seed).batch(batch_size).repeat().prefetch(tf.data.AUTOTUNE)
+        return tf.data.Dataset.from_tensor_slices((X, Y)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    X, Y = tf.constant(X), tf.constant(Y)
+    seeds = tf.constant([shuffle_seed], tf.int64)
+    batches = tf.data.Dataset.range(epochs).flat_map(
+        lambda epoch: tf.data.Dataset.from_tensor_slices(epoch_order(seeds, epoch, len(X))[0]).batch(batch_size))
+    return batches.map(lambda index: (tf.gather(X, index), tf.gather(Y, index))).prefetch(tf.data.AUTOTUNE)
 
 
-def shuffled(dataset, rows, seed):
-    """`dataset` reshuffled every epoch in the order seeded by `seed` (and the global seed fit_head sets)."""
-    return dataset.shuffle(rows, seed=seed, reshuffle_each_iteration=True)
+def epoch_order(seeds, epoch, rows):
+    """(K, rows) row orders of one epoch for K heads' seeds: a pure function of (seed, epoch), so a head sees the
+    same batches alone (fit_head) and in a stack (stack.py), and no iterator state is involved."""
+    keys = hash32(seeds[:, None], tf.cast(epoch, tf.int64), tf.range(rows, dtype=tf.int64)[None, :])
+    return tf.argsort(keys, axis=1, stable=True)
+
+
+def hash32(*keys):
+    """A 32-bit hash (int64 tensor) of broadcast int64 `keys`: murmur3's finalizer over an odd-constant mix."""
+    mask = tf.constant(0xFFFFFFFF, tf.int64)
+    x = tf.zeros([], tf.int64)
+    for key, odd in zip(keys, (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1)):
+        x = (x + tf.cast(key, tf.int64) * odd) & mask
+    xor_shift = lambda x, shift: tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(shift, tf.int64)))  # noqa: E731
+    for shift, odd in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        x = (xor_shift(x, shift) * odd) & mask
+    return xor_shift(x, 16)
 
 
 def class_weight_table(y, n_classes):

@@ -4,7 +4,7 @@ The heads' weights are (K, in, out) variables and every layer is one batched mat
 K small heads costs about one step of one head. The heads stay independent: Adam is elementwise,
 so one Adam over the stacked variables is K Adams once its learning rate scales each head's update;
 the loss is the sum of the per-head losses (each with its own label smoothing, class weights and
-L2); each head sees the batches it would see alone (its own seeded shuffle, gathered per head),
+L2); each head sees the batches it would see alone (head.epoch_order of its seed, gathered per head),
 starts from the weights the solo Keras head would start from (built with the same seed and
 copied), and stops on its own patience with its best epoch's weights kept. A stopped head's
 update is masked, and the stack sheds its stopped heads (one retrace) once they are half of it.
@@ -54,7 +54,6 @@ def _fit_stack(configs, X_train, y_train, X_val, y_val, n_classes, on_finished):
     X_train = np.ascontiguousarray(X_train, np.float32)
     X_val = np.ascontiguousarray(X_val, np.float32)
     data = _Data(X_train, y_train, X_val, y_val, n_classes)
-    orders = [_ShuffleOrder(c.seed, len(X_train)) for c in configs]  # before the initial weights, as fit_head seeds them
     state = _State.initial(configs, X_train.shape[1], n_classes)
     results = [None] * len(configs)
     histories = [{key: [] for key in HISTORY_KEYS} for _ in configs]
@@ -64,8 +63,7 @@ def _fit_stack(configs, X_train, y_train, X_val, y_val, n_classes, on_finished):
     program = _Program(data, state, [configs[i] for i in state.heads])
     epoch = 0
     while state.heads:
-        order = np.stack([orders[i].next_epoch() for i in state.heads])
-        train_logs = program.train_epoch(order)
+        train_logs = program.train_epoch(epoch)
         val_loss, val_accuracy = program.validate()
         improved = np.zeros(len(state.heads), bool)
         stopped = []
@@ -95,19 +93,6 @@ def _fit_stack(configs, X_train, y_train, X_val, y_val, n_classes, on_finished):
             state = program.state(live)
             program = _Program(data, state, [configs[i] for i in state.heads]) if live else None
     return results
-
-
-class _ShuffleOrder:
-    """The row order of every epoch of one head, drawn as head.fit_head's seeded tf.data shuffle draws it."""
-
-    def __init__(self, seed, rows):
-        import keras
-
-        keras.utils.set_random_seed(seed)
-        self._batches = iter(head.shuffled(tf.data.Dataset.range(rows), rows, seed).batch(rows).repeat())
-
-    def next_epoch(self):
-        return next(self._batches).numpy()
 
 
 class _Data:
@@ -176,7 +161,7 @@ class _Program:
         train_epoch = tf.function(lambda order: self._train_epoch(order))
         validate = tf.function(lambda: self._validate())
         snapshot = tf.function(lambda improved: self._snapshot(improved))
-        self.train_epoch = lambda order: [t.numpy() for t in train_epoch(tf.constant(order, tf.int32))]
+        self.train_epoch = lambda epoch: [t.numpy() for t in train_epoch(tf.constant(epoch, tf.int64))]
         self.validate = lambda: [t.numpy() for t in validate()]
         self.snapshot = lambda improved: snapshot(tf.constant(improved))
 
@@ -224,9 +209,10 @@ class _Program:
         hits = tf.cast(tf.equal(tf.argmax(logits, axis=2), tf.argmax(y, axis=2)), tf.float32)
         return losses, tf.reduce_sum(hits, axis=1)
 
-    def _train_epoch(self, order):
+    def _train_epoch(self, epoch):
         """Every step of one epoch in one call: Keras's epoch-mean loss and accuracy (not class-weighted) per head."""
         rows, batch = self.data.rows, self.batch_size
+        order = head.epoch_order(self.seeds[:, 0, 0], epoch, rows)  # each head's own order
         full = rows // batch
         heads = tf.shape(order)[0]
         loss_sum, hits = tf.zeros([heads]), tf.zeros([heads])
@@ -266,13 +252,6 @@ class _Program:
 
 def _uniform(seeds, step, layer, shape):
     """Uniform [0, 1) numbers of `shape` (K, rows, units) from a hash of (head seed, step, layer, row, unit)."""
-    mask = tf.constant(0xFFFFFFFF, tf.int64)
-    rows = tf.cast(tf.range(shape[1]), tf.int64)[None, :, None]
-    units = tf.cast(tf.range(shape[2]), tf.int64)[None, None, :]
-    x = (seeds * 0x9E3779B1 + step * 0x85EBCA77 + layer * 0xC2B2AE3D + rows * 0x27D4EB2F + units * 0x165667B1) & mask
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
-    x = (x * 0x85EBCA6B) & mask
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 13))
-    x = (x * 0xC2B2AE35) & mask
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
-    return tf.cast(tf.bitwise.right_shift(x, 8), tf.float32) / float(1 << 24)
+    rows = tf.range(shape[1], dtype=tf.int64)[None, :, None]
+    units = tf.range(shape[2], dtype=tf.int64)[None, None, :]
+    return tf.cast(tf.bitwise.right_shift(head.hash32(seeds, step, layer, rows, units), tf.constant(8, tf.int64)), tf.float32) / float(1 << 24)
