@@ -311,15 +311,14 @@ def _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait):
             stagings = [held.enter_context(_staging(runs_dir / job.run_id)) for job in mine]
             written = []
             started = time.perf_counter()
-            with ThreadPoolExecutor(1) as plotter:  # matplotlib draws one figure at a time, beside the training
+            with ThreadPoolExecutor(1) as plotter:  # plots and TensorBoard files, one at a time, beside the training
 
                 def finished(index, fit):
                     job, staging = mine[index], stagings[index]
                     model = head.build_head(data.X.shape[1], len(data.classes), job.config, compile=False)
                     model.set_weights(fit.weights)
-                    head.write_tensorboard(fit.history, staging / "tensorboard")
                     seconds = (time.perf_counter() - started) / len(mine)  # its share of the stack's time so far
-                    plots = []
+                    plots = [plotter.submit(head.write_tensorboard, fit.history, staging / "tensorboard")]
                     metrics = _write_head(runs_dir, data, job, staging, model, fit.history, fit.best_epoch, seconds, len(mine), plotter, plots)
                     written.append((job, staging, metrics, plots))
 
