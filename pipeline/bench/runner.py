@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import backbones
-from pipeline.bench import STAGES, corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two, startup
+from pipeline.bench import STAGES, corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two, stacks as bench_stacks, startup
 from pipeline.config import DEFAULT_TAPS, ExtractConfig, HeadConfig, ReduceConfig, parse_tap, parse_weights, tap_backbone, tap_layer
 from pipeline.errors import PipelineError
 from pipeline.engines.worker import row_cosines
@@ -111,6 +111,9 @@ def run_bench(options, log=print):
         if "startup" not in options.skip:
             results["startup"] = measure_startup(options, config, policies, corpus, work, log)
         results.update(_stage_two(options, work, log))
+        if "stacks" not in options.skip:  # the 50,000 x 256 figure on stage two's smallest reduced set, when it was made
+            large = work / f"reduced-{min(options.reduce_rows)}-0"
+            results["stacks"] = bench_stacks.measure_stacks(work / "stacks", log, large if large.is_dir() else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {
