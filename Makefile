@@ -34,10 +34,20 @@ BENCH_RESULTS ?=
 
 install: $(VENV)/.installed-$(INSTALL_EXTRAS)
 
+# The TensorFlow package of each flavour (the first of a set of extras), and the other flavour of a set.
+TF_PACKAGE.cpu := tensorflow-cpu
+TF_PACKAGE.gpu := tensorflow
+other_flavour = $(if $(filter gpu,$(firstword $(subst $(comma), ,$(1)))),cpu,gpu)
+
 # One stamp per set of extras: asking for another set installs it. The test extra pulls in ray.
+# tensorflow and tensorflow-cpu write the same files, so switching flavour first removes both (the one
+# asked for may hold the other's files) and forgets the other flavour's stamps; then pip installs one.
 $(VENV)/.installed-%: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	if $(BIN)/pip show --quiet $(TF_PACKAGE.$(call other_flavour,$*)) 2>/dev/null; then \
+		$(BIN)/pip uninstall --quiet --yes $(TF_PACKAGE.cpu) $(TF_PACKAGE.gpu); fi
+	rm -f $(VENV)/.installed-$(call other_flavour,$*) $(VENV)/.installed-$(call other_flavour,$*),*
 	$(BIN)/pip install --quiet -e ".[$*]"
 	touch $@
 

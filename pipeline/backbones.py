@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import WeightSource, tap_backbone, tap_layer
+from pipeline.devices import FLOAT16_TENSOR_CORES
 from pipeline.errors import PipelineError, first_line as _first_line
 from pipeline.layers import caffe_preprocessing
 
@@ -81,6 +82,9 @@ def check_taps(taps, trunks):
 # --- precision -----------------------------------------------------------------------------
 
 
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # CPU flags of bfloat16 units
+
+
 def cpu_flags():
     """The CPU feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
@@ -93,35 +97,76 @@ def cpu_flags():
     return frozenset()
 
 
-def has_gpu():
-    return bool(tf.config.list_physical_devices("GPU"))
+def choose_policy(requested, gpu, flags, compute_capability=None):
+    """`auto`: mixed_float16 on a GPU with float16 tensor cores, mixed_bfloat16 on a CPU with bf16 units, float32 otherwise.
 
-
-def choose_policy(requested, gpu, flags):
-    """`auto`: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with bf16 units, float32 otherwise."""
+    A GPU below compute capability 7.0 (Pascal and older) has no float16 tensor cores: float16
+    would only cost fidelity there. An unknown capability counts as a modern GPU.
+    """
     if requested != "auto":
         return requested
     if gpu:
-        return "mixed_float16"
-    if {"avx512_bf16", "amx_bf16"} & set(flags):
+        old = compute_capability is not None and tuple(compute_capability) < FLOAT16_TENSOR_CORES
+        return "float32" if old else "mixed_float16"
+    if BF16_FLAGS & set(flags):
         return "mixed_bfloat16"
     return "float32"
 
 
-def resolve(config, gpu, flags):
-    """An ExtractConfig with `auto` choices replaced by what this machine gets, so the saved config says what ran."""
-    policy = choose_policy(config.precision, gpu, flags)
+def resolve(config, gpu, flags, compute_capability=None):
+    """An ExtractConfig with `auto` choices replaced by what this machine gets (EXIF orientation: on), so the saved config says what ran."""
+    policy = choose_policy(config.precision, gpu, flags, compute_capability)
     xla = gpu if config.xla is None else config.xla
-    return dataclasses.replace(config, precision=policy, xla=xla)
+    exif = True if config.exif_orientation is None else config.exif_orientation
+    return dataclasses.replace(config, precision=policy, xla=xla, exif_orientation=exif)
 
 
-def enable_gpu_memory_growth():
-    """Let TensorFlow grow GPU memory on demand instead of taking it all (must run before any op)."""
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised in this process: the setting is fixed by then
-            pass
+def disable_tf32():
+    """float32 computes in float32: TF32 (on by default on Ampere and later GPUs) keeps 10 mantissa bits in
+    float32 matmuls and convolutions. Process-wide; float16 and bfloat16 compute does not use it."""
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+
+
+XLA_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+
+
+def persist_xla_programs():
+    """Let XLA keep the programs it compiles in the Keras cache dir (`$KERAS_HOME/xla`), where later processes and
+    Ray actors on this machine find them instead of compiling again. Takes effect only before TensorFlow reads its
+    XLA flags, which listing the devices already does; a directory already set in TF_XLA_FLAGS is kept."""
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    if XLA_CACHE_FLAG not in flags:
+        os.environ["TF_XLA_FLAGS"] = f"{flags} {XLA_CACHE_FLAG}={keras_cache_dir().parent / 'xla'}".strip()
+
+
+def device_record(gpu, forward, op_determinism):
+    """What computes the features, as a shard records it: another GPU model or library version can give other bytes.
+
+    `forward` says how the forward pass runs: "xla", "traced" or "eager"; `op_determinism` whether TensorFlow's is on.
+    """
+    build = tf.sysconfig.get_build_info()
+    if gpu:
+        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+        capability = details.get("compute_capability")
+        name = details.get("device_name", "GPU") + (f" (compute capability {capability[0]}.{capability[1]})" if capability else "")
+    else:
+        name = _cpu_model() or "CPU"
+    return {
+        "device": name,
+        "tensorflow": f"{tf.__version__} ({tf.version.GIT_VERSION})",  # XLA is built into TensorFlow: its version too
+        "cuda": build.get("cuda_version") if gpu else None,
+        "cudnn": build.get("cudnn_version") if gpu else None,
+        "forward": forward,
+        "op_determinism": op_determinism,
+    }
+
+
+def _cpu_model():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
 
 
 # --- weights -------------------------------------------------------------------------------
@@ -202,7 +247,7 @@ def build_tap_model(trunks, taps, pooling, image_size):
     holds only the layers its outputs need). The shared caffe preprocessing runs once.
     """
     images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
-    shared = caffe_preprocessing()(images)
+    shared = caffe_preprocessing(images)
     outputs = {}
     for backbone, trunk in trunks.items():
         keys = [t for t in taps if tap_backbone(t) == backbone]

@@ -14,11 +14,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from pipeline import config as cfg
+from pipeline import config as cfg, devices
 from pipeline.bench import STAGES as BENCH_STAGES
 from pipeline.errors import PipelineError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info logs off the user's screen
+devices.request_memory_growth()  # before any TensorFlow import; inherited by local Ray actors and worker processes
 
 
 REDELIVERY_DELAY_S = 0.1  # after the unraisable hook has returned
@@ -47,6 +48,37 @@ class PipelineGroup(click.Group):
         except (KeyboardInterrupt, Terminated) as e:
             click.echo("interrupted; rerun the same command to resume", err=True)
             ctx.exit(143 if isinstance(e, Terminated) else 130)
+
+
+class TensorFlowCommand(click.Command):
+    """A command that runs TensorFlow in this process: the device options are set before its body runs.
+
+    This is where commands set them (devices.configure), after the flags are parsed and before
+    anything imports TensorFlow. `runs_here(params)` says whether TensorFlow runs in this process
+    (train with --jobs leaves it to its workers). `gpu_work` commands warn loudly when nvidia-smi
+    lists a GPU that TensorFlow does not see. `extract` is not one: it loads TensorFlow only when
+    there is something to compute, and its worker (engines.worker.ShardWorker) sets the options
+    first, in this process or in a Ray actor.
+    """
+
+    def __init__(self, *args, runs_here=lambda params: True, gpu_work=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.runs_here, self.gpu_work = runs_here, gpu_work
+
+    def invoke(self, ctx):
+        if self.runs_here(ctx.params):
+            for problem in devices.configure():
+                click.echo(f"warning: {problem}", err=True)
+            if self.gpu_work:
+                warn_unseen_gpus()
+        return super().invoke(ctx)
+
+
+def warn_unseen_gpus():
+    """Loudly, when nvidia-smi lists an NVIDIA GPU but TensorFlow sees none (the work would run on the CPU)."""
+    unseen = devices.unseen_gpus_warning(bool(devices.tensorflow_gpus()))
+    if unseen:
+        click.echo(click.style(f"WARNING: {unseen}", fg="red", bold=True), err=True)
 
 
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,15 +136,17 @@ class Progress:
     """A tqdm bar on a terminal; a plain line every `interval` seconds otherwise.
 
     `start` gives the total and the images an earlier run finished; the rate and ETA count only
-    the images computed now.
+    the images computed now. `before_computing()` runs at the start of a run with images to compute.
     """
 
-    def __init__(self, label, interval=10.0):
-        self.label, self.interval = label, interval
+    def __init__(self, label, interval=10.0, before_computing=None):
+        self.label, self.interval, self.before_computing = label, interval, before_computing
         self.total = self.done = self.computed = 0
         self.bar = None
 
     def start(self, total, done):
+        if done < total and self.before_computing is not None:
+            self.before_computing()
         self.total, self.done = total, done
         self.started = self.last = time.monotonic()
         if sys.stderr.isatty():
@@ -145,8 +179,8 @@ class Progress:
 _EXTRACT = cfg.ExtractConfig()
 # Keys a --config file may set: every option below but --out and --config themselves.
 EXTRACT_KEYS = (
-    "backbone", "tap", "pooling", "image_size", "resize", "fast_decode", "batch_size", "precision", "xla",
-    "weights", "seed", "shard_size", "storage_dtype", "on_error", "overwrite",
+    "backbone", "tap", "pooling", "image_size", "resize", "fast_decode", "exif_orientation", "batch_size", "precision", "xla",
+    "weights", "seed", "shard_size", "storage_dtype", "on_error", "deterministic", "overwrite",
 )
 
 
@@ -159,13 +193,15 @@ EXTRACT_KEYS = (
 @click.option("--image-size", default=_EXTRACT.image_size, show_default=True, type=click.IntRange(cfg.MIN_IMAGE_SIZE, cfg.MAX_IMAGE_SIZE), help="Square input side in pixels.")
 @click.option("--resize", default=_EXTRACT.resize, show_default=True, type=click.Choice(cfg.RESIZES), help="Squash the whole image, or center-crop to square first.")
 @click.option("--fast-decode/--no-fast-decode", default=_EXTRACT.fast_decode, show_default=True, help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers --image-size (faster, features move slightly).")
+@click.option("--exif-orientation/--no-exif-orientation", default=None, help="Turn photos upright by their EXIF orientation tag before computing. Default: on (a resumed run keeps what it recorded; runs made before this option had it off).")
 @click.option("--batch-size", default=_EXTRACT.batch_size, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--precision", default=_EXTRACT.precision, show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy; auto = mixed_float16 on GPU, mixed_bfloat16 on bf16 CPUs, else float32.")
+@click.option("--precision", default=_EXTRACT.precision, show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy; auto = mixed_float16 on a GPU of compute capability 7.0+, mixed_bfloat16 on bf16 CPUs, else float32.")
 @click.option("--xla/--no-xla", default=_EXTRACT.xla, help="XLA-compile the forward pass. Default: on with a GPU.")
 @click.option("--weights", default=_EXTRACT.weights, show_default=True, help="imagenet, random (seeded), or resnet50=PATH,vgg16=PATH.")
 @click.option("--seed", default=_EXTRACT.seed, show_default=True, type=click.IntRange(min=0), help="Seed for --weights random.")
 @click.option("--shard-size", default=_EXTRACT.shard_size, show_default=True, type=click.IntRange(min=1), help="Listed images per HDF5 shard.")
 @click.option("--storage-dtype", default=_EXTRACT.storage_dtype, show_default=True, type=click.Choice(cfg.STORAGE_DTYPES), help="Dtype of the stored features.")
+@click.option("--deterministic/--no-deterministic", default=_EXTRACT.deterministic, show_default=True, help="On a GPU: TensorFlow's op determinism, so reruns give the same bytes (cuDNN and XLA do not time kernels to pick the fastest).")
 @click.option("--on-error", default=_EXTRACT.on_error, show_default=True, type=click.Choice(cfg.ON_ERROR), help="An undecodable image: record it and go on, or stop.")
 @click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out (refused in a job-array task).")
 @click.option("--num-workers", type=click.IntRange(min=1), help="Job arrays: this task computes only shards k with k % N == --worker-index and writes no manifest. Default: $SLURM_ARRAY_TASK_COUNT, else 1.")
@@ -196,7 +232,8 @@ def extract(ctx, source, out, config_file, num_workers, worker_index, engine, ra
         click.echo(f"warning: {warning}", err=True)
     total = len(listing.records)
     click.echo(f"extract: {total} images from {source} -> {out}", err=True)
-    progress = Progress("extract")
+    # The local engine's worker has loaded TensorFlow (with the device options) when the computing starts.
+    progress = Progress("extract", before_computing=warn_unseen_gpus if engine == "local" else None)
     try:
         result = run_extract(
             config, listing, out, overwrite=overwrite, progress=progress, engine=engine, engine_options=engine_options,
@@ -321,7 +358,7 @@ def _print_extract_summary(result, num_workers, worker_index):
         click.echo(f"warning: {warning}", err=True)
 
 
-@cli.command()
+@cli.command(cls=TensorFlowCommand)
 @click.option("--backbone", multiple=True, type=click.Choice(cfg.BACKBONES), help="Only this backbone; repeat for several. Default: all.")
 @click.option("--image-size", default=_EXTRACT.image_size, show_default=True, type=click.IntRange(cfg.MIN_IMAGE_SIZE, cfg.MAX_IMAGE_SIZE), help="Input side the shapes are given for.")
 def taps(backbone, image_size):
@@ -356,6 +393,8 @@ def inspect(features, verify):
         click.echo(f"  weights {name}: {cfg.WeightSource.from_record(w['source'])} (sha256 {w['sha256'][:12]})")
     p = m["precision"]
     click.echo(f"precision: {p['policy']}, min cosine vs float32 {p['min_cosine_vs_float32']:.5f}")
+    for device, count in shards.devices(features, m).items():
+        click.echo(f"computed on {device or 'a device not recorded'}: {count} shard{'s' if count != 1 else ''}")
     for error in m["errors"][:10]:
         click.echo(f"  error: {error['id']}: {error['reason']}")
     if verify:
@@ -366,6 +405,30 @@ def inspect(features, verify):
             raise click.ClickException(f"{len(problems)} problem(s) in {features}")
         click.echo(f"verified: {len(m['shards'])} shards, {m['rows']} rows, no problems")
 
+
+@cli.command(cls=TensorFlowCommand)
+@click.option("--out", default=".", show_default=True, type=click.Path(file_okay=False), help="Where features would go: its free space is reported.")
+@click.option("--require-gpu", is_flag=True, help="Exit non-zero when TensorFlow sees no GPU (for a GPU node's job script).")
+def doctor(out, require_gpu):
+    """Check this machine for stage one: TensorFlow build, GPUs, precision and XLA choices, caches, space.
+
+    Exits 1 when something a GPU run needs is missing (e.g. nvidia-smi lists a GPU that TensorFlow
+    cannot see).
+    """
+    from pipeline.doctor import diagnose, failed
+
+    findings = diagnose(out, require_gpu)
+    width = max(len(finding.topic) for finding in findings)
+    for finding in findings:
+        click.echo(f"{finding.status:<4}  {finding.topic:<{width}}  {finding.value}")
+        if finding.hint:
+            click.echo(f"{'':<4}  {'':<{width}}  -> {finding.hint}")
+    problems = failed(findings)
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s) for a GPU run: " + "; ".join(p.topic for p in problems))
+    click.echo("no problems found")
+
+
 # --- using a run: predict, export ---
 
 _RUN_WEIGHTS_HELP = (
@@ -374,7 +437,7 @@ _RUN_WEIGHTS_HELP = (
 )
 
 
-@cli.command()
+@cli.command(cls=TensorFlowCommand, gpu_work=True)
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write: one row per listed image, sorted by id.")
@@ -411,7 +474,7 @@ def predict(run, source, out, **options):
         click.echo(f"accuracy: {result.accuracy:.3f} on {result.labelled} labelled images")
 
 
-@cli.command()
+@cli.command(cls=TensorFlowCommand)
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(), help="Where to write: a .keras file, or for saved_model a directory that receives OUT/VERSION/ (point TF Serving at OUT).")
 @click.option("--format", "format_", default="keras", show_default=True, type=click.Choice(cfg.EXPORT_FORMATS), help="keras: one .keras file; saved_model: a TensorFlow SavedModel whose signatures take encoded image bytes or uint8 pixels.")
@@ -437,7 +500,7 @@ def export(run, out, format_, **options):
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
 
-@cli.command()
+@cli.command(cls=TensorFlowCommand, gpu_work=True)
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False), help="Directory for bench.json and bench.md.")
 @click.option("--quick", is_flag=True, help="A few minutes: 64 px, 32 images, 1 run, tiny stage two; a smoke test, not a measurement.")
 @click.option("--image-size", type=click.IntRange(min=32), help="Model input side. Default: 224 (64 with --quick).")
@@ -547,7 +610,7 @@ def reduce(features, out, overwrite, engine, ray_address, **options):
     click.echo(f"wrote {out} in {report['seconds']:.1f} s")
 
 
-@cli.command("train")
+@cli.command("train", cls=TensorFlowCommand, runs_here=lambda params: params["engine"] == "local" and params["jobs"] == 1)
 @click.argument("reduced", type=click.Path(file_okay=False))
 @click.option("--runs", "runs_dir", required=True, type=click.Path(file_okay=False), help="Runs directory: one sub-directory per run, plus leaderboard.csv.")
 @click.option("--hidden", multiple=True, default=_HEAD.hidden, show_default=True, type=click.IntRange(min=1), help="Units of a hidden ReLU layer; repeat for more layers, input side first.")
@@ -605,7 +668,7 @@ _TABLE_COLUMNS = ("run_id", "kind", "val_accuracy", "test_accuracy", "val_macro_
 @click.option("--top", default=20, show_default=True, type=click.IntRange(min=1), help="Rows to show.")
 def runs(runs_dir, sort, top):
     """Print the leaderboard of RUNS as a table, best first; the linear-probe baseline is marked."""
-    from pipeline.train import METRIC_COLUMNS, leaderboard, sort_rows
+    from pipeline.leaderboard import METRIC_COLUMNS, leaderboard, sort_rows
 
     rows, warnings = leaderboard(runs_dir)
     for warning in warnings:

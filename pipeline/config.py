@@ -9,10 +9,10 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engines import ENGINES  # noqa: F401  (the CLI offers them from here)
 from pipeline.errors import PipelineError
 
 BACKBONES = ("resnet50", "vgg16")
+ENGINES = ("local", "ray")  # where work runs (engines.make_engine builds stage one's); the CLI offers them from here
 POOLINGS = ("avg", "max", "avgmax")
 RESIZES = ("squash", "center-crop")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -147,12 +147,18 @@ class _Config:
     """What every run configuration shares: a JSON-ready dict and a hash that names it."""
 
     _UNHASHED = ()  # fields that do not change what a run writes
+    # Fields added after runs were recorded, with the value that means what such a run did: a record
+    # without the field has that value, and the hash leaves the field out while it has it (old hashes stay valid).
+    _LEGACY = {}
 
     def to_dict(self):
         return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
 
     def sha256(self):
-        return sha256_json({key: value for key, value in self.to_dict().items() if key not in self._UNHASHED})
+        return sha256_json({
+            key: value for key, value in self.to_dict().items()
+            if key not in self._UNHASHED and not (key in self._LEGACY and value == self._LEGACY[key])
+        })
 
 
 # Keys of a recorded run config (shard attrs, manifest) that describe the listed images, not the extraction.
@@ -163,7 +169,8 @@ SOURCE_KEYS = ("source", "source_sha256")
 class ExtractConfig(_Config):
     """Everything that decides the bytes stage one writes."""
 
-    _UNHASHED = ("on_error",)  # it only decides whether a run stops
+    _UNHASHED = ("on_error", "deterministic")  # whether a run stops; whether a GPU's kernels are picked reproducibly
+    _LEGACY = {"exif_orientation": False}
 
     taps: tuple[str, ...] = DEFAULT_TAPS  # "backbone/layer"; each backbone is cut at its deepest tap
     pooling: str = "avg"  # global pooling of each tap: avg, max, or both concatenated
@@ -178,6 +185,8 @@ class ExtractConfig(_Config):
     shard_size: int = 4096  # listed images per HDF5 shard
     storage_dtype: str = "float32"  # dtype of stored features; pooling is always float32
     on_error: str = "skip"  # undecodable image: record and go on, or stop the run
+    deterministic: bool = True  # on a GPU: TensorFlow's op determinism (no timed kernel picking), so reruns give the same bytes
+    exif_orientation: bool | None = None  # turn images upright by their EXIF orientation; None: on (a resumed run: as recorded)
 
     def __post_init__(self):
         _check_types(self)
@@ -206,7 +215,7 @@ class ExtractConfig(_Config):
         A setting added after the run was made takes its default, which by design keeps the old
         behaviour; a setting this version does not know cannot be rebuilt (`where` names the record).
         """
-        settings = {key: value for key, value in recorded.items() if key not in SOURCE_KEYS}
+        settings = {**cls._LEGACY, **{key: value for key, value in recorded.items() if key not in SOURCE_KEYS}}
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise PipelineError(

@@ -1,6 +1,6 @@
 """`pipeline export`: a head run as one model, images in, class probabilities and names out.
 
-The model is built from built-in Keras layers only, all float32 and frozen: the extraction's
+The model is built from built-in Keras layers and ops only, all float32 and frozen: the extraction's
 resize (Rescaling to float32, then Resizing), the fused tap model (caffe preprocessing, trunks cut
 at their deepest tap, global pooling), the taps concatenated in the transform's order, scaling +
 PCA folded into one Dense, the trained head, and a StringLookup naming the top class. It is
@@ -162,9 +162,15 @@ def serving_archive(model, image_size, resize, classes):
     extraction does, so one batch may mix sizes and formats. `pixels(images)`: uint8
     (B, H, W, 3) of one size. `classes` is the vocabulary repeated per row, (B, classes), so
     that every output has the batch dimension TF Serving's row format needs.
+
+    The decoding and the antialiased resize are pinned to the CPU: its op (ScaleAndTranslate) has
+    only a CPU kernel, so left to TensorFlow's placer on a GPU server the cast would run on the GPU
+    and every full-size float32 image would cross to the CPU and back. Pinned, the request's pixels
+    stay on the host and only the resized (B, S, S, 3) batch goes to the GPU. Same ops, same numbers.
     """
     # The same layers from the resized pixels on: the bytes path resizes image by image.
     after_resize = keras.Model(model.get_layer("resize").output, model.output)
+    to_float32, resize_layer = model.get_layer("to_float32"), model.get_layer("resize")
     vocabulary = tf.constant(list(classes))
 
     def nothing():
@@ -177,10 +183,16 @@ def serving_archive(model, image_size, resize, classes):
         return {**result, "classes": tf.tile(vocabulary[None], [rows, 1])}
 
     def from_bytes(images):
-        pixels = tf.map_fn(
-            lambda contents: resize_image(decode_image(contents), image_size, resize), images,
-            fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.float32),
-        )
+        with tf.device("/CPU:0"):
+            pixels = tf.map_fn(
+                lambda contents: resize_image(decode_image(contents), image_size, resize), images,
+                fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.float32),
+            )
+        return after_resize(pixels, training=False)
+
+    def from_pixels(images):
+        with tf.device("/CPU:0"):
+            pixels = resize_layer(to_float32(images), training=False)
         return after_resize(pixels, training=False)
 
     archive = keras.export.ExportArchive()
@@ -189,7 +201,7 @@ def serving_archive(model, image_size, resize, classes):
         "serving_default", functools.partial(outputs, from_bytes), [tf.TensorSpec((None,), tf.string, name="images")]
     )
     archive.add_endpoint(
-        "pixels", functools.partial(outputs, functools.partial(model, training=False)),
+        "pixels", functools.partial(outputs, from_pixels),
         [tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")],
     )
     return archive

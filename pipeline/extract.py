@@ -28,7 +28,7 @@ from pipeline.sources import Listing
 
 FIDELITY_THRESHOLD = 0.99  # min cosine vs float32 below which a reduced-precision run warns
 LOCK_NAME = ".pipeline.lock"  # in the features dir: one writer at a time (job-array tasks share it)
-_AUTO = {"precision": "auto", "xla": None}  # requested values that any resolved value satisfies
+_AUTO = {"precision": "auto", "xla": None, "exif_orientation": None}  # requested values that any resolved value satisfies
 _SPACE_MARGIN = 1.1  # free disk space wanted beyond the estimated size of the pending shards
 # Listings this small run the model eagerly: tracing costs ~2 s, eager calls ~0.1 s more per 224 px image (2 CPU cores).
 EAGER_MAX_IMAGES = 16
@@ -117,7 +117,7 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
         return ExtractResult(None, out_dir, written=0, skipped=len(ranges), up_to_date=True)
 
     to_run = _run_config_to_extract(existing.config, config, out_dir) if resumed else config
-    from pipeline.engines import RunIdentity, ShardJob, make_engine  # the local engine loads TensorFlow, once there is something to compute
+    from pipeline.engines import RunIdentity, ShardTask, make_engine  # the local engine loads TensorFlow, once there is something to compute
 
     engine = make_engine(engine_name, **engine_options)
     try:
@@ -140,7 +140,7 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
         if overwriting:  # only now that the new run is known to load and to fit
             _remove_outputs(out_dir, replaced[1:])
         progress.start(_images(ranges, pending | done), _images(ranges, done))
-        jobs = [ShardJob(k, listing.records[slice(*ranges[k])]) for k in sorted(pending)]
+        jobs = [ShardTask(k, listing.records[slice(*ranges[k])]) for k in sorted(pending)]
         engine.run(jobs, RunIdentity(run.config_sha256, run.config, worker.weights, worker.taps), out_dir, progress)
         if num_workers == 1:
             _remove_leftovers(out_dir)  # a worker killed while writing (a Ray actor) leaves its temp file
@@ -233,25 +233,30 @@ def _same_run(recorded, config, source_sha256):
         return False
     wanted = config.to_dict()
     return all(
-        recorded.get(key) == value or (key in _AUTO and value == _AUTO[key])
+        _recorded(recorded, key) == value or (key in _AUTO and value == _AUTO[key])
         for key, value in wanted.items()
         if key not in ExtractConfig._UNHASHED
     )
 
 
+def _recorded(recorded, key):
+    """A recorded setting; one added since the run was made has the value that means what the run did."""
+    return recorded.get(key, ExtractConfig._LEGACY.get(key))
+
+
 def _run_config_to_extract(recorded, config, out_dir):
-    """The recorded run's resolved config, to finish it exactly as it began (with this call's on_error)."""
-    return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error)
+    """The recorded run's resolved config, to finish it exactly as it began (with this call's on_error and deterministic)."""
+    return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error, deterministic=config.deterministic)
 
 
 def _differences(recorded, config, source_sha256, shard_paths, listing):
     wanted = config.to_dict()
     keys = [
         key for key in wanted
-        if key not in ExtractConfig._UNHASHED and recorded.get(key) != wanted[key] and not (key in _AUTO and wanted[key] == _AUTO[key])
+        if key not in ExtractConfig._UNHASHED and _recorded(recorded, key) != wanted[key] and not (key in _AUTO and wanted[key] == _AUTO[key])
     ]
     if keys:
-        return ", ".join(f"{key}: {recorded.get(key)!r} -> {wanted[key]!r}" for key in keys)
+        return ", ".join(f"{key}: {_recorded(recorded, key)!r} -> {wanted[key]!r}" for key in keys)
     return _changed_images(shard_paths, listing, recorded.get("shard_size")) or "same settings, other images"
 
 

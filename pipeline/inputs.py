@@ -1,8 +1,8 @@
 """The input pipeline: read, decode, resize, batch and prefetch with tf.data, plus a Pillow fallback.
 
 TensorFlow reads and decodes JPEG, PNG, BMP and still WebP in parallel inside the graph, once
-the image's header says it is within MAX_PIXELS. An element whose header check, read or decode
-fails is dropped from the stream by `ignore_errors`; the caller sees the gap in the carried
+the image's header says it is within MAX_PIXELS. An element whose header check fails is filtered
+out, one whose read or decode fails is dropped by `ignore_errors`; the caller sees the gap in the carried
 indices and decodes that file with Pillow (GIF, TIFF, and whatever else TensorFlow rejects),
 or records why nobody could. The caller passes None for files its listing found unsafe to read
 (see `file_problem`); the fallback reads every file with the same checks (`read_image_file`).
@@ -46,6 +46,8 @@ _HEADERS = (
     ([(0, b"RIFF", None), (8, b"WEBPVP8X", None), (20, b"\x00", b"\x02")], (24, 3, False, 0, 24, 1), (27, 3, False, 0, 24, 1)),
 )
 _HEAD = 32  # header bytes read for the check
+EXIF_HEAD = 1 << 17  # bytes read to find an image's EXIF orientation
+EXIF_ORIENTATION_TAG = 0x0112
 
 
 def _header_tables():
@@ -94,11 +96,39 @@ def read_image_file(path):
     return contents
 
 
-def _for_tensorflow(contents):
-    """`contents` if TensorFlow may decode them, else an error: a gap that the Pillow fallback fills."""
-    check = tf.debugging.Assert(_header_pixels(contents) <= MAX_PIXELS, ["left to the Pillow fallback"])
-    with tf.control_dependencies([check]):
-        return tf.identity(contents)
+def _fits(contents, fast_decode):
+    """Whether TensorFlow may decode `contents`: a bool tensor, False leaving a gap that the Pillow fallback fills.
+
+    A stateless signal rather than an assert, so that op determinism keeps the map parallel. With
+    `fast_decode` a JPEG's full size is checked too: its scaled decode would pass the decoder's own check.
+    """
+    fits = _header_pixels(contents) <= MAX_PIXELS
+    if not fast_decode:
+        return fits
+    jpeg = tf.cond(
+        tf.io.is_jpeg(contents),
+        lambda: tf.reduce_prod(tf.image.extract_jpeg_shape(contents, output_type=tf.int64)[:2]),
+        lambda: tf.constant(0, tf.int64),
+    )
+    return fits & (jpeg <= MAX_PIXELS)
+
+
+def load_image(contents, image_size, resize, fast_decode=False, orientation=None):
+    """What the input map does with one file's bytes: (float32 (S, S, 3) image, whether it was decoded).
+
+    An image that may not be decoded (see `_fits`) comes back as zeros with False, without being
+    decoded; bytes that fail to decode raise, as any decoder error does. `orientation` (an EXIF
+    orientation tensor, or None) turns the decoded image upright before it is resized.
+    """
+    decode = functools.partial(_decode_fast, image_size=image_size) if fast_decode else decode_image
+
+    def upright_and_resized():
+        image = decode(contents)
+        return resize_image(image if orientation is None else orient(image, orientation), image_size, resize)
+
+    fits = _fits(contents, fast_decode)
+    image = tf.cond(fits, upright_and_resized, lambda: tf.zeros((image_size, image_size, 3), tf.float32))
+    return image, fits
 
 
 def _header_pixels(contents):
@@ -135,39 +165,83 @@ def _decode_fast(contents, image_size):
             (short_side >= (image_size - 1) * ratio + 1, functools.partial(tf.io.decode_jpeg, contents, channels=3, ratio=ratio))
             for ratio in JPEG_RATIOS
         ]
-        # a scaled decode would pass the decoder's own size check, so check the full size here
-        with tf.control_dependencies([tf.debugging.Assert(shape[0] * shape[1] <= MAX_PIXELS, ["too many pixels"])]):
-            return tf.case(branches, default=functools.partial(decode_image, contents))
+        return tf.case(branches, default=functools.partial(decode_image, contents))  # the full size is checked by `_fits`
 
     image = tf.cond(tf.io.is_jpeg(contents), scaled_jpeg, functools.partial(decode_image, contents))
     image.set_shape([None, None, 3])
     return image
 
 
-def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_decode=False):
+def exif_orientation(path):
+    """The EXIF orientation (1..8) of the image at `path` (str or bytes), from its first bytes; 1 (as stored) when it has none.
+
+    Read like `read_image_file` (a FIFO or device is never opened for reading), and only as far as
+    EXIF_HEAD: a JPEG's EXIF segment comes first and holds at most 64 KiB. Anything unreadable
+    counts as 1; the decode that follows names the problem.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return 1
+    try:
+        if file_problem(os.fstat(fd)):
+            return 1
+        with open(fd, "rb", closefd=False) as f:
+            head = f.read(EXIF_HEAD)
+        with Image.open(io.BytesIO(head), formats=PILLOW_FORMATS) as image:
+            if image.format == "TIFF":
+                return 1  # only Pillow decodes TIFF, and it turns the image upright itself
+            value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # Pillow's own fuzzing counts any Exception as a rejected file
+        return 1
+    finally:
+        os.close(fd)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def orient(image, orientation):
+    """A decoded (H, W, C) image turned upright by its EXIF `orientation` (an int32 scalar, 1..8; 1 leaves it as stored).
+
+    Each orientation is a transpose (5..8) followed by a left-right and/or an up-down flip, as
+    Pillow's ImageOps.exif_transpose applies them.
+    """
+    image = tf.cond(orientation >= 5, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
+    image = tf.cond(tf.reduce_any(orientation == [2, 3, 6, 7]), lambda: tf.reverse(image, [1]), lambda: image)
+    image = tf.cond(tf.reduce_any(orientation == [3, 4, 7, 8]), lambda: tf.reverse(image, [0]), lambda: image)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_decode=False, orientations=None):
     """Dataset of (indices int64 (B,), images float32 (B, S, S, 3)) over the given shard ranges.
 
     Batches never cross a shard boundary, so a shard's batches (and so its bytes) are the same
     whether a run does every shard or resumes at this one. Indices point into `paths`, whose
     entries are str or bytes; a None entry is never read and leaves a gap like a failed decode.
-    `fast_decode` decodes large JPEGs at a reduced DCT scale (see `_decode_fast`).
+    `fast_decode` decodes large JPEGs at a reduced DCT scale (see `_decode_fast`). `orientations`,
+    one EXIF orientation per path, turns each image upright after decoding (see `orient`).
     """
     paths = list(paths)
     readable = tf.constant([i for i, p in enumerate(paths) if p is not None], dtype=tf.int64)
     # Bytes, so that a name with undecodable (surrogate-escaped) bytes reaches the file system as is.
     paths = tf.constant([b"" if p is None else os.fsencode(p) for p in paths], dtype=tf.string)
-    decode = functools.partial(_decode_fast, image_size=image_size) if fast_decode else decode_image
+
+    upright = tf.constant(orientations, tf.int32) if orientations is not None else None
+
+    def upright_of(index):
+        return None if upright is None else upright[index]
 
     def load(index):
-        contents = _for_tensorflow(tf.io.read_file(paths[index]))
-        return index, resize_image(decode(contents), image_size, resize)
+        return index, *load_image(tf.io.read_file(paths[index]), image_size, resize, fast_decode, upright_of(index))
 
     def shard(start, stop):
         low, high = tf.unstack(tf.searchsorted(readable, tf.stack([start, stop]), out_type=tf.int64))
         return (
-            tf.data.Dataset.from_tensor_slices(readable[low:high])  # a per-element filter costs ~20%
+            tf.data.Dataset.from_tensor_slices(readable[low:high])  # slicing: a per-element filter here cost ~20%
             .map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-            .ignore_errors()
+            .ignore_errors()  # what failed to decode
+            .filter(lambda index, image, decoded: decoded)  # what was not decoded
+            .map(lambda index, image, decoded: (index, image))
             .batch(batch_size)
         )
 
@@ -175,6 +249,38 @@ def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_deco
     stops = [stop for _, stop in shard_ranges]
     dataset = tf.data.Dataset.from_tensor_slices((tf.constant(starts, tf.int64), tf.constant(stops, tf.int64)))
     return dataset.flat_map(shard).prefetch(AUTOTUNE)
+
+
+def pillow_batches(items, batch_size, image_size, resize, failed, orientations=None):
+    """Decode with Pillow what TensorFlow could not: batches of (indices int64 (B,), images float32 (B, S, S, 3)).
+
+    `items` are (index, path, problem) in order; one with a problem, or that Pillow cannot decode
+    either, goes to `failed(index, reason)` (which may raise to stop) and into no batch. Pictures are
+    decoded `batch_size` at a time, each batch once the caller has taken the one before, so a shard
+    that only Pillow can read holds one batch of pictures, not the whole shard; the batches are the
+    same as decoding all first and then batching would give. `orientations` (EXIF orientation by
+    index, or None) turns each picture upright first, as the input map does.
+    """
+    indices, pictures = [], []
+    for index, path, problem in items:
+        try:
+            if problem:
+                raise UndecodableImage(problem)
+            pixels = decode_with_pillow(path)
+        except UndecodableImage as e:
+            failed(index, str(e))
+            continue
+        indices.append(index)
+        picture = tf.constant(pixels)
+        if orientations is not None:
+            picture = orient(picture, tf.constant(orientations[index], tf.int32))
+        pictures.append(resize_image(picture, image_size, resize))
+        del pixels
+        if len(pictures) == batch_size:
+            yield np.array(indices, np.int64), tf.stack(pictures)
+            indices, pictures = [], []
+    if pictures:
+        yield np.array(indices, np.int64), tf.stack(pictures)
 
 
 def decode_with_pillow(path):

@@ -1,13 +1,12 @@
-"""The resize and preprocessing shared by extraction and export, as built-in Keras layers.
+"""The resize and preprocessing shared by extraction and export, as built-in Keras layers and ops.
 
-Extraction and new exports use only built-in layers, so an exported .keras file loads with plain
-`keras.saving.load_model` and nothing from pipeline. The four registered classes at the end
-(CaffePreprocess, SquareResize, ScaledPCA, ClassNames) are what exports written before that
-contain: they stay, unused here, so that those files still load after `import pipeline.layers`.
+Extraction and new exports use only built-in layers and Keras ops, so an exported .keras file
+loads with plain `keras.saving.load_model` and nothing from pipeline. The four registered classes
+at the end (CaffePreprocess, SquareResize, ScaledPCA, ClassNames) are what exports written before
+that contain: they stay, unused here, so that those files still load after `import pipeline.layers`.
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -15,16 +14,15 @@ from keras import ops
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
-def caffe_preprocessing(name="caffe_preprocess"):
-    """A frozen Dense(3) on the channel axis: RGB 0..255 -> BGR minus the ImageNet means (float32).
+def caffe_preprocessing(images, name="caffe_preprocess"):
+    """Symbolic RGB 0..255 -> BGR minus the ImageNet means (float32), exactly as keras.applications' caffe mode.
 
-    The kernel is the channel permutation and the bias the negated means, so each output is
-    x * 1 + 0 + 0 - mean: exactly what flipping and subtracting give.
+    A channel flip (a Keras op, saved with the model) and a Rescaling by 1 whose offset is the
+    negated means: x * 1 + offset rounds once, as x - mean does. No matmul, so TF32 (on by default
+    on Ampere and later GPUs) cannot round the pixels, as it would in the Dense(3) this replaces.
     """
-    layer = keras.layers.Dense(3, dtype="float32", trainable=False, name=name)
-    layer.build((None, 3))
-    layer.set_weights([np.eye(3, dtype=np.float32)[::-1], -np.asarray(CAFFE_MEAN_BGR, dtype=np.float32)])
-    return layer
+    bgr = ops.flip(images, axis=-1)
+    return keras.layers.Rescaling(1.0, offset=[-mean for mean in CAFFE_MEAN_BGR], dtype="float32", name=name)(bgr)
 
 
 def resize_image(images, image_size, resize):
@@ -37,7 +35,8 @@ def resize_image(images, image_size, resize):
         shape = tf.shape(images)
         height, width = shape[-3], shape[-2]
         side = tf.minimum(height, width)
-        images = tf.image.crop_to_bounding_box(images, (height - side) // 2, (width - side) // 2, side, side)
+        top, left = (height - side) // 2, (width - side) // 2
+        images = images[..., top : top + side, left : left + side, :]  # slicing: crop_to_bounding_box adds stateful asserts
     return tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
 
 

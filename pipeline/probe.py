@@ -11,7 +11,6 @@ every group's components.
 import dataclasses
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +18,6 @@ import joblib
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
@@ -31,16 +28,16 @@ from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, follow_link, link, recorded_link
 from pipeline.reduce import (
-    REDUCED_NAME, SPLITS, NonFinite, assign_splits, check_shards, choose_solver, load_reduced, masked_chunks, read_rows,
-    resolve_taps, split_sha256, split_source,
+    NonFinite, assign_splits, check_shards, choose_solver, masked_chunks, read_rows, resolve_taps, split_sha256, split_source,
 )
-from pipeline.train import BASELINE_MAX_ITER, class_probabilities, evaluate
+from pipeline.reduced import REDUCED_NAME, SPLITS, load_reduced
+from pipeline.scoring import PROBE_MODEL, class_probabilities, evaluate, fit_linear_probe
 
 PROBE_FORMAT = "pipeline-probe/1"
 PROBE_NAME = "probe.json"
 CHART_NAME = "probe.png"
 SPLIT_OPTIONS = ("val_fraction", "test_fraction", "split_seed")
-SCORES = ("rows", "accuracy", "macro_f1", "log_loss")  # of train.evaluate's metrics, kept per split
+SCORES = ("rows", "accuracy", "macro_f1", "log_loss")  # of scoring.evaluate's metrics, kept per split
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,7 @@ def probe(path, out_dir, jobs=None, **options):
         "inputs": source.inputs,
         "settings": {
             **{key: value for key, value in source.config.to_dict().items() if key != "solver"},
-            "model": {"class": "sklearn.linear_model.LogisticRegression", "max_iter": BASELINE_MAX_ITER},
+            "model": PROBE_MODEL,
         },
         "classes": source.manifest["classes"],
         "rows": len(source.labels),
@@ -351,13 +348,10 @@ def _project(source, scaling, fitted):
 
 
 def _fit_probe(X, labels, splits, classes):
-    """({val, test, iterations, converged}, seconds) of train's baseline probe on one group's components."""
+    """({val, test, iterations, converged}, seconds) of the linear probe (train's baseline) on one group's components."""
     started = time.perf_counter()
     train = splits == "train"
-    model = LogisticRegression(max_iter=BASELINE_MAX_ITER)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as "converged" instead
-        model.fit(X[train], labels[train])
+    model, fit = fit_linear_probe(X[train], labels[train])
     scores = {}
     for split in ("val", "test"):
         rows = splits == split
@@ -366,8 +360,7 @@ def _fit_probe(X, labels, splits, classes):
             continue
         metrics = evaluate(labels[rows], class_probabilities(model, X[rows], len(classes)), classes)
         scores[split] = {key: metrics[key] for key in SCORES}
-    iterations = int(np.max(model.n_iter_))
-    scores.update(iterations=iterations, converged=iterations < BASELINE_MAX_ITER)
+    scores.update(fit)
     return scores, time.perf_counter() - started
 
 

@@ -1,6 +1,5 @@
-"""Stage two (a): fixed splits, per-tap scaling and PCA fitted on train rows, written as reduced/."""
+"""Stage two (a): fixed splits, per-tap scaling and PCA fitted on train rows, written as reduced/ (the format: reduced.py)."""
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -10,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import joblib
 import numpy as np
 from matplotlib.figure import Figure
@@ -22,18 +20,10 @@ from pipeline.config import ReduceConfig
 from pipeline.estimators import CovariancePCA  # noqa: F401
 from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
 from pipeline.errors import PipelineError
-from pipeline.files import (
-    LockBusy, atomic_dir, leftover_temps, lock_beside, locked, make_dir, read_json, remove, storage_errors, write_json,
-)
-from pipeline.lineage import (
-    MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, check_sha256, link, parse_record, read_hashed, sha256_file,
-)
+from pipeline.files import atomic_dir, leftover_temps, lock_beside, locked, make_dir, read_json, remove, storage_errors, write_json
+from pipeline.lineage import MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, link, sha256_file
+from pipeline.reduced import CHECKED_OUTPUTS, PLOT_NAME, REDUCED_NAME, SPLITS, output_damage, write_reduced
 
-REDUCED_NAME = "reduced.h5"
-PLOT_NAME = "explained_variance.png"
-OUTPUT_NAMES = (REDUCED_NAME, TRANSFORM_NAME, PLOT_NAME, REPORT_NAME)
-CHECKED_OUTPUTS = (REDUCED_NAME, TRANSFORM_NAME)  # what later stages load: reduce.json records their sha256
-SPLITS = ("train", "val", "test")
 # auto keeps the train rows in memory up to this share of RAM: a full SVD holds about three copies.
 IN_MEMORY_SHARE = 0.25
 _ROW_OVERHEAD = 256  # bytes of reduced.h5 per row besides X: id, label, split and HDF5 bookkeeping
@@ -49,7 +39,8 @@ def assign_splits(ids, labels, given, val_fraction, test_fraction, seed):
     """train/val/test for every row: the source's split where it gave one, else a stable stratified hash.
 
     Within each class, rows without a given split are ordered by sha256(f"{seed}:{id}"); the first
-    round(n * test_fraction) go to test, the next round(n * val_fraction) to val, the rest to train.
+    n * test_fraction rounded half up go to test, the next n * val_fraction rounded half up to val
+    (Python's round() would round halves to even), the rest to train.
     Unlabeled rows (label -1) are placed by their own hash alone.
     """
     splits = np.array(given, dtype=object)
@@ -190,14 +181,14 @@ def _reduce(features_dir, manifest, features, out_dir, config, engine, ray_addre
 
     transform = TapTransform(tap_dims, config.scaling, config.components, config.whiten, solver)
     if solver == "incremental":
-        jobs = _shard_jobs(features_dir, manifest, config, is_train)
+        tasks = _shard_sums_tasks(features_dir, manifest, config, is_train)
         if engine == "ray":
             from pipeline.engines.ray_reduce import ray_map
 
             with ray_map(ray_address) as run:
-                fit_incremental(transform, jobs, run)
+                fit_incremental(transform, tasks, run)
         else:
-            fit_incremental(transform, jobs, map)
+            fit_incremental(transform, tasks, map)
     else:
         bad = NonFinite(config.taps, tap_dims)
         X = _stack(_train_rows(_chunks(features_dir, manifest["shards"], config.taps, config.batch_rows), is_train, bad), n_train, dim)
@@ -207,7 +198,9 @@ def _reduce(features_dir, manifest, features, out_dir, config, engine, ray_addre
     previous = "the previous reduction in it is unchanged" if out_dir.exists() else "nothing was written"
     with storage_errors(f"reduced directory {out_dir}", f"{previous}; free space (or fix the rights) and rerun the same command"):
         with atomic_dir(out_dir) as staging:
-            _write_reduced(staging / REDUCED_NAME, features_dir, manifest, config, transform, ids, labels, splits)
+            chunks = _chunks(features_dir, manifest["shards"], config.taps, config.batch_rows)
+            reduced_rows = (transform.transform(chunk) for _, chunk in chunks)
+            write_reduced(staging / REDUCED_NAME, ids, labels, splits, transform.pca_.n_components_, reduced_rows, config.sha256())
             joblib.dump(transform, staging / TRANSFORM_NAME)
             ratios = transform.pca_.explained_variance_ratio_.astype(float)
             _plot_explained_variance(ratios, staging / PLOT_NAME)
@@ -299,27 +292,6 @@ def _previous(out_dir, manifest_sha256, config, overwrite):
             )
         return None, None
     return previous, output_damage(out_dir, previous)
-
-
-def output_damage(reduced_dir, report):
-    """What is missing or changed among a reduced dir's outputs (a sentence's start), or None when they are intact.
-
-    A reduced dir written before reduce.json recorded its outputs' sha256 only needs a reduced.h5 that opens.
-    """
-    missing = [name for name in OUTPUT_NAMES if not (reduced_dir / name).is_file()]
-    if missing:
-        return f"{reduced_dir} lacks {', '.join(missing)}"
-    if "outputs" not in report:
-        try:
-            with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
-                f["X"].shape
-        except (OSError, KeyError) as e:
-            return f"{reduced_dir / REDUCED_NAME} cannot be read ({str(e).splitlines()[0]})"
-    for name, recorded in report.get("outputs", {}).items():
-        actual = sha256_file(reduced_dir / name)
-        if actual != recorded:
-            return f"{reduced_dir / name} is damaged (sha256 {actual[:12]}, but {REPORT_NAME} recorded {recorded[:12]})"
-    return None
 
 
 def _changes(previous, manifest_sha256, config):
@@ -429,7 +401,7 @@ def _train_rows(chunks, is_train, bad=None):
 
 
 @dataclass(frozen=True)
-class ShardJob:
+class ShardSumsTask:
     """One shard's part of the incremental solver's passes: which rows are train, and how to read it."""
 
     features_dir: Path
@@ -440,29 +412,29 @@ class ShardJob:
     batch_rows: int
 
 
-def _shard_jobs(features_dir, manifest, config, is_train):
+def _shard_sums_tasks(features_dir, manifest, config, is_train):
     dims = {t["key"]: t["dim"] for t in manifest["taps"]}
     offsets = np.cumsum([0, *(entry["rows"] for entry in manifest["shards"])])
     return [
-        ShardJob(features_dir, entry, config.taps, tuple(dims[t] for t in config.taps), is_train[a:b], config.batch_rows)
+        ShardSumsTask(features_dir, entry, config.taps, tuple(dims[t] for t in config.taps), is_train[a:b], config.batch_rows)
         for entry, a, b in zip(manifest["shards"], offsets[:-1], offsets[1:])
     ]
 
 
-def shard_moments(job):
+def shard_moments(task):
     """First pass over one shard: (Moments of its train rows, NonFinite count of all its rows)."""
-    bad = NonFinite(job.taps, job.tap_dims)
-    chunks = _chunks(job.features_dir, [job.entry], job.taps, job.batch_rows)
-    return moment_sums(_train_rows(chunks, job.is_train, bad), sum(job.tap_dims)), bad
+    bad = NonFinite(task.taps, task.tap_dims)
+    chunks = _chunks(task.features_dir, [task.entry], task.taps, task.batch_rows)
+    return moment_sums(_train_rows(chunks, task.is_train, bad), sum(task.tap_dims)), bad
 
 
-def shard_grams(job, transform):
+def shard_grams(task, transform):
     """Second pass over one shard: GramSums of its train rows as `transform` scales them."""
-    chunks = _chunks(job.features_dir, [job.entry], job.taps, job.batch_rows)
-    return gram_sums(map(transform.scale, _train_rows(chunks, job.is_train)), sum(job.tap_dims))
+    chunks = _chunks(task.features_dir, [task.entry], task.taps, task.batch_rows)
+    return gram_sums(map(transform.scale, _train_rows(chunks, task.is_train)), sum(task.tap_dims))
 
 
-def fit_incremental(transform, jobs, run):
+def fit_incremental(transform, tasks, run):
     """Fit `transform` from per-shard sums; `run(function, items)` maps a function over items (here or on Ray).
 
     The sums of each shard are added in shard order as `run` yields them. Locally (`map`) only one
@@ -470,14 +442,14 @@ def fit_incremental(transform, jobs, run):
     (2 per cluster CPU) are running or waiting to be fetched, each holding one shard's sums.
     """
     dim = int(np.sum(transform.tap_dims))
-    moments, bad = Moments(dim), NonFinite(jobs[0].taps, jobs[0].tap_dims)
-    for shard, shard_bad in run(shard_moments, jobs):
+    moments, bad = Moments(dim), NonFinite(tasks[0].taps, tasks[0].tap_dims)
+    for shard, shard_bad in run(shard_moments, tasks):
         moments += shard
         bad += shard_bad
-    bad.check(jobs[0].features_dir, sum(job.entry["rows"] for job in jobs))
+    bad.check(tasks[0].features_dir, sum(task.entry["rows"] for task in tasks))
     transform.fit_scaling(moments)
     grams = GramSums(dim)
-    for part in run(shard_grams, jobs, itertools.repeat(transform)):
+    for part in run(shard_grams, tasks, itertools.repeat(transform)):
         grams += part
     return transform.fit_covariance(grams)
 
@@ -503,23 +475,6 @@ def _check_space(out_dir, rows, dim, components):
         )
 
 
-def _write_reduced(path, features_dir, manifest, config, transform, ids, labels, splits):
-    """reduced.h5: ids, labels, splits and X, transformed chunk by chunk; no timestamps, so reruns give the same bytes."""
-    with shards.create_h5(path) as f:
-        shards.create_dataset(f, "ids", np.asarray(ids, dtype=object))
-        shards.create_dataset(f, "labels", np.asarray(labels, dtype=np.int32))
-        shards.create_dataset(f, "splits", np.asarray(splits, dtype=object))
-        X = f.create_dataset(
-            "X", shape=(len(ids), transform.pca_.n_components_), dtype=np.float32, track_times=False, fletcher32=True, chunks=True,
-        )
-        start = 0
-        for _, chunk in _chunks(features_dir, manifest["shards"], config.taps, config.batch_rows):
-            X[start:start + len(chunk)] = transform.transform(chunk)
-            start += len(chunk)
-        f.attrs["format"] = REDUCED_FORMAT
-        f.attrs["config_sha256"] = config.sha256()
-
-
 def _plot_explained_variance(ratios, path):
     figure = Figure(figsize=(6, 4))
     ax = figure.subplots()
@@ -531,76 +486,3 @@ def _plot_explained_variance(ratios, path):
     )
     ax.grid(alpha=0.3)
     figure.savefig(path, dpi=100, bbox_inches="tight")
-
-
-@dataclass(frozen=True)
-class Reduced:
-    """A reduced dir loaded into memory for training."""
-
-    path: Path
-    report: dict
-    report_sha256: str  # of reduce.json's bytes
-    ids: list
-    labels: np.ndarray
-    splits: np.ndarray
-    X: np.ndarray
-
-    @property
-    def classes(self):
-        return self.report["classes"]
-
-
-def load_reduced(reduced_dir):
-    """Read reduced.h5 and reduce.json, failing with one sentence if this is not a finished, intact reduced dir.
-
-    reduce.json is read once, and its sha256 is of the bytes parsed; the whole load holds a shared
-    lock beside the dir (reduce's lock), so a reduce cannot replace the dir between the reads.
-    """
-    reduced_dir = Path(reduced_dir)
-    report_path = reduced_dir / REPORT_NAME
-    if not report_path.is_file() or not (reduced_dir / REDUCED_NAME).is_file():
-        raise PipelineError(f"{reduced_dir} is not a reduced directory (it needs {REPORT_NAME} and {REDUCED_NAME}); run `pipeline reduce` first")
-    rerun = "rerun the same `pipeline reduce` command to rebuild it"
-    with _reading(reduced_dir):
-        try:
-            report_bytes, report_sha256 = read_hashed(report_path)
-        except OSError as e:
-            raise PipelineError(f"{report_path} is not readable ({e.strerror}); {rerun} (with --overwrite)") from None
-        report = parse_record(report_path, report_bytes, REDUCED_FORMAT, f"{rerun} (with --overwrite)")
-        check_sha256(reduced_dir / REDUCED_NAME, report.get("outputs", {}).get(REDUCED_NAME), REPORT_NAME, rerun)
-        try:
-            with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
-                data = Reduced(
-                    path=reduced_dir,
-                    report=report,
-                    report_sha256=report_sha256,
-                    ids=f["ids"].asstr()[:].tolist(),
-                    labels=f["labels"][:],
-                    splits=f["splits"].asstr()[:],
-                    X=f["X"][:],
-                )
-        except (OSError, KeyError) as e:  # a reduced dir from before the sha256 was recorded
-            raise PipelineError(f"cannot read {reduced_dir / REDUCED_NAME} ({str(e).splitlines()[0]}); {rerun} with --overwrite") from None
-    return data
-
-
-@contextlib.contextmanager
-def _reading(reduced_dir):
-    """A shared lock on reduce's lock file beside `reduced_dir` for the block; a reduce writing it is one sentence.
-
-    Where the lock file cannot be made (a read-only parent), no reduce can replace the dir either,
-    so it is read without the lock.
-    """
-    lock = lock_beside(reduced_dir)
-    try:
-        with open(lock, "ab"):
-            pass
-    except OSError:
-        yield
-        return
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(locked(lock, f"reduced directory {reduced_dir}", shared=True))
-        except LockBusy as e:  # a plain PipelineError: train reads LockBusy as "this run is busy"
-            raise PipelineError(str(e)) from None
-        yield

@@ -22,7 +22,7 @@ from pipeline.lineage import FEATURES_FORMAT as FORMAT, MANIFEST_NAME, read_reco
 
 SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.h5$")
 _STR = h5py.string_dtype("utf-8")
-_JSON_ATTRS = ("config", "errors", "fidelity", "weights", "taps")  # attrs stored as JSON text
+_JSON_ATTRS = ("config", "errors", "fidelity", "weights", "taps", "device")  # attrs stored as JSON text
 
 
 class Manifest(TypedDict):
@@ -98,7 +98,7 @@ def create_dataset(group, name, data):
     return group.create_dataset(name, data=data, track_times=False, fletcher32=checked, chunks=True if checked else None)
 
 
-def write_shard(path, data, *, index, config_sha256, config, storage_dtype="float32", weights=None, taps=None):
+def write_shard(path, data, *, index, config_sha256, config, storage_dtype="float32", weights=None, taps=None, device=None):
     """Write one shard to `path` through a temp file; the attrs say which run made it."""
     with atomic_path(path) as tmp:
         with create_h5(tmp) as f:
@@ -119,8 +119,26 @@ def write_shard(path, data, *, index, config_sha256, config, storage_dtype="floa
             f.attrs["config_sha256"] = config_sha256
             f.attrs["shard_index"] = index
             f.attrs["rows"] = data.rows
-            for name, value in (("config", config), ("errors", data.errors), ("fidelity", data.fidelity), ("weights", weights), ("taps", taps)):
+            named = (("config", config), ("errors", data.errors), ("fidelity", data.fidelity), ("weights", weights), ("taps", taps), ("device", device))
+            for name, value in named:
                 f.attrs[name] = json.dumps(value, sort_keys=True, allow_nan=False)
+
+
+def describe_device(device):
+    """A device record (see backbones.device_record) as one line."""
+    libraries = f", CUDA {device['cuda']}, cuDNN {device['cudnn']}" if device.get("cuda") else ""
+    determinism = ", op determinism" if device.get("op_determinism") else ""
+    return f"{device['device']}{libraries}, TensorFlow {device['tensorflow']}, forward {device['forward']}{determinism}"
+
+
+def devices(features_dir, manifest):
+    """{device line: shards computed there} over the manifest's shards; shards that record none count under None."""
+    found = {}
+    for entry in manifest["shards"]:
+        attrs = read_shard_attrs(Path(features_dir) / entry["file"]) or {}
+        line = describe_device(attrs["device"]) if attrs.get("device") else None
+        found[line] = found.get(line, 0) + 1
+    return found
 
 
 def read_shard_attrs(path):

@@ -1,44 +1,34 @@
-"""Stage two (b): head runs and sweeps on a reduced dir, the linear-probe baseline, metrics, plots, leaderboard."""
+"""Stage two (b): head runs and sweeps on a reduced dir, the linear-probe baseline, their records and plots.
+
+Scoring is in scoring.py, the leaderboard in leaderboard.py.
+"""
 
 import contextlib
 import csv
-import io
 import itertools
 import os
 import re
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, log_loss
 
 from pipeline.config import HeadConfig, ParallelConfig, load_toml, normalize_keys, sha256_json
-from pipeline.engines.jobs import task_runner
-from pipeline.errors import PipelineError, first_line
-from pipeline.files import (
-    LockBusy, atomic_path, leftover_temps, locked, make_dir, read_json, remove, replace_dir, storage_errors, temp_sibling, write_json,
+from pipeline.engines.pool import exit_if_orphaned, task_runner
+from pipeline.errors import PipelineError
+from pipeline.files import LockBusy, atomic_path, leftover_temps, locked, make_dir, remove, replace_dir, storage_errors, temp_sibling, write_json
+from pipeline.leaderboard import (
+    LEADERBOARD_LOCK, LEADERBOARD_NAME, LOCKS_DIR, METRICS_NAME, read_runs, run_state, write_leaderboard,
 )
 from pipeline.lineage import HEAD_NAME, REPORT_NAME, RUN_CONFIG_NAME as CONFIG_NAME, link, sha256_file
-from pipeline.reduce import load_reduced
+from pipeline.reduced import load_reduced
+from pipeline.scoring import PROBE_MODEL, class_probabilities, fit_linear_probe, split_metrics
 
-METRICS_NAME = "metrics.json"
-LEADERBOARD_NAME = "leaderboard.csv"
-BASELINE_MAX_ITER = 1000  # lbfgs iterations for the logistic-regression probe
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-METRIC_COLUMNS = ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1", "val_log_loss", "test_log_loss")
-HEAD_COLUMNS = ("hidden", "dropout", "l2", "lr", "batch_size", "label_smoothing", "class_weight", "seed")
-LEADERBOARD_COLUMNS = ("run_id", "kind", *METRIC_COLUMNS, "epochs", "seconds", *HEAD_COLUMNS, "reduced")
-LOCKS_DIR = ".locks"  # in the runs dir: one lock file per run being trained, and LEADERBOARD_LOCK
-LEADERBOARD_LOCK = "leaderboard.lock"  # held briefly to publish a run and rebuild the leaderboard
 MAX_STACK = 64  # most heads in one stack: past this the step is arithmetic-bound and a stack gains little
-HIGHER_IS_BETTER = frozenset({"val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1"})
 
 
 @dataclass(frozen=True)
@@ -95,7 +85,7 @@ def train(reduced_dir, runs_dir, configs, name=None, parallel=ParallelConfig(), 
     The logistic-regression baseline is recorded once per reduced dir, a finished run is not
     redone (a damaged one is trained again), every run appears in `runs_dir` complete or not at
     all, and leaderboard.csv is rebuilt after every new run. `parallel` says where the runs train
-    (see engines.jobs); `on_warning(sentence)` hears about damaged run dirs.
+    (see engines.pool); `on_warning(sentence)` hears about damaged run dirs.
 
     Other processes may train into the same runs dir at the same time: each run is claimed with
     its own lock while it trains, a run another process holds is left to it (and reported
@@ -106,7 +96,7 @@ def train(reduced_dir, runs_dir, configs, name=None, parallel=ParallelConfig(), 
     data = load_reduced(Path(reduced_dir).absolute())  # absolute: workers may start elsewhere
     runs_dir = Path(runs_dir).absolute()
     _check_trainable(data)
-    finished, problems = _runs_in(runs_dir)
+    finished, problems = read_runs(runs_dir)
     for problem in problems:
         on_warning(f"{problem}; it is left out of the leaderboard")
     _check_same_split(runs_dir, data, finished)
@@ -146,8 +136,8 @@ def _check_same_split(runs_dir, data, finished):
 
 
 @dataclass(frozen=True)
-class _Job:
-    """One planned run: the baseline (config None) or a head."""
+class _PlannedRun:
+    """One run to train: the baseline (config None) or a head."""
 
     kind: str
     run_id: str
@@ -156,18 +146,18 @@ class _Job:
 
 
 def _plan(runs_dir, data, configs, name):
-    """The baseline's _Job, then one per head config: readable ids, checked against runs already in `runs_dir`."""
+    """The baseline's _PlannedRun, then one per head config: readable ids, checked against runs already in `runs_dir`."""
     if name is not None and (not NAME_PATTERN.fullmatch(name) or name.startswith("baseline-") or name == LEADERBOARD_NAME):
         raise PipelineError(
             f"--name {name!r} must be letters, digits, '.', '_' or '-', not start with 'baseline-' and not be {LEADERBOARD_NAME}"
         )
-    plan = [_Job("baseline", f"baseline-logreg-{data.report_sha256[:8]}")]
+    plan = [_PlannedRun("baseline", f"baseline-logreg-{data.report_sha256[:8]}")]
     for config in configs:
         run_sha = sha256_json({"head": config.to_dict(), "reduce_json_sha256": data.report_sha256})
         auto_id = f"h{'-'.join(map(str, config.hidden)) or 0}_d{config.dropout:g}_{run_sha[:8]}"
         run_id = auto_id if name is None else name if len(configs) == 1 else f"{name}_{auto_id}"
         _check_name_free(runs_dir, run_id, run_sha)
-        plan.append(_Job("head", run_id, config, run_sha))
+        plan.append(_PlannedRun("head", run_id, config, run_sha))
     return plan
 
 
@@ -178,15 +168,15 @@ def _check_name_free(runs_dir, run_id, run_sha, state=None):
         raise PipelineError(f"run {run_id} already exists in {runs_dir} with another config or reduced dir; choose another --name")
 
 
-def _finished(runs_dir, job):
-    """The RunState of `job`'s run dir (its model checked), refusing one that another config finished under the same id.
+def _finished(runs_dir, planned):
+    """The RunState of `planned`'s run dir (its model checked), refusing one that another config finished under the same id.
 
     Called again under the run's lock: another process with the same --name and another config
     may have published the run since _plan checked the name.
     """
-    state = run_state(runs_dir / job.run_id, check_model=True)
-    if job.kind == "head":
-        _check_name_free(runs_dir, job.run_id, job.run_sha, state)
+    state = run_state(runs_dir / planned.run_id, check_model=True)
+    if planned.kind == "head":
+        _check_name_free(runs_dir, planned.run_id, planned.run_sha, state)
     return state
 
 
@@ -194,14 +184,14 @@ def _run_all(runs_dir, data, plan, parallel, on_warning, stack, max_stack):
     make_dir(runs_dir, "--runs")
     make_dir(runs_dir / LOCKS_DIR, "--runs")
     pending = []
-    for job in plan:
-        state = _finished(runs_dir, job)
+    for planned in plan:
+        state = _finished(runs_dir, planned)
         if state.done:
-            yield RunOutcome(job.run_id, job.kind, state.metrics, True)
+            yield RunOutcome(planned.run_id, planned.kind, state.metrics, True)
             continue
         if state.problem:
             on_warning(f"{state.problem}; training it again")
-        pending.append(job)
+        pending.append(planned)
     if not pending:
         return
     _remember(data)
@@ -210,7 +200,7 @@ def _run_all(runs_dir, data, plan, parallel, on_warning, stack, max_stack):
         busy = []
         for results in run(_run_group, [(runs_dir, data.path, data.report_sha256, group, False, stack) for group in groups]):
             for result in results:
-                if isinstance(result, _Job):
+                if isinstance(result, _PlannedRun):
                     busy.append(result)
                 else:
                     yield result
@@ -277,11 +267,11 @@ def _run_group(runs_dir, reduced_dir, report_sha256, jobs, wait, stack):
     """The results of one task: a stack of heads, or one run trained alone."""
     if stack and jobs[0].kind == "head":
         return _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait)
-    return [_run_job(runs_dir, reduced_dir, report_sha256, job, wait) for job in jobs]
+    return [_train_planned(runs_dir, reduced_dir, report_sha256, job, wait) for job in jobs]
 
 
 def _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait):
-    """Train the heads of `jobs` as one stack and publish each as its own run; runs held elsewhere come back as their _Job.
+    """Train the heads of `jobs` as one stack and publish each as its own run; runs held elsewhere come back as their _PlannedRun.
 
     Each head's files are written when it stops (its plots on a thread, off the training path)
     and it is published when they are complete.
@@ -322,7 +312,7 @@ def _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait):
                     metrics = _write_head(runs_dir, data, job, staging, model, fit.history, fit.best_epoch, seconds, len(mine), plotter, plots)
                     written.append((job, staging, metrics, plots))
 
-                stack.fit_stack([job.config for job in mine], *_rows(data, "train"), *_rows(data, "val"), len(data.classes), finished)
+                stack.fit_stack([job.config for job in mine], *data.split_rows("train"), *data.split_rows("val"), len(data.classes), finished)
             for job, staging, metrics, plots in written:
                 for plot in plots:
                     plot.result()  # raises what drawing it raised
@@ -331,30 +321,30 @@ def _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait):
     return results
 
 
-def _run_job(runs_dir, reduced_dir, report_sha256, job, wait):
-    """Train and publish one run, in whichever process runs it; a run another process holds comes back as its _Job.
+def _train_planned(runs_dir, reduced_dir, report_sha256, planned, wait):
+    """Train and publish one run, in whichever process runs it; a run another process holds comes back as its _PlannedRun.
 
     Without `wait`, a run whose lock is held is left to its holder. Under the run's lock, temp
     dirs left by a killed earlier attempt are abandoned, so they are removed.
     """
     try:
-        with locked(runs_dir / LOCKS_DIR / f"{job.run_id}.lock", f"run {job.run_id} in {runs_dir}", wait=wait):
-            state = _finished(runs_dir, job)
+        with locked(runs_dir / LOCKS_DIR / f"{planned.run_id}.lock", f"run {planned.run_id} in {runs_dir}", wait=wait):
+            state = _finished(runs_dir, planned)
             if state.done:
-                return RunOutcome(job.run_id, job.kind, state.metrics, True)
-            for leftover in leftover_temps(runs_dir, job.run_id):
+                return RunOutcome(planned.run_id, planned.kind, state.metrics, True)
+            for leftover in leftover_temps(runs_dir, planned.run_id):
                 remove(leftover)
             data = _load(reduced_dir, report_sha256)
-            with storage_errors(f"run {job.run_id} in {runs_dir}", "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"):
-                with _staging(runs_dir / job.run_id) as staging:
-                    if job.kind == "baseline":
-                        metrics = _fit_baseline(runs_dir, data, job, staging)
+            with storage_errors(f"run {planned.run_id} in {runs_dir}", "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"):
+                with _staging(runs_dir / planned.run_id) as staging:
+                    if planned.kind == "baseline":
+                        metrics = _fit_baseline(runs_dir, data, planned, staging)
                     else:
-                        metrics = _fit_head(runs_dir, data, job, staging)
-                    _publish(runs_dir, data, staging, job.run_id)
+                        metrics = _fit_head(runs_dir, data, planned, staging)
+                    _publish(runs_dir, data, staging, planned.run_id)
     except LockBusy:
-        return job
-    return RunOutcome(job.run_id, job.kind, metrics, False)
+        return planned
+    return RunOutcome(planned.run_id, planned.kind, metrics, False)
 
 
 @contextlib.contextmanager
@@ -375,7 +365,8 @@ def _publish(runs_dir, data, staging, run_id):
     since this one was planned. A damaged run dir of the same id is replaced.
     """
     with locked(runs_dir / LOCKS_DIR / LEADERBOARD_LOCK, f"runs directory {runs_dir}", wait=True):
-        _check_same_split(runs_dir, data, _runs_in(runs_dir)[0])
+        _check_same_split(runs_dir, data, read_runs(runs_dir)[0])
+        exit_if_orphaned()  # a worker whose command was killed publishes nothing
         replace_dir(staging, runs_dir / run_id)
         # The run is in place now: a failure from here on must not say it was lost.
         with storage_errors(
@@ -385,36 +376,22 @@ def _publish(runs_dir, data, staging, run_id):
             write_leaderboard(runs_dir)
 
 
-def _rows(data, split):
-    mask = data.splits == split
-    return data.X[mask], data.labels[mask]
-
-
 def _reduced_record(runs_dir, data):
     """How a run's config.json names its reduced dir: path relative to the runs dir, absolute, hashes."""
     reduced = link(data.path, REPORT_NAME, runs_dir)  # relative to the runs dir, as the leaderboard shows it
     return {**reduced.to_json("reduced"), "split_sha256": data.report["splits"]["sha256"]}
 
 
-def _fit_baseline(runs_dir, data, job, staging):
-    """The scikit-learn logistic-regression linear probe on the same split, once per reduced dir."""
+def _fit_baseline(runs_dir, data, planned, staging):
+    """The linear probe (scoring.fit_linear_probe) on the same split, once per reduced dir."""
     started = time.perf_counter()
-    X_train, y_train = _rows(data, "train")
-    probe = LogisticRegression(max_iter=BASELINE_MAX_ITER)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as "converged" instead
-        probe.fit(X_train, y_train)
-
-    metrics = _split_metrics(data, lambda X: class_probabilities(probe, X, len(data.classes)))
-    metrics.update(
-        iterations=int(np.max(probe.n_iter_)),
-        converged=bool(np.max(probe.n_iter_) < BASELINE_MAX_ITER),
-        seconds=round(time.perf_counter() - started, 3),
-    )
+    probe, fit = fit_linear_probe(*data.split_rows("train"))
+    metrics = split_metrics(data, lambda X: class_probabilities(probe, X, len(data.classes)))
+    metrics.update(**fit, seconds=round(time.perf_counter() - started, 3))
     config = {
-        "run_id": job.run_id,
+        "run_id": planned.run_id,
         "kind": "baseline",
-        "model": {"class": "sklearn.linear_model.LogisticRegression", "max_iter": BASELINE_MAX_ITER},
+        "model": PROBE_MODEL,
         "reduced": _reduced_record(runs_dir, data),
     }
     write_json(staging / CONFIG_NAME, config)
@@ -428,7 +405,7 @@ def _fit_head(runs_dir, data, job, staging):
     from pipeline import head  # TensorFlow loads only here, so that `pipeline runs` stays quick
 
     started = time.perf_counter()
-    fitted = head.fit_head(job.config, *_rows(data, "train"), *_rows(data, "val"), len(data.classes), staging / "tensorboard")
+    fitted = head.fit_head(job.config, *data.split_rows("train"), *data.split_rows("val"), len(data.classes), staging / "tensorboard")
     return _write_head(runs_dir, data, job, staging, fitted.model, fitted.history, fitted.best_epoch, time.perf_counter() - started)
 
 
@@ -442,7 +419,7 @@ def _write_head(runs_dir, data, job, staging, model, history, best_epoch, second
 
     started = time.perf_counter()
     try:
-        metrics = _split_metrics(data, lambda X: head.predict_proba(model, X))
+        metrics = split_metrics(data, lambda X: head.predict_proba(model, X))
     except PipelineError as e:
         raise PipelineError(f"run {job.run_id}: {e}; the runs finished so far are kept") from None
     model.save(staging / HEAD_NAME)
@@ -465,182 +442,6 @@ def _write_head(runs_dir, data, job, staging, model, history, best_epoch, second
         else:
             plots.append(plotter.submit(plot, *args))
     return metrics
-
-
-def class_probabilities(model, X, n_classes):
-    """A fitted scikit-learn classifier's probabilities over all `n_classes` (columns of classes it never saw are 0)."""
-    full = np.zeros((len(X), n_classes))
-    full[:, model.classes_] = model.predict_proba(X)
-    return full
-
-
-def _split_metrics(data, proba):
-    """Metrics on val and test (None when there are no test rows), with row counts per split."""
-    metrics = {"rows": {split: int((data.splits == split).sum()) for split in ("train", "val", "test")}}
-    for split in ("val", "test"):
-        X, y = _rows(data, split)
-        metrics[split] = evaluate(y, proba(X), data.classes) if len(y) else None
-    return metrics
-
-
-def evaluate(labels, proba, classes):
-    """Accuracy, macro-F1, log loss, per-class report and confusion matrix of predicted probabilities."""
-    proba = np.asarray(proba, dtype=np.float64)
-    bad = int((~np.isfinite(proba).all(axis=1)).sum())
-    if bad:  # a head whose training diverged (NaN weights); log_loss would raise a ValueError
-        raise PipelineError(
-            f"the predicted probabilities of {bad} of {len(proba)} rows are NaN or Inf, so training diverged; "
-            "try a lower --lr (or stronger --l2)"
-        )
-    proba /= proba.sum(axis=1, keepdims=True)  # float32 softmax rows drift from summing to exactly 1
-    predicted = proba.argmax(axis=1)
-    everyone = list(range(len(classes)))
-    return {
-        "rows": len(labels),
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-        "log_loss": float(log_loss(labels, proba, labels=everyone)),
-        "per_class": classification_report(
-            labels, predicted, labels=everyone, target_names=[str(c) for c in classes], output_dict=True, zero_division=0
-        ),
-        "confusion": confusion_matrix(labels, predicted, labels=everyone).tolist(),
-    }
-
-
-class RunState(NamedTuple):
-    """What a run dir holds: config and metrics when it is intact, else what is wrong with it (None: no run there)."""
-
-    config: dict | None = None
-    metrics: dict | None = None
-    problem: str | None = None
-
-    @property
-    def done(self):
-        return self.metrics is not None
-
-
-def run_state(run_dir, check_model=False):
-    """The RunState of `run_dir`: both records readable and complete, and with `check_model` its model intact.
-
-    A head run records its model.keras sha256 (runs from before that are trusted as they are).
-    """
-    if not run_dir.is_dir() or not any((run_dir / name).exists() for name in (CONFIG_NAME, METRICS_NAME)):
-        return RunState()
-    try:
-        config, metrics = read_json(run_dir / CONFIG_NAME), read_json(run_dir / METRICS_NAME)
-        _leaderboard_row(run_dir.name, config, metrics)  # every field the leaderboard needs is there
-        config["reduced"]["split_sha256"]  # and the split check
-    except (OSError, ValueError) as e:
-        return RunState(problem=f"run dir {run_dir} is damaged ({first_line(e)})")
-    except (KeyError, TypeError, IndexError) as e:
-        return RunState(problem=f"run dir {run_dir} is damaged (its records lack {e})")
-    if check_model and config["kind"] == "head":
-        model = run_dir / HEAD_NAME
-        recorded = config.get("model_sha256")
-        if not model.is_file() or (recorded is not None and sha256_file(model) != recorded):
-            return RunState(config, problem=f"run dir {run_dir} is damaged ({HEAD_NAME} is {'changed' if model.is_file() else 'missing'})")
-    return RunState(config, metrics)
-
-
-def _runs_in(runs_dir):
-    """([(run_id, config, metrics)] of every intact run dir by name, [what is wrong with each damaged one])."""
-    if not runs_dir.is_dir():
-        return [], []
-    runs, problems = [], []
-    for run_dir in sorted(runs_dir.iterdir()):
-        if run_dir.name.startswith("."):
-            continue
-        state = run_state(run_dir)
-        if state.done:
-            runs.append((run_dir.name, state.config, state.metrics))
-        elif state.problem:
-            problems.append(state.problem)
-    return runs, problems
-
-
-def _leaderboard_text(runs):
-    """leaderboard.csv's text for (run_id, config, metrics) runs, best val accuracy first."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, LEADERBOARD_COLUMNS)
-    writer.writeheader()
-    writer.writerows(sort_rows([_leaderboard_row(*run) for run in runs], "val_accuracy"))
-    return out.getvalue()
-
-
-def write_leaderboard(runs_dir):
-    """Rebuild runs_dir/leaderboard.csv from every intact run, best val accuracy first, atomically.
-
-    Callers hold the runs dir's lock, so temp files of that name are a killed writer's.
-    """
-    for leftover in leftover_temps(runs_dir, LEADERBOARD_NAME):
-        remove(leftover)
-    text = _leaderboard_text(_runs_in(runs_dir)[0])
-    with atomic_path(runs_dir / LEADERBOARD_NAME) as tmp:
-        tmp.write_bytes(text.encode())
-
-
-def _leaderboard_row(run_id, config, metrics):
-    row = dict.fromkeys(LEADERBOARD_COLUMNS, "")
-    row.update(run_id=run_id, kind=config["kind"], seconds=f"{metrics['seconds']:.1f}", reduced=config["reduced"]["path"])
-    for column in METRIC_COLUMNS:
-        split, _, name = column.partition("_")
-        if metrics[split] is not None:
-            row[column] = f"{metrics[split][name]:.6f}"
-    if config["kind"] == "head":
-        row["epochs"] = metrics["epochs"]
-        row.update({key: config["head"][key] for key in HEAD_COLUMNS})
-        row["hidden"] = "-".join(map(str, config["head"]["hidden"])) or "none"
-    return row
-
-
-def leaderboard(runs_dir):
-    """(rows best val accuracy first, warnings) of every intact run of `runs_dir`, for `pipeline runs`.
-
-    The rows come from the run dirs themselves: a damaged one is left out with a warning, and a
-    leaderboard.csv that does not say what they say (damaged, or edited) is rebuilt from them.
-    """
-    runs_dir = Path(runs_dir)
-    path = runs_dir / LEADERBOARD_NAME
-    runs, problems = _runs_in(runs_dir)
-    if not runs and not path.is_file():
-        raise PipelineError(f"{runs_dir} has no {LEADERBOARD_NAME}; train into it first with `pipeline train REDUCED --runs {runs_dir}`")
-    warnings_ = [f"{problem}; left out of the table" for problem in problems]
-    text = _leaderboard_text(runs)
-    try:
-        current = path.read_bytes().decode()
-    except (OSError, UnicodeDecodeError):
-        current = None
-    if current != text:
-        try:
-            with locked(runs_dir / LOCKS_DIR / LEADERBOARD_LOCK, f"runs directory {runs_dir}", wait=True):
-                with storage_errors(path, "the table is built from the run dirs all the same"):
-                    write_leaderboard(runs_dir)
-            warnings_.append(f"{path} did not match the run dirs (damaged or out of date), so it was rebuilt from them")
-        except PipelineError as e:
-            warnings_.append(f"{path} does not match the run dirs, and rebuilding it failed: {e}")
-    return list(csv.DictReader(io.StringIO(text))), warnings_  # as leaderboard.csv reads: every cell a string
-
-
-def sort_rows(rows, column):
-    """Rows best first by `column` (higher first for accuracy and F1, lower first otherwise; blanks last).
-
-    Ties go to the lower val log loss, then to the run id.
-    """
-    if column not in LEADERBOARD_COLUMNS:
-        raise PipelineError(f"--sort {column!r} is not a leaderboard column; choose one of {', '.join(LEADERBOARD_COLUMNS)}")
-    return sorted(rows, key=lambda row: (_rank(row, column), _rank(row, "val_log_loss"), row["run_id"]))
-
-
-def _rank(row, column):
-    """Sort key of one cell: numbers (negated where higher is better), then text, then blanks."""
-    value = row[column]
-    if value == "":
-        return (2, 0)
-    try:
-        number = float(value)
-    except ValueError:
-        return (1, value)
-    return (0, -number if column in HIGHER_IS_BETTER else number)
 
 
 def _write_history(history, path):

@@ -6,12 +6,24 @@ import io
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Every Ray the tests start (ray.init, cluster_utils.Cluster) on 127.0.0.1 only: Ray's single-machine
+# mode, read when `ray` is first imported (pipeline.engines.ray_cluster does the same for the Ray it starts).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import shards
+from pipeline import devices, shards
+
+devices.request_memory_growth()  # pytest-xdist workers share a GPU; their children (pipeline, Ray) inherit this
+
+
+@pytest.fixture(scope="session", autouse=True)
+def device_options():
+    """Each test process sets the device options before its first TensorFlow op, as every command does."""
+    problems = devices.configure()
+    assert not problems, problems
 
 
 @pytest.fixture

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -5,7 +9,7 @@ import pytest
 from pipeline import backbones
 from pipeline.config import WeightSource, parse_weights
 from pipeline.errors import PipelineError
-from pipeline.layers import CaffePreprocess, caffe_preprocessing
+from pipeline.layers import CAFFE_MEAN_BGR, CaffePreprocess, caffe_preprocessing
 
 
 def test_catalogue_declares_shapes_and_strides():
@@ -35,11 +39,17 @@ def test_each_backbone_is_cut_at_its_deepest_tap_and_preprocessing_is_shared():
     assert outputs["vgg16/block2_pool"].shape == (2, 128)
 
 
-def test_the_caffe_preprocessing_dense_flips_and_subtracts_exactly():
+def test_the_caffe_preprocessing_flips_and_subtracts_bit_for_bit_without_a_matmul(tmp_path):
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 5, 7, 3)).astype(np.float32)  # resized: not integers
-    built_in = np.asarray(caffe_preprocessing()(pixels))
-    np.testing.assert_array_equal(built_in, keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode="caffe"))
-    np.testing.assert_array_equal(built_in, np.asarray(CaffePreprocess()(pixels)))  # the layer older exports hold
+    reference = pixels[..., ::-1] - np.asarray(CAFFE_MEAN_BGR, np.float32)  # numpy, in float32
+    images = keras.Input((5, 7, 3), dtype="float32")
+    model = keras.Model(images, caffe_preprocessing(images))
+    np.testing.assert_array_equal(np.asarray(model(pixels)), reference)
+    np.testing.assert_array_equal(np.asarray(model(pixels)), keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode="caffe"))
+    np.testing.assert_array_equal(np.asarray(CaffePreprocess()(pixels)), reference)  # the layer older exports hold
+    assert not [layer for layer in model.layers if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]  # nothing TF32 rounds
+    model.save(tmp_path / "caffe.keras")  # and it saves and loads with plain Keras
+    np.testing.assert_array_equal(np.asarray(keras.saving.load_model(tmp_path / "caffe.keras")(pixels)), reference)
 
 
 def test_avgmax_pooling_concatenates_avg_then_max():
@@ -156,3 +166,35 @@ def test_the_eager_and_traced_forward_agree(policy):
     traced = backbones.compile_forward(model, 32, xla=False, trace=True)(x)["resnet50/conv3_block1_out"]
     eager = model(x, training=False)["resnet50/conv3_block1_out"]
     np.testing.assert_allclose(np.asarray(eager), np.asarray(traced), rtol=1e-6, atol=1e-6 * float(np.abs(traced).max()))
+
+
+_COMPILE_ONCE = """
+import sys
+import tensorflow as tf
+from pipeline import backbones
+
+backbones.persist_xla_programs()
+double = tf.function(lambda x: x * 2.0 + 1.0, jit_compile=True)
+print(float(double(tf.constant(3.0))))
+"""
+
+
+def test_xla_programs_are_kept_in_the_keras_cache_dir_for_later_processes(tmp_path):
+    """The flag exists in this TensorFlow: a compiled program lands in $KERAS_HOME/xla, and a second process reads it."""
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_XLA_FLAGS", None)
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _COMPILE_ONCE], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "7.0", done.stderr[-2000:]
+    programs = sorted(p.name for p in (tmp_path / "keras" / "xla").iterdir())
+    assert len(programs) == 1 and programs[0].startswith("xla_compile_cache")  # compiled once, found the second time
+
+
+def test_a_cache_dir_already_in_tf_xla_flags_is_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("TF_XLA_FLAGS", f"--tf_xla_auto_jit=2 {backbones.XLA_CACHE_FLAG}=/elsewhere")
+    backbones.persist_xla_programs()
+    assert os.environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=2 {backbones.XLA_CACHE_FLAG}=/elsewhere"
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=2")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    backbones.persist_xla_programs()
+    assert os.environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=2 {backbones.XLA_CACHE_FLAG}={tmp_path / 'xla'}"

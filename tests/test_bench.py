@@ -95,6 +95,7 @@ def test_start_up_phases_come_in_order_and_reruns_are_timed(tiny_report):
         medians = [phases[phase]["median"] for phase in ("imports", "listing", "model_ready", "first_batch", "end")]
         assert medians == sorted(medians) and medians[0] > 0
     assert 0 < startup["up_to_date_seconds"]["median"] and 0 < startup["predict_one_seconds"]["median"]
+    assert set(startup["four_images_seconds"]) == {"--xla", "--no-xla"} and all(s["median"] > 0 for s in startup["four_images_seconds"].values())
     assert "command start to first batch computed" in (out / "bench.md").read_text()
 
 
@@ -200,8 +201,7 @@ def test_count_flops_counts_every_conv_and_dense_once_also_nested():
 def test_count_flops_of_a_tap_model_stops_at_the_deepest_tap():
     trunks = {"vgg16": backbones.build_backbone("vgg16", 32)}
     model = backbones.build_tap_model(trunks, ("vgg16/block1_conv2",), "avg", 32)
-    caffe = 3 * 3  # the preprocessing is a Dense(3) on every pixel
-    assert count_flops(model) == 2 * 32 * 32 * (caffe + 3 * 3 * 3 * 64 + 3 * 3 * 64 * 64)
+    assert count_flops(model) == 2 * 32 * 32 * (3 * 3 * 3 * 64 + 3 * 3 * 64 * 64)  # the preprocessing multiplies nothing
 
 
 def test_matmul_rate_is_one_positive_figure_per_run():

@@ -192,6 +192,28 @@ def test_both_formats_agree_with_predict(exports, loaded):
     np.testing.assert_allclose(np.sum(loaded.bytes["probabilities"], axis=1), 1, atol=1e-5)
 
 
+def saved_nodes(path, ops):
+    """{op: set of devices} over every function of a SavedModel's graph."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    found = {}
+    for function in saved.meta_graphs[0].graph_def.library.function:
+        for node in function.node_def:
+            if node.op in ops:
+                found.setdefault(node.op, set()).add(node.device)
+    return found
+
+
+def test_the_saved_model_resizes_on_the_cpu_so_a_gpu_gets_only_the_resized_batch(exports):
+    """ScaleAndTranslate has only a CPU kernel: pinned with its cast and the decoding, no full image crosses to a GPU and back."""
+    nodes = saved_nodes(exports.root / "serving" / "1", {"ScaleAndTranslate", "DecodeImage", "Cast", "Conv2D"})
+    assert nodes["ScaleAndTranslate"] == {"/device:CPU:0"}  # both signatures' resizes
+    assert nodes["DecodeImage"] == {"/device:CPU:0"}
+    assert "/device:CPU:0" in nodes["Cast"]  # the uint8 -> float32 cast of the pixels signature, beside its resize
+    assert nodes["Conv2D"] == {""}  # the model itself is left to the placer: the GPU when there is one
+
+
 def test_an_older_export_still_loads_with_the_layers_module(loaded):
     assert "Could not locate class 'SquareResize'" in loaded.legacy_without_layers
     np.testing.assert_allclose(loaded.legacy, loaded.expected_legacy, rtol=1e-6)

@@ -19,13 +19,12 @@ from PIL import Image
 from pipeline.inputs import (
     MAX_PIXELS,
     UndecodableImage,
-    _for_tensorflow,
     _header_pixels,
     decode_image,
     decode_with_pillow,
     image_batches,
+    load_image,
 )
-from pipeline.layers import resize_image
 from pipeline.sources import MAX_FILE_BYTES
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -233,7 +232,7 @@ def fuzzed(draw):
 @pytest.fixture(scope="module")
 def fuzz_target(tmp_path_factory):
     """A file rewritten per example, and the graph that image_batches maps over each file, compiled once."""
-    decode = tf.function(lambda contents: resize_image(decode_image(_for_tensorflow(contents)), 16, "squash"))
+    decode = tf.function(lambda contents: load_image(contents, 16, "squash"))
     return tmp_path_factory.mktemp("fuzz") / "image", decode
 
 
@@ -244,7 +243,7 @@ def test_fuzzed_files_decode_to_pixels_or_a_reason(fuzz_target, data):
     path, decode = fuzz_target
     path.write_bytes(data)
     try:
-        image = decode(tf.constant(data))
+        image, decoded = decode(tf.constant(data))
     except tf.errors.InvalidArgumentError:  # what ignore_errors turns into a gap
         pass
     else:
@@ -257,3 +256,46 @@ def test_fuzzed_files_decode_to_pixels_or_a_reason(fuzz_target, data):
     else:
         assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
         assert pixels.shape[0] * pixels.shape[1] <= MAX_PIXELS
+
+
+_PARALLEL_UNDER_DETERMINISM = """
+import sys
+import tensorflow as tf
+from tensorflow.python.data.experimental.ops import testing
+from pipeline.inputs import load_image
+
+tf.config.experimental.enable_op_determinism()  # as the worker does on a GPU
+paths = tf.constant(sys.argv[1:])
+counter = tf.Variable(0, dtype=tf.int64)
+for name, extra in (("plain", lambda index: index), ("stateful", lambda index: index + counter.read_value())):
+    for fast_decode in (False, True):
+        for resize in ("squash", "center-crop"):
+            def load(index):
+                return extra(index), *load_image(tf.io.read_file(paths[index]), 32, resize, fast_decode)
+
+            dataset = tf.data.Dataset.range(len(sys.argv) - 1).apply(testing.assert_next(["ParallelMap"]))
+            dataset = dataset.map(load, num_parallel_calls=4, deterministic=True)
+            try:
+                decoded = [bool(ok) for _, _, ok in dataset]
+            except tf.errors.InvalidArgumentError:
+                print(name, fast_decode, resize, "serialised")
+            else:
+                print(name, fast_decode, resize, "parallel", decoded)
+"""
+
+
+def test_the_input_map_stays_parallel_under_op_determinism(tmp_path):
+    """A stateful op in the map (an assert, a variable) makes op determinism rewrite it into a sequential map."""
+    Image.new("RGB", (48, 32), RED).save(tmp_path / "x.jpg")
+    Image.new("RGB", (32, 48), BLUE).save(tmp_path / "x.png")
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # a header claiming 10 gigapixels
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    paths = [str(tmp_path / name) for name in ("x.jpg", "x.png", "bomb.png")]
+    done = subprocess.run([sys.executable, "-c", _PARALLEL_UNDER_DETERMINISM, *paths], capture_output=True, text=True, env=env, timeout=300)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stderr[-2000:]
+    for fast_decode in (False, True):
+        for resize in ("squash", "center-crop"):
+            assert f"plain {fast_decode} {resize} parallel [True, True, False]" in lines
+            assert f"stateful {fast_decode} {resize} serialised" in lines  # the check can fail

@@ -297,7 +297,7 @@ def test_a_damaged_transform_or_head_is_one_sentence_naming_it(head_run, tmp_pat
 
 
 def test_dirs_from_before_the_sha256_fields_still_load(head_run, tmp_path):
-    from pipeline.reduce import load_reduced
+    from pipeline.reduced import load_reduced
 
     run = copy_lineage(head_run, tmp_path)
     reduced = tmp_path / "copy" / "reduced"

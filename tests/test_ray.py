@@ -21,31 +21,13 @@ from pipeline.engines.ray import RayEngine, WorkerSummary, actor_options, disagr
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.sources import list_source
+from same_features import assert_same_features
 
 TAPS = ("resnet50/conv2_block1_out", "vgg16/block1_pool")
 FAST = ["--weights", "random", "--image-size", "32", "--tap", TAPS[0], "--tap", TAPS[1]]
 
 
-def files_bytes(features):
-    """Every shard file's bytes, by name."""
-    return {p.name: p.read_bytes() for p in sorted(features.glob("shard-*.h5"))}
-
-
-def without_timing(manifest):
-    return {key: value for key, value in manifest.items() if key != "timing"}
-
-
-def temp_files(features):
-    return [p.name for p in features.iterdir() if p.name.endswith(".tmp")]
-
-
-def assert_same_features(ours, reference):
-    assert files_bytes(ours) == files_bytes(reference) and files_bytes(ours)
-    assert without_timing(shards.read_manifest(ours)) == without_timing(shards.read_manifest(reference))
-    assert temp_files(ours) == [] and shards.verify(ours) == []
-
-
-def test_two_ray_workers_write_the_local_engine_s_bytes(tmp_path, image_tree, run_cli):
+def test_two_ray_workers_write_the_local_engine_s_features(tmp_path, image_tree, run_cli):
     root = image_tree(per_class=3)
     args = [*FAST[:4], "--tap", "vgg16:block1_pool", "--shard-size", 2]  # one small backbone: the actors build it quicker
     ray_run = run_cli("extract", root, "--out", tmp_path / "ray", *args, "--engine", "ray", "--workers", 2)  # starts a local Ray
@@ -166,6 +148,26 @@ def test_workers_that_resolved_or_loaded_differently_are_one_sentence():
     assert "Ray workers loaded different resnet50 weights (sha256 aaaaaaaaaaaa on gpu-node, bbbbbbbbbbbb on old-node)" in disagreement([gpu, other])
 
 
+def test_workers_on_other_gpus_or_libraries_are_one_sentence_and_other_cpus_are_not():
+    config, weights = ExtractConfig(taps=TAPS, precision="mixed_float16", xla=True), {}
+    a100 = {"device": "NVIDIA A100-SXM4-80GB (compute capability 8.0)", "tensorflow": "2.16.1 (v2.16.1)", "cuda": "12.3",
+            "cudnn": "8", "forward": "xla", "op_determinism": True}
+    h100 = {**a100, "device": "NVIDIA H100 80GB HBM3 (compute capability 9.0)"}
+    one, two = WorkerSummary(config, weights, [], "node-1", a100), WorkerSummary(config, weights, [], "node-2", h100)
+    assert disagreement([one, two]) == (
+        "Ray workers compute on different devices or libraries (NVIDIA A100-SXM4-80GB (compute capability 8.0), CUDA 12.3, cuDNN 8, "
+        "TensorFlow 2.16.1 (v2.16.1), forward xla, op determinism on node-1, NVIDIA H100 80GB HBM3 (compute capability 9.0), "
+        "CUDA 12.3, cuDNN 8, TensorFlow 2.16.1 (v2.16.1), forward xla, op determinism on node-2), whose features can differ "
+        "in bytes; run on one kind of GPU with one installation (or --gpus-per-worker 0 for CPU workers)"
+    )
+    assert "cuDNN 9" in disagreement([one, WorkerSummary(config, weights, [], "node-3", {**a100, "cudnn": "9"})])
+    assert disagreement([one, WorkerSummary(config, weights, [], "node-4", dict(a100))]) is None
+    cpu = {"device": "AMD EPYC 9R14", "tensorflow": "2.16.1 (v2.16.1)", "cuda": None, "cudnn": None, "forward": "xla", "op_determinism": False}
+    cpus = [WorkerSummary(config, weights, [], "c1", cpu), WorkerSummary(config, weights, [], "c2", {**cpu, "device": "Intel Xeon"})]
+    assert disagreement(cpus) is None  # CPU kernels give the same bytes on any x86-64 CPU
+    assert disagreement([one, WorkerSummary(config, weights, [], "restarted", None)]) is None  # nothing recorded to compare
+
+
 # --- the driver's scheduling, on a fake Ray: what happens when workers die ---------------------------
 
 
@@ -203,24 +205,24 @@ class FakeActor:
         if not args:  # a ping
             self.pings += 1
             return True if self.revives else FakeRay.exceptions.ActorDiedError("gone")
-        job = args[0]
+        task = args[0]
         behaviour = self.script.pop(0) if self.script else "ok"
         if behaviour == "die":
             return iter([1, FakeRay.exceptions.RayActorError("worker died")])
-        self.shards.append(job.index)
-        (self.out_dir / shards.shard_filename(job.index)).touch()
-        return iter([len(job.records)])
+        self.shards.append(task.index)
+        (self.out_dir / shards.shard_filename(task.index)).touch()
+        return iter([len(task.records)])
 
 
 def run_fake(tmp_path, actors, shard_count=4, size=3):
-    from pipeline.engines import ShardJob
+    from pipeline.engines import ShardTask
     from pipeline.engines.ray import RayEngine
 
     engine = RayEngine()
     engine._ray, engine._actors = FakeRay(), actors
     shown = []
-    jobs = [ShardJob(k, (None,) * size) for k in range(shard_count)]
-    engine.run(jobs, None, tmp_path, shown.append)
+    tasks = [ShardTask(k, (None,) * size) for k in range(shard_count)]
+    engine.run(tasks, None, tmp_path, shown.append)
     return sum(shown)
 
 

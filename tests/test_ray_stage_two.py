@@ -37,7 +37,7 @@ def test_ray_reduce_equals_the_local_incremental_solver(local_ray, features_dir,
         np.testing.assert_allclose(b, a, rtol=1e-6)
     np.testing.assert_allclose(remote.scaler_.mean_, local.scaler_.mean_, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(remote.pca_.components_, local.pca_.components_, rtol=1e-6, atol=1e-6)
-    from pipeline.reduce import load_reduced
+    from pipeline.reduced import load_reduced
 
     X_local, X_ray = load_reduced(tmp_path / "local").X, load_reduced(tmp_path / "ray").X
     np.testing.assert_allclose(X_ray, X_local, rtol=1e-5, atol=1e-5)

@@ -11,13 +11,14 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline import reduce as reduce_module
+from pipeline import reduced as reduced_module
 from pipeline import shards
 from pipeline.config import ReduceConfig
 from pipeline.errors import PipelineError
 from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
 from pipeline.lineage import TRANSFORM_NAME
-from pipeline.reduce import assign_splits, choose_solver, load_reduced, reduce_features
+from pipeline.reduce import assign_splits, choose_solver, reduce_features
+from pipeline.reduced import load_reduced
 
 TAPS = {"resnet50/conv5_block3_out": 24, "vgg16/block5_conv3": 16}
 
@@ -274,8 +275,8 @@ def test_outputs_follow_the_format(features_dir, tmp_path):
     features = features_dir(n=120, storage_dtype="float16")
     reduce_features(features, tmp_path / "reduced", ReduceConfig(components=6))
     out = tmp_path / "reduced"
-    assert sorted(p.name for p in out.iterdir()) == sorted(reduce_module.OUTPUT_NAMES)
-    with h5py.File(out / reduce_module.REDUCED_NAME) as f:
+    assert sorted(p.name for p in out.iterdir()) == sorted(reduced_module.OUTPUT_NAMES)
+    with h5py.File(out / reduced_module.REDUCED_NAME) as f:
         assert f["X"].dtype == np.float32 and f["X"].shape == (120, 6)
         assert set(f["splits"].asstr()[:]) == {"train", "val", "test"}
     report = load_reduced(out).report
@@ -291,9 +292,9 @@ def test_same_settings_are_a_cache_hit_and_other_settings_need_overwrite(feature
     features = features_dir(n=120)
     out = tmp_path / "reduced"
     assert not reduce_features(features, out, ReduceConfig(components=4)).up_to_date
-    stamp = (out / reduce_module.REDUCED_NAME).stat().st_mtime_ns
+    stamp = (out / reduced_module.REDUCED_NAME).stat().st_mtime_ns
     assert reduce_features(features, out, ReduceConfig(components=4, taps=tuple(reversed(TAPS)))).up_to_date
-    assert (out / reduce_module.REDUCED_NAME).stat().st_mtime_ns == stamp
+    assert (out / reduced_module.REDUCED_NAME).stat().st_mtime_ns == stamp
 
     with pytest.raises(PipelineError, match="components 4, now 5.*--overwrite"):
         reduce_features(features, out, ReduceConfig(components=5))

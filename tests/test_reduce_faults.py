@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 from pipeline import reduce as reduce_module
+from pipeline import reduced as reduced_module
 from pipeline.config import HeadConfig, ReduceConfig
 from pipeline.errors import PipelineError
 from pipeline.files import leftover_temps, lock_beside, locked
-from pipeline.reduce import load_reduced, reduce_features
+from pipeline.reduce import reduce_features
+from pipeline.reduced import load_reduced
 from pipeline.train import train
 
 QUICK = ["--hidden", 8, "--epochs", 2, "--batch-size", 32]
@@ -61,7 +63,7 @@ def test_load_reduced_hashes_the_very_reduce_json_it_parsed(reduced, monkeypatch
         (out / "reduce.json").write_bytes(original.replace(b"{", b'{"other": 1, ', 1))  # another reduction lands
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(reduce_module.h5py, "File", rewritten_meanwhile)
+    monkeypatch.setattr(reduced_module.h5py, "File", rewritten_meanwhile)
     data = load_reduced(out)
     assert data.report_sha256 == hashlib.sha256(original).hexdigest() and "other" not in data.report
 
@@ -72,7 +74,7 @@ def test_a_reduce_and_a_load_of_one_reduced_dir_exclude_each_other(reduced, run_
         with pytest.raises(PipelineError, match=f"reduced directory {out} is in use by PID {os.getpid()}") as caught:
             load_reduced(out)
     assert type(caught.value) is PipelineError  # not LockBusy, which train would take for a run another process holds
-    with reduce_module._reading(out):
+    with reduced_module._reading(out):
         assert load_reduced(out).X.shape[1] == 4  # readers share the lock
         result = run_cli("reduce", features, "--out", out, "--components", 5, "--overwrite", code=1)
     assert f"reduced directory {out} is in use by PID {os.getpid()}" in result.output and load_reduced(out).X.shape[1] == 4
@@ -121,18 +123,18 @@ def test_non_finite_features_name_the_tap_and_the_rows(features_dir, tmp_path, r
 def test_disk_full_while_writing_keeps_the_previous_reduction_and_a_rerun_completes(reduced, run_cli, monkeypatch):
     features, out = reduced
     before = tree_bytes(out)
-    real = reduce_module._write_reduced
+    real = reduce_module.write_reduced
 
     def full(path, *args):
         path.write_bytes(b"part of a file")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(reduce_module, "_write_reduced", full)
+    monkeypatch.setattr(reduce_module, "write_reduced", full)
     result = run_cli("reduce", features, "--out", out, "--components", 5, "--overwrite", code=1)
     assert f"cannot write reduced directory {out}: no space left on device; the previous reduction in it is unchanged" in result.output
     assert "Traceback" not in result.output
     assert tree_bytes(out) == before and not leftover_temps(out.parent)
-    monkeypatch.setattr(reduce_module, "_write_reduced", real)
+    monkeypatch.setattr(reduce_module, "write_reduced", real)
     run_cli("reduce", features, "--out", out, "--components", 5, "--overwrite")
     assert load_reduced(out).X.shape[1] == 5
 

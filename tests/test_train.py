@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from pipeline import leaderboard as leaderboard_module
 from pipeline import train as train_module
 from pipeline.config import HeadConfig, ReduceConfig
 from pipeline.errors import PipelineError
-from pipeline.reduce import load_reduced, reduce_features
-from pipeline.train import leaderboard as leaderboard_rows, sort_rows, sweep_configs, train
+from pipeline.leaderboard import leaderboard as leaderboard_rows, sort_rows
+from pipeline.reduce import reduce_features
+from pipeline.reduced import load_reduced
+from pipeline.scoring import evaluate
+from pipeline.train import sweep_configs, train
 
 QUICK = dict(hidden=(16,), epochs=4, batch_size=32)
 
@@ -246,6 +250,33 @@ def test_leaderboard_is_written_after_every_run(reduced_dir, tmp_path, monkeypat
     list(train(reduced_dir(), tmp_path / "runs", configs))
     assert counts == [1, 2, 3]
     assert [row["kind"] for row in leaderboard_rows(tmp_path / "runs")[0]].count("head") == 2
+
+
+def test_publishing_a_run_reads_each_run_dir_once(reduced_dir, tmp_path, monkeypatch):
+    """Regression: every publish read every run dir twice (the split check, then the leaderboard), O(N^2) reads per sweep."""
+    reads = []
+    real_read = leaderboard_module.read_json
+
+    def counting_read(path):
+        reads.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(leaderboard_module, "read_json", counting_read)
+    configs = [HeadConfig(**{**QUICK, "epochs": 1, "seed": seed}) for seed in range(3)]
+    outcomes = list(train(reduced_dir(), tmp_path / "runs", configs))
+    assert len(outcomes) == 4 and len(leaderboard(tmp_path / "runs")) == 4
+    assert sorted(reads) == sorted(tmp_path / "runs" / o.run_id / name for o in outcomes for name in ("config.json", "metrics.json"))
+    (tmp_path / "runs" / outcomes[1].run_id / "metrics.json").write_text("{}")  # a changed record is read again
+    assert leaderboard_module.run_state(tmp_path / "runs" / outcomes[1].run_id).problem is not None
+
+
+def test_evaluate_leaves_the_callers_probabilities_as_they_were():
+    """Regression: evaluate normalised float64 probabilities in the caller's array."""
+    proba = np.array([[0.2, 0.2], [0.9, 0.3], [0.1, 0.5]])
+    before = proba.copy()
+    metrics = evaluate(np.array([0, 0, 1]), proba, ["a", "b"])
+    np.testing.assert_array_equal(proba, before)
+    assert metrics["accuracy"] == 1.0 and metrics["rows"] == 3
 
 
 # --- command line

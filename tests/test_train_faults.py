@@ -16,11 +16,12 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline import leaderboard as leaderboard_module
 from pipeline import train as train_module
 from pipeline.config import HeadConfig
 from pipeline.errors import PipelineError
 from pipeline.files import leftover_temps, locked
-from pipeline.reduce import load_reduced
+from pipeline.reduced import load_reduced
 from pipeline.train import train
 
 QUICK = ["--hidden", 8, "--epochs", 2, "--batch-size", 32]
@@ -103,7 +104,7 @@ def test_an_empty_test_split_trains_with_blank_test_metrics(features_dir, tmp_pa
     run_cli("reduce", features_dir(n=60), "--out", tmp_path / "reduced", "--components", 3, "--test-fraction", 0)
     trained = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "runs", *QUICK)
     assert "test accuracy -" in trained.output
-    rows = train_module.leaderboard(tmp_path / "runs")[0]
+    rows = leaderboard_module.leaderboard(tmp_path / "runs")[0]
     assert {row["test_accuracy"] for row in rows} == {""} and all(row["val_accuracy"] for row in rows)
 
 
@@ -129,7 +130,7 @@ def test_a_run_another_process_holds_is_left_to_it_then_reported_done(reduced, t
         shutil.copytree(tmp_path / "elsewhere" / run_id, runs / run_id)  # the other process publishes
     worker.join(timeout=120)
     assert [(o.run_id, o.done_before) for o in outcomes] == [(first[0].run_id, False), (run_id, True)]
-    assert {row["run_id"] for row in train_module.leaderboard(runs)[0]} == {first[0].run_id, run_id}
+    assert {row["run_id"] for row in leaderboard_module.leaderboard(runs)[0]} == {first[0].run_id, run_id}
 
 
 def test_a_name_another_process_publishes_with_another_config_is_refused_not_reported_done(reduced, tmp_path):
@@ -172,7 +173,7 @@ def test_two_sweeps_into_one_runs_dir_both_finish_and_train_each_run_once(reduce
     outputs = [p.communicate(timeout=600) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
     trained = [line.split(":")[0] for stdout, _ in outputs for line in stdout.splitlines() if "val accuracy" in line]
-    rows = train_module.leaderboard(tmp_path / "runs")[0]
+    rows = leaderboard_module.leaderboard(tmp_path / "runs")[0]
     assert len(rows) == 5 and sorted(trained) == sorted(row["run_id"] for row in rows)  # each trained by one of them
     assert not leftover_temps(tmp_path / "runs")
 
@@ -192,7 +193,7 @@ def test_damaged_runs_are_skipped_by_runs_and_trained_again_by_train(reduced, tm
     again = run_cli("train", out, "--runs", runs, *QUICK)
     assert f"run dir {baseline} is damaged" in again.output and f"run dir {head} is damaged (model.keras is changed)" in again.output
     assert "already done" not in again.output
-    assert {row["run_id"] for row in train_module.leaderboard(runs)[0]} == {head.name, baseline.name}
+    assert {row["run_id"] for row in leaderboard_module.leaderboard(runs)[0]} == {head.name, baseline.name}
 
 
 def test_a_corrupt_leaderboard_is_rebuilt_from_the_run_dirs(reduced, tmp_path, run_cli):
@@ -219,10 +220,10 @@ def test_disk_full_in_train_keeps_the_finished_runs_and_a_rerun_completes(reduce
     result = run_cli("train", out, "--runs", runs, *QUICK, code=1)
     assert "cannot write run h8_d0.3_" in result.output and "no space left on device; the runs finished so far are kept" in result.output
     assert "Traceback" not in result.output
-    assert not leftover_temps(runs) and len(train_module.leaderboard(runs)[0]) == 1
+    assert not leftover_temps(runs) and len(leaderboard_module.leaderboard(runs)[0]) == 1
     monkeypatch.setattr(train_module, "_write_history", real)
     rerun = run_cli("train", out, "--runs", runs, *QUICK)
-    assert "already done" in rerun.output and len(train_module.leaderboard(runs)[0]) == 2
+    assert "already done" in rerun.output and len(leaderboard_module.leaderboard(runs)[0]) == 2
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
@@ -236,7 +237,7 @@ def test_runs_on_a_full_disk_prints_the_table_with_a_warning(reduced, tmp_path, 
     def full(runs_dir):
         raise OSError(code, os.strerror(code), str(runs_dir / "leaderboard.csv"))
 
-    monkeypatch.setattr(train_module, "write_leaderboard", full)
+    monkeypatch.setattr(leaderboard_module, "write_leaderboard", full)
     table = run_cli("runs", runs)
     assert "*baseline*" in table.output and "Traceback" not in table.output
     reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}[code]
@@ -257,11 +258,11 @@ def test_a_leaderboard_that_cannot_be_written_after_publishing_says_the_run_is_k
     [baseline] = [p.name for p in runs.iterdir() if p.name.startswith("baseline-")]
     assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
     assert f"cannot write {runs / 'leaderboard.csv'}: no space left on device; run {baseline} is kept;" in result.output
-    assert "finished so far" not in result.output and train_module.run_state(runs / baseline).done
+    assert "finished so far" not in result.output and leaderboard_module.run_state(runs / baseline).done
     monkeypatch.setattr(train_module, "write_leaderboard", real)
     assert "rebuilt from them" in run_cli("runs", runs).output
     rerun = run_cli("train", out, "--runs", runs, *QUICK)
-    assert f"{baseline}: already done" in rerun.output and len(train_module.leaderboard(runs)[0]) == 2
+    assert f"{baseline}: already done" in rerun.output and len(leaderboard_module.leaderboard(runs)[0]) == 2
 
 
 def test_a_head_whose_probabilities_are_not_finite_is_one_sentence_naming_the_run(reduced, tmp_path, run_cli, monkeypatch):
@@ -275,7 +276,7 @@ def test_a_head_whose_probabilities_are_not_finite_is_one_sentence_naming_the_ru
     assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
     assert re.search(r"run h8_d0\.3_[0-9a-f]{8}: the predicted probabilities of \d+ of \d+ rows are NaN or Inf", result.output)
     assert "try a lower --lr" in result.output and not leftover_temps(runs)
-    assert [row["kind"] for row in train_module.leaderboard(runs)[0]] == ["baseline"]
+    assert [row["kind"] for row in leaderboard_module.leaderboard(runs)[0]] == ["baseline"]
 
 
 def test_sigterm_mid_sweep_then_a_rerun_completes_the_leaderboard(reduced, tmp_path):
@@ -295,4 +296,4 @@ def test_sigterm_mid_sweep_then_a_rerun_completes_the_leaderboard(reduced, tmp_p
     assert not leftover_temps(runs)  # the interrupted run's staging dir went with it
     finished = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr
-    assert len(train_module.leaderboard(runs)[0]) == 4 and "already done" in finished.stdout
+    assert len(leaderboard_module.leaderboard(runs)[0]) == 4 and "already done" in finished.stdout

@@ -85,7 +85,7 @@ def test_heads_group_by_shape_into_stacks_of_at_most_max_stack(reduced, tmp_path
 
 
 def test_stacks_split_so_that_every_job_has_one():
-    heads = [train_module._Job("head", f"h{i}", HeadConfig(hidden=(8,), seed=i)) for i in range(6)]
+    heads = [train_module._PlannedRun("head", f"h{i}", HeadConfig(hidden=(8,), seed=i)) for i in range(6)]
     groups = train_module._groups(heads, None, True, 64, workers=4)
     assert sorted(len(g) for g in groups) == [2, 2, 2]  # ceil(6 / 4) heads a stack
     assert sorted(len(g) for g in train_module._groups(heads, None, False, 64, workers=1)) == [1] * 6

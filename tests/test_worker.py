@@ -1,6 +1,9 @@
 """The shard worker itself: the Pillow fallback's memory, what float16 storage can hold, the writer's bookkeeping."""
 
 import concurrent.futures
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -9,6 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from pipeline import shards
+from pipeline import inputs as inputs_module
 from pipeline.engines import worker as worker_module
 from pipeline.inputs import UndecodableImage, decode_with_pillow, resize_image
 
@@ -19,25 +23,22 @@ def files_bytes(features):
     return {p.name: p.read_bytes() for p in sorted(features.glob("shard-*.h5"))}
 
 
-def _fallback_before_batching(self, missing):
-    """The fallback as it was: every picture of the shard decoded first, then computed batch by batch (the reference)."""
-    rescued, pictures, errors = [], [], []
-    for index in missing:
-        record = self._record(index)
+def _pillow_batches_decoding_all_first(items, batch_size, image_size, resize, failed):
+    """The fallback as it was: every picture of the shard decoded first, then batched (the reference)."""
+    rescued, pictures = [], []
+    for index, path, problem in items:
         try:
-            if record.problem:
-                raise UndecodableImage(record.problem)
-            pixels = decode_with_pillow(record.path)
+            if problem:
+                raise UndecodableImage(problem)
+            pixels = decode_with_pillow(path)
         except UndecodableImage as e:
-            errors.append({"id": record.id, "path": record.path, "reason": str(e)})
+            failed(index, str(e))
             continue
         rescued.append(index)
-        pictures.append(resize_image(tf.constant(pixels), self.config.image_size, self.config.resize))
-    if not rescued:
-        return None, errors
-    batch, indices = self.config.batch_size, np.array(rescued, np.int64)
-    outputs = [self._compute(indices[i : i + batch], tf.stack(pictures[i : i + batch])) for i in range(0, len(pictures), batch)]
-    return (indices, {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}), errors
+        pictures.append(resize_image(tf.constant(pixels), image_size, resize))
+    indices = np.array(rescued, np.int64)
+    for i in range(0, len(pictures), batch_size):
+        yield indices[i : i + batch_size], tf.stack(pictures[i : i + batch_size])
 
 
 def test_the_fallback_holds_one_batch_of_pictures_and_gives_the_same_bytes(tmp_path, run_cli, monkeypatch):
@@ -51,21 +52,21 @@ def test_the_fallback_holds_one_batch_of_pictures_and_gives_the_same_bytes(tmp_p
     args = [*FAST, "--shard-size", 10, "--batch-size", 2]
 
     state = {"fallback": False, "held": 0, "peak": 0}
-    real_fallback, real_compute, real_decode = (
-        worker_module._ShardAssembler._fallback, worker_module._ShardAssembler._compute, worker_module.decode_with_pillow,
+    real_rescue, real_features, real_decode = (
+        worker_module._ShardAssembler._rescue, worker_module._TapRunner.features, inputs_module.decode_with_pillow,
     )
 
-    def fallback(self, missing):
+    def rescue(self, missing, errors):
         state["fallback"] = True
         try:
-            return real_fallback(self, missing)
+            return real_rescue(self, missing, errors)
         finally:
             state["fallback"] = False
 
-    def compute(self, indices, images):
+    def features(self, images, row_id, check_fidelity=False):
         if state["fallback"]:
-            state["held"] -= len(indices)  # computed: the worker lets go of these pictures
-        return real_compute(self, indices, images)
+            state["held"] -= int(images.shape[0])  # computed: the worker lets go of these pictures
+        return real_features(self, images, row_id, check_fidelity)
 
     def decode(path):
         pixels = real_decode(path)
@@ -74,14 +75,14 @@ def test_the_fallback_holds_one_batch_of_pictures_and_gives_the_same_bytes(tmp_p
         return pixels
 
     with monkeypatch.context() as patch:
-        patch.setattr(worker_module._ShardAssembler, "_fallback", fallback)
-        patch.setattr(worker_module._ShardAssembler, "_compute", compute)
-        patch.setattr(worker_module, "decode_with_pillow", decode)
+        patch.setattr(worker_module._ShardAssembler, "_rescue", rescue)
+        patch.setattr(worker_module._TapRunner, "features", features)
+        patch.setattr(inputs_module, "decode_with_pillow", decode)
         run_cli("extract", tmp_path / "images", "--out", tmp_path / "batched", *args)
     assert state["peak"] == 2 and state["held"] == 0  # 7 TIFFs, at most one batch of 2 decoded at once
 
     with monkeypatch.context() as patch:
-        patch.setattr(worker_module._ShardAssembler, "_fallback", _fallback_before_batching)
+        patch.setattr(worker_module, "pillow_batches", _pillow_batches_decoding_all_first)
         run_cli("extract", tmp_path / "images", "--out", tmp_path / "reference", *args)
     assert files_bytes(tmp_path / "batched") == files_bytes(tmp_path / "reference") and files_bytes(tmp_path / "batched")
     manifest = shards.read_manifest(tmp_path / "batched")
@@ -161,3 +162,63 @@ def test_a_failed_write_is_raised_at_the_next_check(tmp_path, monkeypatch):
                 writer.submit(shard, None)
             writer.pool.shutdown(wait=True)
             writer.raise_failure()
+
+
+def test_a_small_run_skips_xla_records_its_device_and_computes_without_tf32(tmp_path, image_tree, run_cli, monkeypatch):
+    """Below EAGER_MAX_IMAGES the forward is not compiled even with --xla; TF32 is off; the shard and inspect say what computed."""
+    def no_compile(*args, **kwargs):
+        raise AssertionError("a 6-image run compiled its forward pass")
+
+    monkeypatch.setattr(worker_module.backbones, "compile_forward", no_compile)
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+    run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST, "--xla")
+    assert not tf.config.experimental.tensor_float_32_execution_enabled()
+    device = shards.read_shard_attrs(tmp_path / "f" / "shard-00000.h5")["device"]
+    assert device["forward"] == "eager" and device["cuda"] is None and device["op_determinism"] is False  # no GPU here
+    assert device["tensorflow"].startswith(tf.__version__) and device["device"]
+    assert shards.read_manifest(tmp_path / "f")["config"]["xla"] is True  # as asked: a larger listing would compile
+    inspected = run_cli("inspect", tmp_path / "f")
+    assert f"computed on {shards.describe_device(device)}: 1 shard" in inspected.output
+
+
+def test_running_out_of_device_memory_names_the_batch_and_image_size_to_lower(tmp_path, image_tree, run_cli, monkeypatch):
+    def exhausted(images, training=False):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[64,64,1024,1024]")
+
+    real_build = worker_module.backbones.build_tap_model
+    monkeypatch.setattr(worker_module.backbones, "build_tap_model", lambda *args: real_build(*args) and exhausted)
+    result = run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST, "--batch-size", 4, code=1)
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: the device ran out of memory computing a batch of 4 images of 32x32 px; "
+        "rerun with a smaller --batch-size (now 4) or --image-size"
+    )
+    assert "Traceback" not in result.output and not (tmp_path / "f" / "manifest.json").exists()
+
+
+def test_op_determinism_is_enabled_on_a_gpu_unless_no_deterministic(tmp_path, image_tree, run_cli, monkeypatch):
+    enabled = []
+    fake_gpu = worker_module.devices.TensorFlowGpu("/physical_device:GPU:0", "a GPU", (8, 0))
+    monkeypatch.setattr(worker_module.devices, "tensorflow_gpus", lambda: [fake_gpu])  # this machine has none: only the decision is tested
+    monkeypatch.setattr(worker_module.backbones, "device_record", lambda gpu, forward, determinism: {"op_determinism": determinism})
+    monkeypatch.setattr(worker_module.tf.config.experimental, "enable_op_determinism", lambda: enabled.append(True))
+    root, args = image_tree(), [*FAST, "--precision", "float32", "--no-xla"]
+    run_cli("extract", root, "--out", tmp_path / "on", *args)
+    assert enabled == [True] and shards.read_shard_attrs(tmp_path / "on" / "shard-00000.h5")["device"] == {"op_determinism": True}
+    run_cli("extract", root, "--out", tmp_path / "off", *args, "--no-deterministic")
+    assert enabled == [True] and shards.read_shard_attrs(tmp_path / "off" / "shard-00000.h5")["device"] == {"op_determinism": False}
+    assert shards.read_manifest(tmp_path / "on")["config_sha256"] == shards.read_manifest(tmp_path / "off")["config_sha256"]
+
+
+def test_a_compiled_forward_is_kept_for_the_next_process(tmp_path, image_tree):
+    """In fresh processes, as a user runs them: the worker sets XLA's cache dir before anything reads XLA's flags."""
+    root = image_tree(per_class=9)  # 18 images: above EAGER_MAX_IMAGES, so --xla compiles
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_XLA_FLAGS", None)
+    programs = []
+    for run in ("first", "second"):
+        argv = [sys.executable, "-m", "pipeline", "extract", str(root), "--out", str(tmp_path / run), *map(str, FAST), "--xla", "--precision", "float32"]
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert shards.read_shard_attrs(tmp_path / run / "shard-00000.h5")["device"]["forward"] == "xla"
+        programs.append({p.name: p.stat().st_mtime_ns for p in (tmp_path / "keras" / "xla").iterdir()})
+    assert len(programs[0]) == 1 and programs[1] == programs[0]  # compiled by the first, read (not rewritten) by the second

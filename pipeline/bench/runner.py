@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import backbones
+from pipeline import backbones, devices
 from pipeline.bench import STAGES, corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two, stacks as bench_stacks, startup
 from pipeline.config import DEFAULT_TAPS, ExtractConfig, HeadConfig, ReduceConfig, parse_tap, parse_weights, tap_backbone, tap_layer
 from pipeline.errors import PipelineError
@@ -98,11 +98,10 @@ def run_bench(options, log=print):
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     load_start, started = os.getloadavg(), time.perf_counter()
-    gpu = backbones.has_gpu()
-    if gpu:
-        backbones.enable_gpu_memory_growth()
+    gpus = devices.tensorflow_gpus()  # device options were set by the command (cli.TensorFlowCommand)
+    gpu = bool(gpus)
     requested = ExtractConfig(taps=options.taps, image_size=options.image_size, batch_size=options.batch_size, weights=options.weights)
-    config = backbones.resolve(requested, gpu, backbones.cpu_flags())
+    config = backbones.resolve(requested, gpu, backbones.cpu_flags(), devices.compute_capability(gpus))
     policies = list(dict.fromkeys([config.precision, "float32"]))
     try:
         corpus, corpus_name = _corpus(options, work)
@@ -402,6 +401,13 @@ def measure_startup(options, config, policies, corpus, work, log):
     run_dir, one = startup.prepare_run(corpus, work / "startup-run", dataclasses.replace(config, precision="float32"))
     predict = startup.predict_argv(run_dir, one, work / "startup-run" / "one.csv")
     results["predict_one_seconds"] = bench_report.summarize([startup.time_command(predict) for _ in range(options.repeats)])
+    log("start-up, extract of 4 images with and without --xla")
+    four = startup.first_images(corpus, work / "startup-four", 4)
+    results["four_images_seconds"] = {}
+    out = work / "startup-four-features"
+    for xla in ("--xla", "--no-xla"):
+        argv = [*startup.extract_argv(four, out, dataclasses.replace(config, precision="float32")), xla]
+        results["four_images_seconds"][xla] = bench_report.summarize([startup.time_fresh_extract(argv, out) for _ in range(options.repeats)])
     return results
 
 

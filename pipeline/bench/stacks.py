@@ -83,7 +83,7 @@ def _plain_loop(reduced, configs):
     """Run in the child: each config as a user would, without the pipeline; writes plain-loop.json beside the data."""
     import keras
 
-    from pipeline.reduce import load_reduced
+    from pipeline.reduced import load_reduced
 
     data = load_reduced(reduced)
     train, val = data.splits == "train", data.splits == "val"

@@ -4,6 +4,7 @@
                 before it (imports, listing, model ready = built, weights loaded, traced)
   up to date    a whole `pipeline extract` rerun over a finished directory
   predict one   a whole `pipeline predict` on a single image
+  xla, 4 images a whole `pipeline extract` of 4 images with --xla, and with --no-xla (runs that small skip the compile)
 """
 
 import json
@@ -62,6 +63,12 @@ def time_command(argv):
     return time.perf_counter() - started
 
 
+def time_fresh_extract(argv, out_dir):
+    """Wall seconds of an extract command into `out_dir`, emptied first so that it computes everything."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return time_command(argv)
+
+
 def extract_argv(corpus, out_dir, config: ExtractConfig):
     """The `pipeline extract` command line that runs `config`."""
     argv = [sys.executable, "-m", "pipeline", "extract", str(corpus), "--out", str(out_dir)]
@@ -89,6 +96,17 @@ def prepare_run(corpus, work, config: ExtractConfig):
     first = Path(listing.records[0].path)
     (one / first.name).write_bytes(first.read_bytes())
     return work / "runs" / head.run_id, one
+
+
+def first_images(corpus, folder, count):
+    """`folder`, made to hold copies of the corpus' first `count` images (by listing order)."""
+    from pipeline.sources import list_source
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i, record in enumerate(list_source(corpus).records[:count]):
+        (folder / f"{i:03d}{Path(record.path).suffix}").write_bytes(Path(record.path).read_bytes())
+    return folder
 
 
 def predict_argv(run_dir, images, out_csv):

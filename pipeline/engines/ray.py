@@ -122,6 +122,7 @@ class WorkerSummary:
     weights: dict
     taps: list
     host: str
+    device: dict | None = None  # what computes (backbones.device_record); None where unknown
 
 
 def disagreement(summaries):
@@ -143,9 +144,21 @@ def disagreement(summaries):
                     f"Ray workers loaded different {name} weights (sha256 {record['sha256'][:12]} on {where[0]}, "
                     f"{theirs[:12]} on {where[1]}); give every node the same weights"
                 )
+        if first.device and other.device and _computing(first.device) != _computing(other.device):
+            return (
+                f"Ray workers compute on different devices or libraries ({shards.describe_device(first.device)} on {where[0]}, "
+                f"{shards.describe_device(other.device)} on {where[1]}), whose features can differ in bytes; run on one kind of GPU "
+                "with one installation (or --gpus-per-worker 0 for CPU workers)"
+            )
         if (first.config, first.taps) != (other.config, other.taps):
             return f"Ray workers on {where[0]} and {where[1]} built different models; install the same version of this project on every node"
     return None
+
+
+def _computing(device):
+    """What of a device record decides the bytes: on a GPU its model and libraries, on a CPU the TensorFlow build only."""
+    kernels = (device["device"], device["cuda"], device["cudnn"]) if device["cuda"] else ()
+    return (*kernels, device["tensorflow"], device["forward"])
 
 
 class ShardActor:
@@ -162,14 +175,14 @@ class ShardActor:
     def ping(self):
         return True
 
-    def run_shard(self, job, run, out_dir):
+    def run_shard(self, task, run, out_dir):
         """Compute and write one shard; yields the images done after each batch (a Ray streaming generator)."""
         self._check_run(run, out_dir)
-        yield from self._built().steps([job], run, out_dir)
+        yield from self._built().steps([task], run, out_dir)
 
     def _summary(self):
         worker = self._built()
-        return WorkerSummary(worker.config, worker.weights, worker.taps, socket.gethostname())
+        return WorkerSummary(worker.config, worker.weights, worker.taps, socket.gethostname(), worker.device)
 
     def _built(self):
         if self._worker is None:
@@ -200,12 +213,13 @@ class RayEngine:
         ray_cluster.require_ray()  # a missing extra fails before anything starts
         self.address, self.workers, self.cpus_per_worker, self.gpus_per_worker = address, workers, cpus_per_worker, gpus_per_worker
         self._stack = contextlib.ExitStack()
-        self._ray = None
+        self._ray = self._head = None
         self._actors = []
 
     def start(self, config, eager=False):
         """Connect to Ray, start the actors and build their models; return their (agreed) WorkerSummary."""
         ray = self._ray = self._stack.enter_context(ray_cluster.connected(self.address))
+        self._head = ray_cluster.HeadWatch(ray)
         alive = [n for n in ray.nodes() if n["Alive"]]
         nodes = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in alive]
         self.plan = plan_workers(nodes, self.workers, self.cpus_per_worker, self.gpus_per_worker)
@@ -218,19 +232,25 @@ class RayEngine:
             raise PipelineError(problem)
         return summaries[0]
 
-    def run(self, jobs, run, out_dir, progress):
-        """Compute every job on the actors, redoing the shard of a worker that dies; `progress(n)` over all of them."""
-        pool = _Pool(self._ray, self._actors, jobs, progress)
+    def run(self, tasks, run, out_dir, progress):
+        """Compute every shard task on the actors, redoing the shard of a worker that dies; `progress(n)` over all of them."""
+        pool = _Pool(self._ray, self._actors, tasks, progress)
         while pool.unfinished():
             pool.dispatch(run, str(out_dir))
             ready, _ = self._ray.wait(pool.waiting(), num_returns=1, timeout=_POLL_SECONDS)
             for ref in ready:
                 pool.handle(ref)
-        _wait_until_visible(Path(out_dir), [job.index for job in jobs])
+            self._check_head()
+        _wait_until_visible(Path(out_dir), [task.index for task in tasks])
 
     def close(self):
-        """Stop the actors, and the Ray this engine started (a Ray it found running is left running)."""
+        """Stop the actors, and the Ray this engine started (a Ray it found running is left running).
+
+        Once the cluster's head is lost nothing more is asked of Ray: every call would wait on it.
+        """
         actors, self._actors = self._actors, []
+        if self._head is not None and self._head.lost:
+            return
         try:
             for actor in actors:
                 with contextlib.suppress(Exception):  # a lost head or a dead actor must not keep the others (or Ray) running
@@ -238,9 +258,15 @@ class RayEngine:
         finally:
             self._stack.close()
 
+    def _check_head(self):
+        if self._head is not None:
+            self._head.check()
+
     def _get(self, refs, doing):
         ray = self._ray
         try:
+            while len(ray.wait(refs, num_returns=len(refs), timeout=_POLL_SECONDS)[0]) < len(refs):
+                self._check_head()
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
             raise _user_error(e)
@@ -254,9 +280,9 @@ class RayEngine:
 class _Pool:
     """The driver's view of one run: shards pending, running (a streaming generator each) and done; actors idle or restarting."""
 
-    def __init__(self, ray, actors, jobs, progress):
+    def __init__(self, ray, actors, tasks, progress):
         self.ray, self.progress = ray, progress
-        self.pending = collections.deque(jobs)
+        self.pending = collections.deque(tasks)
         self.idle = collections.deque(actors)
         self.running = {}  # streaming generator of run_shard -> _Attempt
         self.reviving = {}  # ping of a dead actor Ray is restarting -> actor
@@ -273,8 +299,8 @@ class _Pool:
     def dispatch(self, run, out_dir):
         """Hand pending shards to idle actors; fail when no actor is left, or none came back in time."""
         while self.pending and self.idle:
-            actor, job = self.idle.popleft(), self.pending.popleft()
-            self.running[actor.run_shard.remote(job, run, out_dir)] = _Attempt(actor, job)
+            actor, task = self.idle.popleft(), self.pending.popleft()
+            self.running[actor.run_shard.remote(task, run, out_dir)] = _Attempt(actor, task)
         if self.running or self.idle:
             self.down_since = None
         elif not self.reviving:
@@ -306,21 +332,21 @@ class _Pool:
         except self.ray.exceptions.RayTaskError as e:
             raise _user_error(e)
         attempt.images += images
-        index = attempt.job.index
+        index = attempt.task.index
         if attempt.images > self.counted[index]:
             self.progress(attempt.images - self.counted[index])
             self.counted[index] = attempt.images
 
     def _lost(self, attempt, error):
         """The actor died mid-shard: its shard goes first in line for another actor, and Ray restarts it."""
-        index = attempt.job.index
+        index = attempt.task.index
         self.deaths[index] += 1
         if self.deaths[index] >= MAX_ATTEMPTS:
             raise PipelineError(
                 f"{shards.shard_filename(index)} killed its Ray worker {MAX_ATTEMPTS} times (last: {_first_line(error)}); "
                 "look for an image in it that crashes the decoder or needs more memory than a worker has"
             ) from None
-        self.pending.appendleft(attempt.job)
+        self.pending.appendleft(attempt.task)
         self.reviving[attempt.actor.ping.remote()] = attempt.actor
 
     def _revived(self, ref):
@@ -340,7 +366,7 @@ class _Attempt:
     """One shard handed to one actor, and the images it has reported so far."""
 
     actor: object
-    job: object
+    task: object
     images: int = 0
 
 

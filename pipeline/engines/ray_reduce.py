@@ -10,10 +10,11 @@ import collections
 import contextlib
 import itertools
 
-from pipeline.engines.ray_cluster import connected
+from pipeline.engines.ray_cluster import HeadWatch, connected
 from pipeline.errors import PipelineError
 
 TASKS_PER_CPU = 2  # tasks in flight per cluster CPU: enough to keep every CPU busy while the driver fetches
+POLL_SECONDS = 2.0  # how often a wait for a result looks whether the cluster's head still answers
 
 
 @contextlib.contextmanager
@@ -29,12 +30,15 @@ def ray_map(address=None, in_flight=None):
     """
     with connected(address) as ray:
         limit = in_flight or max(1, TASKS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
+        head = HeadWatch(ray)
 
         def run(function, *iterables):
             remote = ray.remote(function)
             calls = zip(*iterables)
             pending = collections.deque(remote.remote(*args) for args in itertools.islice(calls, limit))
             while pending:
+                while not ray.wait([pending[0]], timeout=POLL_SECONDS)[0]:
+                    head.check()  # a lost head: one sentence, not Ray's minute of retries
                 try:
                     result = ray.get(pending.popleft())
                 except ray.exceptions.RayTaskError as e:

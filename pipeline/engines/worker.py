@@ -8,18 +8,20 @@ shards go to a one-thread background writer so HDF5 writing overlaps compute.
 
 import collections
 import contextlib
+import dataclasses
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from pipeline import backbones, shards
+from pipeline import backbones, devices, shards
 from pipeline.config import ExtractConfig, parse_weights, tap_backbone, tap_layer
-from pipeline.engines import RunIdentity, ShardJob
+from pipeline.engines import RunIdentity, ShardTask
 from pipeline.errors import PipelineError
 from pipeline.files import storage_errors
-from pipeline.inputs import UndecodableImage, decode_with_pillow, image_batches, resize_image
+from pipeline.inputs import exif_orientation, image_batches, pillow_batches
 
 FIDELITY_ROWS = 8  # rows of each shard's first batch also run in float32 to check reduced precision
 _MAX_PENDING_WRITES = 2  # shards buffered for the writer before compute waits
@@ -29,52 +31,72 @@ class ShardWorker:
     """The model of one resolved config, loaded once; `run` computes and writes shards with it.
 
     `eager` skips tracing the forward pass (a second or two of start-up) for runs too small to
-    repay it; the features are the same.
+    repay it, and XLA's compile too (tens of seconds on a GPU), even when asked for; without XLA
+    the features are the same as traced ones. `device` says what computes, as each shard records it.
     """
 
     def __init__(self, config: ExtractConfig, eager: bool = False):
-        gpu = backbones.has_gpu()
-        if gpu:
-            backbones.enable_gpu_memory_growth()
-            tf.config.experimental.enable_op_determinism()  # cuDNN autotuning is not deterministic
-        self.config = backbones.resolve(config, gpu, backbones.cpu_flags())
+        for problem in devices.configure():  # first thing in extract and in a Ray actor; a no-op after predict's
+            warnings.warn(problem, stacklevel=2)
+        gpus = devices.tensorflow_gpus()
+        gpu = bool(gpus)
+        deterministic = gpu and config.deterministic
+        if deterministic:  # cuDNN and XLA pick kernels by timing them, which need not pick alike twice
+            tf.config.experimental.enable_op_determinism()
+        resolved = backbones.resolve(config, gpu, backbones.cpu_flags(), devices.compute_capability(gpus))
+        if eager and config.xla is None:  # auto: a run this small is not worth an XLA compile
+            resolved = dataclasses.replace(resolved, xla=False)
+        self.config = resolved
         sources = parse_weights(self.config.weights, self.config.backbones, self.config.seed)
         trunks = {name: backbones.build_backbone(name, self.config.image_size, self.config.precision) for name in self.config.backbones}
         tap_infos = backbones.check_taps(self.config.taps, trunks)
         self.taps = [_tap_entry(info, self.config.pooling) for info in tap_infos.values()]
         self.dims = {tap["key"]: tap["dim"] for tap in self.taps}
-        # Loading weights (numpy's generator, HDF5 reads, hashing) releases the GIL, so it overlaps tracing.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights") as pool:
-            loading = pool.submit(backbones.load_trunk_weights, trunks, sources)
-            self._runner = _TapRunner(trunks, self.config, eager and not self.config.xla)
-            self.weights = loading.result()
+        if self.config.xla and not eager:
+            # XLA's program cache knows a program by its function's name, which numbers the functions TensorFlow
+            # made before it: tracing while weights load would number it differently in every process.
+            self.weights = backbones.load_trunk_weights(trunks, sources)
+            self._runner = _TapRunner(trunks, self.config, eager)
+        else:  # loading weights (numpy's generator, HDF5 reads, hashing) releases the GIL, so it overlaps tracing
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights") as pool:
+                loading = pool.submit(backbones.load_trunk_weights, trunks, sources)
+                self._runner = _TapRunner(trunks, self.config, eager)
+                self.weights = loading.result()
         self._runner.start_twin()
+        self.device = backbones.device_record(gpu, self._runner.forward, deterministic)
 
-    def run(self, jobs: list[ShardJob], run: RunIdentity, out_dir, progress=None) -> None:
+    def run(self, jobs: list[ShardTask], run: RunIdentity, out_dir, progress=None) -> None:
         """Compute every job and write its shard into `out_dir`; `progress(n)` as images are done."""
         with contextlib.closing(self.steps(jobs, run, out_dir)) as steps:  # closing: an error here still waits for the writer
             for images in steps:
                 if progress is not None:
                     progress(images)
 
-    def steps(self, jobs: list[ShardJob], run: RunIdentity, out_dir):
+    def steps(self, jobs: list[ShardTask], run: RunIdentity, out_dir):
         """`run` as a generator: yields the images done since the last yield, after every batch; ends once every shard is written."""
         done = []
         records = [record for job in jobs for record in job.records]
         offsets = np.cumsum([0, *(len(job.records) for job in jobs)])
+        orientations = _orientations(records) if self.config.exif_orientation else None
         batches = image_batches(
             [None if r.problem else r.path for r in records],
             list(zip(offsets[:-1].tolist(), offsets[1:].tolist())),
-            self.config.batch_size, self.config.image_size, self.config.resize, self.config.fast_decode,
+            self.config.batch_size, self.config.image_size, self.config.resize, self.config.fast_decode, orientations,
         )
-        with _ShardWriter(Path(out_dir), run, self.config.storage_dtype) as writer:
-            assembler = _ShardAssembler(self, jobs, offsets, writer, done.append)
+        with _ShardWriter(Path(out_dir), run, self.config.storage_dtype, self.device) as writer:
+            assembler = _ShardAssembler(self._runner, self.dims, self.config, jobs, offsets, writer, done.append, orientations)
             for indices, images in batches:
                 assembler.add(indices.numpy(), images)
                 writer.raise_failure()
                 yield _take(done)
             assembler.finish()
             yield _take(done)
+
+
+def _orientations(records):
+    """The EXIF orientation of every record's image (1 for a file the listing found unsafe to read); headers read on a few threads."""
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="exif") as pool:
+        return list(pool.map(lambda r: 1 if r.problem else exif_orientation(r.path), records))
 
 
 def _take(counts):
@@ -97,7 +119,7 @@ def _tap_entry(info, pooling):
 
 
 class _TapRunner:
-    """The forward pass (traced unless eager), plus its float32 twin for the fidelity check.
+    """The forward pass (traced unless eager), its float32 twin for the fidelity check, and the checks on what it computes.
 
     The twin is built on a background thread once the weights are in, while the first batch
     decodes and computes; building Keras layers is Python work, computing them is not.
@@ -107,9 +129,10 @@ class _TapRunner:
         self.config, self._trunks = config, trunks
         model = backbones.build_tap_model(trunks, config.taps, config.pooling, config.image_size)
         if eager:
-            self._forward = lambda images: model(images, training=False)
+            self._forward, self.forward = (lambda images: model(images, training=False)), "eager"
         else:
             self._forward = backbones.compile_forward(model, config.image_size, config.xla, config.batch_size, trace=True)
+            self.forward = "xla" if config.xla else "traced"
         self._twin = None
 
     def start_twin(self):
@@ -119,7 +142,43 @@ class _TapRunner:
             pool.shutdown(wait=False)
 
     def __call__(self, images):
-        return {key: value.numpy() for key, value in self._forward(images).items()}
+        try:
+            return {key: value.numpy() for key, value in self._forward(images).items()}
+        except tf.errors.ResourceExhaustedError:
+            raise PipelineError(
+                f"the device ran out of memory computing a batch of {int(images.shape[0])} images of "
+                f"{self.config.image_size}x{self.config.image_size} px; rerun with a smaller --batch-size "
+                f"(now {self.config.batch_size}) or --image-size"
+            ) from None
+
+    def features(self, images, row_id, check_fidelity=False):
+        """(features of one batch as they will be stored, the fidelity check of its first rows or None unless `check_fidelity`).
+
+        Both what the model computed and its cast to the storage dtype must be finite: float16
+        holds nothing above 65504, which the float32 pooling can exceed. `row_id(row)` names the
+        image of a batch row in the error.
+        """
+        features = self(images)
+        dtype = np.dtype(self.config.storage_dtype)
+        for key, values in features.items():
+            row = _first_non_finite(values)
+            if row is not None:
+                raise PipelineError(
+                    f"{self.config.precision} gives non-finite features (NaN or Inf) for {row_id(row)} at tap {key}; "
+                    "rerun with --precision float32"
+                )
+        fidelity = self.fidelity(images, features) if check_fidelity else None
+        with np.errstate(over="ignore"):  # an overflow is found below, and named
+            stored = {key: values.astype(dtype, copy=False) for key, values in features.items()}
+        for key, values in stored.items():
+            row = _first_non_finite(values)
+            if row is not None:
+                largest = float(np.abs(features[key][~np.isfinite(values)]).max())
+                raise PipelineError(
+                    f"--storage-dtype {dtype} cannot hold the features of {row_id(row)} at tap {key} (values up to "
+                    f"{largest:.4g}, more than {dtype}'s largest {float(np.finfo(dtype).max):g}); rerun with --storage-dtype float32"
+                )
+        return stored, fidelity
 
     def fidelity(self, images, features):
         """{min_cosine_vs_float32, rows_checked} of this policy's `features` of `images` (first FIDELITY_ROWS)."""
@@ -129,6 +188,12 @@ class _TapRunner:
         reference = {key: value.numpy() for key, value in self._twin.result()(images[:rows], training=False).items()}
         cosines = np.concatenate([row_cosines(features[key][:rows], reference[key]) for key in reference])
         return {"min_cosine_vs_float32": float(cosines.min()), "rows_checked": rows}
+
+
+def _first_non_finite(values):
+    """The first row of `values` with a NaN or Inf, or None."""
+    bad = ~np.isfinite(values).all(axis=1)
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
 
 def row_cosines(a, b):
@@ -144,11 +209,12 @@ def row_cosines(a, b):
 
 
 class _ShardAssembler:
-    """Collects batch outputs per shard; fills TensorFlow's decode gaps with Pillow; hands shards to the writer."""
+    """Groups batch outputs by shard, the Pillow rescue's included, and hands each finished shard to the writer."""
 
-    def __init__(self, worker, jobs, offsets, writer, progress):
-        self.worker, self.jobs, self.offsets, self.writer, self.progress = worker, jobs, offsets, writer, progress
-        self.config = worker.config
+    def __init__(self, runner, dims, config, jobs, offsets, writer, progress, orientations=None):
+        self.runner, self.dims, self.config = runner, dims, config
+        self.jobs, self.offsets, self.writer, self.progress = jobs, offsets, writer, progress
+        self.orientations = orientations  # EXIF orientation by record index, or None: images as stored
         self.current, self.parts, self.fidelity = None, [], None
 
     def add(self, indices, images):
@@ -168,38 +234,11 @@ class _ShardAssembler:
                 self._flush()
 
     def _compute(self, indices, images):
-        """Features of one batch, as they will be stored; the shard's first batch also gets the fidelity check.
-
-        Both what the model computed and its cast to the storage dtype must be finite: float16
-        holds nothing above 65504, which the float32 pooling can exceed.
-        """
-        features = self.worker._runner(images)
-        dtype = np.dtype(self.config.storage_dtype)
-        for key, values in features.items():
-            record = self._first_non_finite(indices, values)
-            if record is not None:
-                raise PipelineError(
-                    f"{self.config.precision} gives non-finite features (NaN or Inf) for {record.id} at tap {key}; "
-                    "rerun with --precision float32"
-                )
-        if self.fidelity is None:
-            self.fidelity = self.worker._runner.fidelity(images, features)
-        with np.errstate(over="ignore"):  # an overflow is found below, and named
-            stored = {key: values.astype(dtype, copy=False) for key, values in features.items()}
-        for key, values in stored.items():
-            record = self._first_non_finite(indices, values)
-            if record is not None:
-                largest = float(np.abs(features[key][~np.isfinite(values)]).max())
-                raise PipelineError(
-                    f"--storage-dtype {dtype} cannot hold the features of {record.id} at tap {key} (values up to "
-                    f"{largest:.4g}, more than {dtype}'s largest {float(np.finfo(dtype).max):g}); rerun with --storage-dtype float32"
-                )
-        return stored
-
-    def _first_non_finite(self, indices, values):
-        """The record of the first row of `values` with a NaN or Inf, or None."""
-        bad = ~np.isfinite(values).all(axis=1)
-        return self._record(indices[np.flatnonzero(bad)[0]]) if bad.any() else None
+        """Features of one batch, as they will be stored; the shard's first batch also gets the fidelity check."""
+        features, fidelity = self.runner.features(images, lambda row: self._record(indices[row]).id, check_fidelity=self.fidelity is None)
+        if fidelity is not None:
+            self.fidelity = fidelity
+        return features
 
     def _record(self, index):
         job = int(np.searchsorted(self.offsets, index, side="right")) - 1
@@ -213,15 +252,14 @@ class _ShardAssembler:
         self.current, self.parts = None, []
         seen = {int(i) for indices, _ in parts for i in indices}
         missing = [i for i in range(start, start + len(job.records)) if i not in seen]
-        rescued, errors = self._fallback(missing)
+        errors = []
+        parts.extend(self._rescue(missing, errors))
         self.progress(len(missing))
-        if rescued:
-            parts.append(rescued)
         indices = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
         order = np.argsort(indices, kind="stable")
         features = {
             key: (np.concatenate([p[1][key] for p in parts])[order] if parts else np.zeros((0, dim), np.float32))
-            for key, dim in self.worker.dims.items()
+            for key, dim in self.dims.items()
         }
         records = [self._record(i) for i in indices[order]]
         data = shards.ShardData(
@@ -240,42 +278,18 @@ class _ShardAssembler:
         self.fidelity = None
         self.writer.submit(job.index, data)
 
-    def _fallback(self, missing):
-        """Decode what TensorFlow could not; return (indices, features) and error entries.
+    def _rescue(self, missing, errors):
+        """[(indices, features)] of the `missing` images that Pillow decodes; the others' error entries go to `errors`."""
 
-        Pictures are decoded, computed and dropped `batch_size` at a time, so a shard that only
-        Pillow can read holds one batch of pictures, not the whole shard. The batches are the
-        same as decoding all first and then computing would give, so the features are too.
-        """
-        batch, rescued, pictures, outputs, errors = self.config.batch_size, [], [], [], []
-
-        def compute():
-            indices = np.array(rescued[len(rescued) - len(pictures) :], np.int64)
-            outputs.append(self._compute(indices, tf.stack(pictures)))
-            pictures.clear()
-
-        for index in missing:
+        def failed(index, reason):
             record = self._record(index)
-            try:
-                if record.problem:
-                    raise UndecodableImage(record.problem)
-                pixels = decode_with_pillow(record.path)
-            except UndecodableImage as e:
-                if self.config.on_error == "fail":
-                    raise PipelineError(f"cannot decode {record.path}: {e} (--on-error fail stops here)") from None
-                errors.append({"id": record.id, "path": record.path, "reason": str(e)})
-                continue
-            rescued.append(index)
-            pictures.append(resize_image(tf.constant(pixels), self.config.image_size, self.config.resize))
-            del pixels
-            if len(pictures) == batch:
-                compute()
-        if pictures:
-            compute()
-        if not rescued:
-            return None, errors
-        features = {key: np.concatenate([o[key] for o in outputs]) for key in outputs[0]}
-        return (np.array(rescued, np.int64), features), errors
+            if self.config.on_error == "fail":
+                raise PipelineError(f"cannot decode {record.path}: {reason} (--on-error fail stops here)") from None
+            errors.append({"id": record.id, "path": record.path, "reason": reason})
+
+        items = [(index, record.path, record.problem) for index, record in ((i, self._record(i)) for i in missing)]
+        batches = pillow_batches(items, self.config.batch_size, self.config.image_size, self.config.resize, failed, self.orientations)
+        return [(indices, self._compute(indices, images)) for indices, images in batches]
 
 
 class _ShardWriter:
@@ -286,8 +300,8 @@ class _ShardWriter:
     however many shards the run has written.
     """
 
-    def __init__(self, out_dir, run, storage_dtype):
-        self.out_dir, self.run, self.storage_dtype = out_dir, run, storage_dtype
+    def __init__(self, out_dir, run, storage_dtype, device=None):
+        self.out_dir, self.run, self.storage_dtype, self.device = out_dir, run, storage_dtype, device
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self.submitted = set()  # shard indices handed to the writer
         self.pending = collections.deque()  # their futures not yet seen to succeed, in submission (= completion) order
@@ -309,7 +323,7 @@ class _ShardWriter:
         with storage_errors(path, remedy):
             shards.write_shard(
                 path, data, index=shard, config_sha256=self.run.config_sha256, config=self.run.config,
-                storage_dtype=self.storage_dtype, weights=self.run.weights, taps=self.run.taps,
+                storage_dtype=self.storage_dtype, weights=self.run.weights, taps=self.run.taps, device=self.device,
             )
 
     def raise_failure(self):

@@ -9,6 +9,8 @@ its sentence, whatever the backend, so the user never sees a remote traceback fo
 import contextlib
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 from pipeline.config import ParallelConfig
@@ -43,8 +45,43 @@ class _Failed:
     message: str
 
 
-def _call(function, threads, args):
+ORPHAN_POLL_SECONDS = 0.1  # how often a loky worker looks whether the command that started it is still alive
+_parent = None  # in a loky worker: the pid of the command it works for, once the watch has started
+
+
+def die_with(parent):
+    """In a worker process: exit at once (within ORPHAN_POLL_SECONDS) when `parent`, the command, is no longer our parent.
+
+    However the command ends (even `kill -9`, which runs no cleanup), loky's workers would finish
+    their task and publish it; this watch, started by a worker's first task, ends them instead.
+    """
+    global _parent
+    if _parent is not None:
+        return
+    _parent = parent
+    exit_if_orphaned()
+    threading.Thread(target=_watch_parent, name="parent-watch", daemon=True).start()
+
+
+def _watch_parent():
+    while True:
+        exit_if_orphaned()
+        time.sleep(ORPHAN_POLL_SECONDS)
+
+
+def exit_if_orphaned():
+    """End this worker process now if the command it works for has died (its temp files are left for the next run to remove).
+
+    Called once more right before anything is published, so that nothing appears after the command was killed.
+    """
+    if _parent is not None and os.getppid() != _parent:
+        os._exit(1)
+
+
+def _call(function, threads, args, parent=None):
     """Run one task in a worker; a PipelineError becomes a value, so any backend returns it intact."""
+    if parent is not None:
+        die_with(parent)
     if threads is not None:
         limit_threads(threads)
     try:
@@ -86,4 +123,4 @@ def task_runner(parallel: ParallelConfig):
     else:
         threads = worker_threads(parallel.jobs, cores())
         pool = Parallel(n_jobs=parallel.jobs, backend="loky", return_as="generator_unordered", batch_size=1)
-        yield lambda function, tasks: _raising(pool(delayed(_call)(function, threads, task) for task in tasks))
+        yield lambda function, tasks: _raising(pool(delayed(_call)(function, threads, task, os.getpid()) for task in tasks))
