@@ -147,6 +147,8 @@ class _Config:
     """What every run configuration shares: a JSON-ready dict and a hash that names it."""
 
     _UNHASHED = ()  # fields that do not change what a run writes
+    _NOT_SETTINGS = ()  # keys a record holds beside the fields
+    _SETTINGS = "settings"  # what the fields are called in an error
     # Fields added after runs were recorded, with the value that means what such a run did: a record
     # without the field has that value, and the hash leaves the field out while it has it (old hashes stay valid).
     _LEGACY = {}
@@ -160,6 +162,20 @@ class _Config:
             if key not in self._UNHASHED and not (key in self._LEGACY and value == self._LEGACY[key])
         })
 
+    @classmethod
+    def from_record(cls, recorded: dict, where: str, *, remedy: str = "use the pipeline version that made it", **changes):
+        """The config a record holds (a shard's or manifest's `config`, reduce.json's), with `changes` applied.
+
+        A setting added after the record was made takes its _LEGACY value, else its default, which by
+        design keeps the old behaviour; a setting this version does not know cannot be rebuilt: one
+        sentence naming `where` (the record) and `remedy`.
+        """
+        settings = {**cls._LEGACY, **{key: value for key, value in recorded.items() if key not in cls._NOT_SETTINGS}}
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise PipelineError(f"{where} records {cls._SETTINGS} this version does not know ({', '.join(unknown)}); {remedy}")
+        return cls(**{**settings, **changes})
+
 
 # Keys of a recorded run config (shard attrs, manifest) that describe the listed images, not the extraction.
 SOURCE_KEYS = ("source", "source_sha256")
@@ -170,6 +186,8 @@ class ExtractConfig(_Config):
     """Everything that decides the bytes stage one writes."""
 
     _UNHASHED = ("on_error", "deterministic")  # whether a run stops; whether a GPU's kernels are picked reproducibly
+    _NOT_SETTINGS = SOURCE_KEYS
+    _SETTINGS = "extraction settings"
     _LEGACY = {"exif_orientation": False}
 
     taps: tuple[str, ...] = DEFAULT_TAPS  # "backbone/layer"; each backbone is cut at its deepest tap
@@ -207,22 +225,6 @@ class ExtractConfig(_Config):
     @property
     def backbones(self):
         return tuple(b for b in BACKBONES if any(tap_backbone(t) == b for t in self.taps))
-
-    @classmethod
-    def from_run(cls, recorded: dict, where: str, **changes) -> "ExtractConfig":
-        """The config a run records (a shard's or manifest's `config`: these fields plus SOURCE_KEYS), with `changes` applied.
-
-        A setting added after the run was made takes its default, which by design keeps the old
-        behaviour; a setting this version does not know cannot be rebuilt (`where` names the record).
-        """
-        settings = {**cls._LEGACY, **{key: value for key, value in recorded.items() if key not in SOURCE_KEYS}}
-        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise PipelineError(
-                f"{where} records extraction settings this version does not know ({', '.join(unknown)}); "
-                "use the pipeline version that made the features"
-            )
-        return cls(**{**settings, **changes})
 
 
 def _check_choice(name, value, allowed):

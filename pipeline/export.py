@@ -22,7 +22,7 @@ import tensorflow as tf
 from pipeline import backbones
 from pipeline.config import EXPORT_FORMATS, parse_weights
 from pipeline.errors import PipelineError
-from pipeline.files import durable_replace, leftover_temps, lock_beside, locked, make_dir, remove, replace_dir, storage_errors, temp_sibling
+from pipeline.files import durable_replace, lock_beside, make_dir, output_guard, remove, replace_dir, storage_errors, temp_sibling
 from pipeline.inputs import decode_image
 from pipeline.layers import resize_image, square_resize
 from pipeline.lineage import check_fingerprints, load_lineage
@@ -44,7 +44,10 @@ class ExportResult:
     warnings: list  # where the model will not agree with `pipeline predict`
 
 
-def export(run_dir, out, *, format="keras", version=None, overwrite=False, image_size=None, weights=None):
+def export(
+    run_dir: Path | str, out: Path | str, *, format: str = "keras", version: int | None = None, overwrite: bool = False,
+    image_size: int | None = None, weights: str | None = None,
+) -> ExportResult:
     """Build the image -> probabilities model of a head run and write it to `out`.
 
     `format` "keras" writes `out` (a .keras file, replaced if it exists); "saved_model" writes
@@ -223,8 +226,8 @@ def _write(target, overwrite, save):
     Under the lock, hidden temp files and dirs of that name are a killed export's, so they are
     removed. A write that fails for lack of room or rights is one sentence, the old export intact.
     """
-    with locked(lock_beside(target), f"export {target}", wait=True):
-        _remove_leftovers(target)
+    with output_guard(target, f"export {target}", wait=True):
+        _remove_legacy_partials(target)
         if target.exists() and not overwrite:  # another export wrote this version since _target looked
             raise PipelineError(f"{target} already exists; pass --version N for a new version, or --overwrite to replace it")
         before = f"the previous {target.name} is unchanged" if target.exists() else f"no {target.name} was written"
@@ -232,10 +235,8 @@ def _write(target, overwrite, save):
             save(target)
 
 
-def _remove_leftovers(target):
-    """What killed exports to `target` left: temp_sibling names, and the older .<name>.partial-<pid> of a dead process."""
-    for leftover in leftover_temps(target.parent, target.name):
-        remove(leftover)
+def _remove_legacy_partials(target):
+    """What killed exports of older versions left besides temp files: .<name>.partial-<pid> of a dead process."""
     for path in target.parent.iterdir():
         match = _LEGACY_PARTIAL.match(path.name)
         if match and match["name"] == target.name and not _alive(int(match["pid"])):

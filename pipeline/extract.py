@@ -11,7 +11,6 @@ only writes the manifest, never loads it or builds a model.
 import bisect
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,12 @@ import numpy as np
 from pipeline import shards
 from pipeline.config import ExtractConfig, check_tap_layers, parse_weights, sha256_json
 from pipeline.errors import PipelineError
-from pipeline.files import is_temp, leftover_temps, locked, make_dir, read_json, remove
+from pipeline.files import DIR_LOCK_NAME, check_space, is_temp, leftover_temps, output_guard, read_json, remove
 from pipeline.lineage import MANIFEST_NAME, check_fingerprints
 from pipeline.sources import Listing
 
 FIDELITY_THRESHOLD = 0.99  # min cosine vs float32 below which a reduced-precision run warns
-LOCK_NAME = ".pipeline.lock"  # in the features dir: one writer at a time (job-array tasks share it)
+LOCK_NAME = DIR_LOCK_NAME  # in the features dir: one writer at a time (job-array tasks share it)
 _AUTO = {"precision": "auto", "xla": None, "exif_orientation": None}  # requested values that any resolved value satisfies
 _SPACE_MARGIN = 1.1  # free disk space wanted beyond the estimated size of the pending shards
 # Listings this small run the model eagerly: tracing costs ~2 s, eager calls ~0.1 s more per 224 px image (2 CPU cores).
@@ -88,8 +87,8 @@ def extract(
             f"delete each other's shards; replace the old features with a plain run first, or delete {out_dir}, then run the array"
         )
     progress = progress or _NoProgress()
-    out_dir = make_dir(out_dir, "--out")
-    with locked(out_dir / LOCK_NAME, f"features directory {out_dir}", shared=num_workers > 1):
+    out_dir = Path(out_dir)
+    with output_guard(out_dir, f"features directory {out_dir}", into=True, shared=num_workers > 1):
         return _extract_locked(
             config, listing, out_dir, overwrite, progress, expected_weights, engine, engine_options or {},
             (num_workers, worker_index), started,
@@ -246,7 +245,7 @@ def _recorded(recorded, key):
 
 def _run_config_to_extract(recorded, config, out_dir):
     """The recorded run's resolved config, to finish it exactly as it began (with this call's on_error and deterministic)."""
-    return ExtractConfig.from_run(recorded, f"a shard in {out_dir}", on_error=config.on_error, deterministic=config.deterministic)
+    return ExtractConfig.from_record(recorded, f"a shard in {out_dir}", on_error=config.on_error, deterministic=config.deterministic)
 
 
 def _differences(recorded, config, source_sha256, shard_paths, listing):
@@ -423,13 +422,7 @@ def _check_space(out_dir, ranges, pending, taps, storage_dtype, freeable=0):
     """
     row_bytes = sum(tap["dim"] for tap in taps) * np.dtype(storage_dtype).itemsize + 256  # plus ids and bookkeeping
     needed = int(_images(ranges, pending) * row_bytes * _SPACE_MARGIN)
-    free = shutil.disk_usage(out_dir).free
-    if needed > free + freeable:
-        also = f" (plus {freeable / 2**20:,.0f} MiB the old features would free)" if freeable else ""
-        raise PipelineError(
-            f"{len(pending)} shards need about {needed / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB are free{also} "
-            f"where {out_dir} is; free space (or use another --out) and rerun"
-        )
+    check_space(out_dir, needed, f"{len(pending)} shards need", freeable, "the old features")
 
 
 def _bytes(paths):

@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -214,3 +215,53 @@ def locked(lock_file, what, *, shared=False, wait=False):
         except OSError:
             pass  # a full disk: the lock holds all the same, only without the note of who holds it
         yield
+
+
+DIR_LOCK_NAME = ".pipeline.lock"  # the lock inside an output directory whose files are written in place
+
+
+@contextlib.contextmanager
+def output_guard(
+    path: Path | str, what: str, *, into: bool = False, lock_file: Path | None = None, shared: bool = False, wait: bool = False
+) -> Iterator[None]:
+    """Hold the output `path` for the block: the lock's folder made, the lock taken, a killed writer's temps removed.
+
+    `what` names the output in the errors. The lock is `lock_file`, by default beside `path` (an
+    output replaced by renaming) or, with `into` (a directory whose files are written in place),
+    inside it. Holding the lock exclusively, this process is the one writer, so the temp files a
+    killed writer left are removed: those of `path` beside it, or with `into` every one in it.
+    Shared holders (tasks of one job array) remove nothing.
+    """
+    path = Path(path)
+    lock_file = Path(lock_file or (path / DIR_LOCK_NAME if into else lock_beside(path)))
+    make_dir(lock_file.parent, "--out" if lock_file.parent == path else "--out's folder")
+    with locked(lock_file, what, shared=shared, wait=wait):
+        if not shared:
+            if into:
+                leftovers = leftover_temps(path) if path.is_dir() else []
+            else:
+                leftovers = leftover_temps(path.parent, path.name)
+            for leftover in leftovers:
+                remove(leftover)
+        yield
+
+
+def check_space(path: Path | str, needed: int, what: str, freeable: int = 0, freed_by: str = "the old output") -> None:
+    """Fail before computing when `needed` bytes will not fit where `path` goes (HDF5 cannot recover from a disk that fills mid-file).
+
+    `what` says what needs them ("2 shards need"); `freeable` bytes, which `freed_by` frees once
+    replaced but holds now, count as free.
+    """
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free + freeable:
+        also = f" (plus {_mib(freeable)} MiB {freed_by} would free)" if freeable else ""
+        raise PipelineError(
+            f"{what} about {_mib(needed)} MiB but only {_mib(free)} MiB are free{also} where {path} goes; "
+            "free space (or use another --out) and rerun"
+        )
+
+
+def _mib(size):
+    return f"{size / 2**20:,.{0 if size >= 2**20 else 1}f}"

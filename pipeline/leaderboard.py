@@ -31,7 +31,7 @@ class RunState(NamedTuple):
         return self.metrics is not None
 
 
-def run_state(run_dir, check_model=False):
+def run_state(run_dir: Path, check_model: bool = False) -> RunState:
     """The RunState of `run_dir`: both records readable and complete, and with `check_model` its model intact.
 
     A head run records its model.keras sha256 (runs from before that are trusted as they are).
@@ -89,7 +89,7 @@ def _read_records(run_dir):
     return RunState(config, metrics)
 
 
-def read_runs(runs_dir):
+def read_runs(runs_dir: Path) -> tuple[list, list[str]]:
     """([(run_id, config, metrics)] of every intact run dir by name, [what is wrong with each damaged one])."""
     if not runs_dir.is_dir():
         return [], []
@@ -114,7 +114,7 @@ def _leaderboard_text(runs):
     return out.getvalue()
 
 
-def write_leaderboard(runs_dir):
+def write_leaderboard(runs_dir: Path) -> None:
     """Rebuild runs_dir/leaderboard.csv from every intact run, best val accuracy first, atomically.
 
     Callers hold the runs dir's lock, so temp files of that name are a killed writer's.
@@ -140,7 +140,7 @@ def _leaderboard_row(run_id, config, metrics):
     return row
 
 
-def leaderboard(runs_dir):
+def leaderboard(runs_dir: Path | str) -> tuple[list[dict], list[str]]:
     """(rows best val accuracy first, warnings) of every intact run of `runs_dir`, for `pipeline runs`.
 
     The rows come from the run dirs themselves: a damaged one is left out with a warning, and a
@@ -168,7 +168,7 @@ def leaderboard(runs_dir):
     return list(csv.DictReader(io.StringIO(text))), warnings_  # as leaderboard.csv reads: every cell a string
 
 
-def sort_rows(rows, column):
+def sort_rows(rows: list[dict], column: str) -> list[dict]:
     """Rows best first by `column` (higher first for accuracy and F1, lower first otherwise; blanks last).
 
     Ties go to the lower val log loss, then to the run id.

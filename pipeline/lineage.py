@@ -169,7 +169,7 @@ class Lineage:
         default the recorded sources load again: imagenet, random, or the recorded absolute path.
         """
         manifest_path = self.features_dir / MANIFEST_NAME
-        config = ExtractConfig.from_run(self.manifest["config"], str(manifest_path), **{"taps": self.taps, **changes})
+        config = ExtractConfig.from_record(self.manifest["config"], str(manifest_path), **{"taps": self.taps, **changes})
         if weights is None:
             sources = {name: WeightSource.from_record(self.manifest["weights"][name]["source"]) for name in config.backbones}
             for name, source in sources.items():

@@ -11,13 +11,17 @@ import csv
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline import shards
-from pipeline.files import atomic_path, leftover_temps, lock_beside, locked, make_dir, remove, storage_errors, temp_sibling
+from pipeline.files import atomic_path, output_guard, remove, storage_errors, temp_sibling
 from pipeline.lineage import load_lineage
 from pipeline.sources import Listing
+
+if TYPE_CHECKING:
+    from pipeline.extract import ProgressSink
 
 CHUNK_ROWS = 4096  # feature rows transformed and classified at a time
 
@@ -44,8 +48,8 @@ def csv_columns(top_k):
 
 def predict(
     run_dir: Path | str, listing: Listing, out: Path | str, *, batch_size: int = 64, top_k: int = 3,
-    precision: str = "float32", weights: str | None = None, progress=None,
-) -> "PredictResult":
+    precision: str = "float32", weights: str | None = None, progress: "ProgressSink | None" = None,
+) -> PredictResult:
     """Classify every image of a `sources.Listing` with a head run; one CSV row per image, sorted by id.
 
     `top_k` is capped at the number of classes. Undecodable images get a row with the reason in
@@ -61,12 +65,9 @@ def predict(
     )
     transform, head = lineage.load_transform(), lineage.load_head()
     out = Path(out).absolute()
-    make_dir(out.parent, "--out's folder")
     probabilities = {}
     before = f"the previous {out.name} is unchanged" if out.exists() else f"no {out.name} was written"
-    with locked(lock_beside(out), f"predictions file {out}"):
-        for leftover in leftover_temps(out.parent, out.name):
-            remove(leftover)
+    with output_guard(out, f"predictions file {out}"):
         with storage_errors(f"{out} (or the scratch features beside it)", f"{before}; free space (or fix the rights) and rerun"):
             scratch = temp_sibling(out)  # beside --out, where there is room for what it writes, not in a small /tmp
             try:

@@ -8,9 +8,9 @@ taps, of which each group's PCA takes its block), and once to project the labell
 every group's components.
 """
 
-import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +23,10 @@ from threadpoolctl import threadpool_limits
 
 from pipeline import shards
 from pipeline.config import ReduceConfig, tap_backbone
+from pipeline.engines.pool import cores, worker_threads
 from pipeline.estimators import RANDOMIZED_SEED, CovariancePCA, Moments, TapTransform, gram_sums
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_path, write_json
+from pipeline.files import atomic_path, lock_beside, output_guard, write_json
 from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, follow_link, link, recorded_link
 from pipeline.reduce import (
     NonFinite, assign_splits, check_shards, choose_solver, masked_chunks, read_rows, resolve_taps, split_sha256, split_source,
@@ -49,7 +50,7 @@ class Group:
     taps: tuple[str, ...]
 
 
-def plan_groups(taps):
+def plan_groups(taps: Sequence[str]) -> list[Group]:
     """Every tap alone, every backbone with more than one tap (unless that is all taps), then all taps."""
     groups = [Group(tap, "tap", (tap,)) for tap in taps]
     for backbone in dict.fromkeys(tap_backbone(t) for t in taps):
@@ -85,19 +86,25 @@ class ProbeResult:
     report: dict  # the contents of probe.json
 
 
-def probe(path, out_dir, jobs=None, **options):
+def probe(path: Path | str, out_dir: Path | str, jobs: int | None = None, **options) -> ProbeResult:
     """Fit the probe of every tap group of a features or reduced dir; write probe.json and probe.png to `out_dir`.
 
     `options` are ReduceConfig fields (taps, scaling, components as an integer, whiten,
     batch_rows, and for a features dir val_fraction, test_fraction, split_seed). Unset ones take
     the reduced dir's settings, or ReduceConfig's defaults for a features dir. `jobs` groups are
     fitted at once (default: one per core), on threads, with BLAS capped so that jobs x threads <= cores.
+    One probe at a time writes `out_dir` (a lock file beside it); a second one is refused.
     """
     started = time.perf_counter()
-    jobs = jobs or joblib.cpu_count()
+    jobs = jobs or cores()
     path, out_dir = Path(path), Path(out_dir)
     source = _open(path, out_dir, options)
     _check_probeable(source)
+    with output_guard(out_dir, f"probe directory {out_dir}", into=True, lock_file=lock_beside(out_dir)):
+        return _probe(source, out_dir, jobs, started)
+
+
+def _probe(source, out_dir, jobs, started):
     labels, splits = source.labels[source.labelled], source.splits[source.labelled]
     report = {
         "format": PROBE_FORMAT,
@@ -124,7 +131,7 @@ def probe(path, out_dir, jobs=None, **options):
     return ProbeResult(out_dir, report)
 
 
-def ranked(entries):
+def ranked(entries: list[dict]) -> list[dict]:
     """Group entries best first: highest val accuracy, then lowest val log loss, then name."""
     return sorted(entries, key=lambda e: (-e["val"]["accuracy"], e["val"]["log_loss"], e["name"]))
 
@@ -193,14 +200,9 @@ def _recorded_config(report_path, report, options):
     except (KeyError, TypeError) as e:
         missing = f"lacks {e}" if isinstance(e, KeyError) else "is not a mapping"
         raise PipelineError(f"{report_path} has no complete record of its settings (it {missing}); reduce again with --overwrite") from None
-    known = {f.name for f in dataclasses.fields(ReduceConfig)}
-    unknown = sorted(set(recorded) - known)
-    if unknown:
-        raise PipelineError(
-            f"{report_path} records settings this version does not know ({', '.join(unknown)}); "
-            "use the pipeline version that made it, or probe the features directory"
-        )
-    return ReduceConfig(**{**recorded, **options})
+    return ReduceConfig.from_record(
+        recorded, str(report_path), remedy="use the pipeline version that made it, or probe the features directory", **options
+    )
 
 
 def _check_probeable(source):
@@ -373,7 +375,7 @@ def _parallel(jobs, tasks, costs):
     """
     jobs = min(jobs, len(tasks))
     order = sorted(range(len(tasks)), key=lambda i: -costs[i])
-    with threadpool_limits(max(1, joblib.cpu_count() // jobs)):
+    with threadpool_limits(worker_threads(jobs, cores())):
         done = joblib.Parallel(n_jobs=jobs, prefer="threads")(tasks[i] for i in order)
     results = [None] * len(tasks)
     for i, result in zip(order, done):

@@ -20,7 +20,7 @@ from pipeline.config import ReduceConfig
 from pipeline.estimators import CovariancePCA  # noqa: F401
 from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, leftover_temps, lock_beside, locked, make_dir, read_json, remove, storage_errors, write_json
+from pipeline.files import atomic_dir, check_space, output_guard, read_json, storage_errors, write_json
 from pipeline.lineage import MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, link, sha256_file
 from pipeline.reduced import CHECKED_OUTPUTS, PLOT_NAME, REDUCED_NAME, SPLITS, output_damage, write_reduced
 
@@ -35,7 +35,9 @@ def _id_hash(seed, row_id):
     return int.from_bytes(hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[:8], "big")
 
 
-def assign_splits(ids, labels, given, val_fraction, test_fraction, seed):
+def assign_splits(
+    ids: list[str], labels: np.ndarray, given: list[str], val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
     """train/val/test for every row: the source's split where it gave one, else a stable stratified hash.
 
     Within each class, rows without a given split are ordered by sha256(f"{seed}:{id}"); the first
@@ -65,7 +67,7 @@ def assign_splits(ids, labels, given, val_fraction, test_fraction, seed):
     return splits
 
 
-def split_sha256(ids, labels, splits):
+def split_sha256(ids: list[str], labels: np.ndarray, splits: np.ndarray) -> str:
     """Fingerprint of who is in which split, so runs can refuse to compare different splits."""
     h = hashlib.sha256()
     for row_id, label, split in zip(ids, labels, splits):
@@ -138,7 +140,10 @@ class ReduceResult:
     warnings: list = field(default_factory=list)
 
 
-def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=False, engine="local", ray_address=None):
+def reduce_features(
+    features_dir: Path | str, out_dir: Path | str, config: ReduceConfig = ReduceConfig(), overwrite: bool = False,
+    engine: str = "local", ray_address: str | None = None,
+) -> ReduceResult:
     """Split, scale and PCA-reduce a features dir into `out_dir`; an identical finished one is a cache hit.
 
     Everything is validated before any output is written, and the outputs appear together
@@ -152,10 +157,7 @@ def reduce_features(features_dir, out_dir, config=ReduceConfig(), overwrite=Fals
     features = link(features_dir, MANIFEST_NAME, out_dir)
     config = resolve_taps(config, manifest)
     check_shards(features_dir, manifest)
-    make_dir(out_dir.parent, "--out's parent")
-    with locked(lock_beside(out_dir), f"reduced directory {out_dir}"):
-        for leftover in leftover_temps(out_dir.parent, out_dir.name):  # of a killed reduce: only we write here now
-            remove(leftover)
+    with output_guard(out_dir, f"reduced directory {out_dir}"):
         previous, damage = _previous(out_dir, features.sha256, config, overwrite)
         if previous is not None and damage is None:
             return ReduceResult(out_dir, previous, True)
@@ -238,7 +240,7 @@ def _reduce(features_dir, manifest, features, out_dir, config, engine, ray_addre
     return report
 
 
-def resolve_taps(config, manifest):
+def resolve_taps(config: ReduceConfig, manifest: shards.Manifest) -> ReduceConfig:
     """The config with its taps checked against the manifest and put in manifest order (empty = all)."""
     available = [t["key"] for t in manifest["taps"]]
     unknown = [t for t in config.taps if t not in available]
@@ -248,7 +250,7 @@ def resolve_taps(config, manifest):
     return dataclasses.replace(config, taps=tuple(chosen))
 
 
-def check_shards(features_dir, manifest):
+def check_shards(features_dir: Path, manifest: shards.Manifest) -> None:
     """Every listed shard exists and was written by the extraction the manifest describes."""
     for entry in manifest["shards"]:
         path = features_dir / entry["file"]
@@ -306,7 +308,7 @@ def _changes(previous, manifest_sha256, config):
     return changes
 
 
-def read_rows(features_dir, manifest):
+def read_rows(features_dir: Path, manifest: shards.Manifest) -> tuple[list[str], np.ndarray, list[str]]:
     """ids, labels and given splits of all rows in order, without reading any features."""
     ids, labels, given = [], [], []
     for entry in manifest["shards"]:
@@ -465,14 +467,9 @@ def _stack(chunks, rows, dim):
 
 
 def _check_space(out_dir, rows, dim, components):
-    """Fail before computing when the reduced dir would not fit: HDF5 cannot recover from a disk that fills mid-file."""
+    """Fail before computing when the reduced dir would not fit."""
     needed = int((rows * (components * 4 + _ROW_OVERHEAD) + dim * (components * 4 + 64) + 2**20) * _SPACE_MARGIN)
-    free = shutil.disk_usage(out_dir.parent).free
-    if needed > free:
-        raise PipelineError(
-            f"the reduced directory needs about {needed / 2**20:,.1f} MiB but only {free / 2**20:,.1f} MiB are free "
-            f"where {out_dir} goes; free space (or use another --out) and rerun"
-        )
+    check_space(out_dir, needed, "the reduced directory needs")
 
 
 def _plot_explained_variance(ratios, path):

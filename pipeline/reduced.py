@@ -1,6 +1,7 @@
 """The reduced/ format, as shards.py is for features/: its file names, writing reduced.h5, loading it, damage checks."""
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,9 @@ CHECKED_OUTPUTS = (REDUCED_NAME, TRANSFORM_NAME)  # what later stages load: redu
 SPLITS = ("train", "val", "test")
 
 
-def write_reduced(path, ids, labels, splits, components, chunks, config_sha256):
+def write_reduced(
+    path: Path, ids: list[str], labels: np.ndarray, splits: np.ndarray, components: int, chunks: Iterable[np.ndarray], config_sha256: str
+) -> None:
     """reduced.h5: ids, labels, splits and X from `chunks` of reduced rows in order; no timestamps, so reruns give the same bytes."""
     with shards.create_h5(path) as f:
         shards.create_dataset(f, "ids", np.asarray(ids, dtype=object))
@@ -34,7 +37,7 @@ def write_reduced(path, ids, labels, splits, components, chunks, config_sha256):
         f.attrs["config_sha256"] = config_sha256
 
 
-def output_damage(reduced_dir, report):
+def output_damage(reduced_dir: Path, report: dict) -> str | None:
     """What is missing or changed among a reduced dir's outputs (a sentence's start), or None when they are intact.
 
     A reduced dir written before reduce.json recorded its outputs' sha256 only needs a reduced.h5 that opens.
@@ -62,7 +65,7 @@ class Reduced:
     path: Path
     report: dict
     report_sha256: str  # of reduce.json's bytes
-    ids: list
+    ids: list[str]
     labels: np.ndarray
     splits: np.ndarray
     X: np.ndarray
@@ -77,7 +80,7 @@ class Reduced:
         return self.X[mask], self.labels[mask]
 
 
-def load_reduced(reduced_dir):
+def load_reduced(reduced_dir: Path | str) -> Reduced:
     """Read reduced.h5 and reduce.json, failing with one sentence if this is not a finished, intact reduced dir.
 
     reduce.json is read once, and its sha256 is of the bytes parsed; the whole load holds a shared

@@ -2,6 +2,8 @@
 (logistic regression) that train's baseline and `probe` both fit."""
 
 import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -10,11 +12,14 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from pipeline.errors import PipelineError
 
+if TYPE_CHECKING:
+    from pipeline.reduced import Reduced
+
 PROBE_MAX_ITER = 1000  # lbfgs iterations for the logistic-regression probe
 PROBE_MODEL = {"class": "sklearn.linear_model.LogisticRegression", "max_iter": PROBE_MAX_ITER}  # as run and probe records name it
 
 
-def fit_linear_probe(X, labels):
+def fit_linear_probe(X: np.ndarray, labels: np.ndarray) -> tuple[LogisticRegression, dict]:
     """(the logistic-regression probe fitted on the rows X, {iterations, converged}); not converging is recorded, not warned."""
     model = LogisticRegression(max_iter=PROBE_MAX_ITER)
     with warnings.catch_warnings():
@@ -24,14 +29,14 @@ def fit_linear_probe(X, labels):
     return model, {"iterations": iterations, "converged": iterations < PROBE_MAX_ITER}
 
 
-def class_probabilities(model, X, n_classes):
+def class_probabilities(model: LogisticRegression, X: np.ndarray, n_classes: int) -> np.ndarray:
     """A fitted scikit-learn classifier's probabilities over all `n_classes` (columns of classes it never saw are 0)."""
     full = np.zeros((len(X), n_classes))
     full[:, model.classes_] = model.predict_proba(X)
     return full
 
 
-def split_metrics(data, proba):
+def split_metrics(data: "Reduced", proba: Callable[[np.ndarray], np.ndarray]) -> dict:
     """Metrics of a Reduced's val and test rows (None when there are none), with row counts per split; `proba(X)` predicts."""
     metrics = {"rows": {split: int((data.splits == split).sum()) for split in ("train", "val", "test")}}
     for split in ("val", "test"):
@@ -40,7 +45,7 @@ def split_metrics(data, proba):
     return metrics
 
 
-def evaluate(labels, proba, classes):
+def evaluate(labels: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict:
     """Accuracy, macro-F1, log loss, per-class report and confusion matrix of predicted probabilities."""
     proba = np.array(proba, dtype=np.float64)  # a copy: normalising below must not change the caller's array
     bad = int((~np.isfinite(proba).all(axis=1)).sum())

@@ -9,6 +9,7 @@ dataset carries a fletcher32 checksum, so flipped bytes in the features fail on 
 
 import json
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
@@ -57,11 +58,11 @@ class Listed:
 
 @dataclass
 class ShardData:
-    ids: list  # str, sorted
+    ids: list[str]  # sorted
     labels: np.ndarray  # (N,) int32, -1 when unlabeled
-    splits: list  # str: train/val/test or ""
-    features: dict = field(default_factory=dict)  # tap key "backbone/layer" -> (N, C)
-    errors: list = field(default_factory=list)  # [{id, path, reason}] for images of this shard's range
+    splits: list[str]  # train/val/test or ""
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # tap key "backbone/layer" -> (N, C)
+    errors: list[dict] = field(default_factory=list)  # [{id, path, reason}] for images of this shard's range
     fidelity: dict | None = None  # {min_cosine_vs_float32, rows_checked} of this shard's first batch
     listed: Listed | None = None
 
@@ -98,7 +99,10 @@ def create_dataset(group, name, data):
     return group.create_dataset(name, data=data, track_times=False, fletcher32=checked, chunks=True if checked else None)
 
 
-def write_shard(path, data, *, index, config_sha256, config, storage_dtype="float32", weights=None, taps=None, device=None):
+def write_shard(
+    path: Path, data: ShardData, *, index: int, config_sha256: str, config: dict, storage_dtype: str = "float32",
+    weights: dict | None = None, taps: list[dict] | None = None, device: dict | None = None,
+) -> None:
     """Write one shard to `path` through a temp file; the attrs say which run made it."""
     with atomic_path(path) as tmp:
         with create_h5(tmp) as f:
@@ -165,7 +169,7 @@ def read_listed(path):
         return Listed(group["ids"].asstr()[:].tolist(), group["sizes"][:], group["mtimes_ns"][:])
 
 
-def read_shard(path, taps=None, rows=slice(None)):
+def read_shard(path: Path, taps: Sequence[str] | None = None, rows: slice = slice(None)) -> ShardData:
     """Read ids, labels, splits and the requested taps (default all) for a row range."""
     with h5py.File(path, "r") as f:
         keys = taps if taps is not None else list_taps(f)
@@ -204,11 +208,11 @@ def make_manifest(*, config, config_sha256, weights, taps, classes, shards, list
     )
 
 
-def write_manifest(features_dir, manifest: Manifest):
+def write_manifest(features_dir: Path, manifest: Manifest) -> None:
     write_json(Path(features_dir) / MANIFEST_NAME, manifest)
 
 
-def read_manifest(features_dir) -> Manifest:
+def read_manifest(features_dir: Path | str) -> Manifest:
     """Load manifest.json, failing with a clear sentence if this is not a finished features dir."""
     features_dir = Path(features_dir)
     path = features_dir / MANIFEST_NAME
@@ -225,7 +229,9 @@ def existing_shards(features_dir):
     return sorted(p for p in Path(features_dir).iterdir() if SHARD_PATTERN.match(p.name))
 
 
-def iter_feature_chunks(features_dir, manifest, taps, chunk_rows):
+def iter_feature_chunks(
+    features_dir: Path | str, manifest: Manifest, taps: Sequence[str], chunk_rows: int
+) -> Iterator[tuple[list[str], np.ndarray, list[str], np.ndarray]]:
     """Yield (ids, labels, splits, X float32) over all shards in order, `chunk_rows` rows at a time.
 
     X concatenates `taps` in the given order. Only one chunk is in memory at once, and float16
@@ -240,7 +246,7 @@ def iter_feature_chunks(features_dir, manifest, taps, chunk_rows):
             yield part.ids, part.labels, part.splits, X
 
 
-def verify(features_dir, chunk_rows=8192):
+def verify(features_dir: Path | str, chunk_rows: int = 8192) -> list[str]:
     """Re-read every shard against the manifest; return a list of problems (empty when sound)."""
     features_dir = Path(features_dir)
     manifest = read_manifest(features_dir)

@@ -9,6 +9,7 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from matplotlib.figure import Figure
 from pipeline.config import HeadConfig, ParallelConfig, load_toml, normalize_keys, sha256_json
 from pipeline.engines.pool import exit_if_orphaned, task_runner
 from pipeline.errors import PipelineError
-from pipeline.files import LockBusy, atomic_path, leftover_temps, locked, make_dir, remove, replace_dir, storage_errors, temp_sibling, write_json
+from pipeline.files import LockBusy, atomic_path, locked, make_dir, output_guard, remove, replace_dir, storage_errors, temp_sibling, write_json
 from pipeline.leaderboard import (
     LEADERBOARD_LOCK, LEADERBOARD_NAME, LOCKS_DIR, METRICS_NAME, read_runs, run_state, write_leaderboard,
 )
@@ -39,7 +40,7 @@ class RunOutcome:
     done_before: bool  # the run was already finished in the runs dir, so nothing was trained
 
 
-def sweep_configs(path, overrides=None):
+def sweep_configs(path: Path | str, overrides: dict | None = None) -> list[HeadConfig]:
     """Every HeadConfig of a sweep file: its [base] table, then each combination of its [grid] lists.
 
     Precedence, lowest first: HeadConfig defaults, [base], `overrides` (options given on the
@@ -75,7 +76,11 @@ def sweep_configs(path, overrides=None):
     return configs
 
 
-def train(reduced_dir, runs_dir, configs, name=None, parallel=ParallelConfig(), on_warning=None, stack=True, max_stack=None):
+def train(
+    reduced_dir: Path | str, runs_dir: Path | str, configs: list[HeadConfig], name: str | None = None,
+    parallel: ParallelConfig = ParallelConfig(), on_warning: Callable[[str], None] | None = None,
+    stack: bool = True, max_stack: int | None = None,
+) -> Iterator[RunOutcome]:
     """Check everything, then return an iterator that trains the baseline and each head, yielding RunOutcomes.
 
     With `stack`, heads of one shape (hidden sizes, batch size) train together as one program
@@ -328,12 +333,11 @@ def _train_planned(runs_dir, reduced_dir, report_sha256, planned, wait):
     dirs left by a killed earlier attempt are abandoned, so they are removed.
     """
     try:
-        with locked(runs_dir / LOCKS_DIR / f"{planned.run_id}.lock", f"run {planned.run_id} in {runs_dir}", wait=wait):
+        lock = runs_dir / LOCKS_DIR / f"{planned.run_id}.lock"
+        with output_guard(runs_dir / planned.run_id, f"run {planned.run_id} in {runs_dir}", lock_file=lock, wait=wait):
             state = _finished(runs_dir, planned)
             if state.done:
                 return RunOutcome(planned.run_id, planned.kind, state.metrics, True)
-            for leftover in leftover_temps(runs_dir, planned.run_id):
-                remove(leftover)
             data = _load(reduced_dir, report_sha256)
             with storage_errors(f"run {planned.run_id} in {runs_dir}", "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"):
                 with _staging(runs_dir / planned.run_id) as staging:

@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny image folders, synthetic features directories, the CLI, failing disks."""
+"""Shared fixtures: tiny image folders, synthetic features directories, the CLI, a local Ray, failing disks.
+
+Plain functions and flags the tests share are in helpers.py.
+"""
 
 import builtins
 import contextlib
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
 from pipeline import devices, shards
 
 devices.request_memory_growth()  # pytest-xdist workers share a GPU; their children (pipeline, Ray) inherit this
@@ -31,14 +35,7 @@ def image_tree(tmp_path):
     """Factory: write `per_class` random RGB PNGs for each class name under a fresh folder."""
 
     def make(classes=("cat", "dog"), per_class=3, size=32, seed=0, name="images"):
-        rng = np.random.default_rng(seed)
-        root = tmp_path / name
-        for cls in classes:
-            (root / cls).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / cls / f"{i:03d}.png")
-        return root
+        return helpers.write_image_tree(tmp_path / name, classes, per_class, size, seed)
 
     return make
 
@@ -100,6 +97,14 @@ def run_cli():
         return result
 
     return run
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray with 2 CPUs for one test (helpers.local_ray), which the commands use as they find it."""
+    pytest.importorskip("ray")
+    with helpers.local_ray():
+        yield
 
 
 @pytest.fixture(scope="session")

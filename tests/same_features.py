@@ -11,15 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import files_bytes
 from pipeline import shards
 from pipeline.engines import features_agree
 
 FIDELITY_ATOL = 1e-6  # the reduced-precision check's cosine is computed from the features, so it moves with them
-
-
-def files_bytes(features):
-    """Every shard file's bytes, by name."""
-    return {p.name: p.read_bytes() for p in sorted(features.glob("shard-*.h5"))}
 
 
 def temp_files(features):

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -134,12 +135,22 @@ def test_a_file_that_is_not_weights_fails_clearly(tmp_path):
         backbones.load_weights(model, "vgg16", WeightSource("file", path=str(tmp_path / "w.weights.h5")))
 
 
-def test_imagenet_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    model = backbones.build_backbone("vgg16", 32)
-    with pytest.raises(PipelineError) as error:
-        backbones.load_weights(model, "vgg16", WeightSource("imagenet"))
-    message = str(error.value)
+def test_imagenet_offline_says_where_to_put_the_file(tmp_path):
+    """In a subprocess: Keras reads KERAS_HOME when it is imported, so setting it in this process would not reach Keras."""
+    script = textwrap.dedent("""
+        from pipeline import backbones
+        from pipeline.config import WeightSource
+        from pipeline.errors import PipelineError
+
+        try:
+            backbones.load_weights(backbones.build_backbone("vgg16", 32), "vgg16", WeightSource("imagenet"))
+        except PipelineError as e:
+            print(e)
+    """)
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    message = done.stdout
     assert "could not get ImageNet weights for vgg16" in message
     assert f"vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 in {tmp_path / 'keras' / 'models'}" in message
     assert "--weights random" in message and "--weights vgg16=PATH" in message

@@ -1,6 +1,8 @@
 """The benchmark code at tiny sizes: well-formed reports, right arithmetic. No timing is asserted."""
 
+import itertools
 import json
+from types import SimpleNamespace
 
 import h5py
 import keras
@@ -10,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline import backbones, shards
-from pipeline.bench import report as bench_report, stage_two as bench_stage_two
+from pipeline.bench import flops as bench_flops, report as bench_report, stage_two as bench_stage_two
 from pipeline.bench.corpus import PHOTO_SIZE, write_corpus
 from pipeline.bench.flops import count_flops, matmul_gflops
 from pipeline.bench.runner import STAGES, BenchOptions, run_bench, seed_style_baseline
@@ -204,9 +206,15 @@ def test_count_flops_of_a_tap_model_stops_at_the_deepest_tap():
     assert count_flops(model) == 2 * 32 * 32 * (3 * 3 * 3 * 64 + 3 * 3 * 64 * 64)  # the preprocessing multiplies nothing
 
 
-def test_matmul_rate_is_one_positive_figure_per_run():
+def test_matmul_rate_is_two_size_cubed_flops_per_timed_call(monkeypatch):
+    """On a clock that ticks 0.25 s per reading, each of the repeats (not the warm-up) is 2 x 64^3 FLOPs in 0.25 s.
+
+    Regression: this test asserted only that the rates were positive, which no wrong formula fails.
+    """
+    ticks = itertools.count(step=0.25)
+    monkeypatch.setattr(bench_flops, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
     rates = matmul_gflops("float32", 64, 3)
-    assert len(rates) == 3 and all(rate > 0 for rate in rates)
+    assert rates == pytest.approx([2 * 64**3 / 0.25 / 1e9] * 3)
 
 
 def test_corpus_is_deterministic_jpegs_near_the_photo_size(tmp_path):

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 from pipeline import shards
-
-FAST = ["--weights", "random", "--image-size", "32"]
+from helpers import RANDOM_32PX
 
 
 def test_extract_prints_progress_and_a_closing_summary(tmp_path, image_tree, run_cli):
-    result = run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST, "--tap", "vgg16:block1_pool")
+    result = run_cli("extract", image_tree(), "--out", tmp_path / "f", *RANDOM_32PX, "--tap", "vgg16:block1_pool")
     assert "extract: 6/6 images" in result.output and "images/s" in result.output
     assert "extracted 6 rows, 0 errors" in result.output
     assert "taps: vgg16/block1_pool (64)" in result.output
@@ -42,7 +41,7 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise(monkeypatch, 
 
 
 def test_backbone_flag_selects_the_default_taps_of_that_backbone(tmp_path, image_tree, run_cli):
-    run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST, "--backbone", "vgg16", "--storage-dtype", "float16")
+    run_cli("extract", image_tree(), "--out", tmp_path / "f", *RANDOM_32PX, "--backbone", "vgg16", "--storage-dtype", "float16")
     manifest = shards.read_manifest(tmp_path / "f")
     assert [t["key"] for t in manifest["taps"]] == ["vgg16/block4_conv3", "vgg16/block5_conv3"]
     assert list(manifest["weights"]) == ["vgg16"]
@@ -66,7 +65,7 @@ def test_config_file_fills_options_and_flags_win(tmp_path, image_tree, run_cli):
 
 def test_manifest_records_config_weights_classes_and_timing(tmp_path, image_tree, run_cli):
     root = image_tree(classes=("zebra", "ant"))
-    run_cli("extract", root, "--out", tmp_path / "f", *FAST, "--tap", "resnet50:conv2_block1_out")
+    run_cli("extract", root, "--out", tmp_path / "f", *RANDOM_32PX, "--tap", "resnet50:conv2_block1_out")
     m = shards.read_manifest(tmp_path / "f")
     assert m["classes"] == ["ant", "zebra"] and m["rows"] == m["listed"] == 6
     assert m["config"]["source"] == str(root.resolve()) and len(m["config"]["source_sha256"]) == 64
@@ -143,7 +142,7 @@ def test_taps_lists_every_layer_with_shape_and_stride(run_cli):
 
 
 def test_inspect_summarises_and_verify_catches_damage(tmp_path, image_tree, run_cli):
-    run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST, "--tap", "vgg16:block1_pool", "--shard-size", "4")
+    run_cli("extract", image_tree(), "--out", tmp_path / "f", *RANDOM_32PX, "--tap", "vgg16:block1_pool", "--shard-size", "4")
     output = run_cli("inspect", tmp_path / "f", "--verify").output
     assert "6 rows in 2 shards, 0 errors, 6 images listed" in output and "verified: 2 shards, 6 rows" in output
     with h5py.File(tmp_path / "f" / "shard-00001.h5", "r+") as f:

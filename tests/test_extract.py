@@ -14,20 +14,7 @@ from PIL import Image
 from pipeline import shards
 from pipeline.config import ExtractConfig
 from pipeline.backbones import resolve
-
-SMALL_TAPS = ["--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
-
-
-def read_all(features):
-    """{id: {tap: row}} plus the manifest, read back through the shard format."""
-    manifest = shards.read_manifest(features)
-    rows = {}
-    for entry in manifest["shards"]:
-        data = shards.read_shard(features / entry["file"])
-        for i, image_id in enumerate(data.ids):
-            rows[image_id] = {key: values[i] for key, values in data.features.items()}
-    return rows, manifest
-
+from helpers import SMALL_TAPS, read_rows
 
 def shard_arrays(features):
     """Every dataset of every shard, for byte-for-byte comparison."""
@@ -50,7 +37,7 @@ def test_float32_features_equal_plain_keras_applications(tmp_path, image_tree, r
     spec = ",".join(f"{n}={tmp_path / n}.weights.h5" for n in weights)
     run_cli("extract", root, "--out", tmp_path / "f", "--weights", spec, "--precision", "float32",
             "--image-size", size, "--batch-size", 2)
-    rows, manifest = read_all(tmp_path / "f")
+    rows, manifest = read_rows(tmp_path / "f")
     assert [t["key"] for t in manifest["taps"]] == [
         "resnet50/conv4_block6_out", "resnet50/conv5_block3_out", "vgg16/block4_conv3", "vgg16/block5_conv3"]
     ids = sorted(rows)
@@ -75,8 +62,8 @@ def test_center_crop_uses_the_central_square(tmp_path, run_cli):
     common = ["--weights", "random", "--precision", "float32", "--image-size", 32, *SMALL_TAPS]
     run_cli("extract", tmp_path / "wide", "--out", tmp_path / "fw", "--resize", "center-crop", *common)
     run_cli("extract", tmp_path / "square", "--out", tmp_path / "fs", *common)
-    cropped, _ = read_all(tmp_path / "fw")
-    square, _ = read_all(tmp_path / "fs")
+    cropped, _ = read_rows(tmp_path / "fw")
+    square, _ = read_rows(tmp_path / "fs")
     for key in square["x.png"]:
         np.testing.assert_allclose(cropped["x.png"][key], square["x.png"][key], rtol=1e-5, atol=1e-5)
 
@@ -97,8 +84,8 @@ def test_bfloat16_on_cpu_is_recorded_and_close_to_float32(tmp_path, image_tree, 
     args = ["--weights", "random", "--image-size", 32, "--batch-size", 4, *SMALL_TAPS]
     result = run_cli("extract", root, "--out", tmp_path / "bf16", "--precision", "mixed_bfloat16", *args)
     run_cli("extract", root, "--out", tmp_path / "fp32", "--precision", "float32", *args)
-    low, manifest = read_all(tmp_path / "bf16")
-    full, _ = read_all(tmp_path / "fp32")
+    low, manifest = read_rows(tmp_path / "bf16")
+    full, _ = read_rows(tmp_path / "fp32")
     assert manifest["precision"]["policy"] == "mixed_bfloat16"
     assert 0.99 <= manifest["precision"]["min_cosine_vs_float32"] < 1.0
     assert manifest["precision"]["rows_checked"] == 4  # the whole first batch
@@ -129,8 +116,8 @@ def test_the_xla_compiled_forward_gives_the_same_features(tmp_path, image_tree, 
     args = ["--weights", "random", "--image-size", 32, "--precision", "float32", *SMALL_TAPS]
     run_cli("extract", root, "--out", tmp_path / "xla", "--xla", *args)
     run_cli("extract", root, "--out", tmp_path / "plain", "--no-xla", *args)
-    compiled, manifest = read_all(tmp_path / "xla")
-    plain, _ = read_all(tmp_path / "plain")
+    compiled, manifest = read_rows(tmp_path / "xla")
+    plain, _ = read_rows(tmp_path / "plain")
     assert manifest["precision"]["xla"] is True and manifest["config"]["xla"] is True
     for image_id, taps in plain.items():
         for key, row in taps.items():
@@ -175,7 +162,7 @@ def awkward(tmp_path_factory):
         "extract", str(root), "--out", str(out), "--weights", "random", "--image-size", "32",
         "--precision", "float32", "--shard-size", "4", "--batch-size", "3", *SMALL_TAPS])
     assert result.exit_code == 0, result.output
-    rows, manifest = read_all(out)
+    rows, manifest = read_rows(out)
     return root, out, rows, manifest, result.output
 
 

@@ -17,19 +17,7 @@ from pipeline import shards
 from pipeline.engines import worker as worker_module
 from pipeline.engines.worker import row_cosines
 from pipeline.files import locked
-
-SMALL_TAPS = ["--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
-FAST = ["--weights", "random", "--image-size", "32", *SMALL_TAPS]
-
-
-def files_bytes(features):
-    """Every shard file's bytes, by name."""
-    return {p.name: p.read_bytes() for p in sorted(features.glob("shard-*.h5"))}
-
-
-def without_timing(manifest):
-    return {key: value for key, value in manifest.items() if key != "timing"}
-
+from helpers import FAST, files_bytes, without_timing
 
 def test_whole_shard_files_are_byte_identical_across_runs(tmp_path, image_tree, run_cli):
     root = image_tree(per_class=3)
@@ -195,7 +183,7 @@ def test_too_little_free_space_fails_before_computing(tmp_path, image_tree, run_
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("pipeline.extract.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
+    monkeypatch.setattr("pipeline.files.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
     monkeypatch.setattr(worker_module.ShardWorker, "run", lambda *a, **k: pytest.fail("images were computed"))
     result = run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST, code=1)
     assert "1 shards need about" in result.output and "MiB are free" in result.output

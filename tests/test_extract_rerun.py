@@ -4,17 +4,12 @@ import json
 import shutil
 
 import h5py
-import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline import shards
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
-
-SMALL_TAPS = ["--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
-FAST = ["--weights", "random", "--image-size", "32", *SMALL_TAPS]
-
+from helpers import FAST, write_image_tree
 
 def edit_shard_config(path, **changes):
     with h5py.File(path, "r+") as f:
@@ -25,10 +20,10 @@ def edit_shard_config(path, **changes):
 def test_a_run_config_is_rebuilt_from_its_record_and_unknown_settings_are_one_sentence():
     config = ExtractConfig(taps=("vgg16/block1_pool",), image_size=32)
     record = {**config.to_dict(), "source": "/images", "source_sha256": "0" * 64}
-    assert ExtractConfig.from_run(record, "r") == config
-    assert ExtractConfig.from_run(record, "r", pooling="max").pooling == "max"
+    assert ExtractConfig.from_record(record, "r") == config
+    assert ExtractConfig.from_record(record, "r", pooling="max").pooling == "max"
     with pytest.raises(PipelineError, match=r"^r records extraction settings this version does not know \(colour\); use the pipeline"):
-        ExtractConfig.from_run({**record, "colour": "red"}, "r")
+        ExtractConfig.from_record({**record, "colour": "red"}, "r")
 
 
 def test_resuming_shards_that_record_a_setting_this_version_does_not_know_is_one_sentence(tmp_path, image_tree, run_cli):
@@ -109,7 +104,7 @@ def fake_free_space(monkeypatch, free):
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("pipeline.extract.shutil.disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+    monkeypatch.setattr("pipeline.files.shutil.disk_usage", lambda path: usage(10**12, 10**12 - free, free))
 
 
 def test_overwrite_without_room_for_the_new_features_keeps_the_old_ones(tmp_path, image_tree, run_cli, monkeypatch):
@@ -174,12 +169,7 @@ def two_shards(tmp_path_factory):
     from pipeline.cli import cli
 
     work = tmp_path_factory.mktemp("two-shards")
-    root = work / "images"
-    rng = np.random.default_rng(0)
-    for cls in ("cat", "dog"):
-        (root / cls).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / cls / f"{i:03d}.png")
+    root = write_image_tree(work / "images")
     args = [*FAST, "--shard-size", "4"]
     result = CliRunner().invoke(cli, ["extract", str(root), "--out", str(work / "features"), *args])
     assert result.exit_code == 0, result.output

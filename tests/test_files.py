@@ -1,11 +1,13 @@
 """Atomic writes that survive a power loss: the new bytes are fsynced before the rename, the directory after."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from pipeline import files, shards
+from pipeline.errors import PipelineError
 
 
 @pytest.fixture
@@ -83,3 +85,37 @@ def test_a_failed_fsync_renames_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Input/output error"):
         files.write_json(tmp_path / "manifest.json", {"new": True})
     assert (tmp_path / "manifest.json").read_text() == "old\n" and files.leftover_temps(tmp_path) == []
+
+
+def test_the_output_guard_makes_the_folder_locks_and_removes_only_a_killed_writer_s_temps(tmp_path):
+    out = tmp_path / "new" / "out.csv"
+    with files.output_guard(out, "predictions file"):  # makes new/ and takes new/.out.csv.lock
+        killed, other = files.temp_sibling(out), files.temp_sibling(tmp_path / "new" / "other.csv")
+        killed.write_text("half"), other.write_text("another output's")
+        with pytest.raises(files.LockBusy, match=f"^predictions file is in use by PID {os.getpid()} on "):
+            with files.output_guard(out, "predictions file"):
+                pass
+    with files.output_guard(out, "predictions file"):
+        assert not killed.exists() and other.exists()  # only temps of this output, under its lock
+    inside = tmp_path / "features"
+    with files.output_guard(inside, "features directory", into=True):
+        (inside / "shard-00000.h5").touch()
+        files.temp_sibling(inside / "shard-00001.h5").write_text("half")
+    with files.output_guard(inside, "features directory", into=True, shared=True):
+        assert len(files.leftover_temps(inside)) == 1  # a shared holder (a job-array task) removes nothing
+    with files.output_guard(inside, "features directory", into=True):
+        assert files.leftover_temps(inside) == [] and (inside / "shard-00000.h5").exists()
+    assert (inside / files.DIR_LOCK_NAME).exists()
+
+
+def test_the_free_space_check_counts_what_the_old_output_frees(tmp_path, monkeypatch):
+    usage = shutil._ntuple_diskusage(10**12, 10**12 - 2**20, 2**20)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    files.check_space(tmp_path / "not" / "yet", 2**20, "it needs")  # measured where the nearest existing folder is
+    files.check_space(tmp_path, 3 * 2**20, "it needs", freeable=2 * 2**20)
+    with pytest.raises(PipelineError) as error:
+        files.check_space(tmp_path / "out", 5 * 2**20, "2 shards need", freeable=2 * 2**20, freed_by="the old features")
+    assert str(error.value) == (
+        f"2 shards need about 5 MiB but only 1 MiB are free (plus 2 MiB the old features would free) where {tmp_path / 'out'} goes; "
+        "free space (or use another --out) and rerun"
+    )

@@ -1,7 +1,6 @@
 """Hostile input through `pipeline extract`: special files, bombs, odd names and fuzzed images end
 as rows or error entries, with ids aligned, and never hang or crash the run."""
 
-import io
 import os
 import subprocess
 import sys
@@ -16,9 +15,9 @@ from pipeline import shards
 from pipeline.cli import cli
 from pipeline.sources import MAX_FILE_BYTES
 from pipeline.sources import list_source
+from helpers import FAST, encoded, read_rows
 
-SMALL = ["--weights", "random", "--image-size", "32", "--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool",
-         "--precision", "float32"]
+SMALL = [*FAST, "--precision", "float32"]
 FORMATS = {"jpg": ("JPEG", {"quality": 95}), "png": ("PNG", {}), "gif": ("GIF", {}), "tif": ("TIFF", {}),
            "webp": ("WEBP", {"lossless": True}), "bmp": ("BMP", {})}
 
@@ -27,12 +26,6 @@ def picture(seed, size=24):
     """A blocky random RGB picture: distinct per seed, and few colours, so GIF keeps it exactly."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(np.kron(rng.integers(0, 4, (size // 6, size // 6, 3)) * 85, np.ones((6, 6, 1))).astype(np.uint8))
-
-
-def encoded(image, fmt, **options):
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
 
 
 def mutants(data, count, rng):
@@ -49,16 +42,6 @@ def mutants(data, count, rng):
             copy = copy[: int(rng.integers(0, len(copy)))] + bytes(reversed(data))[: int(rng.integers(0, len(data)))]
         out.append(bytes(copy))
     return out
-
-
-def read_rows(features):
-    manifest = shards.read_manifest(features)
-    rows = {}
-    for entry in manifest["shards"]:
-        data = shards.read_shard(features / entry["file"])
-        for i, image_id in enumerate(data.ids):
-            rows[image_id] = np.concatenate([data.features[key][i] for key in sorted(data.features)])
-    return rows, manifest
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +99,7 @@ def hostile(tmp_path_factory, bomb_bytes):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # a hang fails here
     assert done.returncode == 0, done.stderr[-3000:]
     rows, manifest = read_rows(out)
+    rows = {image_id: np.concatenate([row[key] for key in sorted(row)]) for image_id, row in rows.items()}  # all taps in one
     return SimpleNamespace(root=root, out=out, rows=rows, manifest=manifest, stderr=done.stderr,
                            errors={e["id"]: e["reason"] for e in manifest["errors"]})
 

@@ -1,6 +1,5 @@
 """The input pipeline on hostile files: bounded reads, header checks before decoding, first frames, 16 bits."""
 
-import io
 import json
 import os
 import struct
@@ -26,6 +25,7 @@ from pipeline.inputs import (
     load_image,
 )
 from pipeline.sources import MAX_FILE_BYTES
+from helpers import encoded
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -34,12 +34,6 @@ def rows_of(paths, ranges=None, **options):
     """The indices image_batches yields over `paths`."""
     ranges = ranges or [(0, len(paths))]
     return [int(i) for indices, _ in image_batches(paths, ranges, 4, 32, "squash", **options) for i in indices]
-
-
-def encoded(image, fmt, **options):
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
 
 
 def within(seconds, function, *args):

@@ -1,7 +1,6 @@
 """`pipeline predict`: lineage from a run back to its features, the CSV, errors and the accuracy line."""
 
 import csv
-import hashlib
 import json
 import os
 import re
@@ -13,6 +12,7 @@ from pipeline import backbones
 from pipeline.errors import PipelineError
 from pipeline.config import WeightSource
 from pipeline.lineage import load_lineage
+from helpers import sha256
 
 
 def copy_lineage(head_run, tmp_path):
@@ -26,10 +26,6 @@ def edit_json(path, change):
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
-
-
-def sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def reseal(run):

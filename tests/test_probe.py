@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 
 import h5py
@@ -11,6 +12,7 @@ import pytest
 from pipeline import shards
 from pipeline.config import ReduceConfig
 from pipeline.errors import PipelineError
+from pipeline.files import leftover_temps, lock_beside, locked, temp_sibling
 from pipeline.probe import Group, plan_groups, probe
 from pipeline.reduce import reduce_features
 from pipeline.train import train
@@ -240,6 +242,28 @@ def test_cli_bad_input_is_one_clear_error(features_dir, tmp_path, run_cli, case,
     assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
     assert re.search(message, result.output), result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_probe_into_one_out_is_refused_naming_the_process(features_dir, tmp_path, run_cli):
+    """Regression: probe took no lock, so two probes into one --out could leave probe.json of one and probe.png of the other."""
+    features, out = features_dir(n=60), tmp_path / "out"
+    run_cli("probe", features, "--out", out, "--components", 2)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with locked(lock_beside(out), "another probe"):
+        result = run_cli("probe", features, "--out", out, "--components", 3, code=1)
+    assert f"probe directory {out} is in use by PID {os.getpid()} on " in result.output
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    run_cli("probe", features, "--out", out, "--components", 3)  # free again
+    assert json.loads((out / "probe.json").read_text())["settings"]["components"] == 3
+
+
+def test_a_killed_probe_s_temp_files_are_removed_by_the_next(features_dir, tmp_path, run_cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = temp_sibling(out / "probe.json")
+    killed.write_text("{half")
+    run_cli("probe", features_dir(n=60), "--out", out, "--components", 2)
+    assert not killed.exists() and not leftover_temps(out) and (out / "probe.json").is_file()
 
 
 def test_cli_usage_errors_exit_2(features_dir, tmp_path, run_cli):

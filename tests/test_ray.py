@@ -9,10 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
-from PIL import Image
 from ray.cluster_utils import Cluster
 
 from pipeline import shards
@@ -21,10 +19,10 @@ from pipeline.engines.ray import RayEngine, WorkerSummary, actor_options, disagr
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.sources import list_source
+from helpers import FAST, write_image_tree
 from same_features import assert_same_features
 
 TAPS = ("resnet50/conv2_block1_out", "vgg16/block1_pool")
-FAST = ["--weights", "random", "--image-size", "32", "--tap", TAPS[0], "--tap", TAPS[1]]
 
 
 def test_two_ray_workers_write_the_local_engine_s_features(tmp_path, image_tree, run_cli):
@@ -253,23 +251,11 @@ def test_shards_a_worker_wrote_elsewhere_are_one_sentence(tmp_path, monkeypatch)
 # --- slow: errors from inside actors, two nodes, faults --------------------------------------------
 
 
-@pytest.fixture
-def local_ray():
-    """A local Ray with 2 CPUs, which the engine uses as it finds it."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """12 images and their features from the local engine, in 6 shards of 2 (as FAST with --shard-size 2 --batch-size 1)."""
     root = tmp_path_factory.mktemp("ray-reference")
-    rng = np.random.default_rng(1)
-    for cls in ("cat", "dog"):
-        (root / "images" / cls).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "images" / cls / f"{i:03d}.png")
+    write_image_tree(root / "images", per_class=6, seed=1)
     config = ExtractConfig(taps=TAPS, weights="random", image_size=32, shard_size=2, batch_size=1)
     extract(config, list_source(root / "images"), root / "local")
     return root / "images", root / "local", config

@@ -7,14 +7,14 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from test_parallel import SWEEP, run_files  # noqa: E402
+import helpers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray for the module (the commands use a Ray that is already up, and leave it running)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    """One local Ray for the module, not one per test."""
+    with helpers.local_ray():
+        yield
 
 
 def test_a_ray_sweep_gives_the_metrics_of_a_sequential_one(local_ray, features_dir, tmp_path, run_cli):

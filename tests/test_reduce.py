@@ -401,8 +401,12 @@ def test_ray_map_bounds_the_tasks_in_flight_and_keeps_the_call_order(monkeypatch
     def remote(function):
         return SimpleNamespace(remote=lambda *args: Ref(function(*args)))
 
-    fake = SimpleNamespace(remote=remote, get=get, cluster_resources=lambda: {"CPU": 2.0}, exceptions=SimpleNamespace(RayTaskError=RuntimeError))
+    fake = SimpleNamespace(
+        remote=remote, get=get, wait=lambda refs, timeout: (refs, []), cluster_resources=lambda: {"CPU": 2.0},
+        exceptions=SimpleNamespace(RayTaskError=RuntimeError),
+    )
     monkeypatch.setattr(ray_reduce, "connected", lambda address: contextlib.nullcontext(fake))
+    monkeypatch.setattr(ray_reduce, "HeadWatch", lambda ray: SimpleNamespace(check=lambda: None))  # no cluster head to watch
     with ray_reduce.ray_map() as run:
         results = list(run(lambda a, b: a * 10 + b, range(50), itertools.repeat(1)))
     assert results == [a * 10 + 1 for a in range(50)]

@@ -21,18 +21,7 @@ from pipeline.files import leftover_temps, lock_beside, locked
 from pipeline.reduce import reduce_features
 from pipeline.reduced import load_reduced
 from pipeline.train import train
-
-QUICK = ["--hidden", 8, "--epochs", 2, "--batch-size", 32]
-
-
-def sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def tree_bytes(directory):
-    """Every file under `directory` (hidden ones too) by relative path, with its bytes."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
+from helpers import QUICK_HEAD, sha256, tree_bytes
 
 def test_a_second_reduce_into_one_out_fails_naming_the_process(reduced, run_cli):
     features, out = reduced
@@ -154,7 +143,7 @@ def test_a_truncated_reduced_h5_is_rebuilt_by_reduce_and_refused_by_train(reduce
     list(train(out, tmp_path / "runs", [HeadConfig(hidden=(4,), epochs=1)]))
     intact, report = (out / "reduced.h5").read_bytes(), (out / "reduce.json").read_bytes()
     (out / "reduced.h5").write_bytes(intact[: len(intact) // 2])
-    refused = run_cli("train", out, "--runs", tmp_path / "runs", *QUICK, code=1)
+    refused = run_cli("train", out, "--runs", tmp_path / "runs", *QUICK_HEAD, code=1)
     assert f"{out / 'reduced.h5'} is damaged" in refused.output
     assert "rerun the same `pipeline reduce` command to rebuild it" in refused.output
     repaired = run_cli("reduce", features, "--out", out, "--components", 4)

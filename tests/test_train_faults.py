@@ -23,19 +23,12 @@ from pipeline.errors import PipelineError
 from pipeline.files import leftover_temps, locked
 from pipeline.reduced import load_reduced
 from pipeline.train import train
-
-QUICK = ["--hidden", 8, "--epochs", 2, "--batch-size", 32]
-
-
-def tree_bytes(directory):
-    """Every file under `directory` (hidden ones too) by relative path, with its bytes."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
+from helpers import QUICK_HEAD, tree_bytes
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
 def test_a_read_only_output_is_one_sentence_for_every_command(reduced, tmp_path, run_cli, failing_writes, code):
     features, out = reduced
-    run_cli("train", out, "--runs", tmp_path / "runs", *QUICK)
+    run_cli("train", out, "--runs", tmp_path / "runs", *QUICK_HEAD)
     before = tree_bytes(tmp_path)
     reason = {errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied"}[code]
     with failing_writes(tmp_path, code):
@@ -59,7 +52,7 @@ def test_a_read_only_output_is_one_sentence_with_permissions(reduced, tmp_path, 
     (tmp_path / "ro").chmod(0o500)
     try:
         reduced_again = run_cli("reduce", features, "--out", tmp_path / "ro" / "reduced", code=1)
-        trained = run_cli("train", out, "--runs", tmp_path / "ro" / "runs", *QUICK, code=1)
+        trained = run_cli("train", out, "--runs", tmp_path / "ro" / "runs", *QUICK_HEAD, code=1)
     finally:
         (tmp_path / "ro").chmod(0o700)
     for result in (reduced_again, trained):
@@ -70,7 +63,7 @@ def test_one_class_in_train_is_refused_naming_it(features_dir, tmp_path, run_cli
     """Regression: scikit-learn's LogisticRegression raised its own traceback."""
     features = features_dir(n=40, classes=("only",), shard_size=40)
     run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", 3)
-    result = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "runs", *QUICK, code=1)
+    result = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "runs", *QUICK_HEAD, code=1)
     assert "holds one class only ('only'); a classifier needs at least two" in result.output
     assert not (tmp_path / "runs").exists()
 
@@ -84,7 +77,7 @@ def test_a_class_with_one_image_trains_into_train_only(features_dir, tmp_path, r
     run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", 3)
     data = load_reduced(tmp_path / "reduced")
     assert data.splits[data.labels == 2].tolist() == ["train"]  # 10% of one image rounds to none for val and test
-    run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "runs", *QUICK)
+    run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "runs", *QUICK_HEAD)
     [run] = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("h8")]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val"]["per_class"]["c"]["support"] == 0 and len(metrics["val"]["confusion"]) == 3
@@ -96,13 +89,13 @@ def test_all_unlabeled_rows_reduce_but_do_not_train(features_dir, tmp_path, run_
         f["labels"][:] = -1
     reduced = run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", 3)
     assert "train" in reduced.output
-    result = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "runs", *QUICK, code=1)
+    result = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "runs", *QUICK_HEAD, code=1)
     assert "has 40 unlabeled row(s)" in result.output
 
 
 def test_an_empty_test_split_trains_with_blank_test_metrics(features_dir, tmp_path, run_cli):
     run_cli("reduce", features_dir(n=60), "--out", tmp_path / "reduced", "--components", 3, "--test-fraction", 0)
-    trained = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "runs", *QUICK)
+    trained = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "runs", *QUICK_HEAD)
     assert "test accuracy -" in trained.output
     rows = leaderboard_module.leaderboard(tmp_path / "runs")[0]
     assert {row["test_accuracy"] for row in rows} == {""} and all(row["val_accuracy"] for row in rows)
@@ -181,7 +174,7 @@ def test_two_sweeps_into_one_runs_dir_both_finish_and_train_each_run_once(reduce
 def test_damaged_runs_are_skipped_by_runs_and_trained_again_by_train(reduced, tmp_path, run_cli):
     _, out = reduced
     runs = tmp_path / "runs"
-    run_cli("train", out, "--runs", runs, *QUICK)
+    run_cli("train", out, "--runs", runs, *QUICK_HEAD)
     [head] = [p for p in runs.iterdir() if p.name.startswith("h8")]
     [baseline] = [p for p in runs.iterdir() if p.name.startswith("baseline")]
     (baseline / "metrics.json").write_text('{"val": ')
@@ -190,7 +183,7 @@ def test_damaged_runs_are_skipped_by_runs_and_trained_again_by_train(reduced, tm
     assert [line.split()[0] for line in table.output.splitlines() if not line.startswith(("warning", "run_id"))] == [head.name]
     model = (head / "model.keras").read_bytes()
     (head / "model.keras").write_bytes(model[:1000])  # regression: a truncated model was "file not found"
-    again = run_cli("train", out, "--runs", runs, *QUICK)
+    again = run_cli("train", out, "--runs", runs, *QUICK_HEAD)
     assert f"run dir {baseline} is damaged" in again.output and f"run dir {head} is damaged (model.keras is changed)" in again.output
     assert "already done" not in again.output
     assert {row["run_id"] for row in leaderboard_module.leaderboard(runs)[0]} == {head.name, baseline.name}
@@ -199,7 +192,7 @@ def test_damaged_runs_are_skipped_by_runs_and_trained_again_by_train(reduced, tm
 def test_a_corrupt_leaderboard_is_rebuilt_from_the_run_dirs(reduced, tmp_path, run_cli):
     _, out = reduced
     runs = tmp_path / "runs"
-    run_cli("train", out, "--runs", runs, *QUICK)
+    run_cli("train", out, "--runs", runs, *QUICK_HEAD)
     intact = (runs / "leaderboard.csv").read_bytes()
     (runs / "leaderboard.csv").write_bytes(b"\x00\xffnot,a\ncsv")
     table = run_cli("runs", runs)
@@ -217,12 +210,12 @@ def test_disk_full_in_train_keeps_the_finished_runs_and_a_rerun_completes(reduce
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(train_module, "_write_history", full)
-    result = run_cli("train", out, "--runs", runs, *QUICK, code=1)
+    result = run_cli("train", out, "--runs", runs, *QUICK_HEAD, code=1)
     assert "cannot write run h8_d0.3_" in result.output and "no space left on device; the runs finished so far are kept" in result.output
     assert "Traceback" not in result.output
     assert not leftover_temps(runs) and len(leaderboard_module.leaderboard(runs)[0]) == 1
     monkeypatch.setattr(train_module, "_write_history", real)
-    rerun = run_cli("train", out, "--runs", runs, *QUICK)
+    rerun = run_cli("train", out, "--runs", runs, *QUICK_HEAD)
     assert "already done" in rerun.output and len(leaderboard_module.leaderboard(runs)[0]) == 2
 
 
@@ -231,7 +224,7 @@ def test_runs_on_a_full_disk_prints_the_table_with_a_warning(reduced, tmp_path, 
     """Regression: a stale leaderboard that could not be rewritten was a traceback."""
     _, out = reduced
     runs = tmp_path / "runs"
-    run_cli("train", out, "--runs", runs, *QUICK)
+    run_cli("train", out, "--runs", runs, *QUICK_HEAD)
     (runs / "leaderboard.csv").write_text("stale\n")
 
     def full(runs_dir):
@@ -254,14 +247,14 @@ def test_a_leaderboard_that_cannot_be_written_after_publishing_says_the_run_is_k
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(runs_dir / "leaderboard.csv"))
 
     monkeypatch.setattr(train_module, "write_leaderboard", full)
-    result = run_cli("train", out, "--runs", runs, *QUICK, code=1)
+    result = run_cli("train", out, "--runs", runs, *QUICK_HEAD, code=1)
     [baseline] = [p.name for p in runs.iterdir() if p.name.startswith("baseline-")]
     assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
     assert f"cannot write {runs / 'leaderboard.csv'}: no space left on device; run {baseline} is kept;" in result.output
     assert "finished so far" not in result.output and leaderboard_module.run_state(runs / baseline).done
     monkeypatch.setattr(train_module, "write_leaderboard", real)
     assert "rebuilt from them" in run_cli("runs", runs).output
-    rerun = run_cli("train", out, "--runs", runs, *QUICK)
+    rerun = run_cli("train", out, "--runs", runs, *QUICK_HEAD)
     assert f"{baseline}: already done" in rerun.output and len(leaderboard_module.leaderboard(runs)[0]) == 2
 
 
@@ -272,7 +265,7 @@ def test_a_head_whose_probabilities_are_not_finite_is_one_sentence_naming_the_ru
     _, out = reduced
     runs = tmp_path / "runs"
     monkeypatch.setattr(head, "predict_proba", lambda model, X: np.full((len(X), 3), np.nan, np.float32))
-    result = run_cli("train", out, "--runs", runs, *QUICK, code=1)
+    result = run_cli("train", out, "--runs", runs, *QUICK_HEAD, code=1)
     assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
     assert re.search(r"run h8_d0\.3_[0-9a-f]{8}: the predicted probabilities of \d+ of \d+ rows are NaN or Inf", result.output)
     assert "try a lower --lr" in result.output and not leftover_temps(runs)

@@ -14,16 +14,10 @@ from PIL import Image
 from pipeline import shards
 from pipeline import inputs as inputs_module
 from pipeline.engines import worker as worker_module
-from pipeline.inputs import UndecodableImage, decode_with_pillow, resize_image
+from pipeline.inputs import UndecodableImage, decode_with_pillow, orient, resize_image
+from helpers import FAST, files_bytes
 
-FAST = ["--weights", "random", "--image-size", "32", "--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
-
-
-def files_bytes(features):
-    return {p.name: p.read_bytes() for p in sorted(features.glob("shard-*.h5"))}
-
-
-def _pillow_batches_decoding_all_first(items, batch_size, image_size, resize, failed):
+def _pillow_batches_decoding_all_first(items, batch_size, image_size, resize, failed, orientations=None):
     """The fallback as it was: every picture of the shard decoded first, then batched (the reference)."""
     rescued, pictures = [], []
     for index, path, problem in items:
@@ -35,7 +29,8 @@ def _pillow_batches_decoding_all_first(items, batch_size, image_size, resize, fa
             failed(index, str(e))
             continue
         rescued.append(index)
-        pictures.append(resize_image(tf.constant(pixels), image_size, resize))
+        picture = tf.constant(pixels) if orientations is None else orient(tf.constant(pixels), orientations[index])
+        pictures.append(resize_image(picture, image_size, resize))
     indices = np.array(rescued, np.int64)
     for i in range(0, len(pictures), batch_size):
         yield indices[i : i + batch_size], tf.stack(pictures[i : i + batch_size])

@@ -40,8 +40,8 @@ class RunIdentity:
 
     config_sha256: str
     config: dict  # the resolved config plus source and source_sha256
-    weights: dict  # backbone -> {source, sha256}
-    taps: list  # tap entries as the manifest lists them
+    weights: dict[str, dict]  # backbone -> {source, sha256}
+    taps: list[dict]  # tap entries as the manifest lists them
 
 
 def make_engine(name, **options):

@@ -2,7 +2,8 @@
 
 A task is a module-level function with picklable arguments. Each worker process caps its
 TensorFlow and BLAS threads so that jobs x threads stays within the cores it may use (this
-machine's, or the CPUs Ray reserves for each worker). A PipelineError in a task comes back as
+machine's, or the CPUs Ray reserves for each worker). The thread caps of every command are
+decided here (`cores`, `worker_threads`, `tensorflow_thread_env`, `limit_threads`). A PipelineError in a task comes back as
 its sentence, whatever the backend, so the user never sees a remote traceback for it.
 """
 
@@ -27,12 +28,17 @@ def worker_threads(jobs, cpus):
     return max(1, cpus // jobs)
 
 
+def tensorflow_thread_env(threads):
+    """The environment that sizes TensorFlow's thread pools to `threads` in a process that has not run an op yet."""
+    return {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": str(threads)}
+
+
 def limit_threads(threads):
     """Cap this process's BLAS and TensorFlow threads; TensorFlow reads its cap when it first runs an op."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(threads)
-    os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
+    os.environ.update(tensorflow_thread_env(threads))
     tf = sys.modules.get("tensorflow")
     if tf is not None:
         with contextlib.suppress(RuntimeError):  # TensorFlow already ran in this reused worker, capped by an earlier task

@@ -21,7 +21,8 @@ from pathlib import Path
 from pipeline import shards
 from pipeline.config import ExtractConfig
 from pipeline.engines import ray_cluster
-from pipeline.errors import PipelineError
+from pipeline.engines.pool import tensorflow_thread_env
+from pipeline.errors import PipelineError, first_line, worker_error
 
 MAX_ATTEMPTS = 3  # a shard whose worker dies this many times stops the run (a crashing image, too little memory)
 REVIVE_SECONDS = 300  # how long the run waits for Ray to restart a worker when none is alive
@@ -101,8 +102,7 @@ def actor_options(plan, node_ids):
     options = []
     for node, cpus in plan.actors:
         env = {
-            "TF_NUM_INTRAOP_THREADS": str(cpus),  # TensorFlow's pools sized to the CPUs Ray gave, not the node's
-            "TF_NUM_INTEROP_THREADS": str(cpus),
+            **tensorflow_thread_env(cpus),  # TensorFlow's pools sized to the CPUs Ray gave, not the node's
             "HDF5_USE_FILE_LOCKING": os.environ.get("HDF5_USE_FILE_LOCKING", "FALSE"),  # as h5py advises on NFS
         }
         if not plan.gpus:
@@ -200,7 +200,7 @@ class ShardActor:
                     f"{what} {path} does not exist on Ray node {host}; on a cluster the images and --out must be "
                     "on a filesystem every node mounts at the same path"
                 )
-        settings = ExtractConfig.from_run(run.config, "the run config")
+        settings = ExtractConfig.from_record(run.config, "the run config")
         problem = disagreement([WorkerSummary(settings, run.weights, run.taps, "the run's first workers"), self._summary()])
         if problem:
             raise PipelineError(problem)
@@ -269,10 +269,10 @@ class RayEngine:
                 self._check_head()
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
-            raise _user_error(e)
+            raise worker_error(e)
         except ray.exceptions.RayActorError as e:
             raise PipelineError(
-                f"a Ray worker died while {doing} ({_first_line(e)}); every node needs this project installed "
+                f"a Ray worker died while {doing} ({first_line(e)}); every node needs this project installed "
                 "(with its ray extra) and memory for the model"
             ) from None
 
@@ -330,7 +330,7 @@ class _Pool:
             self._lost(attempt, e)
             return
         except self.ray.exceptions.RayTaskError as e:
-            raise _user_error(e)
+            raise worker_error(e)
         attempt.images += images
         index = attempt.task.index
         if attempt.images > self.counted[index]:
@@ -343,7 +343,7 @@ class _Pool:
         self.deaths[index] += 1
         if self.deaths[index] >= MAX_ATTEMPTS:
             raise PipelineError(
-                f"{shards.shard_filename(index)} killed its Ray worker {MAX_ATTEMPTS} times (last: {_first_line(error)}); "
+                f"{shards.shard_filename(index)} killed its Ray worker {MAX_ATTEMPTS} times (last: {first_line(error)}); "
                 "look for an image in it that crashes the decoder or needs more memory than a worker has"
             ) from None
         self.pending.appendleft(attempt.task)
@@ -368,18 +368,6 @@ class _Attempt:
     actor: object
     task: object
     images: int = 0
-
-
-def _user_error(error):
-    """A worker's PipelineError as the same one sentence; anything else (a bug) keeps its remote traceback."""
-    if isinstance(error.cause, PipelineError):
-        return PipelineError(str(error.cause))
-    return error
-
-
-def _first_line(error):
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _wait_until_visible(out_dir, indices):

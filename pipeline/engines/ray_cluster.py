@@ -14,7 +14,7 @@ import threading
 import time
 from unittest import mock
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 INSTALL_HINT = "pip install -e '.[ray]' (or make install EXTRAS=ray)"
 LOOPBACK = "127.0.0.1"
@@ -141,7 +141,7 @@ def _as_sentence(where):
     try:
         yield
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
-        raise PipelineError(f"could not connect to {where} ({str(e).strip().splitlines()[0]}); check --ray-address") from None
+        raise PipelineError(f"could not connect to {where} ({first_line(e)}); check --ray-address") from None
 
 
 def _init_here(ray, **options):

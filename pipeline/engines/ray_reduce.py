@@ -11,7 +11,7 @@ import contextlib
 import itertools
 
 from pipeline.engines.ray_cluster import HeadWatch, connected
-from pipeline.errors import PipelineError
+from pipeline.errors import worker_error
 
 TASKS_PER_CPU = 2  # tasks in flight per cluster CPU: enough to keep every CPU busy while the driver fetches
 POLL_SECONDS = 2.0  # how often a wait for a result looks whether the cluster's head still answers
@@ -42,9 +42,7 @@ def ray_map(address=None, in_flight=None):
                 try:
                     result = ray.get(pending.popleft())
                 except ray.exceptions.RayTaskError as e:
-                    if isinstance(e.cause, PipelineError):  # a damaged shard: the sentence, not the remote traceback
-                        raise PipelineError(str(e.cause)) from None
-                    raise
+                    raise worker_error(e) from None  # a damaged shard: the sentence, not the remote traceback
                 pending.extend(remote.remote(*args) for args in itertools.islice(calls, 1))  # keep the window full
                 yield result
                 del result  # released before the next fetch, not held across it
