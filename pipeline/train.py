@@ -287,7 +287,8 @@ def _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait):
     with contextlib.ExitStack() as held:
         for job in jobs:
             try:
-                held.enter_context(locked(runs_dir / LOCKS_DIR / f"{job.run_id}.lock", f"run {job.run_id} in {runs_dir}", wait=wait))
+                lock = runs_dir / LOCKS_DIR / f"{job.run_id}.lock"
+                held.enter_context(output_guard(runs_dir / job.run_id, f"run {job.run_id} in {runs_dir}", lock_file=lock, wait=wait))
             except LockBusy:
                 results.append(job)
                 continue
@@ -295,8 +296,6 @@ def _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait):
             if state.done:
                 results.append(RunOutcome(job.run_id, job.kind, state.metrics, True))
                 continue
-            for leftover in leftover_temps(runs_dir, job.run_id):
-                remove(leftover)
             mine.append(job)
         if not mine:
             return results

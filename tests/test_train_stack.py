@@ -107,7 +107,10 @@ def test_a_full_disk_under_the_tensorboard_writer_is_one_sentence(reduced, tmp_p
         raise tf.errors.ResourceExhaustedError(
             None, None, f"{{{{function_node CreateSummaryFileWriter}}}} {logdir}: No space left on device [Op:CreateSummaryFileWriter]")
 
-    monkeypatch.setattr(tf.summary, "create_file_writer", full)
+    import tensorflow.summary as keras_summary  # how keras.callbacks.TensorBoard reaches it, which need not be tf.summary
+
+    for module in {id(tf.summary): tf.summary, id(keras_summary): keras_summary}.values():
+        monkeypatch.setattr(module, "create_file_writer", full)
     result = run_cli("train", reduced, "--runs", tmp_path / "runs", "--hidden", "8", "--epochs", "1", stack, code=1)
     assert "no space left on device" in result.output and "free space" in result.output
     assert "Traceback" not in result.output and "ResourceExhausted" not in result.output
