@@ -665,10 +665,12 @@ def reduce(features, out, overwrite, engine, ray_address, **options):
 @click.option("--seed", default=_HEAD.seed, show_default=True, type=click.IntRange(min=0), help="Seeds weight init, dropout and shuffling; a rerun gives the same metrics.")
 @click.option("--name", help="Run id instead of one made from the config; with --sweep, a prefix of every run id.")
 @click.option("--sweep", type=click.Path(exists=True, dir_okay=False), help="TOML file with a [base] table of head options and a [grid] table of lists; every combination is a run. Options given here override [base].")
-@click.option("--jobs", default=_PARALLEL.jobs, show_default=True, type=click.IntRange(min=1), help="Runs trained at once, each in its own worker process with cores/jobs threads (1: one after another, here).")
+@click.option("--jobs", default=_PARALLEL.jobs, show_default=True, type=click.IntRange(min=1), help="Runs (with --stack: stacks of runs) trained at once, each in its own worker process with cores/jobs threads (1: one after another, here).")
+@click.option("--stack/--no-stack", default=True, show_default=True, help="Train heads of one shape (hidden sizes, batch size) together as one program; --no-stack fits each alone with Keras.")
+@click.option("--max-stack", type=click.IntRange(min=1), help="Most heads in one stack. Default: as many as fit in a quarter of the free memory, at most 64.")
 @_engine_flags("Where the runs train: on this machine (see --jobs), or on a Ray cluster (--jobs runs at once).")
 @click.pass_context
-def train_heads(ctx, reduced, runs_dir, name, sweep, jobs, engine, ray_address, **options):
+def train_heads(ctx, reduced, runs_dir, name, sweep, jobs, stack, max_stack, engine, ray_address, **options):
     """Train Keras heads on REDUCED into RUNS, after a logistic-regression baseline; update the leaderboard."""
     from pipeline.train import sweep_configs, train
 
@@ -678,8 +680,11 @@ def train_heads(ctx, reduced, runs_dir, name, sweep, jobs, engine, ray_address, 
         configs = sweep_configs(sweep, given)
     else:
         configs = [cfg.HeadConfig(**options)]
-    for outcome in train(reduced, runs_dir, configs, name, parallel, on_warning=lambda w: click.echo(f"warning: {w}", err=True)):
-        click.echo(_outcome_line(outcome))
+    outcomes = train(reduced, runs_dir, configs, name, parallel, lambda w: click.echo(f"warning: {w}", err=True), stack, max_stack)
+    heads, finished = len(configs), 0
+    for outcome in outcomes:
+        finished += outcome.kind == "head"
+        click.echo(f"{_outcome_line(outcome)} [{finished}/{heads} heads]" if outcome.kind == "head" else _outcome_line(outcome))
     click.echo(f"leaderboard: {os.path.join(runs_dir, 'leaderboard.csv')} (`pipeline runs {runs_dir}` prints it)")
 
 

@@ -6,9 +6,11 @@ Scoring is in scoring.py, the leaderboard in leaderboard.py.
 import contextlib
 import csv
 import itertools
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from pipeline.reduced import load_reduced
 from pipeline.scoring import PROBE_MODEL, class_probabilities, fit_linear_probe, split_metrics
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_STACK = 64  # most heads in one stack: past this the step is arithmetic-bound and a stack gains little
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,13 @@ def sweep_configs(path: Path | str, overrides: dict | None = None) -> list[HeadC
 def train(
     reduced_dir: Path | str, runs_dir: Path | str, configs: list[HeadConfig], name: str | None = None,
     parallel: ParallelConfig = ParallelConfig(), on_warning: Callable[[str], None] | None = None,
+    stack: bool = True, max_stack: int | None = None,
 ) -> Iterator[RunOutcome]:
     """Check everything, then return an iterator that trains the baseline and each head, yielding RunOutcomes.
+
+    With `stack`, heads of one shape (hidden sizes, batch size) train together as one program
+    (see stack.py), at most `max_stack` at a time (default: what memory allows, see
+    default_max_stack); each still lands as its own run.
 
     The logistic-regression baseline is recorded once per reduced dir, a finished run is not
     redone (a damaged one is trained again), every run appears in `runs_dir` complete or not at
@@ -101,7 +109,9 @@ def train(
         on_warning(f"{problem}; it is left out of the leaderboard")
     _check_same_split(runs_dir, data, finished)
     plan = _plan(runs_dir, data, configs, name)
-    return _run_all(runs_dir, data, plan, parallel, on_warning)
+    if max_stack is not None and max_stack < 1:
+        raise PipelineError(f"--max-stack {max_stack} must be a positive number of heads")
+    return _run_all(runs_dir, data, plan, parallel, on_warning, stack, max_stack)
 
 
 def _check_trainable(data):
@@ -178,7 +188,7 @@ def _finished(runs_dir, planned):
     return state
 
 
-def _run_all(runs_dir, data, plan, parallel, on_warning):
+def _run_all(runs_dir, data, plan, parallel, on_warning, stack, max_stack):
     make_dir(runs_dir, "--runs")
     make_dir(runs_dir / LOCKS_DIR, "--runs")
     pending = []
@@ -193,15 +203,54 @@ def _run_all(runs_dir, data, plan, parallel, on_warning):
     if not pending:
         return
     _remember(data)
+    groups = _groups(pending, data, stack, max_stack, parallel.jobs)
     with task_runner(parallel) as run:
         busy = []
-        for result in run(_train_planned, [(runs_dir, data.path, data.report_sha256, planned, False) for planned in pending]):
-            if isinstance(result, _PlannedRun):
-                busy.append(result)
-            else:
-                yield result
+        for results in run(_run_group, [(runs_dir, data.path, data.report_sha256, group, False, stack) for group in groups]):
+            for result in results:
+                if isinstance(result, _PlannedRun):
+                    busy.append(result)
+                else:
+                    yield result
         if busy:  # runs another process was training: wait for it, then they are done (or ours, if it failed)
-            yield from run(_train_planned, [(runs_dir, data.path, data.report_sha256, planned, True) for planned in busy])
+            for results in run(_run_group, [(runs_dir, data.path, data.report_sha256, [job], True, stack) for job in busy]):
+                yield from results
+
+
+def default_max_stack(config, input_dim, n_classes, available=None):
+    """Heads of `config`'s shape per stack: those whose weights, Adam state, best snapshot and batch activations
+    fit in a quarter of the available memory, at most MAX_STACK."""
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(MAX_STACK, available // 4 // stack_bytes(config, input_dim, n_classes)))
+
+
+def stack_shape(config):
+    """Heads of one shape can train as one stack: the same hidden sizes and batch size."""
+    return tuple(config.hidden), config.batch_size
+
+
+def stack_bytes(config, input_dim, n_classes):
+    """Memory one head adds to a stack (float32): weights, Adam's two moments, best snapshot, gradients; a batch's activations."""
+    widths = [input_dim, *config.hidden, n_classes]
+    parameters = sum(a * b + b for a, b in zip(widths, widths[1:]))
+    return 4 * (5 * parameters + 4 * config.batch_size * sum(widths))
+
+
+def _groups(pending, data, stack, max_stack, workers):
+    """The tasks: the baseline alone; with `stack`, heads of one shape in stacks of near-equal size, enough for every worker."""
+    groups = [[job] for job in pending if job.kind == "baseline" or not stack]
+    heads = [job for job in pending if job.kind == "head"] if stack else []
+    shapes = {}
+    for job in heads:
+        shapes.setdefault(stack_shape(job.config), []).append(job)
+    for jobs in shapes.values():
+        size = max_stack or default_max_stack(jobs[0].config, data.X.shape[1], len(data.classes))
+        if workers > 1:  # several smaller stacks rather than idle workers
+            size = min(size, -(-len(heads) // workers))
+        count = -(-len(jobs) // size)
+        groups.extend(jobs[len(jobs) * k // count:len(jobs) * (k + 1) // count] for k in range(count))
+    return groups
 
 
 _loaded = {}  # the reduced data this process last used, by (path, reduce.json sha256): workers reuse it across runs
@@ -220,6 +269,63 @@ def _load(reduced_dir, report_sha256):
             raise PipelineError(f"{reduced_dir} was reduced again while this sweep ran; rerun the train command to train on the new reduction")
         _remember(data)
     return _loaded[key]
+
+
+def _run_group(runs_dir, reduced_dir, report_sha256, jobs, wait, stack):
+    """The results of one task: a stack of heads, or one run trained alone."""
+    if stack and jobs[0].kind == "head":
+        return _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait)
+    return [_train_planned(runs_dir, reduced_dir, report_sha256, job, wait) for job in jobs]
+
+
+def _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait):
+    """Train the heads of `jobs` as one stack and publish each as its own run; runs held elsewhere come back as their _PlannedRun.
+
+    Each head's files are written when it stops (its plots on a thread, off the training path)
+    and it is published when they are complete.
+    """
+    from pipeline import head, stack
+
+    results, mine = [], []
+    with contextlib.ExitStack() as held:
+        for job in jobs:
+            try:
+                lock = runs_dir / LOCKS_DIR / f"{job.run_id}.lock"
+                held.enter_context(output_guard(runs_dir / job.run_id, f"run {job.run_id} in {runs_dir}", lock_file=lock, wait=wait))
+            except LockBusy:
+                results.append(job)
+                continue
+            state = _finished(runs_dir, job)
+            if state.done:
+                results.append(RunOutcome(job.run_id, job.kind, state.metrics, True))
+                continue
+            mine.append(job)
+        if not mine:
+            return results
+        data = _load(reduced_dir, report_sha256)
+        names = f"runs {mine[0].run_id} … {mine[-1].run_id} in {runs_dir}" if len(mine) > 1 else f"run {mine[0].run_id} in {runs_dir}"
+        with storage_errors(names, "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"):
+            stagings = [held.enter_context(_staging(runs_dir / job.run_id)) for job in mine]
+            written = []
+            started = time.perf_counter()
+            with ThreadPoolExecutor(1) as plotter:  # plots and TensorBoard files, one at a time, beside the training
+
+                def finished(index, fit):
+                    job, staging = mine[index], stagings[index]
+                    model = head.build_head(data.X.shape[1], len(data.classes), job.config, compile=False)
+                    model.set_weights(fit.weights)
+                    seconds = (time.perf_counter() - started) / len(mine)  # its share of the stack's time so far
+                    plots = [plotter.submit(head.write_tensorboard, fit.history, staging / "tensorboard")]
+                    metrics = _write_head(runs_dir, data, job, staging, model, fit.history, fit.best_epoch, seconds, len(mine), plotter, plots)
+                    written.append((job, staging, metrics, plots))
+
+                stack.fit_stack([job.config for job in mine], *data.split_rows("train"), *data.split_rows("val"), len(data.classes), finished)
+            for job, staging, metrics, plots in written:
+                for plot in plots:
+                    plot.result()  # raises what drawing it raised
+                _publish(runs_dir, data, staging, job.run_id)
+                results.append(RunOutcome(job.run_id, job.kind, metrics, False))
+    return results
 
 
 def _train_planned(runs_dir, reduced_dir, report_sha256, planned, wait):
@@ -300,30 +406,47 @@ def _fit_baseline(runs_dir, data, planned, staging):
     return metrics
 
 
-def _fit_head(runs_dir, data, planned, staging):
-    """Fit one head and write its files: config (with the model's sha256), metrics, history, model, plots, TensorBoard logs."""
+def _fit_head(runs_dir, data, job, staging):
+    """Fit one head alone (Keras's fit) and write its files."""
     from pipeline import head  # TensorFlow loads only here, so that `pipeline runs` stays quick
 
     started = time.perf_counter()
-    fitted = head.fit_head(planned.config, *data.split_rows("train"), *data.split_rows("val"), len(data.classes), staging / "tensorboard")
+    fitted = head.fit_head(job.config, *data.split_rows("train"), *data.split_rows("val"), len(data.classes), staging / "tensorboard")
+    return _write_head(runs_dir, data, job, staging, fitted.model, fitted.history, fitted.best_epoch, time.perf_counter() - started)
+
+
+def _write_head(runs_dir, data, job, staging, model, history, best_epoch, seconds, stack=None, plotter=None, plots=None):
+    """A fitted head's files: config (with the model's sha256 and the stack it trained in), metrics, history, model, plots.
+
+    With `plotter` (an executor) the plots are drawn there and their futures appended to `plots`:
+    the caller waits for them before publishing.
+    """
+    from pipeline import head
+
+    started = time.perf_counter()
     try:
-        metrics = split_metrics(data, lambda X: head.predict_proba(fitted.model, X))
+        metrics = split_metrics(data, lambda X: head.predict_proba(model, X))
     except PipelineError as e:
-        raise PipelineError(f"run {planned.run_id}: {e}; the runs finished so far are kept") from None
-    metrics.update(epochs=len(fitted.history["loss"]), best_epoch=fitted.best_epoch, seconds=round(time.perf_counter() - started, 3))
-    fitted.model.save(staging / HEAD_NAME)
+        raise PipelineError(f"run {job.run_id}: {e}; the runs finished so far are kept") from None
+    model.save(staging / HEAD_NAME)
+    metrics.update(epochs=len(history["loss"]), best_epoch=best_epoch, seconds=round(seconds + time.perf_counter() - started, 3))
     write_json(staging / CONFIG_NAME, {
-        "run_id": planned.run_id,
+        "run_id": job.run_id,
         "kind": "head",
-        "run_sha256": planned.run_sha,
-        "head": planned.config.to_dict(),
+        "run_sha256": job.run_sha,
+        "head": job.config.to_dict(),
         "reduced": _reduced_record(runs_dir, data),
         "model_sha256": sha256_file(staging / HEAD_NAME),
+        "stack": stack,  # heads trained with it as one program (stack.py); None: alone, with Keras's fit
     })
     write_json(staging / METRICS_NAME, metrics)
-    _write_history(fitted.history, staging / "history.csv")
-    _plot_curves(fitted.history, fitted.best_epoch, staging / "curves.png")
-    _plot_confusion(metrics, data.classes, staging / "confusion.png")
+    _write_history(history, staging / "history.csv")
+    drawings = [(_plot_curves, history, best_epoch, staging / "curves.png"), (_plot_confusion, metrics, data.classes, staging / "confusion.png")]
+    for plot, *args in drawings:
+        if plotter is None:
+            plot(*args)
+        else:
+            plots.append(plotter.submit(plot, *args))
     return metrics
 
 

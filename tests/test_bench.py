@@ -31,7 +31,7 @@ TINY = dict(
 def tiny_report(tmp_path_factory):
     """One run of every stage but ray (tests/test_ray.py runs the engine) at tiny sizes; (report, out dir)."""
     out = tmp_path_factory.mktemp("bench")
-    return run_bench(BenchOptions(out=out, skip=("ray",), **TINY), log=lambda line: None), out
+    return run_bench(BenchOptions(out=out, skip=("ray", "stacks"), **TINY), log=lambda line: None), out
 
 
 def test_report_holds_every_stage_for_every_precision(tiny_report):

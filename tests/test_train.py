@@ -180,15 +180,16 @@ def test_a_named_run_is_skipped_when_done_and_refused_when_different(reduced_dir
             train(reduced, runs, [HeadConfig(**QUICK)], name=reserved)
 
 
-def test_a_failed_run_leaves_no_trace(reduced_dir, tmp_path, monkeypatch):
-    from pipeline import head
+@pytest.mark.parametrize("stacked", [True, False])
+def test_a_failed_run_leaves_no_trace(reduced_dir, tmp_path, monkeypatch, stacked):
+    from pipeline import head, stack
 
     def broken_fit(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(head, "fit_head", broken_fit)
+    monkeypatch.setattr(*(stack, "fit_stack") if stacked else (head, "fit_head"), broken_fit)
     runs = tmp_path / "runs"
-    outcomes = train(reduced_dir(), runs, [HeadConfig(**QUICK)])
+    outcomes = train(reduced_dir(), runs, [HeadConfig(**QUICK), HeadConfig(**{**QUICK, "seed": 1})], stack=stacked)
     baseline = next(outcomes)
     with pytest.raises(RuntimeError, match="out of memory"):
         next(outcomes)

@@ -292,6 +292,29 @@ def _measurement_rows(results):
         for jobs, stats in sweep["jobs"].items():
             rows.append((f"{what} --jobs {jobs}", "float32", stats["seconds"], "s"))
             rows.append((f"{what} --jobs {jobs}: seconds summed over the runs", "float32", stats["run_seconds"], "s"))
+    rows += _stack_rows(results.get("stacks"))
+    return rows
+
+
+def _stack_rows(stacks):
+    """The stacks stage: one cold run of each whole command (see bench.stacks)."""
+    if not stacks:
+        return []
+    once = lambda value: {"min": value, "median": value, "max": value}  # noqa: E731
+    rows = []
+    sweep = stacks["digits_sweep_16"]
+    for name, run in (("`pipeline train --sweep` (stacks)", sweep["pipeline_train"]), ("the plain Keras loop", sweep["plain_keras_loop"])):
+        what = f"16-head digits sweep, {name}, whole process"
+        rows += [(what, "float32", once(run["seconds"]), "s"), (f"{what}: mean val accuracy", "float32", once(run["mean_val_accuracy"]), "")]
+    rows.append(("16-head digits sweep: plain loop / stacks", "float32", once(sweep["speedup"]), "x"))
+    digits64 = stacks["digits_64"]
+    rows += [("64 heads on the digits, whole command", "float32", once(digits64["seconds"]), "s"),
+             ("64 heads on the digits: peak RSS", "float32", once(digits64["peak_rss_mb"]), "MB")]
+    large = stacks.get("large_16x4")
+    if large:
+        for mode in ("stack", "no_stack"):
+            rows.append((f"16 heads x 4 epochs on 50,000 x 256, --{mode.replace('_', '-')}, whole command", "float32", once(large[mode]["seconds"]), "s"))
+        rows.append(("16 heads x 4 epochs on 50,000 x 256: --no-stack / --stack", "float32", once(large["speedup"]), "x"))
     return rows
 
 

@@ -31,7 +31,10 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import backbones, devices
-from pipeline.bench import STAGES, corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two, startup, update as bench_update
+from pipeline.bench import (
+    STAGES, corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two, stacks as bench_stacks,
+    startup, update as bench_update,
+)
 from pipeline.config import DEFAULT_TAPS, ExtractConfig, HeadConfig, ReduceConfig, parse_tap, parse_weights, tap_backbone, tap_layer
 from pipeline.errors import PipelineError
 from pipeline.engines.worker import row_cosines
@@ -113,6 +116,9 @@ def run_bench(options, log=print):
             log("updates: add 1%, remove 1%, no change")
             results["update"] = bench_update.measure_update(corpus, work, dataclasses.replace(config, precision=policies[-1]), options.repeats)
         results.update(_stage_two(options, work, log))
+        if "stacks" not in options.skip:  # the 50,000 x 256 figure on stage two's smallest reduced set, when it was made
+            large = work / f"reduced-{min(options.reduce_rows)}-0"
+            results["stacks"] = bench_stacks.measure_stacks(work / "stacks", log, large if large.is_dir() else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {
