@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -90,7 +91,10 @@ def test_a_failed_fsync_renames_nothing(tmp_path, monkeypatch):
 def test_the_output_guard_makes_the_folder_locks_and_removes_only_a_killed_writer_s_temps(tmp_path):
     out = tmp_path / "new" / "out.csv"
     with files.output_guard(out, "predictions file"):  # makes new/ and takes new/.out.csv.lock
-        killed, other = files.temp_sibling(out), files.temp_sibling(tmp_path / "new" / "other.csv")
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        killed = files.temp_sibling(out, pid=ended.pid)  # a writer that is provably dead
+        other = files.temp_sibling(tmp_path / "new" / "other.csv", pid=ended.pid)
         killed.write_text("half"), other.write_text("another output's")
         with pytest.raises(files.LockBusy, match=f"^predictions file is in use by PID {os.getpid()} on "):
             with files.output_guard(out, "predictions file"):
@@ -100,7 +104,7 @@ def test_the_output_guard_makes_the_folder_locks_and_removes_only_a_killed_write
     inside = tmp_path / "features"
     with files.output_guard(inside, "features directory", into=True):
         (inside / "shard-00000.h5").touch()
-        files.temp_sibling(inside / "shard-00001.h5").write_text("half")
+        files.temp_sibling(inside / "shard-00001.h5", pid=ended.pid).write_text("half")
     with files.output_guard(inside, "features directory", into=True, shared=True):
         assert len(files.leftover_temps(inside)) == 1  # a shared holder (a job-array task) removes nothing
     with files.output_guard(inside, "features directory", into=True):

@@ -42,7 +42,7 @@ def test_stacked_runs_equal_no_stack_runs_without_dropout_and_are_the_same_runs(
         "[grid]\nlr = [0.001, 0.01]\nseed = [0, 1]\n"
     ))
     stacked = run_cli("train", reduced, "--runs", tmp_path / "stacked", "--sweep", sweep, "--label-smoothing", "0.1", "--class-weight", "balanced")
-    solo = run_cli("train", reduced, "--runs", tmp_path / "solo", "--sweep", sweep, "--label-smoothing", "0.1", "--class-weight", "balanced", "--no-stack")
+    run_cli("train", reduced, "--runs", tmp_path / "solo", "--sweep", sweep, "--label-smoothing", "0.1", "--class-weight", "balanced", "--no-stack")
     assert [line.endswith(f"[{i}/4 heads]") for i, line in enumerate(head_lines(stacked.output), 1)] == [True] * 4
     ids = sorted(p.name for p in (tmp_path / "stacked").iterdir() if not p.name.startswith((".", "baseline", "leader")))
     assert ids == sorted(p.name for p in (tmp_path / "solo").iterdir() if not p.name.startswith((".", "baseline", "leader")))
