@@ -30,7 +30,7 @@ BENCH_DATA ?=
 # BENCH_RESULTS=pipeline/bench/RESULTS.md also writes the tables into that page's bench-table block.
 BENCH_RESULTS ?=
 
-.PHONY: install data extract reduce probe train demo bench test test-all clean
+.PHONY: install data extract reduce probe train demo bench lint test test-all clean
 
 install: $(VENV)/.installed-$(INSTALL_EXTRAS)
 
@@ -85,10 +85,15 @@ bench: $(VENV)/.installed-$(INSTALL_EXTRAS),ray
 # start-up and graph building even on 2 cores; TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
 
-test: $(VENV)/.installed-$(INSTALL_EXTRAS),test
+# ruff: the layout (format --check) and the rules in pyproject.toml; make test runs it first.
+lint: $(VENV)/.installed-$(INSTALL_EXTRAS),test
+	$(BIN)/ruff format --check pipeline tests
+	$(BIN)/ruff check pipeline tests
+
+test: lint
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-test-all: $(VENV)/.installed-$(INSTALL_EXTRAS),test
+test-all: lint
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m ""
 
 clean:

@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from pipeline.config import WeightSource, tap_backbone, tap_layer
 from pipeline.devices import FLOAT16_TENSOR_CORES
-from pipeline.errors import PipelineError, first_line as _first_line
+from pipeline.errors import PipelineError
+from pipeline.errors import first_line as _first_line
 from pipeline.layers import caffe_preprocessing
 
 _APPLICATIONS = {"resnet50": keras.applications.ResNet50, "vgg16": keras.applications.VGG16}
@@ -148,7 +149,9 @@ def device_record(gpu, forward, op_determinism):
     if gpu:
         details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
         capability = details.get("compute_capability")
-        name = details.get("device_name", "GPU") + (f" (compute capability {capability[0]}.{capability[1]})" if capability else "")
+        name = details.get("device_name", "GPU") + (
+            f" (compute capability {capability[0]}.{capability[1]})" if capability else ""
+        )
     else:
         name = _cpu_model() or "CPU"
     return {
@@ -283,7 +286,9 @@ def compile_forward(model, image_size, xla, batch_size=None, trace=False):
             forward.get_concrete_function()
         return forward
     signature = [tf.TensorSpec((batch_size, image_size, image_size, 3), tf.float32)]
-    fixed = tf.function(lambda images: model(images, training=False), jit_compile=True, input_signature=signature, autograph=False)
+    fixed = tf.function(
+        lambda images: model(images, training=False), jit_compile=True, input_signature=signature, autograph=False
+    )
     if trace:
         fixed.get_concrete_function()
 
@@ -303,4 +308,3 @@ def _pool(tensor, pooling, name):
         parts = [_POOLERS[p](dtype="float32", name=f"{name}_{p}")(tensor) for p in ("avg", "max")]
         return keras.layers.Concatenate(dtype="float32", name=f"{name}_avgmax")(parts)
     return _POOLERS[pooling](dtype="float32", name=f"{name}_{pooling}")(tensor)
-

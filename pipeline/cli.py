@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from pipeline import config as cfg, devices
+from pipeline import config as cfg
+from pipeline import devices
 from pipeline.bench import STAGES as BENCH_STAGES
 from pipeline.errors import PipelineError
 
@@ -126,7 +127,6 @@ def demo_data(out, size):
     click.echo(f"wrote {count} digit images ({size}x{size} PNG) to {out}")
 
 
-
 def given_options(ctx, options):
     """The options typed on the command line (or set through their environment variable)."""
     return {key: value for key, value in options.items() if ctx.get_parameter_source(key) is not ParameterSource.DEFAULT}
@@ -179,44 +179,181 @@ class Progress:
 _EXTRACT = cfg.ExtractConfig()
 # Keys a --config file may set: every option below but --out and --config themselves.
 EXTRACT_KEYS = (
-    "backbone", "tap", "pooling", "image_size", "resize", "fast_decode", "exif_orientation", "batch_size", "precision", "xla",
-    "weights", "seed", "shard_size", "storage_dtype", "on_error", "deterministic", "overwrite",
+    "backbone",
+    "tap",
+    "pooling",
+    "image_size",
+    "resize",
+    "fast_decode",
+    "exif_orientation",
+    "batch_size",
+    "precision",
+    "xla",
+    "weights",
+    "seed",
+    "shard_size",
+    "storage_dtype",
+    "on_error",
+    "deterministic",
+    "overwrite",
 )
 
 
 @cli.command()
 @click.argument("source", type=click.Path(exists=True, path_type=str))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Features directory to write (shards + manifest.json).")
-@click.option("--backbone", multiple=True, type=click.Choice(cfg.BACKBONES), help="Backbone to run; repeat for several. Default: both, or those of --tap.")
-@click.option("--tap", multiple=True, help="BACKBONE:LAYER to pool and store; repeat. Default: conv4/conv5 of ResNet50, block4/5_conv3 of VGG16.")
-@click.option("--pooling", default=_EXTRACT.pooling, show_default=True, type=click.Choice(cfg.POOLINGS), help="Global pooling of each tap (avgmax concatenates both).")
-@click.option("--image-size", default=_EXTRACT.image_size, show_default=True, type=click.IntRange(cfg.MIN_IMAGE_SIZE, cfg.MAX_IMAGE_SIZE), help="Square input side in pixels.")
-@click.option("--resize", default=_EXTRACT.resize, show_default=True, type=click.Choice(cfg.RESIZES), help="Squash the whole image, or center-crop to square first.")
-@click.option("--fast-decode/--no-fast-decode", default=_EXTRACT.fast_decode, show_default=True, help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers --image-size (faster, features move slightly).")
-@click.option("--exif-orientation/--no-exif-orientation", default=None, help="Turn photos upright by their EXIF orientation tag before computing. Default: on (a resumed run keeps what it recorded; runs made before this option had it off).")
-@click.option("--batch-size", default=_EXTRACT.batch_size, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--precision", default=_EXTRACT.precision, show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy; auto = mixed_float16 on a GPU of compute capability 7.0+, mixed_bfloat16 on bf16 CPUs, else float32.")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Features directory to write (shards + manifest.json)."
+)
+@click.option(
+    "--backbone",
+    multiple=True,
+    type=click.Choice(cfg.BACKBONES),
+    help="Backbone to run; repeat for several. Default: both, or those of --tap.",
+)
+@click.option(
+    "--tap",
+    multiple=True,
+    help="BACKBONE:LAYER to pool and store; repeat. Default: conv4/conv5 of ResNet50, block4/5_conv3 of VGG16.",
+)
+@click.option(
+    "--pooling",
+    default=_EXTRACT.pooling,
+    show_default=True,
+    type=click.Choice(cfg.POOLINGS),
+    help="Global pooling of each tap (avgmax concatenates both).",
+)
+@click.option(
+    "--image-size",
+    default=_EXTRACT.image_size,
+    show_default=True,
+    type=click.IntRange(cfg.MIN_IMAGE_SIZE, cfg.MAX_IMAGE_SIZE),
+    help="Square input side in pixels.",
+)
+@click.option(
+    "--resize",
+    default=_EXTRACT.resize,
+    show_default=True,
+    type=click.Choice(cfg.RESIZES),
+    help="Squash the whole image, or center-crop to square first.",
+)
+@click.option(
+    "--fast-decode/--no-fast-decode",
+    default=_EXTRACT.fast_decode,
+    show_default=True,
+    help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still covers --image-size (faster, features move slightly).",
+)
+@click.option(
+    "--exif-orientation/--no-exif-orientation",
+    default=None,
+    help="Turn photos upright by their EXIF orientation tag before computing. Default: on (a resumed run keeps what it recorded; runs made before this option had it off).",
+)
+@click.option(
+    "--batch-size", default=_EXTRACT.batch_size, show_default=True, type=click.IntRange(min=1), help="Images per forward pass."
+)
+@click.option(
+    "--precision",
+    default=_EXTRACT.precision,
+    show_default=True,
+    type=click.Choice(cfg.PRECISIONS),
+    help="Compute policy; auto = mixed_float16 on a GPU of compute capability 7.0+, mixed_bfloat16 on bf16 CPUs, else float32.",
+)
 @click.option("--xla/--no-xla", default=_EXTRACT.xla, help="XLA-compile the forward pass. Default: on with a GPU.")
-@click.option("--weights", default=_EXTRACT.weights, show_default=True, help="imagenet, random (seeded), or resnet50=PATH,vgg16=PATH.")
+@click.option(
+    "--weights", default=_EXTRACT.weights, show_default=True, help="imagenet, random (seeded), or resnet50=PATH,vgg16=PATH."
+)
 @click.option("--seed", default=_EXTRACT.seed, show_default=True, type=click.IntRange(min=0), help="Seed for --weights random.")
-@click.option("--shard-size", default=_EXTRACT.shard_size, show_default=True, type=click.IntRange(min=1), help="Listed images per HDF5 shard.")
-@click.option("--storage-dtype", default=_EXTRACT.storage_dtype, show_default=True, type=click.Choice(cfg.STORAGE_DTYPES), help="Dtype of the stored features.")
-@click.option("--deterministic/--no-deterministic", default=_EXTRACT.deterministic, show_default=True, help="On a GPU: TensorFlow's op determinism, so reruns give the same bytes (cuDNN and XLA do not time kernels to pick the fastest).")
-@click.option("--on-error", default=_EXTRACT.on_error, show_default=True, type=click.Choice(cfg.ON_ERROR), help="An undecodable image: record it and go on, or stop.")
-@click.option("--overwrite", is_flag=True, help="Replace features of a different configuration in --out (refused in a job-array task).")
-@click.option("--num-workers", type=click.IntRange(min=1), help="Job arrays: this task computes only shards k with k % N == --worker-index and writes no manifest. Default: $SLURM_ARRAY_TASK_COUNT, else 1.")
-@click.option("--worker-index", type=click.IntRange(min=0), help="Job arrays: this task's index, 0..N-1. Default: from $SLURM_ARRAY_TASK_ID (minus $SLURM_ARRAY_TASK_MIN, over $SLURM_ARRAY_TASK_STEP); outside a Slurm array, required with --num-workers above 1.")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(cfg.ENGINES), help="Run shards in this process, or on Ray actors (several GPUs or machines).")
-@click.option("--ray-address", help="--engine ray: `auto` or HOST:PORT of a running Ray cluster. Default: $RAY_ADDRESS, else start a local Ray on this machine.")
-@click.option("--workers", type=click.IntRange(min=1), help="--engine ray: actors to start. Default: one per --gpus-per-worker GPUs Ray sees, else one per node (one per --cpus-per-worker CPUs when that is given).")
-@click.option("--cpus-per-worker", type=click.IntRange(min=1), help="--engine ray: CPUs per actor (decoding, TensorFlow threads). Default: a GPU node's CPUs shared among its actors; without GPUs, a whole node's, or the most that fit --workers.")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="--engine ray: GPUs per actor (a fraction shares one). Default: 1 when Ray sees a GPU, else 0 (CPU actors).")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML file with the same keys as these flags; flags win.")
+@click.option(
+    "--shard-size",
+    default=_EXTRACT.shard_size,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Listed images per HDF5 shard.",
+)
+@click.option(
+    "--storage-dtype",
+    default=_EXTRACT.storage_dtype,
+    show_default=True,
+    type=click.Choice(cfg.STORAGE_DTYPES),
+    help="Dtype of the stored features.",
+)
+@click.option(
+    "--deterministic/--no-deterministic",
+    default=_EXTRACT.deterministic,
+    show_default=True,
+    help="On a GPU: TensorFlow's op determinism, so reruns give the same bytes (cuDNN and XLA do not time kernels to pick the fastest).",
+)
+@click.option(
+    "--on-error",
+    default=_EXTRACT.on_error,
+    show_default=True,
+    type=click.Choice(cfg.ON_ERROR),
+    help="An undecodable image: record it and go on, or stop.",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace features of a different configuration in --out (refused in a job-array task)."
+)
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=1),
+    help="Job arrays: this task computes only shards k with k % N == --worker-index and writes no manifest. Default: $SLURM_ARRAY_TASK_COUNT, else 1.",
+)
+@click.option(
+    "--worker-index",
+    type=click.IntRange(min=0),
+    help="Job arrays: this task's index, 0..N-1. Default: from $SLURM_ARRAY_TASK_ID (minus $SLURM_ARRAY_TASK_MIN, over $SLURM_ARRAY_TASK_STEP); outside a Slurm array, required with --num-workers above 1.",
+)
+@click.option(
+    "--engine",
+    default="local",
+    show_default=True,
+    type=click.Choice(cfg.ENGINES),
+    help="Run shards in this process, or on Ray actors (several GPUs or machines).",
+)
+@click.option(
+    "--ray-address",
+    help="--engine ray: `auto` or HOST:PORT of a running Ray cluster. Default: $RAY_ADDRESS, else start a local Ray on this machine.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="--engine ray: actors to start. Default: one per --gpus-per-worker GPUs Ray sees, else one per node (one per --cpus-per-worker CPUs when that is given).",
+)
+@click.option(
+    "--cpus-per-worker",
+    type=click.IntRange(min=1),
+    help="--engine ray: CPUs per actor (decoding, TensorFlow threads). Default: a GPU node's CPUs shared among its actors; without GPUs, a whole node's, or the most that fit --workers.",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=click.FloatRange(min=0),
+    help="--engine ray: GPUs per actor (a fraction shares one). Default: 1 when Ray sees a GPU, else 0 (CPU actors).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="TOML file with the same keys as these flags; flags win.",
+)
 @click.pass_context
-def extract(ctx, source, out, config_file, num_workers, worker_index, engine, ray_address, workers, cpus_per_worker, gpus_per_worker, **options):
+def extract(
+    ctx,
+    source,
+    out,
+    config_file,
+    num_workers,
+    worker_index,
+    engine,
+    ray_address,
+    workers,
+    cpus_per_worker,
+    gpus_per_worker,
+    **options,
+):
     """Run the frozen backbone taps over SOURCE (a folder tree or a CSV) into HDF5 shards."""
     num_workers, worker_index = _job_array(num_workers, worker_index)
-    engine_options = _engine_options(engine, address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    engine_options = _engine_options(
+        engine, address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker
+    )
     values = cfg.load_toml(config_file, EXTRACT_KEYS) if config_file else {}
     values.update(given_options(ctx, options))
     try:
@@ -236,15 +373,27 @@ def extract(ctx, source, out, config_file, num_workers, worker_index, engine, ra
     progress = Progress("extract", before_computing=warn_unseen_gpus if engine == "local" else None)
     try:
         result = run_extract(
-            config, listing, out, overwrite=overwrite, progress=progress, engine=engine, engine_options=engine_options,
-            num_workers=num_workers, worker_index=worker_index,
+            config,
+            listing,
+            out,
+            overwrite=overwrite,
+            progress=progress,
+            engine=engine,
+            engine_options=engine_options,
+            num_workers=num_workers,
+            worker_index=worker_index,
         )
     finally:
         progress.close()
     _print_extract_summary(result, num_workers, worker_index)
 
 
-_RAY_FLAGS = {"address": "--ray-address", "workers": "--workers", "cpus_per_worker": "--cpus-per-worker", "gpus_per_worker": "--gpus-per-worker"}
+_RAY_FLAGS = {
+    "address": "--ray-address",
+    "workers": "--workers",
+    "cpus_per_worker": "--cpus-per-worker",
+    "gpus_per_worker": "--gpus-per-worker",
+}
 
 
 def _engine_options(engine, **values):
@@ -265,8 +414,10 @@ def _job_array(num_workers, worker_index):
     if num_workers is None:
         num_workers = _slurm_int("SLURM_ARRAY_TASK_COUNT", minimum=1) if "SLURM_ARRAY_TASK_COUNT" in env else 1
     if worker_index is None and "SLURM_ARRAY_TASK_ID" in env:
-        task, first, step = (_slurm_int(name, default) for name, default in (
-            ("SLURM_ARRAY_TASK_ID", None), ("SLURM_ARRAY_TASK_MIN", 0), ("SLURM_ARRAY_TASK_STEP", 1)))
+        task, first, step = (
+            _slurm_int(name, default)
+            for name, default in (("SLURM_ARRAY_TASK_ID", None), ("SLURM_ARRAY_TASK_MIN", 0), ("SLURM_ARRAY_TASK_STEP", 1))
+        )
         if step < 1 or task < first or (task - first) % step:
             raise PipelineError(
                 f"$SLURM_ARRAY_TASK_ID {task} is not $SLURM_ARRAY_TASK_MIN {first} plus a multiple of "
@@ -295,7 +446,9 @@ def _slurm_int(name, default=None, minimum=0):
     except ValueError:
         value = None
     if value is None or value < minimum:
-        raise PipelineError(f"${name} is {text!r}, not an integer of at least {minimum}; pass --num-workers and --worker-index instead")
+        raise PipelineError(
+            f"${name} is {text!r}, not an integer of at least {minimum}; pass --num-workers and --worker-index instead"
+        )
     return value
 
 
@@ -311,7 +464,9 @@ def _extract_config(values):
     )
     outside = [t for t in taps if backbones and cfg.tap_backbone(t) not in backbones]
     if outside:
-        raise click.BadParameter(f"tap {outside[0]!r} is not on the chosen backbone(s) {', '.join(backbones)}", param_hint="--tap")
+        raise click.BadParameter(
+            f"tap {outside[0]!r} is not on the chosen backbone(s) {', '.join(backbones)}", param_hint="--tap"
+        )
     overwrite = values.pop("overwrite", False)
     if not isinstance(overwrite, bool):
         raise PipelineError(f"overwrite {overwrite!r} must be true or false")
@@ -361,8 +516,16 @@ def _print_extract_summary(result, num_workers, worker_index):
 
 
 @cli.command(cls=TensorFlowCommand)
-@click.option("--backbone", multiple=True, type=click.Choice(cfg.BACKBONES), help="Only this backbone; repeat for several. Default: all.")
-@click.option("--image-size", default=_EXTRACT.image_size, show_default=True, type=click.IntRange(cfg.MIN_IMAGE_SIZE, cfg.MAX_IMAGE_SIZE), help="Input side the shapes are given for.")
+@click.option(
+    "--backbone", multiple=True, type=click.Choice(cfg.BACKBONES), help="Only this backbone; repeat for several. Default: all."
+)
+@click.option(
+    "--image-size",
+    default=_EXTRACT.image_size,
+    show_default=True,
+    type=click.IntRange(cfg.MIN_IMAGE_SIZE, cfg.MAX_IMAGE_SIZE),
+    help="Input side the shapes are given for.",
+)
 def taps(backbone, image_size):
     """List every tappable layer: name, output shape and stride."""
     from pipeline.backbones import build_backbone, tap_catalogue
@@ -394,7 +557,9 @@ def inspect(features, verify):
         click.echo(f"problem: {e}", err=True)
         raise click.ClickException(f"1 problem(s) in {features}") from None
     c = m["config"]
-    click.echo(f"{features}: {live.rows} rows in {len(m['shards'])} shards, {len(m['errors'])} errors, {m['listed']} images listed")
+    click.echo(
+        f"{features}: {live.rows} rows in {len(m['shards'])} shards, {len(m['errors'])} errors, {m['listed']} images listed"
+    )
     click.echo(f"source: {c['source']} ({len(live.classes)} classes)")
     click.echo(f"image: {c['image_size']} px, {c['resize']}; pooling {c['pooling']}; storage {c['storage_dtype']}")
     for key, dim in live.taps.items():
@@ -422,11 +587,17 @@ def _echo_generations(m):
     by_generation = {}
     for entry in m["shards"]:
         shards_, live, retired = by_generation.get(entry.get("generation", 0), (0, 0, 0))
-        by_generation[entry.get("generation", 0)] = (shards_ + 1, live + entry.get("live", entry["rows"]), retired + len(entry.get("retired", [])))
+        by_generation[entry.get("generation", 0)] = (
+            shards_ + 1,
+            live + entry.get("live", entry["rows"]),
+            retired + len(entry.get("retired", [])),
+        )
     for generation, (count, live, retired) in sorted(by_generation.items()):
         click.echo(f"  generation {generation}: {count} shard{'s' * (count != 1)}, {live} live rows, {retired} retired")
     for h in m.get("history", [])[-5:]:
-        counts = ", ".join(f"{key} {h.get(key, 0)}" for key in ("added", "changed", "removed", "restored", "relabeled", "computed"))
+        counts = ", ".join(
+            f"{key} {h.get(key, 0)}" for key in ("added", "changed", "removed", "restored", "relabeled", "computed")
+        )
         click.echo(f"  update {h.get('generation')} at {h.get('time')}: {counts}")
 
 
@@ -447,7 +618,13 @@ def compact(features):
 
 
 @cli.command(cls=TensorFlowCommand)
-@click.option("--out", default=".", show_default=True, type=click.Path(file_okay=False), help="Where features would go: its free space is reported.")
+@click.option(
+    "--out",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where features would go: its free space is reported.",
+)
 @click.option("--require-gpu", is_flag=True, help="Exit non-zero when TensorFlow sees no GPU (for a GPU node's job script).")
 def doctor(out, require_gpu):
     """Check this machine for stage one: TensorFlow build, GPUs, precision and XLA choices, caches, space.
@@ -480,10 +657,26 @@ _RUN_WEIGHTS_HELP = (
 @cli.command(cls=TensorFlowCommand, gpu_work=True)
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("source", type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write: one row per listed image, sorted by id.")
-@click.option("--batch-size", default=_EXTRACT.batch_size, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Most likely classes listed per image (at most the run's classes).")
-@click.option("--precision", default="float32", show_default=True, type=click.Choice(cfg.PRECISIONS), help="Compute policy of the backbones; float32 gives the probabilities of `pipeline export`.")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="CSV to write: one row per listed image, sorted by id."
+)
+@click.option(
+    "--batch-size", default=_EXTRACT.batch_size, show_default=True, type=click.IntRange(min=1), help="Images per forward pass."
+)
+@click.option(
+    "--top-k",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most likely classes listed per image (at most the run's classes).",
+)
+@click.option(
+    "--precision",
+    default="float32",
+    show_default=True,
+    type=click.Choice(cfg.PRECISIONS),
+    help="Compute policy of the backbones; float32 gives the probabilities of `pipeline export`.",
+)
 @click.option("--weights", help=_RUN_WEIGHTS_HELP)
 def predict(run, source, out, **options):
     """Classify the images of SOURCE (a folder tree or a CSV) with the head of RUN into a CSV."""
@@ -516,43 +709,97 @@ def predict(run, source, out, **options):
 
 @cli.command(cls=TensorFlowCommand)
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(), help="Where to write: a .keras file, or for saved_model a directory that receives OUT/VERSION/ (point TF Serving at OUT).")
-@click.option("--format", "format_", default="keras", show_default=True, type=click.Choice(cfg.EXPORT_FORMATS), help="keras: one .keras file; saved_model: a TensorFlow SavedModel whose signatures take encoded image bytes or uint8 pixels.")
-@click.option("--version", type=click.IntRange(min=1), help="saved_model only: the version directory to write under OUT. Default: 1.")
-@click.option("--overwrite", is_flag=True, help="saved_model only: replace an existing OUT/VERSION/ (a .keras file is always replaced).")
-@click.option("--image-size", type=click.IntRange(min=32), help="Side the model resizes every image to. Default: the extraction's, the only one at which it agrees with predict.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Where to write: a .keras file, or for saved_model a directory that receives OUT/VERSION/ (point TF Serving at OUT).",
+)
+@click.option(
+    "--format",
+    "format_",
+    default="keras",
+    show_default=True,
+    type=click.Choice(cfg.EXPORT_FORMATS),
+    help="keras: one .keras file; saved_model: a TensorFlow SavedModel whose signatures take encoded image bytes or uint8 pixels.",
+)
+@click.option(
+    "--version", type=click.IntRange(min=1), help="saved_model only: the version directory to write under OUT. Default: 1."
+)
+@click.option(
+    "--overwrite", is_flag=True, help="saved_model only: replace an existing OUT/VERSION/ (a .keras file is always replaced)."
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=32),
+    help="Side the model resizes every image to. Default: the extraction's, the only one at which it agrees with predict.",
+)
 @click.option("--weights", help=_RUN_WEIGHTS_HELP)
 def export(run, out, format_, **options):
     """Save RUN as one model: images of any size in, class probabilities and names out."""
     from pipeline.export import export as run_export
 
     result = run_export(run, out, format=format_, **options)
-    inputs = "encoded images (serving_default) or uint8 pixels (pixels)" if result.format == "saved_model" else "uint8 images (batch, height, width, 3)"
+    inputs = (
+        "encoded images (serving_default) or uint8 pixels (pixels)"
+        if result.format == "saved_model"
+        else "uint8 images (batch, height, width, 3)"
+    )
     click.echo(
         f"exported {run} to {result.out}: {inputs} -> {result.resize} to {result.image_size} px -> taps -> "
         f"PCA ({result.components}) -> head -> {len(result.classes)} probabilities"
     )
     click.echo("classes: " + ", ".join(result.classes))
     if result.format == "saved_model":
-        click.echo(f"load it with: tf.saved_model.load({str(result.out)!r}); or TF Serving with --model_base_path={result.out.parent.absolute()}")
+        click.echo(
+            f"load it with: tf.saved_model.load({str(result.out)!r}); or TF Serving with --model_base_path={result.out.parent.absolute()}"
+        )
     else:
         click.echo(f"load it with: keras.saving.load_model({str(result.out)!r}); nothing from pipeline is needed")
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
 
+
 @cli.command(cls=TensorFlowCommand, gpu_work=True)
-@click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False), help="Directory for bench.json and bench.md.")
-@click.option("--quick", is_flag=True, help="A few minutes: 64 px, 32 images, 1 run, tiny stage two; a smoke test, not a measurement.")
+@click.option(
+    "--out",
+    default="bench-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for bench.json and bench.md.",
+)
+@click.option(
+    "--quick", is_flag=True, help="A few minutes: 64 px, 32 images, 1 run, tiny stage two; a smoke test, not a measurement."
+)
 @click.option("--image-size", type=click.IntRange(min=32), help="Model input side. Default: 224 (64 with --quick).")
-@click.option("--tap", "taps", multiple=True, help="BACKBONE:LAYER of stage one, as for extract; repeat. Default: extract's default taps.")
-@click.option("--images", type=click.IntRange(min=1), help="Corpus images for the extract, decode and baseline stages. Default: 64 (32 with --quick).")
+@click.option(
+    "--tap", "taps", multiple=True, help="BACKBONE:LAYER of stage one, as for extract; repeat. Default: extract's default taps."
+)
+@click.option(
+    "--images",
+    type=click.IntRange(min=1),
+    help="Corpus images for the extract, decode and baseline stages. Default: 64 (32 with --quick).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass. Default: 32 (16 with --quick).")
-@click.option("--repeats", type=click.IntRange(min=1), help="Timed runs per figure, after a warm-up. Default: 3 (1 with --quick).")
-@click.option("--data", envvar="BENCH_DATA", type=click.Path(exists=True), help="Your images (folder or CSV; the first --images) instead of the generated corpus. Env: BENCH_DATA.")
-@click.option("--weights", default="random", show_default=True, help="As for extract; speed does not depend on the values, the fidelity check does.")
+@click.option(
+    "--repeats", type=click.IntRange(min=1), help="Timed runs per figure, after a warm-up. Default: 3 (1 with --quick)."
+)
+@click.option(
+    "--data",
+    envvar="BENCH_DATA",
+    type=click.Path(exists=True),
+    help="Your images (folder or CSV; the first --images) instead of the generated corpus. Env: BENCH_DATA.",
+)
+@click.option(
+    "--weights",
+    default="random",
+    show_default=True,
+    help="As for extract; speed does not depend on the values, the fidelity check does.",
+)
 @click.option("--skip", multiple=True, help=f"Stage not to run, repeat for several: {', '.join(BENCH_STAGES)}.")
 @click.option(
-    "--results", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    "--results",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="A results page (e.g. pipeline/bench/RESULTS.md) whose table block, between its bench-table markers, gets this run's tables.",
 )
 def bench(out, quick, taps, data, weights, skip, results, **sizes):
@@ -590,7 +837,9 @@ def _components(ctx, param, value):
         share = None
     if share is not None and 0 < share < 1:
         return share
-    raise click.BadParameter(f"{value!r} is neither a number of components (1, 2, ...) nor a variance share strictly between 0 and 1")
+    raise click.BadParameter(
+        f"{value!r} is neither a number of components (1, 2, ...) nor a variance share strictly between 0 and 1"
+    )
 
 
 _REDUCE = cfg.ReduceConfig()
@@ -602,26 +851,83 @@ def _engine_flags(engine_help):
     """--engine (with `engine_help`) and --ray-address, for the stage-two commands that can use Ray."""
 
     def add(command):
-        command = click.option("--ray-address", default=_PARALLEL.ray_address, help="With --engine ray: 'auto' or HOST:PORT of a running cluster. Default: start a local Ray.")(command)
-        return click.option("--engine", default=_PARALLEL.engine, show_default=True, type=click.Choice(cfg.ENGINES), help=engine_help)(command)
+        command = click.option(
+            "--ray-address",
+            default=_PARALLEL.ray_address,
+            help="With --engine ray: 'auto' or HOST:PORT of a running cluster. Default: start a local Ray.",
+        )(command)
+        return click.option(
+            "--engine", default=_PARALLEL.engine, show_default=True, type=click.Choice(cfg.ENGINES), help=engine_help
+        )(command)
 
     return add
 
 
 @cli.command("reduce")
 @click.argument("features", type=click.Path(file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Reduced directory to write: reduced.h5, transform.joblib, reduce.json, explained_variance.png.")
-@click.option("--tap", "taps", multiple=True, help="BACKBONE/LAYER of the manifest to use; repeat for several. Default: all of its taps.")
-@click.option("--scaling", default=_REDUCE.scaling, show_default=True, type=click.Choice(cfg.SCALINGS), help="standard: every feature to unit variance; block: standard, then every tap to equal total variance; none: as stored.")
-@click.option("--components", default=str(_REDUCE.components), show_default=True, callback=_components, help="Components to keep (an integer), or the share of variance to keep (a number between 0 and 1).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Reduced directory to write: reduced.h5, transform.joblib, reduce.json, explained_variance.png.",
+)
+@click.option(
+    "--tap", "taps", multiple=True, help="BACKBONE/LAYER of the manifest to use; repeat for several. Default: all of its taps."
+)
+@click.option(
+    "--scaling",
+    default=_REDUCE.scaling,
+    show_default=True,
+    type=click.Choice(cfg.SCALINGS),
+    help="standard: every feature to unit variance; block: standard, then every tap to equal total variance; none: as stored.",
+)
+@click.option(
+    "--components",
+    default=str(_REDUCE.components),
+    show_default=True,
+    callback=_components,
+    help="Components to keep (an integer), or the share of variance to keep (a number between 0 and 1).",
+)
 @click.option("--whiten", is_flag=True, help="Rescale every kept component to unit variance.")
-@click.option("--solver", default=_REDUCE.solver, show_default=True, type=click.Choice(cfg.SOLVERS), help="PCA solver; auto = full or randomized when the train rows fit in memory, else incremental (exact, streams the shards).")
-@click.option("--batch-rows", default=_REDUCE.batch_rows, show_default=True, type=click.IntRange(min=1), help="Rows read at a time; bounds memory.")
-@click.option("--val-fraction", default=_REDUCE.val_fraction, show_default=True, type=float, help="Share of rows hashed to val, each by its id (rows whose source gave no split); a row keeps its split as images come and go.")
-@click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Share of rows hashed to test, each by its id (rows whose source gave no split).")
-@click.option("--split-seed", default=_REDUCE.split_seed, show_default=True, type=click.IntRange(min=0), help="Salt of the id hash that assigns splits.")
+@click.option(
+    "--solver",
+    default=_REDUCE.solver,
+    show_default=True,
+    type=click.Choice(cfg.SOLVERS),
+    help="PCA solver; auto = full or randomized when the train rows fit in memory, else incremental (exact, streams the shards).",
+)
+@click.option(
+    "--batch-rows",
+    default=_REDUCE.batch_rows,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows read at a time; bounds memory.",
+)
+@click.option(
+    "--val-fraction",
+    default=_REDUCE.val_fraction,
+    show_default=True,
+    type=float,
+    help="Share of rows hashed to val, each by its id (rows whose source gave no split); a row keeps its split as images come and go.",
+)
+@click.option(
+    "--test-fraction",
+    default=_REDUCE.test_fraction,
+    show_default=True,
+    type=float,
+    help="Share of rows hashed to test, each by its id (rows whose source gave no split).",
+)
+@click.option(
+    "--split-seed",
+    default=_REDUCE.split_seed,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Salt of the id hash that assigns splits.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a reduction with other settings in --out.")
-@_engine_flags("Where the incremental solver's per-shard sums are computed: here, or as Ray tasks (implies --solver incremental).")
+@_engine_flags(
+    "Where the incremental solver's per-shard sums are computed: here, or as Ray tasks (implies --solver incremental)."
+)
 def reduce(features, out, overwrite, engine, ray_address, **options):
     """Scale and PCA-reduce the cached taps of FEATURES, fitted on train rows only."""
     from pipeline.reduce import reduce_features
@@ -652,22 +958,94 @@ def reduce(features, out, overwrite, engine, ray_address, **options):
 
 @cli.command("train", cls=TensorFlowCommand, runs_here=lambda params: params["engine"] == "local" and params["jobs"] == 1)
 @click.argument("reduced", type=click.Path(file_okay=False))
-@click.option("--runs", "runs_dir", required=True, type=click.Path(file_okay=False), help="Runs directory: one sub-directory per run, plus leaderboard.csv.")
-@click.option("--hidden", multiple=True, default=_HEAD.hidden, show_default=True, type=click.IntRange(min=1), help="Units of a hidden ReLU layer; repeat for more layers, input side first.")
-@click.option("--dropout", default=_HEAD.dropout, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Dropout rate after every hidden layer.")
+@click.option(
+    "--runs",
+    "runs_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Runs directory: one sub-directory per run, plus leaderboard.csv.",
+)
+@click.option(
+    "--hidden",
+    multiple=True,
+    default=_HEAD.hidden,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Units of a hidden ReLU layer; repeat for more layers, input side first.",
+)
+@click.option(
+    "--dropout",
+    default=_HEAD.dropout,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Dropout rate after every hidden layer.",
+)
 @click.option("--l2", default=_HEAD.l2, show_default=True, type=click.FloatRange(min=0), help="L2 penalty on every Dense kernel.")
-@click.option("--lr", default=_HEAD.lr, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate.")
-@click.option("--batch-size", default=_HEAD.batch_size, show_default=True, type=click.IntRange(min=1), help="Rows per gradient step.")
-@click.option("--epochs", default=_HEAD.epochs, show_default=True, type=click.IntRange(min=1), help="Most epochs; early stopping on val loss usually ends sooner.")
-@click.option("--patience", default=_HEAD.patience, show_default=True, type=click.IntRange(min=1), help="Epochs without a val-loss improvement before stopping.")
-@click.option("--label-smoothing", default=_HEAD.label_smoothing, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of target mass spread over all classes.")
-@click.option("--class-weight", default=_HEAD.class_weight, show_default=True, type=click.Choice(cfg.CLASS_WEIGHTS), help="balanced weights each class inversely to its train rows.")
-@click.option("--seed", default=_HEAD.seed, show_default=True, type=click.IntRange(min=0), help="Seeds weight init, dropout and shuffling; a rerun gives the same metrics.")
+@click.option(
+    "--lr", default=_HEAD.lr, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate."
+)
+@click.option(
+    "--batch-size", default=_HEAD.batch_size, show_default=True, type=click.IntRange(min=1), help="Rows per gradient step."
+)
+@click.option(
+    "--epochs",
+    default=_HEAD.epochs,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most epochs; early stopping on val loss usually ends sooner.",
+)
+@click.option(
+    "--patience",
+    default=_HEAD.patience,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Epochs without a val-loss improvement before stopping.",
+)
+@click.option(
+    "--label-smoothing",
+    default=_HEAD.label_smoothing,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Share of target mass spread over all classes.",
+)
+@click.option(
+    "--class-weight",
+    default=_HEAD.class_weight,
+    show_default=True,
+    type=click.Choice(cfg.CLASS_WEIGHTS),
+    help="balanced weights each class inversely to its train rows.",
+)
+@click.option(
+    "--seed",
+    default=_HEAD.seed,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Seeds weight init, dropout and shuffling; a rerun gives the same metrics.",
+)
 @click.option("--name", help="Run id instead of one made from the config; with --sweep, a prefix of every run id.")
-@click.option("--sweep", type=click.Path(exists=True, dir_okay=False), help="TOML file with a [base] table of head options and a [grid] table of lists; every combination is a run. Options given here override [base].")
-@click.option("--jobs", default=_PARALLEL.jobs, show_default=True, type=click.IntRange(min=1), help="Runs (with --stack: stacks of runs) trained at once, each in its own worker process with cores/jobs threads (1: one after another, here).")
-@click.option("--stack/--no-stack", default=True, show_default=True, help="Train heads of one shape (hidden sizes, batch size) together as one program; --no-stack fits each alone with Keras.")
-@click.option("--max-stack", type=click.IntRange(min=1), help="Most heads in one stack. Default: as many as fit in a quarter of the free memory, at most 64.")
+@click.option(
+    "--sweep",
+    type=click.Path(exists=True, dir_okay=False),
+    help="TOML file with a [base] table of head options and a [grid] table of lists; every combination is a run. Options given here override [base].",
+)
+@click.option(
+    "--jobs",
+    default=_PARALLEL.jobs,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Runs (with --stack: stacks of runs) trained at once, each in its own worker process with cores/jobs threads (1: one after another, here).",
+)
+@click.option(
+    "--stack/--no-stack",
+    default=True,
+    show_default=True,
+    help="Train heads of one shape (hidden sizes, batch size) together as one program; --no-stack fits each alone with Keras.",
+)
+@click.option(
+    "--max-stack",
+    type=click.IntRange(min=1),
+    help="Most heads in one stack. Default: as many as fit in a quarter of the free memory, at most 64.",
+)
 @_engine_flags("Where the runs train: on this machine (see --jobs), or on a Ray cluster (--jobs runs at once).")
 @click.pass_context
 def train_heads(ctx, reduced, runs_dir, name, sweep, jobs, stack, max_stack, engine, ray_address, **options):
@@ -680,7 +1058,9 @@ def train_heads(ctx, reduced, runs_dir, name, sweep, jobs, stack, max_stack, eng
         configs = sweep_configs(sweep, given)
     else:
         configs = [cfg.HeadConfig(**options)]
-    outcomes = train(reduced, runs_dir, configs, name, parallel, lambda w: click.echo(f"warning: {w}", err=True), stack, max_stack)
+    outcomes = train(
+        reduced, runs_dir, configs, name, parallel, lambda w: click.echo(f"warning: {w}", err=True), stack, max_stack
+    )
     heads, finished = len(configs), 0
     for outcome in outcomes:
         finished += outcome.kind == "head"
@@ -699,12 +1079,28 @@ def _outcome_line(outcome):
     return f"{line}, {metrics['epochs']} epochs (best {metrics['best_epoch']}), {metrics['seconds']:.1f} s"
 
 
-_TABLE_COLUMNS = ("run_id", "kind", "val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1", "val_log_loss", "epochs", "seconds", "reduced")
+_TABLE_COLUMNS = (
+    "run_id",
+    "kind",
+    "val_accuracy",
+    "test_accuracy",
+    "val_macro_f1",
+    "test_macro_f1",
+    "val_log_loss",
+    "epochs",
+    "seconds",
+    "reduced",
+)
 
 
 @cli.command("runs")
 @click.argument("runs_dir", metavar="RUNS", type=click.Path(file_okay=False))
-@click.option("--sort", default="val_accuracy", show_default=True, help="Leaderboard column to rank by; accuracy and F1 highest first, anything else lowest first.")
+@click.option(
+    "--sort",
+    default="val_accuracy",
+    show_default=True,
+    help="Leaderboard column to rank by; accuracy and F1 highest first, anything else lowest first.",
+)
 @click.option("--top", default=20, show_default=True, type=click.IntRange(min=1), help="Rows to show.")
 def runs(runs_dir, sort, top):
     """Print the leaderboard of RUNS as a table, best first; the linear-probe baseline is marked."""
@@ -746,20 +1142,67 @@ def _align(value, width):
 
 @cli.command("probe")
 @click.argument("source", metavar="REDUCED_OR_FEATURES", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for probe.json and probe.png (created if needed; both are replaced).")
-@click.option("--tap", "taps", multiple=True, help="BACKBONE/LAYER of the manifest to probe; repeat for several. Default: the reduced dir's taps, or all of the manifest's.")
-@click.option("--scaling", type=click.Choice(cfg.SCALINGS), help=f"As for reduce. Default: the reduced dir's, or {_REDUCE.scaling}.")
-@click.option("--components", type=click.IntRange(min=1), help=f"PCA components of every group (at most its dims and the train rows). Default: the reduced dir's, or {_REDUCE.components}.")
-@click.option("--whiten/--no-whiten", default=None, help="Rescale every kept component to unit variance. Default: as the reduced dir, or off.")
-@click.option("--batch-rows", type=click.IntRange(min=1), help=f"Rows read at a time; bounds memory. Default: the reduced dir's, or {_REDUCE.batch_rows}.")
-@click.option("--val-fraction", default=_REDUCE.val_fraction, show_default=True, type=float, help="Features dir only (a reduced dir keeps its split): share of rows hashed to val, as reduce.")
-@click.option("--test-fraction", default=_REDUCE.test_fraction, show_default=True, type=float, help="Features dir only: share of rows hashed to test, as reduce.")
-@click.option("--split-seed", default=_REDUCE.split_seed, show_default=True, type=click.IntRange(min=0), help="Features dir only: salt of the id hash that assigns splits, as reduce.")
-@click.option("--jobs", type=click.IntRange(min=1), help="Groups fitted at once, BLAS threads per job capped at cores / jobs. Default: one per core (one BLAS thread each).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for probe.json and probe.png (created if needed; both are replaced).",
+)
+@click.option(
+    "--tap",
+    "taps",
+    multiple=True,
+    help="BACKBONE/LAYER of the manifest to probe; repeat for several. Default: the reduced dir's taps, or all of the manifest's.",
+)
+@click.option(
+    "--scaling", type=click.Choice(cfg.SCALINGS), help=f"As for reduce. Default: the reduced dir's, or {_REDUCE.scaling}."
+)
+@click.option(
+    "--components",
+    type=click.IntRange(min=1),
+    help=f"PCA components of every group (at most its dims and the train rows). Default: the reduced dir's, or {_REDUCE.components}.",
+)
+@click.option(
+    "--whiten/--no-whiten",
+    default=None,
+    help="Rescale every kept component to unit variance. Default: as the reduced dir, or off.",
+)
+@click.option(
+    "--batch-rows",
+    type=click.IntRange(min=1),
+    help=f"Rows read at a time; bounds memory. Default: the reduced dir's, or {_REDUCE.batch_rows}.",
+)
+@click.option(
+    "--val-fraction",
+    default=_REDUCE.val_fraction,
+    show_default=True,
+    type=float,
+    help="Features dir only (a reduced dir keeps its split): share of rows hashed to val, as reduce.",
+)
+@click.option(
+    "--test-fraction",
+    default=_REDUCE.test_fraction,
+    show_default=True,
+    type=float,
+    help="Features dir only: share of rows hashed to test, as reduce.",
+)
+@click.option(
+    "--split-seed",
+    default=_REDUCE.split_seed,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Features dir only: salt of the id hash that assigns splits, as reduce.",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    help="Groups fitted at once, BLAS threads per job capped at cores / jobs. Default: one per core (one BLAS thread each).",
+)
 @click.pass_context
 def probe(ctx, source, out, jobs, **options):
     """Fit the logistic-regression probe on each tap, each backbone and all taps of REDUCED_OR_FEATURES; rank them."""
-    from pipeline.probe import CHART_NAME, PROBE_NAME, probe as run_probe, ranked
+    from pipeline.probe import CHART_NAME, PROBE_NAME, ranked
+    from pipeline.probe import probe as run_probe
 
     report = run_probe(source, out, jobs=jobs, **given_options(ctx, options)).report
     splits, settings = report["splits"], report["settings"]
@@ -773,13 +1216,23 @@ def probe(ctx, source, out, jobs, **options):
     lines = [header]
     for entry in ranked(report["groups"]):
         val, test = entry["val"], entry["test"]
-        lines.append((
-            entry["name"], entry["kind"], str(entry["input_dims"]), str(entry["components"]),
-            f"{val['accuracy']:.4f}", f"{test['accuracy']:.4f}" if test else "-",
-            f"{val['macro_f1']:.4f}", f"{test['macro_f1']:.4f}" if test else "-",
-            f"{val['log_loss']:.4f}", f"{entry['seconds']:.1f}",
-        ))
+        lines.append(
+            (
+                entry["name"],
+                entry["kind"],
+                str(entry["input_dims"]),
+                str(entry["components"]),
+                f"{val['accuracy']:.4f}",
+                f"{test['accuracy']:.4f}" if test else "-",
+                f"{val['macro_f1']:.4f}",
+                f"{test['macro_f1']:.4f}" if test else "-",
+                f"{val['log_loss']:.4f}",
+                f"{entry['seconds']:.1f}",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
-        click.echo("  ".join(value.ljust(w) if i < 2 else value.rjust(w) for i, (value, w) in enumerate(zip(line, widths))).rstrip())
+        click.echo(
+            "  ".join(value.ljust(w) if i < 2 else value.rjust(w) for i, (value, w) in enumerate(zip(line, widths))).rstrip()
+        )
     click.echo(f"wrote {os.path.join(out, PROBE_NAME)} and {os.path.join(out, CHART_NAME)} in {report['seconds']:.1f} s")

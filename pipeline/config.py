@@ -34,8 +34,7 @@ def parse_tap(text):
     backbone, sep, layer = text.replace(":", "/", 1).partition("/")
     if not sep or not layer or backbone not in BACKBONES:
         raise PipelineError(
-            f"tap {text!r} is not BACKBONE:LAYER with BACKBONE one of {', '.join(BACKBONES)} "
-            "(run `pipeline taps` for the layers)"
+            f"tap {text!r} is not BACKBONE:LAYER with BACKBONE one of {', '.join(BACKBONES)} (run `pipeline taps` for the layers)"
         )
     return f"{backbone}/{layer}"
 
@@ -56,7 +55,8 @@ def _resnet50_layers():
 TAP_LAYERS = {
     "resnet50": _resnet50_layers(),
     "vgg16": tuple(
-        f"block{block}_{kind}" for block, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+        f"block{block}_{kind}"
+        for block, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
         for kind in (*(f"conv{i}" for i in range(1, convs + 1)), "pool")
     ),
 }
@@ -100,7 +100,7 @@ class WeightSource:
             if record == "imagenet":
                 return cls("imagenet")
             if record.startswith("random(seed=") and record.endswith(")"):
-                return cls("random", seed=int(record[len("random(seed="):-1]))
+                return cls("random", seed=int(record[len("random(seed=") : -1]))
             return cls("file", path=record)
         return cls(**record)
 
@@ -157,10 +157,13 @@ class _Config:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
 
     def sha256(self):
-        return sha256_json({
-            key: value for key, value in self.to_dict().items()
-            if key not in self._UNHASHED and not (key in self._LEGACY and value == self._LEGACY[key])
-        })
+        return sha256_json(
+            {
+                key: value
+                for key, value in self.to_dict().items()
+                if key not in self._UNHASHED and not (key in self._LEGACY and value == self._LEGACY[key])
+            }
+        )
 
     @classmethod
     def from_record(cls, recorded: dict, where: str, *, remedy: str = "use the pipeline version that made it", **changes):
@@ -251,8 +254,7 @@ def load_toml(path, allowed_keys):
     unknown = sorted(set(normalized) - set(allowed_keys))
     if unknown:
         raise PipelineError(
-            f"config file {path} has unknown key(s) {', '.join(unknown)}; "
-            f"allowed: {', '.join(sorted(allowed_keys))}"
+            f"config file {path} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed_keys))}"
         )
     return normalized
 
@@ -294,8 +296,7 @@ class ReduceConfig(_Config):
         _check_choice("solver", self.solver, SOLVERS)
         components = self.components
         if isinstance(components, bool) or not (
-            (isinstance(components, int) and components >= 1)
-            or (isinstance(components, float) and 0 < components < 1)
+            (isinstance(components, int) and components >= 1) or (isinstance(components, float) and 0 < components < 1)
         ):
             raise PipelineError(
                 f"components {components!r} must be a positive integer or a variance share strictly between 0 and 1"
@@ -310,7 +311,6 @@ class ReduceConfig(_Config):
                 f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} = "
                 f"{self.val_fraction + self.test_fraction:g} leaves no rows for train; the sum must be below 1"
             )
-
 
 
 @dataclass(frozen=True)
@@ -367,7 +367,6 @@ class ParallelConfig:
             raise PipelineError(f"--ray-address {self.ray_address} is for --engine ray; add --engine ray or leave it out")
 
 
-
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -387,7 +386,9 @@ def _check_types(config):
             if isinstance(value, (list, tuple)) and all(_is_a(item, item_type) for item in value):
                 object.__setattr__(config, f.name, tuple(value))
                 continue
-            raise PipelineError(f"{f.name} {value!r} must be a list of {_TYPE_NAMES[item_type].removeprefix('a ').removeprefix('an ')}s")
+            raise PipelineError(
+                f"{f.name} {value!r} must be a list of {_TYPE_NAMES[item_type].removeprefix('a ').removeprefix('an ')}s"
+            )
         if float in allowed and int not in allowed and _is_a(value, int):
             object.__setattr__(config, f.name, float(value))
         elif not any(_is_a(value, t) for t in allowed):

@@ -100,12 +100,16 @@ def nvidia_smi() -> NvidiaSmi:
         try:
             completed = subprocess.run(
                 ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S,
+                capture_output=True,
+                text=True,
+                timeout=NVIDIA_SMI_TIMEOUT_S,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
             return NvidiaSmi(installed=True, error=str(e))
         if completed.returncode == 0:
-            return NvidiaSmi(installed=True, gpus=tuple(_parse_gpu(line, fields) for line in completed.stdout.splitlines() if line.strip()))
+            return NvidiaSmi(
+                installed=True, gpus=tuple(_parse_gpu(line, fields) for line in completed.stdout.splitlines() if line.strip())
+            )
     message = (completed.stdout + completed.stderr).strip().splitlines()
     return NvidiaSmi(installed=True, error=message[0] if message else f"exit status {completed.returncode}")
 
@@ -117,7 +121,9 @@ def _parse_gpu(line, fields):
         "index": values["index"],
         "name": values["name"],
         "memory_mib": int(values["memory.total"]) if values["memory.total"].isdigit() else None,
-        "compute_capability": tuple(int(part) for part in capability.split(".")) if capability.replace(".", "").isdigit() else None,
+        "compute_capability": tuple(int(part) for part in capability.split("."))
+        if capability.replace(".", "").isdigit()
+        else None,
         "driver": values["driver_version"],
     }
 

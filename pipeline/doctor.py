@@ -59,10 +59,21 @@ def diagnose(out=".", require_gpu=False, probe=None) -> list[Finding]:
     findings.append(Finding("CPU flags", INFO, ", ".join(shown) or "none of " + ", ".join(_REPORTED_FLAGS)))
     capability = devices.compute_capability(gpus)
     resolved = backbones.resolve(ExtractConfig(), bool(gpus), flags, capability)
-    findings.append(Finding("--precision auto", INFO, resolved.precision, _precision_reason(gpus, capability, flags & backbones.BF16_FLAGS)))
-    findings.append(Finding("--xla default", INFO, "on" if resolved.xla else "off", "on with a GPU" if gpus else "off without a GPU; --xla turns it on"))
+    findings.append(
+        Finding("--precision auto", INFO, resolved.precision, _precision_reason(gpus, capability, flags & backbones.BF16_FLAGS))
+    )
+    findings.append(
+        Finding(
+            "--xla default",
+            INFO,
+            "on" if resolved.xla else "off",
+            "on with a GPU" if gpus else "off without a GPU; --xla turns it on",
+        )
+    )
     growth = os.environ.get(devices.GROWTH_VARIABLE, "")
-    findings.append(Finding("GPU memory growth", INFO, "on" if growth.lower() != "false" else "off", f"{devices.GROWTH_VARIABLE}={growth}"))
+    findings.append(
+        Finding("GPU memory growth", INFO, "on" if growth.lower() != "false" else "off", f"{devices.GROWTH_VARIABLE}={growth}")
+    )
 
     findings += _compute((probe or run_probe)(), bool(gpus))
     findings.append(_ray())
@@ -80,17 +91,25 @@ def _tensorflow(tf, keras):
     present = [f"{name} {version}" for name, version in installed.items() if version]
     findings = [Finding("TensorFlow", OK, f"{tf.__version__} ({', '.join(present) or 'no pip distribution'})")]
     if all(installed.values()):
-        findings.append(Finding(
-            "TensorFlow packages", FAIL, "tensorflow and tensorflow-cpu are both installed",
-            "they overwrite each other's files: `pip uninstall -y tensorflow tensorflow-cpu`, then `make install` (or pip install -e '.[gpu]')",
-        ))
+        findings.append(
+            Finding(
+                "TensorFlow packages",
+                FAIL,
+                "tensorflow and tensorflow-cpu are both installed",
+                "they overwrite each other's files: `pip uninstall -y tensorflow tensorflow-cpu`, then `make install` (or pip install -e '.[gpu]')",
+            )
+        )
     build = tf.sysconfig.get_build_info()
     if build.get("is_cuda_build"):
         wheels = ", ".join(f"{name} {_version(name)}" for name in _CUDA_WHEELS if _version(name))
-        findings.append(Finding(
-            "TensorFlow build", INFO, f"CUDA {build.get('cuda_version', '?')}, cuDNN {build.get('cudnn_version', '?')}",
-            f"pip CUDA libraries: {wheels}" if wheels else "no pip CUDA libraries: the system's must match",
-        ))
+        findings.append(
+            Finding(
+                "TensorFlow build",
+                INFO,
+                f"CUDA {build.get('cuda_version', '?')}, cuDNN {build.get('cudnn_version', '?')}",
+                f"pip CUDA libraries: {wheels}" if wheels else "no pip CUDA libraries: the system's must match",
+            )
+        )
     else:
         findings.append(Finding("TensorFlow build", INFO, "CPU only (no CUDA)"))
     findings.append(Finding("Keras", INFO, keras.__version__))
@@ -108,12 +127,20 @@ def _nvidia_smi(smi, build):
     for gpu in smi.gpus:
         memory = f"{gpu['memory_mib'] / 1024:.0f} GiB" if gpu["memory_mib"] else "memory ?"
         capability = _capability(gpu["compute_capability"])
-        findings.append(Finding(f"nvidia-smi GPU {gpu['index']}", OK, f"{gpu['name']}, {memory}, compute {capability}, driver {gpu['driver']}"))
+        findings.append(
+            Finding(
+                f"nvidia-smi GPU {gpu['index']}", OK, f"{gpu['name']}, {memory}, compute {capability}, driver {gpu['driver']}"
+            )
+        )
     if not build.get("is_cuda_build"):
-        findings.append(Finding(
-            "TensorFlow for the GPUs", FAIL, "this TensorFlow is a CPU-only build",
-            "install the GPU build: `make install TF_EXTRA=gpu` (it removes tensorflow-cpu first)",
-        ))
+        findings.append(
+            Finding(
+                "TensorFlow for the GPUs",
+                FAIL,
+                "this TensorFlow is a CPU-only build",
+                "install the GPU build: `make install TF_EXTRA=gpu` (it removes tensorflow-cpu first)",
+            )
+        )
     findings += _driver(smi.gpus[0]["driver"], build.get("cuda_version", ""))
     return findings
 
@@ -128,29 +155,44 @@ def _driver(driver, cuda_version):
     need = MIN_DRIVER.get(major)
     if need is None or have >= need:
         return []
-    return [Finding(
-        "NVIDIA driver", WARN, f"{driver} is older than {'.'.join(map(str, need))}, the oldest CUDA {major} runs on",
-        "TensorFlow was built for CUDA " + cuda_version + "; update the driver",
-    )]
+    return [
+        Finding(
+            "NVIDIA driver",
+            WARN,
+            f"{driver} is older than {'.'.join(map(str, need))}, the oldest CUDA {major} runs on",
+            "TensorFlow was built for CUDA " + cuda_version + "; update the driver",
+        )
+    ]
 
 
 def _tensorflow_gpus(gpus, smi, require_gpu):
     if not gpus:
         if smi.gpus:
-            return [Finding(
-                "TensorFlow GPUs", FAIL, f"none, though nvidia-smi lists {len(smi.gpus)}",
-                "stage one would run on the CPU: check the TensorFlow build and CUDA/cuDNN above, and `make install TF_EXTRA=gpu`",
-            )]
+            return [
+                Finding(
+                    "TensorFlow GPUs",
+                    FAIL,
+                    f"none, though nvidia-smi lists {len(smi.gpus)}",
+                    "stage one would run on the CPU: check the TensorFlow build and CUDA/cuDNN above, and `make install TF_EXTRA=gpu`",
+                )
+            ]
         status = FAIL if require_gpu else INFO
-        return [Finding("TensorFlow GPUs", status, "none: stage one runs on the CPU", "--require-gpu asked for one" if require_gpu else "")]
+        return [
+            Finding(
+                "TensorFlow GPUs", status, "none: stage one runs on the CPU", "--require-gpu asked for one" if require_gpu else ""
+            )
+        ]
     findings = []
     for gpu in gpus:
         old = gpu.compute_capability is not None and gpu.compute_capability < devices.FLOAT16_TENSOR_CORES
-        findings.append(Finding(
-            f"TensorFlow {gpu.name.removeprefix('/physical_device:')}", WARN if old else OK,
-            f"{gpu.model or 'unnamed'}, compute {_capability(gpu.compute_capability)}",
-            "no float16 tensor cores: --precision auto picks float32" if old else "",
-        ))
+        findings.append(
+            Finding(
+                f"TensorFlow {gpu.name.removeprefix('/physical_device:')}",
+                WARN if old else OK,
+                f"{gpu.model or 'unnamed'}, compute {_capability(gpu.compute_capability)}",
+                "no float16 tensor cores: --precision auto picks float32" if old else "",
+            )
+        )
     return findings
 
 
@@ -175,10 +217,14 @@ def _compute(result, gpu):
     for device, limit in memory.items():
         findings.append(Finding(f"TensorFlow {device} memory", INFO, f"{limit / (1 << 30):.1f} GiB usable by TensorFlow"))
     determinism = result["determinism"]
-    findings.append(Finding(
-        "op determinism", OK if determinism["ok"] else FAIL, f"{determinism['detail']} on {result['device']}",
-        "" if determinism["ok"] else "extract enables op determinism on a GPU; this run would fail or differ between reruns",
-    ))
+    findings.append(
+        Finding(
+            "op determinism",
+            OK if determinism["ok"] else FAIL,
+            f"{determinism['detail']} on {result['device']}",
+            "" if determinism["ok"] else "extract enables op determinism on a GPU; this run would fail or differ between reruns",
+        )
+    )
     xla = result["xla"]
     if xla["ok"]:
         findings.append(Finding("XLA compile", OK, f"{xla['detail']} on {result['device']}"))
@@ -202,10 +248,14 @@ def _weights_cache(files, cache):
         if path.is_file():
             findings.append(Finding(f"{backbone} ImageNet weights", OK, f"{path} ({path.stat().st_size / 1e6:.0f} MB)"))
         else:
-            findings.append(Finding(
-                f"{backbone} ImageNet weights", INFO, f"not in {cache}",
-                "--weights imagenet downloads them on first use (needs the network); or copy the file there (KERAS_HOME)",
-            ))
+            findings.append(
+                Finding(
+                    f"{backbone} ImageNet weights",
+                    INFO,
+                    f"not in {cache}",
+                    "--weights imagenet downloads them on first use (needs the network); or copy the file there (KERAS_HOME)",
+                )
+            )
     return findings
 
 
@@ -215,7 +265,12 @@ def _free_space(out):
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     status = WARN if free < LOW_SPACE_BYTES else OK
-    return Finding("free space", status, f"{free / (1 << 30):.1f} GiB at {existing}", "features need room: see README, Formats" if status == WARN else "")
+    return Finding(
+        "free space",
+        status,
+        f"{free / (1 << 30):.1f} GiB at {existing}",
+        "features need room: see README, Formats" if status == WARN else "",
+    )
 
 
 def _capability(capability):
@@ -236,7 +291,10 @@ def run_probe():
     """`probe()` in a fresh Python process; its JSON, or {"error": ...} when the process fails."""
     try:
         completed = subprocess.run(
-            [sys.executable, "-m", "pipeline.doctor"], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+            [sys.executable, "-m", "pipeline.doctor"],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")},
         )
     except subprocess.TimeoutExpired:
@@ -261,10 +319,16 @@ def probe():
 
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3, activation="relu"), keras.layers.BatchNormalization(),
-        keras.layers.MaxPooling2D(), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.MaxPooling2D(),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(4),
+        ]
+    )
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32))
     result = {"device": "", "gpu_memory": _gpu_memory()}
     started = time.perf_counter()
@@ -283,7 +347,8 @@ def probe():
         reference = first.numpy() if first is not None else compiled
         error = float(np.max(np.abs(compiled - reference)) / max(float(np.max(np.abs(reference))), 1e-30))
         result["xla"] = {
-            "ok": error < 1e-3, "detail": f"compiled and ran in {time.perf_counter() - started:.1f} s, relative difference {error:.1e}",
+            "ok": error < 1e-3,
+            "detail": f"compiled and ran in {time.perf_counter() - started:.1f} s, relative difference {error:.1e}",
         }
     except Exception as e:  # e.g. ptxas or libdevice missing: the compile fails here
         result["xla"] = {"ok": False, "detail": f"{type(e).__name__}: {first_line(e)}"}

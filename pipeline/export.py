@@ -45,8 +45,14 @@ class ExportResult:
 
 
 def export(
-    run_dir: Path | str, out: Path | str, *, format: str = "keras", version: int | None = None, overwrite: bool = False,
-    image_size: int | None = None, weights: str | None = None,
+    run_dir: Path | str,
+    out: Path | str,
+    *,
+    format: str = "keras",
+    version: int | None = None,
+    overwrite: bool = False,
+    image_size: int | None = None,
+    weights: str | None = None,
 ) -> ExportResult:
     """Build the image -> probabilities model of a head run and write it to `out`.
 
@@ -73,7 +79,13 @@ def export(
         archive = serving_archive(model, config.image_size, config.resize, lineage.classes)
         _write(target, overwrite, save=functools.partial(_save_saved_model, archive))
     return ExportResult(
-        target, format, model, lineage.classes, config.image_size, config.resize, int(transform.pca_.n_components_),
+        target,
+        format,
+        model,
+        lineage.classes,
+        config.image_size,
+        config.resize,
+        int(transform.pca_.n_components_),
         warnings=_disagreements(config, recorded),
     )
 
@@ -188,7 +200,8 @@ def serving_archive(model, image_size, resize, classes):
     def from_bytes(images):
         with tf.device("/CPU:0"):
             pixels = tf.map_fn(
-                lambda contents: resize_image(decode_image(contents), image_size, resize), images,
+                lambda contents: resize_image(decode_image(contents), image_size, resize),
+                images,
                 fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.float32),
             )
         return after_resize(pixels, training=False)
@@ -204,7 +217,8 @@ def serving_archive(model, image_size, resize, classes):
         "serving_default", functools.partial(outputs, from_bytes), [tf.TensorSpec((None,), tf.string, name="images")]
     )
     archive.add_endpoint(
-        "pixels", functools.partial(outputs, from_pixels),
+        "pixels",
+        functools.partial(outputs, from_pixels),
         [tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")],
     )
     return archive

@@ -26,7 +26,16 @@ from pipeline import shards
 from pipeline.config import SOURCE_KEYS, ExtractConfig, check_tap_layers, parse_weights
 from pipeline.errors import PipelineError
 from pipeline.files import (
-    DIR_LOCK_NAME, check_space, file_sha256, is_temp, leftover_temps, locked, output_guard, read_json, remove, swap_dir,
+    DIR_LOCK_NAME,
+    check_space,
+    file_sha256,
+    is_temp,
+    leftover_temps,
+    locked,
+    output_guard,
+    read_json,
+    remove,
+    swap_dir,
     temp_sibling,
 )
 from pipeline.lineage import MANIFEST_NAME, check_fingerprints
@@ -73,9 +82,17 @@ class _Run:
 
 
 def extract(
-    config: ExtractConfig, listing: Listing, out_dir: Path | str, *, overwrite: bool = False,
-    progress: ProgressSink | None = None, expected_weights: dict | None = None,
-    engine: str = "local", engine_options: dict | None = None, num_workers: int = 1, worker_index: int = 0,
+    config: ExtractConfig,
+    listing: Listing,
+    out_dir: Path | str,
+    *,
+    overwrite: bool = False,
+    progress: ProgressSink | None = None,
+    expected_weights: dict | None = None,
+    engine: str = "local",
+    engine_options: dict | None = None,
+    num_workers: int = 1,
+    worker_index: int = 0,
 ) -> ExtractResult:
     """Run stage one over a `sources.Listing` into `out_dir`, or update the features already there.
 
@@ -99,8 +116,16 @@ def extract(
     out_dir = Path(out_dir)
     with output_guard(out_dir, f"features directory {out_dir}", into=True, shared=num_workers > 1):
         return _extract_locked(
-            config, listing, out_dir, overwrite, progress, expected_weights, engine, engine_options or {},
-            (num_workers, worker_index), started,
+            config,
+            listing,
+            out_dir,
+            overwrite,
+            progress,
+            expected_weights,
+            engine,
+            engine_options or {},
+            (num_workers, worker_index),
+            started,
         )
 
 
@@ -126,13 +151,31 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
     counts = plan.counts
     if not compute and not copies:
         if task:
-            return ExtractResult(None, out_dir, written=0, skipped=len(plan.new) + len(state.shards), up_to_date=True, counts=counts)
+            return ExtractResult(
+                None, out_dir, written=0, skipped=len(plan.new) + len(state.shards), up_to_date=True, counts=counts
+            )
         progress.start(len(listing.records), len(listing.records))
         return _finish(out_dir, existing, state, plan, listing, expected_weights, started, computed=0, written=0)
     if existing is None or not same or compute:
         return _run_model(
-            config, listing, out_dir, overwrite, progress, expected_weights, engine_name, engine_options, array,
-            started, snapshot, existing, same, state, plan, done, compute, copies,
+            config,
+            listing,
+            out_dir,
+            overwrite,
+            progress,
+            expected_weights,
+            engine_name,
+            engine_options,
+            array,
+            started,
+            snapshot,
+            existing,
+            same,
+            state,
+            plan,
+            done,
+            compute,
+            copies,
         )
     progress.start(len(listing.records), len(listing.records))
     _write_copies(out_dir, existing, state, plan, copies, listing)
@@ -143,12 +186,34 @@ def _extract_locked(config, listing, out_dir, overwrite, progress, expected_weig
     return _finish(out_dir, existing, state, plan, listing, None, started, computed=0, written=len(copies))
 
 
-def _run_model(config, listing, out_dir, overwrite, progress, expected_weights, engine_name, engine_options, array, started,
-               snapshot, existing, same, state, plan, done, compute, copies):
+def _run_model(
+    config,
+    listing,
+    out_dir,
+    overwrite,
+    progress,
+    expected_weights,
+    engine_name,
+    engine_options,
+    array,
+    started,
+    snapshot,
+    existing,
+    same,
+    state,
+    plan,
+    done,
+    compute,
+    copies,
+):
     """Compute the pending new shards on an engine (and write this task's copies); then the manifest, unless a job-array task."""
     num_workers, _ = array
     to_run = _run_config_to_extract(existing.config, config, out_dir) if same else config
-    from pipeline.engines import RunIdentity, ShardTask, make_engine  # the local engine loads TensorFlow, once there is something to compute
+    from pipeline.engines import (
+        RunIdentity,
+        ShardTask,
+        make_engine,
+    )  # the local engine loads TensorFlow, once there is something to compute
 
     engine = make_engine(engine_name, **engine_options)
     try:
@@ -173,15 +238,22 @@ def _run_model(config, listing, out_dir, overwrite, progress, expected_weights, 
         if copies:
             _write_copies(out_dir, run, state, plan, copies, listing)
         jobs = [ShardTask(plan.new[k].index, plan.new[k].records) for k in compute]
-        identity = RunIdentity(run.config_sha256, run_config, worker.weights, worker.taps, plan.generation, tuple(listing.classes))
+        identity = RunIdentity(
+            run.config_sha256, run_config, worker.weights, worker.taps, plan.generation, tuple(listing.classes)
+        )
         engine.run(jobs, identity, out_dir, progress)
         if num_workers == 1:
             _remove_leftovers(out_dir)  # a worker killed while writing (a Ray actor) leaves its temp file
     finally:
         engine.close()
     if num_workers > 1:
-        return ExtractResult(None, out_dir, written=len(compute) + len(copies), skipped=len(plan.new) - len(compute) - len(copies),
-                             counts=plan.counts)
+        return ExtractResult(
+            None,
+            out_dir,
+            written=len(compute) + len(copies),
+            skipped=len(plan.new) - len(compute) - len(copies),
+            counts=plan.counts,
+        )
     return _finish(out_dir, run, state, plan, listing, None, started, computed=pending_images, written=len(compute) + len(copies))
 
 
@@ -271,20 +343,26 @@ def _recorded(recorded, key):
 
 def _run_config_to_extract(recorded, config, out_dir):
     """The recorded run's resolved config, to go on exactly as it began (with this call's on_error and deterministic)."""
-    return ExtractConfig.from_record(recorded, f"a shard in {out_dir}", on_error=config.on_error, deterministic=config.deterministic)
+    return ExtractConfig.from_record(
+        recorded, f"a shard in {out_dir}", on_error=config.on_error, deterministic=config.deterministic
+    )
 
 
 def _differences(recorded, config):
     """Each feature setting that differs, as `key: recorded -> wanted`."""
     wanted = config.to_dict()
     keys = [
-        key for key in wanted
-        if key not in ExtractConfig._UNHASHED and _recorded(recorded, key) != wanted[key] and not (key in _AUTO and wanted[key] == _AUTO[key])
+        key
+        for key in wanted
+        if key not in ExtractConfig._UNHASHED
+        and _recorded(recorded, key) != wanted[key]
+        and not (key in _AUTO and wanted[key] == _AUTO[key])
     ]
     return ", ".join(f"{key}: {_recorded(recorded, key)!r} -> {wanted[key]!r}" for key in keys)
 
 
 # --- the committed state ---
+
 
 @dataclass
 class _Shard:
@@ -343,7 +421,11 @@ def _committed(out_dir, run, snapshot, listing, drop_damaged):
             found[index] = attrs
     manifest = run.manifest
     entries = _manifest_entries(manifest, run)
-    old_classes = manifest.get("classes") if isinstance(manifest, dict) and isinstance(manifest.get("classes"), list) else list(listing.classes)
+    old_classes = (
+        manifest.get("classes")
+        if isinstance(manifest, dict) and isinstance(manifest.get("classes"), list)
+        else list(listing.classes)
+    )
     history = manifest.get("history") if isinstance(manifest, dict) and isinstance(manifest.get("history"), list) else []
     dropped, committed, live = [], {}, set()
     if entries is not None:
@@ -405,12 +487,21 @@ def _committed(out_dir, run, snapshot, listing, drop_damaged):
 
 def _manifest_entries(manifest, run):
     """The manifest's shard entries when it is a manifest of `run` whose entries are well formed, else None."""
-    if not isinstance(manifest, dict) or manifest.get("config_sha256") != run.config_sha256 or not isinstance(manifest.get("shards"), list):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("config_sha256") != run.config_sha256
+        or not isinstance(manifest.get("shards"), list)
+    ):
         return None
     entries = manifest["shards"]
     for entry in entries:
-        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and shards.SHARD_PATTERN.match(entry["file"])
-                and isinstance(entry.get("rows"), int) and shards._retired_problem(entry) is None):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("file"), str)
+            and shards.SHARD_PATTERN.match(entry["file"])
+            and isinstance(entry.get("rows"), int)
+            and shards._retired_problem(entry) is None
+        ):
             return None
     if not isinstance(manifest.get("generation", 0), int) or not isinstance(manifest.get("errors", []), list):
         return None
@@ -437,6 +528,7 @@ def _read_rows(shard, manifest_classes):
 
 
 # --- the plan ---
+
 
 @dataclass(frozen=True)
 class _NewShard:
@@ -472,7 +564,10 @@ def _plan(state, listing, shard_size):
         rows = [c for c in matching if c[0] == "row"]
         was = record.id in live_ids or record.id in state.errors
         if rows:
-            best = max(rows, key=lambda c: (_same_labels(state.shards[c[1]], c[2], record, listing), (c[1], c[2]) in state.live, c[1], c[2]))
+            best = max(
+                rows,
+                key=lambda c: (_same_labels(state.shards[c[1]], c[2], record, listing), (c[1], c[2]) in state.live, c[1], c[2]),
+            )
             _, index, row, _ = best
             if _same_labels(state.shards[index], row, record, listing):
                 live[(index, row)] = record
@@ -512,7 +607,7 @@ def _copy_known_content(state, candidates, compute, copy, hashes):
     features are copied, not computed. Only files whose size some row's file had are hashed.
     """
     known = {}  # (size, sha256) -> (shard index, row), the newest row
-    for image_id, found in candidates.items():
+    for found in candidates.values():
         for kind, index, row, content in found:
             if kind == "row" and content is not None and content[2]:
                 known[(content[0], content[2])] = (index, row)
@@ -590,15 +685,24 @@ def _write_copies(out_dir, run, state, plan, copies, listing):
             errors=[],
             fidelity={"min_cosine_vs_float32": 1.0, "rows_checked": 0},
             listed=shards.Listed(
-                [r.id for r in new.records], np.array([r.size for r in new.records], np.int64),
-                np.array([r.mtime_ns for r in new.records], np.int64), hashes,
+                [r.id for r in new.records],
+                np.array([r.size for r in new.records], np.int64),
+                np.array([r.mtime_ns for r in new.records], np.int64),
+                hashes,
             ),
         )
         config = {key: value for key, value in run.config.items() if key not in SOURCE_KEYS}
         shards.write_shard(
-            out_dir / shards.shard_filename(new.index), data, index=new.index, config_sha256=run.config_sha256,
-            config={**config, "source": str(Path(listing.root).resolve())}, storage_dtype=run.config["storage_dtype"],
-            weights=attrs["weights"], taps=attrs["taps"], generation=plan.generation, classes=list(listing.classes),
+            out_dir / shards.shard_filename(new.index),
+            data,
+            index=new.index,
+            config_sha256=run.config_sha256,
+            config={**config, "source": str(Path(listing.root).resolve())},
+            storage_dtype=run.config["storage_dtype"],
+            weights=attrs["weights"],
+            taps=attrs["taps"],
+            generation=plan.generation,
+            classes=list(listing.classes),
             device=_common_device(state, {index for index, _ in new.copies}),
         )
 
@@ -623,20 +727,36 @@ def _copied_features(state, sources):
 
 # --- the manifest ---
 
+
 def _finish(out_dir, run, state, plan, listing, expected_weights, started, computed, written):
     """Write the manifest the committed and new shards make (or report the directory up to date); delete shard files it drops."""
     entries = _entries(out_dir, state, plan)
     all_attrs = [attrs for _, attrs in entries]
     if expected_weights is not None and all_attrs:
         check_fingerprints(all_attrs[0]["weights"], expected_weights)
-    new_errors = [e for _, attrs in entries[len(state.shards):] for e in attrs["errors"]]
+    new_errors = [e for _, attrs in entries[len(state.shards) :] for e in attrs["errors"]]
     changed = any(plan.counts[key] for key in COUNTS if key != "unchanged")
     history = list(state.history)
     if changed and not any(isinstance(h, dict) and h.get("generation") == plan.generation for h in history):
         rows = sum(entry["live"] for entry, _ in entries)
-        history.append({"generation": plan.generation, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **plan.counts, "rows": rows})
-    manifest = _make_manifest(run, listing, entries, sorted(plan.errors + new_errors, key=lambda e: e["id"]),
-                              plan.generation, history, started, computed)
+        history.append(
+            {
+                "generation": plan.generation,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **plan.counts,
+                "rows": rows,
+            }
+        )
+    manifest = _make_manifest(
+        run,
+        listing,
+        entries,
+        sorted(plan.errors + new_errors, key=lambda e: e["id"]),
+        plan.generation,
+        history,
+        started,
+        computed,
+    )
     path = out_dir / MANIFEST_NAME
     kept = {entry["file"] for entry, _ in entries}
     for shard in shards.existing_shards(out_dir):
@@ -649,8 +769,12 @@ def _finish(out_dir, run, state, plan, listing, expected_weights, started, compu
         return ExtractResult(run.manifest, up_to_date=quiet, warnings=warnings, **result)
     if run.manifest_problem is not None:
         warnings.append(f"{path} could not be read ({run.manifest_problem}), so it was rebuilt from the shards")
-    elif run.manifest is not None and "generation" in run.manifest and (not state.manifest_good or not changed) \
-            and not _same_manifest(run.manifest, manifest, stats=False):
+    elif (
+        run.manifest is not None
+        and "generation" in run.manifest
+        and (not state.manifest_good or not changed)
+        and not _same_manifest(run.manifest, manifest, stats=False)
+    ):
         warnings.append(f"{path} did not match its shards, so it was rebuilt from them")
     shards.write_manifest(out_dir, manifest)
     return ExtractResult(manifest, up_to_date=quiet and not warnings, warnings=warnings + _warnings(manifest), **result)
@@ -678,8 +802,15 @@ def _entries(out_dir, state, plan):
 
 def _entry(path, attrs, rows, retired):
     size, mtime = _stat(path)
-    return {"file": path.name, "rows": rows, "live": rows - len(retired), "generation": attrs["generation"], "retired": retired,
-            "bytes": size, "mtime_ns": mtime}
+    return {
+        "file": path.name,
+        "rows": rows,
+        "live": rows - len(retired),
+        "generation": attrs["generation"],
+        "retired": retired,
+        "bytes": size,
+        "mtime_ns": mtime,
+    }
 
 
 def _same_manifest(on_disk, rebuilt, stats):
@@ -688,13 +819,15 @@ def _same_manifest(on_disk, rebuilt, stats):
     Without `stats`, what the shards cannot contradict is set aside too: the shard files' stats
     and where the listing was and what it looked like (a copied collection, a touched file).
     """
+
     def comparable(manifest):
         manifest = {key: value for key, value in manifest.items() if key != "timing"}
         if not stats and isinstance(manifest.get("config"), dict):
             manifest["config"] = {key: value for key, value in manifest["config"].items() if key not in SOURCE_KEYS}
         if not stats and isinstance(manifest.get("shards"), list):
             manifest["shards"] = [
-                {k: v for k, v in s.items() if k not in ("bytes", "mtime_ns")} if isinstance(s, dict) else s for s in manifest["shards"]
+                {k: v for k, v in s.items() if k not in ("bytes", "mtime_ns")} if isinstance(s, dict) else s
+                for s in manifest["shards"]
             ]
         return manifest
 
@@ -749,6 +882,7 @@ def _remove_outputs(out_dir, shard_paths):
 
 # --- compact ---
 
+
 @dataclass
 class CompactResult:
     out_dir: Path
@@ -774,7 +908,9 @@ def compact(out_dir: Path | str) -> CompactResult:
         manifest = shards.read_manifest(out_dir)
         problems = shards.verify(out_dir)
         if problems:
-            raise PipelineError(f"{out_dir} has {len(problems)} problem(s) ({problems[0]}); rerun `pipeline extract` to repair it, then compact")
+            raise PipelineError(
+                f"{out_dir} has {len(problems)} problem(s) ({problems[0]}); rerun `pipeline extract` to repair it, then compact"
+            )
         retired = sum(len(entry.get("retired", [])) for entry in manifest["shards"])
         if not retired:
             return CompactResult(out_dir, len(manifest["shards"]), len(manifest["shards"]), manifest["rows"], 0)
@@ -814,31 +950,50 @@ def _write_compacted(out_dir, manifest, staging):
     for k, start in enumerate(range(0, len(items), size)):
         part = items[start : start + size]
         rows = [item for item in part if item[1] == "row"]
-        features = _copied_features(state, [(index, row) for _, _, index, row in rows]) if rows else {
-            tap["key"]: np.zeros((0, tap["dim"]), manifest["config"]["storage_dtype"]) for tap in first["taps"]
-        }
+        features = (
+            _copied_features(state, [(index, row) for _, _, index, row in rows])
+            if rows
+            else {tap["key"]: np.zeros((0, tap["dim"]), manifest["config"]["storage_dtype"]) for tap in first["taps"]}
+        )
         labels = []
         for _, _, index, row in rows:
             shard, label = state.shards[index], int(state.shards[index].labels[row])
             labels.append(class_index[shard.classes[label]] if label >= 0 else -1)
         content = [_content_of(state.shards[item[2]], item[0]) for item in part]
-        listed = None if None in content else shards.Listed(
-            [item[0] for item in part], np.array([c[0] for c in content], np.int64), np.array([c[1] for c in content], np.int64),
-            [c[2] for c in content],
+        listed = (
+            None
+            if None in content
+            else shards.Listed(
+                [item[0] for item in part],
+                np.array([c[0] for c in content], np.int64),
+                np.array([c[1] for c in content], np.int64),
+                [c[2] for c in content],
+            )
         )
         data = shards.ShardData(
-            ids=[item[0] for item in rows], labels=np.array(labels, np.int32),
-            splits=[state.shards[index].splits[row] for _, _, index, row in rows], features=features,
+            ids=[item[0] for item in rows],
+            labels=np.array(labels, np.int32),
+            splits=[state.shards[index].splits[row] for _, _, index, row in rows],
+            features=features,
             errors=[item[3] for item in part if item[1] == "error"],
-            fidelity={"min_cosine_vs_float32": precision["min_cosine_vs_float32"] if k == 0 else 1.0,
-                      "rows_checked": precision.get("rows_checked", 0) if k == 0 else 0},
+            fidelity={
+                "min_cosine_vs_float32": precision["min_cosine_vs_float32"] if k == 0 else 1.0,
+                "rows_checked": precision.get("rows_checked", 0) if k == 0 else 0,
+            },
             listed=listed,
         )
         path = staging / shards.shard_filename(k)
         shards.write_shard(
-            path, data, index=k, config_sha256=manifest["config_sha256"], config=first["config"],
-            storage_dtype=manifest["config"]["storage_dtype"], weights=first["weights"], taps=first["taps"],
-            generation=state.generation, classes=manifest["classes"],
+            path,
+            data,
+            index=k,
+            config_sha256=manifest["config_sha256"],
+            config=first["config"],
+            storage_dtype=manifest["config"]["storage_dtype"],
+            weights=first["weights"],
+            taps=first["taps"],
+            generation=state.generation,
+            classes=manifest["classes"],
             device=_common_device(state, {item[2] for item in part}),
         )
         entries.append(_entry(path, {"generation": state.generation}, data.rows, []))

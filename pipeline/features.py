@@ -141,7 +141,9 @@ class Features:
         """The live rows of one shard (one of `parts`) in file order, `batch_rows` at a time."""
         taps = self.resolve_taps(taps)
         columns = (self.ids[part.positions], self.labels[part.positions], self.splits[part.positions])
-        return read_part(part, {key: self.taps[key] for key in taps}, columns, batch_rows, np.dtype(dtype or self.dtype), self.path)
+        return read_part(
+            part, {key: self.taps[key] for key in taps}, columns, batch_rows, np.dtype(dtype or self.dtype), self.path
+        )
 
 
 def read_part(part, taps, columns, batch_rows, dtype, features_dir) -> Iterator[Batch]:
@@ -199,7 +201,9 @@ def _checked(path, read_ids):
     if live != manifest["rows"]:
         raise _refuse(manifest_path, f"says {manifest['rows']} live rows, but its shards leave {live} live")
     if len(dtypes) > 1:
-        raise _refuse(manifest_path, f"lists shards stored as {' and '.join(sorted(map(str, dtypes)))}, which one extraction never mixes")
+        raise _refuse(
+            manifest_path, f"lists shards stored as {' and '.join(sorted(map(str, dtypes)))}, which one extraction never mixes"
+        )
     dtype = np.dtype(dtypes.pop() if dtypes else np.float32)
     return Summary(path, manifest, live, list(manifest["classes"]), taps, dtype), found
 
@@ -226,7 +230,7 @@ def open_features(path):
         rank[order] = np.arange(len(ids))
     parts, at = [], 0
     for entry, rows in zip(manifest["shards"], parts_rows):
-        positions = rank[at:at + len(rows)]
+        positions = rank[at : at + len(rows)]
         at += len(rows)
         if (np.diff(positions) <= 0).any():
             raise PipelineError(
@@ -234,8 +238,15 @@ def open_features(path):
             )
         parts.append(ShardPart(path / entry["file"], rows, positions))
     return Features(
-        path=path, manifest=manifest, ids=ids, labels=labels, splits=splits, classes=summary.classes, taps=summary.taps,
-        dtype=summary.dtype, parts=tuple(parts),
+        path=path,
+        manifest=manifest,
+        ids=ids,
+        labels=labels,
+        splits=splits,
+        classes=summary.classes,
+        taps=summary.taps,
+        dtype=summary.dtype,
+        parts=tuple(parts),
     )
 
 
@@ -320,11 +331,15 @@ def _live_rows(manifest_path, entry, stored):
         raise _refuse(manifest_path, f"retires rows of {entry['file']} that are not a list of row numbers")
     retired = np.asarray(retired, dtype=np.int64)
     if retired.size and (retired[0] < 0 or retired[-1] >= stored or (np.diff(retired) <= 0).any()):
-        raise _refuse(manifest_path, f"retires rows of {entry['file']} that are not ascending row numbers below its {stored} rows")
+        raise _refuse(
+            manifest_path, f"retires rows of {entry['file']} that are not ascending row numbers below its {stored} rows"
+        )
     live = np.ones(stored, dtype=bool)
     live[retired] = False
     if "live" in entry and entry["live"] != int(live.sum()):
-        raise _refuse(manifest_path, f"says {entry['file']} has {entry['live']} live rows, but it retires {retired.size} of {stored}")
+        raise _refuse(
+            manifest_path, f"says {entry['file']} has {entry['live']} live rows, but it retires {retired.size} of {stored}"
+        )
     return np.flatnonzero(live)
 
 
@@ -339,7 +354,9 @@ def _mapped_labels(path, manifest_path, shard_classes, classes, labels):
     shard_classes = json.loads(shard_classes) if isinstance(shard_classes, str) else list(shard_classes)
     bad = labels[(labels < -1) | (labels >= len(shard_classes))]
     if bad.size:
-        raise PipelineError(f"{path} has rows labelled {int(bad[0])} but records {len(shard_classes)} classes; the shard is damaged, so extract again")
+        raise PipelineError(
+            f"{path} has rows labelled {int(bad[0])} but records {len(shard_classes)} classes; the shard is damaged, so extract again"
+        )
     index = {name: i for i, name in enumerate(classes)}
     used = np.unique(labels[labels >= 0])
     missing = [shard_classes[i] for i in used if shard_classes[i] not in index]
@@ -393,9 +410,9 @@ def _read_into(dataset, rows, out, positions):
     consecutive = hi - lo == len(rows)
     if consecutive and int(positions[-1]) - p0 + 1 == len(rows):
         if out.dtype == dataset.dtype:
-            dataset.read_direct(out, np.s_[lo:hi], np.s_[p0:p0 + len(rows)])
+            dataset.read_direct(out, np.s_[lo:hi], np.s_[p0 : p0 + len(rows)])
         else:
-            out[p0:p0 + len(rows)] = dataset[lo:hi]
+            out[p0 : p0 + len(rows)] = dataset[lo:hi]
         return
     block = dataset[lo:hi]
     out[positions] = block if consecutive else block[rows - lo]

@@ -27,8 +27,11 @@ from pipeline.errors import PipelineError
 _TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.pipeline-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 # errno values of a write that fails for lack of room or rights, not because of a bug
 STORAGE_ERRORS = {
-    errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
 }
 
 
@@ -139,7 +142,7 @@ def sync_tree(path):
     if not path.is_dir() or path.is_symlink():
         _fsync(path)
         return
-    for root, dirs, files in os.walk(path):
+    for root, _, files in os.walk(path):
         for name in files:
             if not os.path.islink(os.path.join(root, name)):
                 _fsync(os.path.join(root, name))

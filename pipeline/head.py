@@ -56,7 +56,9 @@ def _fit_head(config, X_train, y_train, X_val, y_val, n_classes, log_dir):
             epochs=config.epochs,
             steps_per_epoch=-(-len(X_train) // config.batch_size),  # one iterator over every epoch's batches
             shuffle=False,  # the dataset orders each epoch itself
-            class_weight=dict(enumerate(class_weight_table(y_train, n_classes).tolist())) if config.class_weight == "balanced" else None,
+            class_weight=dict(enumerate(class_weight_table(y_train, n_classes).tolist()))
+            if config.class_weight == "balanced"
+            else None,
             callbacks=[stopper, keras.callbacks.TensorBoard(str(log_dir), write_graph=False)],
             verbose=0,
         )
@@ -89,10 +91,12 @@ def summary_storage_errors(log_dir):
 
 def predict_proba(model, X, batch_size=4096):
     """Class probabilities, computed eagerly in batches: no tf.function is traced for every new head."""
-    return np.concatenate([
-        keras.ops.convert_to_numpy(model(X[start:start + batch_size], training=False))
-        for start in range(0, len(X), batch_size)
-    ])
+    return np.concatenate(
+        [
+            keras.ops.convert_to_numpy(model(X[start : start + batch_size], training=False))
+            for start in range(0, len(X), batch_size)
+        ]
+    )
 
 
 def _dataset(X, y, n_classes, batch_size, shuffle_seed=None, epochs=None):
@@ -103,7 +107,8 @@ def _dataset(X, y, n_classes, batch_size, shuffle_seed=None, epochs=None):
     X, Y = tf.constant(X), tf.constant(Y)
     seeds = tf.constant([shuffle_seed], tf.int64)
     batches = tf.data.Dataset.range(epochs).flat_map(
-        lambda epoch: tf.data.Dataset.from_tensor_slices(epoch_order(seeds, epoch, len(X))[0]).batch(batch_size))
+        lambda epoch: tf.data.Dataset.from_tensor_slices(epoch_order(seeds, epoch, len(X))[0]).batch(batch_size)
+    )
     return batches.map(lambda index: (tf.gather(X, index), tf.gather(Y, index))).prefetch(tf.data.AUTOTUNE)
 
 

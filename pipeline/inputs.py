@@ -41,7 +41,11 @@ _HEADERS = (
     ([(0, b"BM", None)], (18, 4, False, 0, 31, 0), (22, 4, False, 0, 31, 0)),
     # WebP: lossy, lossless, and extended if not animated (VP8X flag 2), as Pillow's
     # WebPImagePlugin._get_size reads them.
-    ([(0, b"RIFF", None), (8, b"WEBPVP8 ", None), (23, b"\x9d\x01\x2a", None)], (26, 2, False, 0, 14, 0), (28, 2, False, 0, 14, 0)),
+    (
+        [(0, b"RIFF", None), (8, b"WEBPVP8 ", None), (23, b"\x9d\x01\x2a", None)],
+        (26, 2, False, 0, 14, 0),
+        (28, 2, False, 0, 14, 0),
+    ),
     ([(0, b"RIFF", None), (8, b"WEBPVP8L", None), (20, b"\x2f", None)], (21, 4, False, 0, 14, 1), (21, 4, False, 14, 14, 1)),
     ([(0, b"RIFF", None), (8, b"WEBPVP8X", None), (20, b"\x00", b"\x02")], (24, 3, False, 0, 24, 1), (27, 3, False, 0, 24, 1)),
 )
@@ -318,4 +322,3 @@ def _reason(error):
     if isinstance(error, OSError) and error.strerror:  # from the OS: no path in the text
         return error.strerror.lower()
     return str(error).strip() or type(error).__name__
-

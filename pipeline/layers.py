@@ -50,8 +50,13 @@ def square_resize(images, image_size, resize):
     """
     pixels = keras.layers.Rescaling(1.0, dtype="float32", name="to_float32")(images)
     return keras.layers.Resizing(
-        image_size, image_size, interpolation="bilinear", antialias=True,
-        crop_to_aspect_ratio=resize == "center-crop", dtype="float32", name="resize",
+        image_size,
+        image_size,
+        interpolation="bilinear",
+        antialias=True,
+        crop_to_aspect_ratio=resize == "center-crop",
+        dtype="float32",
+        name="resize",
     )(pixels, training=False)
 
 

@@ -7,7 +7,8 @@ from typing import NamedTuple
 
 from pipeline.errors import PipelineError, first_line
 from pipeline.files import atomic_path, leftover_temps, locked, read_json, remove, storage_errors
-from pipeline.lineage import HEAD_NAME, RUN_CONFIG_NAME as CONFIG_NAME, sha256_file
+from pipeline.lineage import HEAD_NAME, sha256_file
+from pipeline.lineage import RUN_CONFIG_NAME as CONFIG_NAME
 
 METRICS_NAME = "metrics.json"
 LEADERBOARD_NAME = "leaderboard.csv"
@@ -41,7 +42,10 @@ def run_state(run_dir: Path, check_model: bool = False) -> RunState:
         model = run_dir / HEAD_NAME
         recorded = state.config.get("model_sha256")
         if not model.is_file() or (recorded is not None and sha256_file(model) != recorded):
-            return RunState(state.config, problem=f"run dir {run_dir} is damaged ({HEAD_NAME} is {'changed' if model.is_file() else 'missing'})")
+            return RunState(
+                state.config,
+                problem=f"run dir {run_dir} is damaged ({HEAD_NAME} is {'changed' if model.is_file() else 'missing'})",
+            )
     return state
 
 
@@ -150,7 +154,9 @@ def leaderboard(runs_dir: Path | str) -> tuple[list[dict], list[str]]:
     path = runs_dir / LEADERBOARD_NAME
     runs, problems = read_runs(runs_dir)
     if not runs and not path.is_file():
-        raise PipelineError(f"{runs_dir} has no {LEADERBOARD_NAME}; train into it first with `pipeline train REDUCED --runs {runs_dir}`")
+        raise PipelineError(
+            f"{runs_dir} has no {LEADERBOARD_NAME}; train into it first with `pipeline train REDUCED --runs {runs_dir}`"
+        )
     warnings_ = [f"{problem}; left out of the table" for problem in problems]
     text = _leaderboard_text(runs)
     try:

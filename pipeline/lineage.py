@@ -12,9 +12,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from pipeline.config import SOURCE_KEYS, ExtractConfig, WeightSource, sha256_json
@@ -110,7 +110,13 @@ def follow_link(pointer: Path, recorded: Link, base: Path, key_file: str, what: 
 
 
 def follow_link_bytes(
-    pointer: Path, recorded: Link, base: Path, key_file: str, what: str, changed: str, still_serves=None,
+    pointer: Path,
+    recorded: Link,
+    base: Path,
+    key_file: str,
+    what: str,
+    changed: str,
+    still_serves=None,
 ) -> tuple[Path, bytes]:
     """follow_link, and the bytes of `key_file` whose sha256 was checked: parse these, not a second read that may differ.
 
@@ -149,6 +155,7 @@ def extraction_sha256(manifest: dict) -> str | None:
 
 def _same_extraction(recorded: str | None):
     """still_serves for a features manifest: it was updated since, but its extraction is the one `recorded`."""
+
     def serves(data: bytes) -> bool:
         try:
             manifest = json.loads(data)
@@ -292,7 +299,11 @@ def _features_changed(reduced_dir: Path, report: dict) -> str | None:
     except (ValueError, AttributeError):
         generation = None
     then = report["inputs"].get("generation", 0)
-    updated = f" (extract updated it: generation {then}, now {generation})" if isinstance(generation, int) and generation != then else ""
+    updated = (
+        f" (extract updated it: generation {then}, now {generation})"
+        if isinstance(generation, int) and generation != then
+        else ""
+    )
     return (
         f"the features in {directory} changed since {reduced_dir} was reduced from them{updated}; this trains on the rows "
         "as they were then: reduce again (into another --out, or with --overwrite) to train on the current ones"
@@ -313,7 +324,9 @@ def load_lineage(run_dir: Path | str) -> Lineage:
             "which trains a damaged run again"
         ) from None
     if not isinstance(run, dict):
-        raise PipelineError(f"{config_path} is not a run record (a JSON object); rerun the `pipeline train` command that made the run")
+        raise PipelineError(
+            f"{config_path} is not a run record (a JSON object); rerun the `pipeline train` command that made the run"
+        )
     if run.get("kind") != "head":
         raise PipelineError(f"run {run_dir.name} is a {run.get('kind')} run without a Keras head; choose a head run")
     if not (run_dir / HEAD_NAME).is_file():
@@ -321,7 +334,11 @@ def load_lineage(run_dir: Path | str) -> Lineage:
 
     retrain = "rerun the `pipeline train` command that made the run, which trains a damaged run again"
     reduced_dir, report_bytes = follow_link_bytes(
-        config_path, recorded_link(config_path, run, "reduced", "reduced", retrain), run_dir.parent, REPORT_NAME, "reduced directory",
+        config_path,
+        recorded_link(config_path, run, "reduced", "reduced", retrain),
+        run_dir.parent,
+        REPORT_NAME,
+        "reduced directory",
         f"it changed since run {run_dir.name} was trained on it (reduced again?); train the head again on this reduced directory",
     )
     report_path = reduced_dir / REPORT_NAME
@@ -332,9 +349,13 @@ def load_lineage(run_dir: Path | str) -> Lineage:
     # An extract update since reduce changes the manifest but not the extraction the transform and head expect.
     recorded_extraction = report["inputs"].get("extraction_sha256") if isinstance(report.get("inputs"), dict) else None
     features_dir, manifest_bytes = follow_link_bytes(
-        report_path, recorded_link(report_path, report, "inputs", "features", rereduce), reduced_dir, MANIFEST_NAME, "features directory",
-        "the features changed since reduce, so reduce and train again", still_serves=_same_extraction(recorded_extraction),
+        report_path,
+        recorded_link(report_path, report, "inputs", "features", rereduce),
+        reduced_dir,
+        MANIFEST_NAME,
+        "features directory",
+        "the features changed since reduce, so reduce and train again",
+        still_serves=_same_extraction(recorded_extraction),
     )
     manifest = parse_record(features_dir / MANIFEST_NAME, manifest_bytes, FEATURES_FORMAT, "extract again")
     return Lineage(run_dir, reduced_dir, report, features_dir, manifest, run)
-

@@ -47,8 +47,15 @@ def csv_columns(top_k):
 
 
 def predict(
-    run_dir: Path | str, listing: Listing, out: Path | str, *, batch_size: int = 64, top_k: int = 3,
-    precision: str = "float32", weights: str | None = None, progress: "ProgressSink | None" = None,
+    run_dir: Path | str,
+    listing: Listing,
+    out: Path | str,
+    *,
+    batch_size: int = 64,
+    top_k: int = 3,
+    precision: str = "float32",
+    weights: str | None = None,
+    progress: "ProgressSink | None" = None,
 ) -> PredictResult:
     """Classify every image of a `sources.Listing` with a head run; one CSV row per image, sorted by id.
 
@@ -72,7 +79,11 @@ def predict(
             scratch = temp_sibling(out)  # beside --out, where there is room for what it writes, not in a small /tmp
             try:
                 result = extract(
-                    config, listing, scratch / "features", progress=progress, expected_weights=lineage.expected_weights(config.backbones)
+                    config,
+                    listing,
+                    scratch / "features",
+                    progress=progress,
+                    expected_weights=lineage.expected_weights(config.backbones),
                 )
                 for batch in open_features(result.out_dir).batches(lineage.taps, CHUNK_ROWS):
                     probabilities.update(zip(batch.ids, predict_proba(head, transform.transform(batch.matrix()))))

@@ -23,8 +23,8 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.config import ReduceConfig, tap_backbone
 from pipeline.engines.pool import cores, worker_threads
-from pipeline.estimators import RANDOMIZED_SEED, CovariancePCA, Moments, TapTransform, gram_sums
 from pipeline.errors import PipelineError
+from pipeline.estimators import RANDOMIZED_SEED, CovariancePCA, Moments, TapTransform, gram_sums
 from pipeline.features import Features, open_features
 from pipeline.files import atomic_path, lock_beside, output_guard, write_json
 from pipeline.lineage import MANIFEST_NAME, REPORT_NAME, follow_link, link, recorded_link
@@ -160,7 +160,11 @@ def _open_features(path, out_dir, options):
     ids, labels, given = live.ids.tolist(), live.labels, live.splits.tolist()
     splits = assign_splits(ids, labels, given, config.val_fraction, config.test_fraction, config.split_seed)
     return _Input(
-        path, live, config, labels, splits,
+        path,
+        live,
+        config,
+        labels,
+        splits,
         split_record={"source": split_source(given), "rule": SPLIT_RULE, "sha256": split_sha256(ids, labels, splits)},
         inputs={"kind": "features", **link(path, MANIFEST_NAME, out_dir).to_json("features")},
     )
@@ -179,7 +183,11 @@ def _open_reduced(path, out_dir, options):
     report_path = path / REPORT_NAME
     again = "reduce again with --overwrite (or probe the features directory)"
     features_dir = follow_link(
-        report_path, recorded_link(report_path, report, "inputs", "features", again), path, MANIFEST_NAME, "features directory",
+        report_path,
+        recorded_link(report_path, report, "inputs", "features", again),
+        path,
+        MANIFEST_NAME,
+        "features directory",
         "the features changed since reduce, so reduce again (or probe the features directory)",
     )
     live = open_features(features_dir)
@@ -187,8 +195,16 @@ def _open_reduced(path, out_dir, options):
     if live.ids.tolist() != reduced.ids:
         raise PipelineError(f"{path / REDUCED_NAME} holds other rows than {features_dir}; reduce again")
     return _Input(
-        path, live, config, reduced.labels, reduced.splits,
-        split_record={"source": report["splits"]["source"], "rule": rule_of(report["splits"]), "sha256": report["splits"]["sha256"]},
+        path,
+        live,
+        config,
+        reduced.labels,
+        reduced.splits,
+        split_record={
+            "source": report["splits"]["source"],
+            "rule": rule_of(report["splits"]),
+            "sha256": report["splits"]["sha256"],
+        },
         inputs={
             "kind": "reduced",
             "reduced": link(path, REPORT_NAME, out_dir).to_json("reduced"),
@@ -203,7 +219,9 @@ def _recorded_config(report_path, report, options):
         recorded = {**report["config"], "components": report["components"]}
     except (KeyError, TypeError) as e:
         missing = f"lacks {e}" if isinstance(e, KeyError) else "is not a mapping"
-        raise PipelineError(f"{report_path} has no complete record of its settings (it {missing}); reduce again with --overwrite") from None
+        raise PipelineError(
+            f"{report_path} has no complete record of its settings (it {missing}); reduce again with --overwrite"
+        ) from None
     return ReduceConfig.from_record(
         recorded, str(report_path), remedy="use the pipeline version that made it, or probe the features directory", **options
     )
@@ -300,7 +318,9 @@ def _train_covariance(source, tap_dims, is_train, bad=None):
         for X in masked_chunks(source.live, config.taps, is_train, config.batch_rows, bad):
             moments.add_rows(X)
             if shift is None:
-                shift = (moments.total / moments.count).astype(np.float32)  # near the mean, so the float32 Gram products stay accurate
+                shift = (moments.total / moments.count).astype(
+                    np.float32
+                )  # near the mean, so the float32 Gram products stay accurate
             yield X - shift
 
     sums = gram_sums(centered_chunks(), sum(tap_dims))
@@ -348,7 +368,7 @@ def _project(source, scaling, fitted):
     for X in masked_chunks(source.live, source.config.taps, source.labelled, source.config.batch_rows):
         scaled = scaling.scale(X)
         for out, (cols, pca) in zip(outputs, fitted):
-            out[at:at + len(X)] = pca.transform(scaled[:, cols])
+            out[at : at + len(X)] = pca.transform(scaled[:, cols])
         at += len(X)
     return outputs
 

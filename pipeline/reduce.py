@@ -14,14 +14,30 @@ from matplotlib.figure import Figure
 
 from pipeline import shards
 from pipeline.config import ReduceConfig
+from pipeline.errors import PipelineError
+
 # transform.joblib files written before estimators.py existed name TapTransform and CovariancePCA
 # under pipeline.reduce; unpickling them looks them up here.
-from pipeline.estimators import CovariancePCA  # noqa: F401
-from pipeline.estimators import GramSums, Moments, TapTransform, gram_sums, moment_sums
-from pipeline.errors import PipelineError
+from pipeline.estimators import (
+    CovariancePCA,  # noqa: F401
+    GramSums,
+    Moments,
+    TapTransform,
+    gram_sums,
+    moment_sums,
+)
 from pipeline.features import ShardPart, open_features, read_part
 from pipeline.files import atomic_dir, check_space, output_guard, read_json, storage_errors, write_json
-from pipeline.lineage import MANIFEST_NAME, REDUCED_FORMAT, REPORT_NAME, TRANSFORM_NAME, Link, extraction_sha256, link, sha256_file
+from pipeline.lineage import (
+    MANIFEST_NAME,
+    REDUCED_FORMAT,
+    REPORT_NAME,
+    TRANSFORM_NAME,
+    Link,
+    extraction_sha256,
+    link,
+    sha256_file,
+)
 from pipeline.reduced import CHECKED_OUTPUTS, PLOT_NAME, REDUCED_NAME, SPLITS, output_damage, write_reduced
 from pipeline.splits import SPLIT_RULE, assign_splits, empty_splits, rule_of, split_sha256, split_source
 
@@ -63,8 +79,10 @@ def choose_solver(config, n_train, dim, memory_bytes, engine="local"):
             solver = "full"
     if share and solver != "full":
         why = (
-            "--engine ray was asked for" if engine == "ray"
-            else f"the {n_train} x {dim} train matrix is too big for memory here" if config.solver == "auto"
+            "--engine ray was asked for"
+            if engine == "ray"
+            else f"the {n_train} x {dim} train matrix is too big for memory here"
+            if config.solver == "auto"
             else f"--solver {solver} was asked for"
         )
         raise PipelineError(
@@ -97,8 +115,12 @@ class ReduceResult:
 
 
 def reduce_features(
-    features_dir: Path | str, out_dir: Path | str, config: ReduceConfig = ReduceConfig(), overwrite: bool = False,
-    engine: str = "local", ray_address: str | None = None,
+    features_dir: Path | str,
+    out_dir: Path | str,
+    config: ReduceConfig = ReduceConfig(),
+    overwrite: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> ReduceResult:
     """Split, scale and PCA-reduce a features dir into `out_dir`; an identical finished one is a cache hit.
 
@@ -160,14 +182,17 @@ def _reduce(live, features, out_dir, config, engine, ray_address, started, damag
     with storage_errors(f"reduced directory {out_dir}", f"{previous}; free space (or fix the rights) and rerun the same command"):
         with atomic_dir(out_dir) as staging:
             reduced_rows = (transform.transform(chunk) for _, chunk in _chunks(live, config.taps, config.batch_rows))
-            write_reduced(staging / REDUCED_NAME, ids, labels, splits, transform.pca_.n_components_, reduced_rows, config.sha256())
+            write_reduced(
+                staging / REDUCED_NAME, ids, labels, splits, transform.pca_.n_components_, reduced_rows, config.sha256()
+            )
             joblib.dump(transform, staging / TRANSFORM_NAME)
             ratios = transform.pca_.explained_variance_ratio_.astype(float)
             _plot_explained_variance(ratios, staging / PLOT_NAME)
             report = {
                 "format": REDUCED_FORMAT,
                 "inputs": {
-                    **features.to_json("features"), "generation": manifest.get("generation", 0),
+                    **features.to_json("features"),
+                    "generation": manifest.get("generation", 0),
                     "extraction_sha256": extraction_sha256(manifest),
                 },
                 "config": config.to_dict(),
@@ -223,7 +248,9 @@ def _previous(out_dir, manifest_sha256, config, overwrite, manifest):
     report_path = out_dir / REPORT_NAME
     if not report_path.is_file():
         if any(out_dir.iterdir()):
-            raise PipelineError(f"--out {out_dir} is neither empty nor a reduced directory (no {REPORT_NAME}); give a new or empty directory")
+            raise PipelineError(
+                f"--out {out_dir} is neither empty nor a reduced directory (no {REPORT_NAME}); give a new or empty directory"
+            )
         return None, None
     try:
         previous = read_json(report_path)
@@ -297,7 +324,9 @@ class NonFinite:
 
     def check(self, features_dir, total):
         """Raise naming every tap with bad rows, how many, and the first one."""
-        bad = [f"tap {tap} in {self.rows[tap]} of {total} rows (first {self.first[tap]!r})" for tap in self.taps if self.rows[tap]]
+        bad = [
+            f"tap {tap} in {self.rows[tap]} of {total} rows (first {self.first[tap]!r})" for tap in self.taps if self.rows[tap]
+        ]
         if bad:
             raise PipelineError(
                 f"the features in {features_dir} hold NaN or Inf: {'; '.join(bad)}; PCA cannot use them, so extract "
@@ -318,7 +347,7 @@ def _train_rows(chunks, is_train, bad=None):
     """The train rows of each (ids, X) chunk, in order; chunks with NaN or Inf are only counted in `bad`."""
     start = 0
     for ids, X in chunks:
-        mask = is_train[start:start + len(X)]
+        mask = is_train[start : start + len(X)]
         start += len(X)
         if (bad is None or bad.clean(ids, X)) and mask.any():
             yield X[mask]
@@ -346,7 +375,9 @@ class ShardSumsTask:
 def _shard_sums_tasks(live, config, is_train):
     tap_dims = tuple(live.taps[t] for t in config.taps)
     return [
-        ShardSumsTask(live.path, part, live.ids[part.positions], config.taps, tap_dims, is_train[part.positions], config.batch_rows)
+        ShardSumsTask(
+            live.path, part, live.ids[part.positions], config.taps, tap_dims, is_train[part.positions], config.batch_rows
+        )
         for part in live.parts
     ]
 
@@ -387,7 +418,7 @@ def _stack(chunks, rows, dim):
     X = np.empty((rows, dim), dtype=np.float32)
     at = 0
     for chunk in chunks:
-        X[at:at + len(chunk)] = chunk
+        X[at : at + len(chunk)] = chunk
         at += len(chunk)
     return X
 
@@ -404,7 +435,9 @@ def _plot_explained_variance(ratios, path):
     cumulative = np.cumsum(ratios)
     ax.plot(np.arange(1, len(ratios) + 1), cumulative, marker=".")
     ax.set(
-        xlabel="components", ylabel="cumulative share of scaled variance", ylim=(0, 1.02),
+        xlabel="components",
+        ylabel="cumulative share of scaled variance",
+        ylim=(0, 1.02),
         title=f"{len(ratios)} components keep {cumulative[-1]:.1%} of the variance",
     )
     ax.grid(alpha=0.3)

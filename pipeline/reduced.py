@@ -21,7 +21,13 @@ CHECKED_OUTPUTS = (REDUCED_NAME, TRANSFORM_NAME)  # what later stages load: redu
 
 
 def write_reduced(
-    path: Path, ids: list[str], labels: np.ndarray, splits: np.ndarray, components: int, chunks: Iterable[np.ndarray], config_sha256: str
+    path: Path,
+    ids: list[str],
+    labels: np.ndarray,
+    splits: np.ndarray,
+    components: int,
+    chunks: Iterable[np.ndarray],
+    config_sha256: str,
 ) -> None:
     """reduced.h5: ids, labels, splits and X from `chunks` of reduced rows in order; no timestamps, so reruns give the same bytes."""
     with shards.create_h5(path) as f:
@@ -31,7 +37,7 @@ def write_reduced(
         X = f.create_dataset("X", shape=(len(ids), components), dtype=np.float32, track_times=False, fletcher32=True, chunks=True)
         start = 0
         for chunk in chunks:
-            X[start:start + len(chunk)] = chunk
+            X[start : start + len(chunk)] = chunk
             start += len(chunk)
         f.attrs["format"] = REDUCED_FORMAT
         f.attrs["config_sha256"] = config_sha256
@@ -48,7 +54,7 @@ def output_damage(reduced_dir: Path, report: dict) -> str | None:
     if "outputs" not in report:
         try:
             with h5py.File(reduced_dir / REDUCED_NAME, "r") as f:
-                f["X"].shape
+                f["X"].shape  # noqa: B018 (opening the dataset is the check)
         except (OSError, KeyError) as e:
             return f"{reduced_dir / REDUCED_NAME} cannot be read ({str(e).splitlines()[0]})"
     for name, recorded in report.get("outputs", {}).items():
@@ -89,7 +95,9 @@ def load_reduced(reduced_dir: Path | str) -> Reduced:
     reduced_dir = Path(reduced_dir)
     report_path = reduced_dir / REPORT_NAME
     if not report_path.is_file() or not (reduced_dir / REDUCED_NAME).is_file():
-        raise PipelineError(f"{reduced_dir} is not a reduced directory (it needs {REPORT_NAME} and {REDUCED_NAME}); run `pipeline reduce` first")
+        raise PipelineError(
+            f"{reduced_dir} is not a reduced directory (it needs {REPORT_NAME} and {REDUCED_NAME}); run `pipeline reduce` first"
+        )
     rerun = "rerun the same `pipeline reduce` command to rebuild it"
     with _reading(reduced_dir):
         try:
@@ -110,7 +118,9 @@ def load_reduced(reduced_dir: Path | str) -> Reduced:
                     X=f["X"][:],
                 )
         except (OSError, KeyError) as e:  # a reduced dir from before the sha256 was recorded
-            raise PipelineError(f"cannot read {reduced_dir / REDUCED_NAME} ({str(e).splitlines()[0]}); {rerun} with --overwrite") from None
+            raise PipelineError(
+                f"cannot read {reduced_dir / REDUCED_NAME} ({str(e).splitlines()[0]}); {rerun} with --overwrite"
+            ) from None
     return data
 
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, file_sha256, write_json
-from pipeline.lineage import FEATURES_FORMAT as FORMAT, MANIFEST_NAME, read_record
+from pipeline.lineage import FEATURES_FORMAT as FORMAT
+from pipeline.lineage import MANIFEST_NAME, read_record
 
 SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.h5$")
 _STR = h5py.string_dtype("utf-8")
@@ -107,8 +108,17 @@ def create_dataset(group, name, data):
 
 
 def write_shard(
-    path: Path, data: ShardData, *, index: int, config_sha256: str, config: dict, storage_dtype: str = "float32",
-    weights: dict | None = None, taps: list[dict] | None = None, device: dict | None = None, generation: int = 0,
+    path: Path,
+    data: ShardData,
+    *,
+    index: int,
+    config_sha256: str,
+    config: dict,
+    storage_dtype: str = "float32",
+    weights: dict | None = None,
+    taps: list[dict] | None = None,
+    device: dict | None = None,
+    generation: int = 0,
     classes: Sequence[str] | None = None,
 ) -> None:
     """Write one shard to `path` through a temp file; the attrs say which run (and generation) made it.
@@ -118,9 +128,12 @@ def write_shard(
     """
     listed = data.listed
     if listed is not None and listed.sha256 is None and listed.paths is not None:
-        listed = Listed(listed.ids, listed.sizes, listed.mtimes_ns, [
-            file_sha256(p, size, mtime) if p else "" for p, size, mtime in zip(listed.paths, listed.sizes, listed.mtimes_ns)
-        ])
+        listed = Listed(
+            listed.ids,
+            listed.sizes,
+            listed.mtimes_ns,
+            [file_sha256(p, size, mtime) if p else "" for p, size, mtime in zip(listed.paths, listed.sizes, listed.mtimes_ns)],
+        )
     with atomic_path(path) as tmp:
         with create_h5(tmp) as f:
             create_dataset(f, "ids", np.asarray(data.ids, dtype=object))
@@ -143,7 +156,14 @@ def write_shard(
             f.attrs["shard_index"] = index
             f.attrs["rows"] = data.rows
             f.attrs["generation"] = generation
-            named = (("config", config), ("errors", data.errors), ("fidelity", data.fidelity), ("weights", weights), ("taps", taps), ("device", device))
+            named = (
+                ("config", config),
+                ("errors", data.errors),
+                ("fidelity", data.fidelity),
+                ("weights", weights),
+                ("taps", taps),
+                ("device", device),
+            )
             if classes is not None:
                 named += (("classes", list(classes)),)
             for name, value in named:
@@ -188,6 +208,7 @@ def damage(path):
 
     Reads every dataset, so it costs a full read of the file.
     """
+
     def read(name, item):
         if isinstance(item, h5py.Dataset):
             item[()]
@@ -231,7 +252,9 @@ def list_taps(h5file):
     return keys
 
 
-def make_manifest(*, config, config_sha256, weights, taps, classes, shards, listed, errors, precision, timing, history=(), generation=None) -> Manifest:
+def make_manifest(
+    *, config, config_sha256, weights, taps, classes, shards, listed, errors, precision, timing, history=(), generation=None
+) -> Manifest:
     """The manifest dict; `taps` are dicts with key, backbone, layer, dim, pooling.
 
     A shard entry without `live`, `generation` or `retired` has every row live, in generation 0.
@@ -320,7 +343,9 @@ def verify(features_dir: Path | str, chunk_rows: int = 8192) -> list[str]:
         try:
             problems.extend(_verify_shard(features_dir, manifest, entry, state, chunk_rows))
         except OSError as e:  # a failed fletcher32 checksum, a truncated file
-            problems.append(f"{entry['file']} cannot be read ({e}); its bytes are damaged: extract again (the same command) to recompute its rows")
+            problems.append(
+                f"{entry['file']} cannot be read ({e}); its bytes are damaged: extract again (the same command) to recompute its rows"
+            )
     total = state["total"]
     if total != manifest["rows"]:
         problems.append(f"shards hold {total} live rows, manifest says {manifest['rows']}")
@@ -335,7 +360,9 @@ def verify(features_dir: Path | str, chunk_rows: int = 8192) -> list[str]:
         problems.append(f"{total} live rows + {len(manifest['errors'])} errors != {manifest['listed']} listed images")
     generations = [entry.get("generation", 0) for entry in manifest["shards"]]
     if generations and max(generations) > manifest.get("generation", 0):
-        problems.append(f"a shard of generation {max(generations)} is newer than the manifest's generation {manifest.get('generation', 0)}")
+        problems.append(
+            f"a shard of generation {max(generations)} is newer than the manifest's generation {manifest.get('generation', 0)}"
+        )
     return problems
 
 

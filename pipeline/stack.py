@@ -155,7 +155,9 @@ class _Program:
         self.uses_dropout = any(c.dropout for c in configs)
         self.seeds = tf.constant([c.seed for c in configs], tf.int64)[:, None, None]
         self.class_weights = tf.constant(
-            np.stack([self.data.class_weight if c.class_weight == "balanced" else np.ones(data.n_classes, np.float32) for c in configs])
+            np.stack(
+                [self.data.class_weight if c.class_weight == "balanced" else np.ones(data.n_classes, np.float32) for c in configs]
+            )
         )
         # Functions of this program alone (not methods, which TensorFlow would count as one function retraced per program)
         train_epoch = tf.function(lambda order: self._train_epoch(order))
@@ -199,7 +201,9 @@ class _Program:
         gradients = tape.gradient(total, self.variables)
         self.step.assign_add(1)
         t = tf.cast(self.step, tf.float32)
-        alpha = self.lr * tf.sqrt(1 - tf.pow(tf.constant(BETA_2, tf.float32), t)) / (1 - tf.pow(tf.constant(BETA_1, tf.float32), t))
+        alpha = (
+            self.lr * tf.sqrt(1 - tf.pow(tf.constant(BETA_2, tf.float32), t)) / (1 - tf.pow(tf.constant(BETA_1, tf.float32), t))
+        )
         for variable, m, v, gradient in zip(self.variables, self.m, self.v, gradients):
             m.assign_add((gradient - m) * (1 - BETA_1))
             v.assign_add((tf.square(gradient) - v) * (1 - BETA_2))
@@ -217,10 +221,10 @@ class _Program:
         heads = tf.shape(order)[0]
         loss_sum, hits = tf.zeros([heads]), tf.zeros([heads])
         for step in tf.range(full):
-            losses, step_hits = self._train_step(order[:, step * batch:(step + 1) * batch])
+            losses, step_hits = self._train_step(order[:, step * batch : (step + 1) * batch])
             loss_sum, hits = loss_sum + losses * batch, hits + step_hits
         if rows % batch:
-            losses, step_hits = self._train_step(order[:, full * batch:])
+            losses, step_hits = self._train_step(order[:, full * batch :])
             loss_sum, hits = loss_sum + losses * (rows % batch), hits + step_hits
         return hits / rows, loss_sum / rows
 
@@ -247,11 +251,20 @@ class _Program:
     def state(self, rows):
         """The _State of the heads at `rows`, to carry on in a smaller program."""
         take = lambda variables: [v.numpy()[rows] for v in variables]  # noqa: E731
-        return _State([self.heads[r] for r in rows], take(self.variables), take(self.m), take(self.v), take(self.best), int(self.step.numpy()))
+        return _State(
+            [self.heads[r] for r in rows],
+            take(self.variables),
+            take(self.m),
+            take(self.v),
+            take(self.best),
+            int(self.step.numpy()),
+        )
 
 
 def _uniform(seeds, step, layer, shape):
     """Uniform [0, 1) numbers of `shape` (K, rows, units) from a hash of (head seed, step, layer, row, unit)."""
     rows = tf.range(shape[1], dtype=tf.int64)[None, :, None]
     units = tf.range(shape[2], dtype=tf.int64)[None, None, :]
-    return tf.cast(tf.bitwise.right_shift(head.hash32(seeds, step, layer, rows, units), tf.constant(8, tf.int64)), tf.float32) / float(1 << 24)
+    return tf.cast(
+        tf.bitwise.right_shift(head.hash32(seeds, step, layer, rows, units), tf.constant(8, tf.int64)), tf.float32
+    ) / float(1 << 24)

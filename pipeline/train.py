@@ -20,11 +20,29 @@ from matplotlib.figure import Figure
 from pipeline.config import HeadConfig, ParallelConfig, load_toml, normalize_keys, sha256_json
 from pipeline.engines.pool import exit_if_orphaned, task_runner
 from pipeline.errors import PipelineError
-from pipeline.files import LockBusy, atomic_path, locked, make_dir, output_guard, remove, replace_dir, storage_errors, temp_sibling, write_json
-from pipeline.leaderboard import (
-    LEADERBOARD_LOCK, LEADERBOARD_NAME, LOCKS_DIR, METRICS_NAME, read_runs, run_state, write_leaderboard,
+from pipeline.files import (
+    LockBusy,
+    atomic_path,
+    locked,
+    make_dir,
+    output_guard,
+    remove,
+    replace_dir,
+    storage_errors,
+    temp_sibling,
+    write_json,
 )
-from pipeline.lineage import HEAD_NAME, REPORT_NAME, RUN_CONFIG_NAME as CONFIG_NAME, link, reduced_notes, sha256_file
+from pipeline.leaderboard import (
+    LEADERBOARD_LOCK,
+    LEADERBOARD_NAME,
+    LOCKS_DIR,
+    METRICS_NAME,
+    read_runs,
+    run_state,
+    write_leaderboard,
+)
+from pipeline.lineage import HEAD_NAME, REPORT_NAME, link, reduced_notes, sha256_file
+from pipeline.lineage import RUN_CONFIG_NAME as CONFIG_NAME
 from pipeline.reduced import load_reduced
 from pipeline.scoring import PROBE_MODEL, class_probabilities, fit_linear_probe, split_metrics
 
@@ -66,7 +84,9 @@ def sweep_configs(path: Path | str, overrides: dict | None = None) -> list[HeadC
             raise PipelineError(f"sweep file {path}: [grid] {key} must be a non-empty list of values, got {values!r}")
     clashes = sorted(set(overrides) & set(grid))
     if clashes:
-        raise PipelineError(f"--{clashes[0].replace('_', '-')} is given on the command line and is also a [grid] key in {path}; drop one")
+        raise PipelineError(
+            f"--{clashes[0].replace('_', '-')} is given on the command line and is also a [grid] key in {path}; drop one"
+        )
     configs = []
     for combination in itertools.product(*grid.values()):
         try:
@@ -77,9 +97,14 @@ def sweep_configs(path: Path | str, overrides: dict | None = None) -> list[HeadC
 
 
 def train(
-    reduced_dir: Path | str, runs_dir: Path | str, configs: list[HeadConfig], name: str | None = None,
-    parallel: ParallelConfig = ParallelConfig(), on_warning: Callable[[str], None] | None = None,
-    stack: bool = True, max_stack: int | None = None,
+    reduced_dir: Path | str,
+    runs_dir: Path | str,
+    configs: list[HeadConfig],
+    name: str | None = None,
+    parallel: ParallelConfig = ParallelConfig(),
+    on_warning: Callable[[str], None] | None = None,
+    stack: bool = True,
+    max_stack: int | None = None,
 ) -> Iterator[RunOutcome]:
     """Check everything, then return an iterator that trains the baseline and each head, yielding RunOutcomes.
 
@@ -122,7 +147,9 @@ def _check_trainable(data):
             "train needs a label on every row, so label them or leave them out of the source"
         )
     if not (data.splits == "val").any():
-        raise PipelineError(f"{data.path} has no val rows, which early stopping needs; reduce again with a --val-fraction above 0")
+        raise PipelineError(
+            f"{data.path} has no val rows, which early stopping needs; reduce again with a --val-fraction above 0"
+        )
     present = np.unique(data.labels[data.splits == "train"])
     if len(present) < 2:
         names = ", ".join(repr(str(data.classes[c])) for c in present) or "none"
@@ -173,7 +200,9 @@ def _check_name_free(runs_dir, run_id, run_sha, state=None):
     """Refuse a run id that an intact run of another config or reduced dir already has (`state`: its RunState, if read)."""
     state = run_state(runs_dir / run_id) if state is None else state
     if state.config is not None and state.config.get("run_sha256") != run_sha:
-        raise PipelineError(f"run {run_id} already exists in {runs_dir} with another config or reduced dir; choose another --name")
+        raise PipelineError(
+            f"run {run_id} already exists in {runs_dir} with another config or reduced dir; choose another --name"
+        )
 
 
 def _finished(runs_dir, planned):
@@ -249,7 +278,7 @@ def _groups(pending, data, stack, max_stack, workers):
         if workers > 1:  # several smaller stacks rather than idle workers
             size = min(size, -(-len(heads) // workers))
         count = -(-len(jobs) // size)
-        groups.extend(jobs[len(jobs) * k // count:len(jobs) * (k + 1) // count] for k in range(count))
+        groups.extend(jobs[len(jobs) * k // count : len(jobs) * (k + 1) // count] for k in range(count))
     return groups
 
 
@@ -266,7 +295,9 @@ def _load(reduced_dir, report_sha256):
     if key not in _loaded:
         data = load_reduced(reduced_dir)
         if data.report_sha256 != report_sha256:
-            raise PipelineError(f"{reduced_dir} was reduced again while this sweep ran; rerun the train command to train on the new reduction")
+            raise PipelineError(
+                f"{reduced_dir} was reduced again while this sweep ran; rerun the train command to train on the new reduction"
+            )
         _remember(data)
     return _loaded[key]
 
@@ -291,7 +322,9 @@ def _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait):
         for job in jobs:
             try:
                 lock = runs_dir / LOCKS_DIR / f"{job.run_id}.lock"
-                held.enter_context(output_guard(runs_dir / job.run_id, f"run {job.run_id} in {runs_dir}", lock_file=lock, wait=wait))
+                held.enter_context(
+                    output_guard(runs_dir / job.run_id, f"run {job.run_id} in {runs_dir}", lock_file=lock, wait=wait)
+                )
             except LockBusy:
                 results.append(job)
                 continue
@@ -303,8 +336,12 @@ def _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait):
         if not mine:
             return results
         data = _load(reduced_dir, report_sha256)
-        names = f"runs {mine[0].run_id} … {mine[-1].run_id} in {runs_dir}" if len(mine) > 1 else f"run {mine[0].run_id} in {runs_dir}"
-        with storage_errors(names, "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"):
+        names = (
+            f"runs {mine[0].run_id} … {mine[-1].run_id} in {runs_dir}" if len(mine) > 1 else f"run {mine[0].run_id} in {runs_dir}"
+        )
+        with storage_errors(
+            names, "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"
+        ):
             stagings = [held.enter_context(_staging(runs_dir / job.run_id)) for job in mine]
             written = []
             started = time.perf_counter()
@@ -316,10 +353,14 @@ def _run_stack(runs_dir, reduced_dir, report_sha256, jobs, wait):
                     model.set_weights(fit.weights)
                     seconds = (time.perf_counter() - started) / len(mine)  # its share of the stack's time so far
                     plots = [plotter.submit(head.write_tensorboard, fit.history, staging / "tensorboard")]
-                    metrics = _write_head(runs_dir, data, job, staging, model, fit.history, fit.best_epoch, seconds, len(mine), plotter, plots)
+                    metrics = _write_head(
+                        runs_dir, data, job, staging, model, fit.history, fit.best_epoch, seconds, len(mine), plotter, plots
+                    )
                     written.append((job, staging, metrics, plots))
 
-                stack.fit_stack([job.config for job in mine], *data.split_rows("train"), *data.split_rows("val"), len(data.classes), finished)
+                stack.fit_stack(
+                    [job.config for job in mine], *data.split_rows("train"), *data.split_rows("val"), len(data.classes), finished
+                )
             for job, staging, metrics, plots in written:
                 for plot in plots:
                     plot.result()  # raises what drawing it raised
@@ -341,7 +382,10 @@ def _train_planned(runs_dir, reduced_dir, report_sha256, planned, wait):
             if state.done:
                 return RunOutcome(planned.run_id, planned.kind, state.metrics, True)
             data = _load(reduced_dir, report_sha256)
-            with storage_errors(f"run {planned.run_id} in {runs_dir}", "the runs finished so far are kept; free space (or fix the rights) and rerun the same command"):
+            with storage_errors(
+                f"run {planned.run_id} in {runs_dir}",
+                "the runs finished so far are kept; free space (or fix the rights) and rerun the same command",
+            ):
                 with _staging(runs_dir / planned.run_id) as staging:
                     if planned.kind == "baseline":
                         metrics = _fit_baseline(runs_dir, data, planned, staging)
@@ -411,8 +455,12 @@ def _fit_head(runs_dir, data, job, staging):
     from pipeline import head  # TensorFlow loads only here, so that `pipeline runs` stays quick
 
     started = time.perf_counter()
-    fitted = head.fit_head(job.config, *data.split_rows("train"), *data.split_rows("val"), len(data.classes), staging / "tensorboard")
-    return _write_head(runs_dir, data, job, staging, fitted.model, fitted.history, fitted.best_epoch, time.perf_counter() - started)
+    fitted = head.fit_head(
+        job.config, *data.split_rows("train"), *data.split_rows("val"), len(data.classes), staging / "tensorboard"
+    )
+    return _write_head(
+        runs_dir, data, job, staging, fitted.model, fitted.history, fitted.best_epoch, time.perf_counter() - started
+    )
 
 
 def _write_head(runs_dir, data, job, staging, model, history, best_epoch, seconds, stack=None, plotter=None, plots=None):
@@ -430,18 +478,24 @@ def _write_head(runs_dir, data, job, staging, model, history, best_epoch, second
         raise PipelineError(f"run {job.run_id}: {e}; the runs finished so far are kept") from None
     model.save(staging / HEAD_NAME)
     metrics.update(epochs=len(history["loss"]), best_epoch=best_epoch, seconds=round(seconds + time.perf_counter() - started, 3))
-    write_json(staging / CONFIG_NAME, {
-        "run_id": job.run_id,
-        "kind": "head",
-        "run_sha256": job.run_sha,
-        "head": job.config.to_dict(),
-        "reduced": _reduced_record(runs_dir, data),
-        "model_sha256": sha256_file(staging / HEAD_NAME),
-        "stack": stack,  # heads trained with it as one program (stack.py); None: alone, with Keras's fit
-    })
+    write_json(
+        staging / CONFIG_NAME,
+        {
+            "run_id": job.run_id,
+            "kind": "head",
+            "run_sha256": job.run_sha,
+            "head": job.config.to_dict(),
+            "reduced": _reduced_record(runs_dir, data),
+            "model_sha256": sha256_file(staging / HEAD_NAME),
+            "stack": stack,  # heads trained with it as one program (stack.py); None: alone, with Keras's fit
+        },
+    )
     write_json(staging / METRICS_NAME, metrics)
     _write_history(history, staging / "history.csv")
-    drawings = [(_plot_curves, history, best_epoch, staging / "curves.png"), (_plot_confusion, metrics, data.classes, staging / "confusion.png")]
+    drawings = [
+        (_plot_curves, history, best_epoch, staging / "curves.png"),
+        (_plot_confusion, metrics, data.classes, staging / "confusion.png"),
+    ]
     for plot, *args in drawings:
         if plotter is None:
             plot(*args)

@@ -49,8 +49,18 @@ def features_dir(tmp_path):
     tap's class centers (default 1; 0 makes the tap pure noise), `scales` the whole tap.
     """
 
-    def make(n=120, taps=None, classes=("a", "b", "c"), splits=None, shard_size=50,
-             storage_dtype="float32", seed=0, name="features", scales=None, signal=None):
+    def make(
+        n=120,
+        taps=None,
+        classes=("a", "b", "c"),
+        splits=None,
+        shard_size=50,
+        storage_dtype="float32",
+        seed=0,
+        name="features",
+        scales=None,
+        signal=None,
+    ):
         taps = taps or {"resnet50/conv5_block3_out": 24, "vgg16/block5_conv3": 16}
         rng = np.random.default_rng(seed)
         out = tmp_path / name
@@ -60,7 +70,7 @@ def features_dir(tmp_path):
         split_of = splits or (lambda i: "")
         centers = {t: rng.normal(size=(len(classes), d)) * (signal or {}).get(t, 1.0) for t, d in taps.items()}
         config = {"taps": list(taps), "pooling": "avg", "synthetic_seed": seed}
-        sha = "synthetic-%d" % seed
+        sha = f"synthetic-{seed}"
         entries = []
         for index, start in enumerate(range(0, n, shard_size)):
             rows = slice(start, min(start + shard_size, n))
@@ -73,11 +83,19 @@ def features_dir(tmp_path):
             shards.write_shard(out / name_, data, index=index, config_sha256=sha, config=config, storage_dtype=storage_dtype)
             entries.append({"file": name_, "rows": data.rows})
         manifest = shards.make_manifest(
-            config=config, config_sha256=sha,
+            config=config,
+            config_sha256=sha,
             weights={t.split("/")[0]: {"source": "synthetic", "sha256": "0" * 64} for t in taps},
-            taps=[{"key": t, "backbone": t.split("/")[0], "layer": t.split("/")[1], "dim": d, "pooling": "avg"} for t, d in taps.items()],
-            classes=classes, shards=entries, listed=n, errors=[],
-            precision={"policy": "float32", "min_cosine_vs_float32": 1.0}, timing={"seconds": 0.0, "images_per_second": 0.0},
+            taps=[
+                {"key": t, "backbone": t.split("/")[0], "layer": t.split("/")[1], "dim": d, "pooling": "avg"}
+                for t, d in taps.items()
+            ],
+            classes=classes,
+            shards=entries,
+            listed=n,
+            errors=[],
+            precision={"policy": "float32", "min_cosine_vs_float32": 1.0},
+            timing={"seconds": 0.0, "images_per_second": 0.0},
         )
         shards.write_manifest(out, manifest)
         return out
@@ -97,8 +115,16 @@ def updated_features(features_dir):
     """
     import json
 
-    def make(n=60, shard_size=25, removed=(3, 4, 30), relabelled=(7, 41), added=(10, 20, 50), storage_dtype="float32", name="features",
-             before=None):
+    def make(
+        n=60,
+        shard_size=25,
+        removed=(3, 4, 30),
+        relabelled=(7, 41),
+        added=(10, 20, 50),
+        storage_dtype="float32",
+        name="features",
+        before=None,
+    ):
         out = features_dir(n=n, shard_size=shard_size, storage_dtype=storage_dtype, name=name)
         if before is not None:
             before(out)  # say, reduce generation 0
@@ -122,12 +148,20 @@ def updated_features(features_dir):
             rows.append((f"img{i:05d}.png", "c", "test", by_id[f"img{i:05d}.png"][2]))
         rows.sort()
         data = shards.ShardData(
-            [r[0] for r in rows], np.array([new_classes.index(r[1]) for r in rows], np.int32), [r[2] for r in rows],
+            [r[0] for r in rows],
+            np.array([new_classes.index(r[1]) for r in rows], np.int32),
+            [r[2] for r in rows],
             {t: np.stack([r[3][t] for r in rows]) for t in taps},
         )
         name_ = shards.shard_filename(len(manifest["shards"]))
-        shards.write_shard(out / name_, data, index=len(manifest["shards"]), config_sha256=manifest["config_sha256"],
-                           config=manifest["config"], storage_dtype=storage_dtype)
+        shards.write_shard(
+            out / name_,
+            data,
+            index=len(manifest["shards"]),
+            config_sha256=manifest["config_sha256"],
+            config=manifest["config"],
+            storage_dtype=storage_dtype,
+        )
         with h5py.File(out / name_, "r+") as f:
             f.attrs["classes"] = json.dumps(new_classes)
             f.attrs["generation"] = 1
@@ -140,8 +174,12 @@ def updated_features(features_dir):
             entry["retired"].sort()
             entry["live"] = entry["rows"] - len(entry["retired"])
         manifest["shards"].append({"file": name_, "rows": len(rows), "live": len(rows), "generation": 1, "retired": []})
-        manifest.update(classes=new_classes, rows=sum(e["live"] for e in manifest["shards"]), generation=1,
-                        listed=manifest["listed"] - len(removed) + len(added))
+        manifest.update(
+            classes=new_classes,
+            rows=sum(e["live"] for e in manifest["shards"]),
+            generation=1,
+            listed=manifest["listed"] - len(removed) + len(added),
+        )
         (out / "manifest.json").write_text(json.dumps(manifest))
         return out
 
@@ -206,8 +244,7 @@ def head_run(tmp_path_factory):
     from types import SimpleNamespace
 
     from pipeline import backbones
-    from pipeline.config import WeightSource
-    from pipeline.config import ExtractConfig, HeadConfig, ReduceConfig
+    from pipeline.config import ExtractConfig, HeadConfig, ReduceConfig, WeightSource
     from pipeline.extract import extract
     from pipeline.reduce import reduce_features
     from pipeline.sources import list_source
@@ -225,7 +262,10 @@ def head_run(tmp_path_factory):
     backbones.load_weights(vgg16, "vgg16", WeightSource("random", seed=5))
     vgg16.save_weights(root / "vgg16.weights.h5")
     config = ExtractConfig(
-        taps=("resnet50/conv2_block1_out", "vgg16/block1_pool"), image_size=32, precision="float32", batch_size=8,
+        taps=("resnet50/conv2_block1_out", "vgg16/block1_pool"),
+        image_size=32,
+        precision="float32",
+        batch_size=8,
         weights=f"resnet50=random,vgg16={root / 'vgg16.weights.h5'}",
     )
     extract(config, list_source(root / "images"), root / "features")
@@ -288,7 +328,11 @@ def failing_writes(monkeypatch):
 
         def guard(function, writes=lambda *args, **kwargs: True):
             def guarded(path, *args, **kwargs):
-                if not isinstance(path, int) and os.path.abspath(os.fspath(path)).startswith(directory) and writes(*args, **kwargs):
+                if (
+                    not isinstance(path, int)
+                    and os.path.abspath(os.fspath(path)).startswith(directory)
+                    and writes(*args, **kwargs)
+                ):
                     raise OSError(code, os.strerror(code), os.fspath(path))
                 return function(path, *args, **kwargs)
 

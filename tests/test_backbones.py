@@ -23,7 +23,9 @@ def test_catalogue_declares_shapes_and_strides():
 
 
 def test_an_unknown_tap_fails_listing_the_valid_ones():
-    with pytest.raises(PipelineError, match=r"unknown tap 'vgg16/block9_conv1'; valid vgg16 layers are: block1_conv1, .*block5_pool"):
+    with pytest.raises(
+        PipelineError, match=r"unknown tap 'vgg16/block9_conv1'; valid vgg16 layers are: block1_conv1, .*block5_pool"
+    ):
         backbones.check_taps(["vgg16/block9_conv1"], {"vgg16": backbones.build_backbone("vgg16", 32)})
 
 
@@ -46,9 +48,13 @@ def test_the_caffe_preprocessing_flips_and_subtracts_bit_for_bit_without_a_matmu
     images = keras.Input((5, 7, 3), dtype="float32")
     model = keras.Model(images, caffe_preprocessing(images))
     np.testing.assert_array_equal(np.asarray(model(pixels)), reference)
-    np.testing.assert_array_equal(np.asarray(model(pixels)), keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode="caffe"))
+    np.testing.assert_array_equal(
+        np.asarray(model(pixels)), keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode="caffe")
+    )
     np.testing.assert_array_equal(np.asarray(CaffePreprocess()(pixels)), reference)  # the layer older exports hold
-    assert not [layer for layer in model.layers if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]  # nothing TF32 rounds
+    assert not [
+        layer for layer in model.layers if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))
+    ]  # nothing TF32 rounds
     model.save(tmp_path / "caffe.keras")  # and it saves and loads with plain Keras
     np.testing.assert_array_equal(np.asarray(keras.saving.load_model(tmp_path / "caffe.keras")(pixels)), reference)
 
@@ -156,12 +162,15 @@ def test_imagenet_offline_says_where_to_put_the_file(tmp_path):
     assert "--weights random" in message and "--weights vgg16=PATH" in message
 
 
-@pytest.mark.parametrize("record, expected", [
-    ("imagenet", WeightSource("imagenet")),
-    ("random(seed=7)", WeightSource("random", seed=7)),
-    ("/models/vgg.weights.h5", WeightSource("file", path="/models/vgg.weights.h5")),
-    ({"kind": "random", "seed": 3}, WeightSource("random", seed=3)),
-])
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ("imagenet", WeightSource("imagenet")),
+        ("random(seed=7)", WeightSource("random", seed=7)),
+        ("/models/vgg.weights.h5", WeightSource("file", path="/models/vgg.weights.h5")),
+        ({"kind": "random", "seed": 3}, WeightSource("random", seed=3)),
+    ],
+)
 def test_weight_sources_load_from_records_old_and_new(record, expected):
     source = WeightSource.from_record(record)
     assert source == expected

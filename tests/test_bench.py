@@ -12,7 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline import backbones, shards
-from pipeline.bench import flops as bench_flops, report as bench_report, stage_two as bench_stage_two
+from pipeline.bench import flops as bench_flops
+from pipeline.bench import report as bench_report
+from pipeline.bench import stage_two as bench_stage_two
 from pipeline.bench.corpus import PHOTO_SIZE, write_corpus
 from pipeline.bench.flops import count_flops, matmul_gflops
 from pipeline.bench.runner import STAGES, BenchOptions, run_bench, seed_style_baseline
@@ -21,9 +23,20 @@ from pipeline.config import ReduceConfig
 from pipeline.errors import PipelineError
 
 TINY = dict(
-    image_size=32, taps=("vgg16:block1_conv2",), images=4, batch_size=2, repeats=1, matmul_size=64, large_images=1,
-    reduce_rows=(200, 400), shard_rows=200, tap_dims=(8, 8, 8, 8), components=4, head_epochs=1,
-    sweep_heads=4, sweep_epochs=1,
+    image_size=32,
+    taps=("vgg16:block1_conv2",),
+    images=4,
+    batch_size=2,
+    repeats=1,
+    matmul_size=64,
+    large_images=1,
+    reduce_rows=(200, 400),
+    shard_rows=200,
+    tap_dims=(8, 8, 8, 8),
+    components=4,
+    head_epochs=1,
+    sweep_heads=4,
+    sweep_epochs=1,
 )
 
 
@@ -38,7 +51,19 @@ def test_report_holds_every_stage_for_every_precision(tiny_report):
     report, out = tiny_report
     results = report["results"]
     policies = list(dict.fromkeys([report["settings"]["precision_auto"], "float32"]))
-    assert set(results) == {"model", "extract", "decode", "baseline", "flops", "fast_decode", "startup", "update", "reduce", "heads", "sweep"}
+    assert set(results) == {
+        "model",
+        "extract",
+        "decode",
+        "baseline",
+        "flops",
+        "fast_decode",
+        "startup",
+        "update",
+        "reduce",
+        "heads",
+        "sweep",
+    }
     for stage in ("model", "extract"):
         assert list(results[stage]) == policies
     assert list(results["flops"]["policies"]) == policies
@@ -101,7 +126,9 @@ def test_start_up_phases_come_in_order_and_reruns_are_timed(tiny_report):
         medians = [phases[phase]["median"] for phase in ("imports", "listing", "model_ready", "first_batch", "end")]
         assert medians == sorted(medians) and medians[0] > 0
     assert 0 < startup["up_to_date_seconds"]["median"] and 0 < startup["predict_one_seconds"]["median"]
-    assert set(startup["four_images_seconds"]) == {"--xla", "--no-xla"} and all(s["median"] > 0 for s in startup["four_images_seconds"].values())
+    assert set(startup["four_images_seconds"]) == {"--xla", "--no-xla"} and all(
+        s["median"] > 0 for s in startup["four_images_seconds"].values()
+    )
     assert "command start to first batch computed" in (out / "bench.md").read_text()
 
 
@@ -112,11 +139,15 @@ def test_a_target_that_needs_reduced_precision_is_not_applicable_where_auto_pick
     assert met["model bound / FLOP bound (float32)"] is False
     figures = {"min cosine vs float32 (mixed_bfloat16)": 0.98}
     assert {t["target"]: t["met"] for t in bench_report.targets(figures, ["mixed_bfloat16", "float32"])}[
-        "min cosine vs float32 (mixed_bfloat16)"] is False
+        "min cosine vs float32 (mixed_bfloat16)"
+    ] is False
 
 
 def test_sweep_speed_up_is_the_ratio_of_the_two_sweeps_and_has_a_target():
-    sweep = {"heads": 8, "jobs": {"1": {"seconds": bench_report.summarize([90.0])}, "2": {"seconds": bench_report.summarize([50.0])}}}
+    sweep = {
+        "heads": 8,
+        "jobs": {"1": {"seconds": bench_report.summarize([90.0])}, "2": {"seconds": bench_report.summarize([50.0])}},
+    }
     figures = bench_report.derived({"sweep": sweep}, "float32")
     assert figures == {"sweep speed-up, --jobs 2 over --jobs 1": 1.8}
     [target] = [t for t in bench_report.targets(figures, ["float32"]) if t["target"].startswith("sweep")]
@@ -276,7 +307,9 @@ def test_measure_load_reports_the_reader_s_rate_and_memory_against_its_arrays(tm
     features = bench_stage_two.write_synthetic_features(tmp_path / "features", 4000, 1000, dims)
     measured = bench_stage_two.measure_load(features)
     assert measured["rows"] == 4000 and measured["arrays_mb"] == pytest.approx(4000 * 256 * 2 / 2**20)  # float16 stays float16
-    assert measured["gb_per_second"] > 0 and measured["file_gb_per_second"] > 0 and measured["peak_rss_mb"] > measured["arrays_mb"]
+    assert (
+        measured["gb_per_second"] > 0 and measured["file_gb_per_second"] > 0 and measured["peak_rss_mb"] > measured["arrays_mb"]
+    )
 
 
 def test_options_reject_an_unknown_stage_naming_the_valid_ones():
@@ -299,7 +332,9 @@ def test_results_page_gets_the_new_tables_between_its_markers_and_keeps_its_comm
     page = f"# Results\nintro\n{bench_report.RESULTS_START}\nold table\n{bench_report.RESULTS_END}\n\ncommentary\n"
     updated = bench_report.replace_results_table(page, "| new | table |\n")
     assert "old table" not in updated
-    assert updated == f"# Results\nintro\n{bench_report.RESULTS_START}\n| new | table |\n{bench_report.RESULTS_END}\n\ncommentary\n"
+    assert (
+        updated == f"# Results\nintro\n{bench_report.RESULTS_START}\n| new | table |\n{bench_report.RESULTS_END}\n\ncommentary\n"
+    )
 
 
 def test_cli_bench_refuses_a_results_page_without_markers_before_running(tmp_path):

@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import shards
 from helpers import RANDOM_32PX
+from pipeline import shards
 
 
 def test_extract_prints_progress_and_a_closing_summary(tmp_path, image_tree, run_cli):
@@ -58,8 +58,16 @@ def test_config_file_fills_options_and_flags_win(tmp_path, image_tree, run_cli):
     config = manifest["config"]
     assert (config["image_size"], config["pooling"], config["shard_size"]) == (40, "avgmax", 2)
     assert manifest["taps"] == [
-        {"key": "vgg16/block1_pool", "backbone": "vgg16", "layer": "block1_pool", "channels": 64, "dim": 128,
-         "pooling": "avgmax", "stride": 2}]
+        {
+            "key": "vgg16/block1_pool",
+            "backbone": "vgg16",
+            "layer": "block1_pool",
+            "channels": 64,
+            "dim": 128,
+            "pooling": "avgmax",
+            "stride": 2,
+        }
+    ]
     assert len(manifest["shards"]) == 3
 
 
@@ -114,7 +122,7 @@ def test_missing_and_empty_sources(tmp_path, run_cli):
         ("image_size = [\n", 1, "is not valid TOML"),
         ("seed = 1.5\n", 1, "c.toml: seed 1.5 must be an integer"),
         ("seed = -3\n", 1, "c.toml: seed -3 must be an integer at least 0"),
-        ('image-size = 40\nimage_size = 48\n', 1, "sets image_size twice (as image-size and as image_size); keep one"),
+        ("image-size = 40\nimage_size = 48\n", 1, "sets image_size twice (as image-size and as image_size); keep one"),
         ("image_size = 100000\n", 1, "image_size 100000 must be an integer between 32 and 2048"),
         ('fast_decode = "yes"\n', 1, "fast_decode 'yes' must be true or false"),
         ("tap = [3]\n", 1, "tap [3] must be a string or a list of strings"),
@@ -192,11 +200,16 @@ def test_the_job_array_index_comes_from_the_flag_else_from_slurm(monkeypatch, en
     [
         ({}, ["--num-workers", 8], "Error: --num-workers 8 needs this task's index: pass --worker-index 0..7"),
         ({"SLURM_ARRAY_TASK_COUNT": "two"}, [], "Error: $SLURM_ARRAY_TASK_COUNT is 'two', not an integer of at least 1"),
-        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_STEP": "2"}, ["--num-workers", 4],
-         "Error: $SLURM_ARRAY_TASK_ID 3 is not $SLURM_ARRAY_TASK_MIN 0 plus a multiple of $SLURM_ARRAY_TASK_STEP 2"),
+        (
+            {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_STEP": "2"},
+            ["--num-workers", 4],
+            "Error: $SLURM_ARRAY_TASK_ID 3 is not $SLURM_ARRAY_TASK_MIN 0 plus a multiple of $SLURM_ARRAY_TASK_STEP 2",
+        ),
     ],
 )
-def test_a_job_array_task_without_a_usable_index_is_refused_in_one_sentence(tmp_path, image_tree, run_cli, monkeypatch, env, flags, message):
+def test_a_job_array_task_without_a_usable_index_is_refused_in_one_sentence(
+    tmp_path, image_tree, run_cli, monkeypatch, env, flags, message
+):
     for name in SLURM_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -207,10 +220,23 @@ def test_a_job_array_task_without_a_usable_index_is_refused_in_one_sentence(tmp_
 
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
-def test_an_unknown_tap_is_refused_before_out_is_made_or_a_model_or_ray_starts(tmp_path, image_tree, run_cli, monkeypatch, engine):
+def test_an_unknown_tap_is_refused_before_out_is_made_or_a_model_or_ray_starts(
+    tmp_path, image_tree, run_cli, monkeypatch, engine
+):
     monkeypatch.setattr("pipeline.engines.make_engine", lambda *a, **k: pytest.fail("an engine was started"))
-    result = run_cli("extract", image_tree(), "--out", tmp_path / "f", "--weights", "random", "--engine", engine,
-                     "--tap", "resnet50:conv4_block7_out", code=1)
+    result = run_cli(
+        "extract",
+        image_tree(),
+        "--out",
+        tmp_path / "f",
+        "--weights",
+        "random",
+        "--engine",
+        engine,
+        "--tap",
+        "resnet50:conv4_block7_out",
+        code=1,
+    )
     assert "Error: unknown tap 'resnet50/conv4_block7_out'; valid resnet50 layers are: conv1_pad, conv1_conv" in result.output
     assert not (tmp_path / "f").exists()
 

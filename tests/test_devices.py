@@ -51,8 +51,19 @@ def test_predict_asks_for_memory_growth_before_tensorflow_initialises_its_device
     env = {**os.environ}
     env.pop(devices.GROWTH_VARIABLE, None)
     done = subprocess.run(
-        [sys.executable, "-c", PREDICT_WITH_A_FAKE_GPU, "predict", str(head_run.run), str(head_run.root / "images"), "--out", str(tmp_path / "p.csv")],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-c",
+            PREDICT_WITH_A_FAKE_GPU,
+            "predict",
+            str(head_run.run),
+            str(head_run.root / "images"),
+            "--out",
+            str(tmp_path / "p.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     assert "EVENTS growth,head\n" in done.stdout  # asked once, first, and not refused
@@ -86,7 +97,9 @@ def test_a_user_s_growth_false_is_respected(monkeypatch):
 
 
 def test_the_command_prints_what_could_not_be_set(monkeypatch, run_cli):
-    monkeypatch.setattr(devices, "configure", lambda: ["TensorFlow had initialised GPU:0 before memory growth could be asked for"])
+    monkeypatch.setattr(
+        devices, "configure", lambda: ["TensorFlow had initialised GPU:0 before memory growth could be asked for"]
+    )
     result = run_cli("taps", "--backbone", "vgg16", "--image-size", 32)
     assert "warning: TensorFlow had initialised GPU:0 before memory growth" in result.output
 
@@ -146,25 +159,36 @@ def fake_nvidia_smi(tmp_path, monkeypatch, script):
 
 
 def test_nvidia_smi_gpus_are_parsed(tmp_path, monkeypatch):
-    fake_nvidia_smi(tmp_path, monkeypatch, 'echo "0, NVIDIA A100-SXM4-80GB, 81920, 8.0, 550.54.15"\necho "1, Tesla P4, 7680, 6.1, 550.54.15"\n')
+    fake_nvidia_smi(
+        tmp_path,
+        monkeypatch,
+        'echo "0, NVIDIA A100-SXM4-80GB, 81920, 8.0, 550.54.15"\necho "1, Tesla P4, 7680, 6.1, 550.54.15"\n',
+    )
     smi = devices.nvidia_smi()
     assert smi.installed and not smi.error
     assert [(g["name"], g["memory_mib"], g["compute_capability"]) for g in smi.gpus] == [
-        ("NVIDIA A100-SXM4-80GB", 81920, (8, 0)), ("Tesla P4", 7680, (6, 1))
+        ("NVIDIA A100-SXM4-80GB", 81920, (8, 0)),
+        ("Tesla P4", 7680, (6, 1)),
     ]
 
 
 def test_an_old_driver_without_compute_cap_is_asked_again_without_it(tmp_path, monkeypatch):
-    fake_nvidia_smi(tmp_path, monkeypatch, textwrap.dedent("""\
+    fake_nvidia_smi(
+        tmp_path,
+        monkeypatch,
+        textwrap.dedent("""\
         case "$1" in *compute_cap*) echo 'Field "compute_cap" is not a valid field to query.'; exit 2;; esac
         echo "0, Tesla K80, 11441, 470.82.01"
-    """))
+    """),
+    )
     (gpu,) = devices.nvidia_smi().gpus
     assert (gpu["name"], gpu["compute_capability"], gpu["driver"]) == ("Tesla K80", None, "470.82.01")
 
 
 def test_a_broken_driver_is_an_error_not_a_gpu_list(tmp_path, monkeypatch):
-    fake_nvidia_smi(tmp_path, monkeypatch, "echo \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"; exit 9\n")
+    fake_nvidia_smi(
+        tmp_path, monkeypatch, 'echo "NVIDIA-SMI has failed because it couldn\'t communicate with the NVIDIA driver."; exit 9\n'
+    )
     smi = devices.nvidia_smi()
     assert smi.installed and smi.gpus == () and "couldn't communicate with the NVIDIA driver" in smi.error
 
@@ -179,10 +203,22 @@ def test_extract_warns_loudly_when_nvidia_smi_lists_a_gpu_tensorflow_cannot_see(
     fake_nvidia_smi(tmp_path, monkeypatch, 'echo "0, Tesla T4, 15360, 7.5, 535.104.05"\n')
     root = image_tree(per_class=1)
     result = run_cli(
-        "extract", root, "--out", tmp_path / "f", "--weights", "random", "--image-size", 32, "--precision", "float32",
-        "--tap", "vgg16:block1_pool",
+        "extract",
+        root,
+        "--out",
+        tmp_path / "f",
+        "--weights",
+        "random",
+        "--image-size",
+        32,
+        "--precision",
+        "float32",
+        "--tap",
+        "vgg16:block1_pool",
     )
-    assert "WARNING: nvidia-smi lists 1 NVIDIA GPU(s) (Tesla T4) but TensorFlow sees none, so this runs on the CPU" in result.output
+    assert (
+        "WARNING: nvidia-smi lists 1 NVIDIA GPU(s) (Tesla T4) but TensorFlow sees none, so this runs on the CPU" in result.output
+    )
 
 
 @pytest.mark.parametrize(

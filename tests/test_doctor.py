@@ -14,8 +14,12 @@ CPU_BUILD = {"is_cuda_build": False}
 
 def probe_result(device="GPU:0", determinism=True, xla=True):
     return {
-        "device": device, "gpu_memory": {"GPU:0": 79 << 30} if device.startswith("GPU") else {},
-        "determinism": {"ok": determinism, "detail": "two runs gave the same bytes (0.1 s)" if determinism else "UnimplementedError: no deterministic kernel"},
+        "device": device,
+        "gpu_memory": {"GPU:0": 79 << 30} if device.startswith("GPU") else {},
+        "determinism": {
+            "ok": determinism,
+            "detail": "two runs gave the same bytes (0.1 s)" if determinism else "UnimplementedError: no deterministic kernel",
+        },
         "xla": {"ok": xla, "detail": "compiled and ran in 0.5 s" if xla else "InternalError: Couldn't get ptxas version"},
     }
 
@@ -45,8 +49,11 @@ def row(output, topic):
 
 def test_a_gpu_box_passes_and_says_what_auto_picks(machine, run_cli, tmp_path):
     machine(
-        smi=devices.NvidiaSmi(installed=True, gpus=(A100,)), gpus=[devices.TensorFlowGpu("/physical_device:GPU:0", "NVIDIA A100-SXM4-80GB", (8, 0))],
-        build=CUDA_BUILD, probe=probe_result(), packages={"tensorflow": "2.21.0", "nvidia-cudnn-cu12": "9.3.0.75"},
+        smi=devices.NvidiaSmi(installed=True, gpus=(A100,)),
+        gpus=[devices.TensorFlowGpu("/physical_device:GPU:0", "NVIDIA A100-SXM4-80GB", (8, 0))],
+        build=CUDA_BUILD,
+        probe=probe_result(),
+        packages={"tensorflow": "2.21.0", "nvidia-cudnn-cu12": "9.3.0.75"},
     )
     out = run_cli("doctor", "--out", tmp_path).output
     assert row(out, "nvidia-smi GPU 0") == ("ok", "NVIDIA A100-SXM4-80GB, 80 GiB, compute 8.0, driver 550.54.15")
@@ -66,13 +73,20 @@ def test_a_gpu_tensorflow_cannot_see_fails(machine, run_cli):
     machine(smi=devices.NvidiaSmi(installed=True, gpus=(A100,)), gpus=[], build=CPU_BUILD)
     result = run_cli("doctor", code=1)
     assert row(result.output, "TensorFlow GPUs") == ("FAIL", "none, though nvidia-smi lists 1")
-    assert row(result.output, "TensorFlow for the GPUs") == ("FAIL", "this TensorFlow is a CPU-only build")  # the cause, with the fix
+    assert row(result.output, "TensorFlow for the GPUs") == (
+        "FAIL",
+        "this TensorFlow is a CPU-only build",
+    )  # the cause, with the fix
     assert "make install TF_EXTRA=gpu" in result.output
     assert "Error: 2 problem(s) for a GPU run: TensorFlow for the GPUs; TensorFlow GPUs" in result.output
 
 
 def test_a_broken_driver_fails(machine, run_cli):
-    machine(smi=devices.NvidiaSmi(installed=True, error="NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."))
+    machine(
+        smi=devices.NvidiaSmi(
+            installed=True, error="NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
+        )
+    )
     result = run_cli("doctor", code=1)
     assert row(result.output, "nvidia-smi")[0] == "FAIL"
 
@@ -80,8 +94,10 @@ def test_a_broken_driver_fails(machine, run_cli):
 def test_an_old_driver_for_the_cuda_build_is_a_warning(machine, run_cli):
     old = {**A100, "driver": "470.82.01"}
     machine(
-        smi=devices.NvidiaSmi(installed=True, gpus=(old,)), gpus=[devices.TensorFlowGpu("/physical_device:GPU:0", "A100", (8, 0))],
-        build=CUDA_BUILD, probe=probe_result(),
+        smi=devices.NvidiaSmi(installed=True, gpus=(old,)),
+        gpus=[devices.TensorFlowGpu("/physical_device:GPU:0", "A100", (8, 0))],
+        build=CUDA_BUILD,
+        probe=probe_result(),
     )
     out = run_cli("doctor").output
     assert row(out, "NVIDIA driver") == ("warn", "470.82.01 is older than 525.60.13, the oldest CUDA 12 runs on")
@@ -89,8 +105,10 @@ def test_an_old_driver_for_the_cuda_build_is_a_warning(machine, run_cli):
 
 def test_a_gpu_without_float16_tensor_cores_gets_float32(machine, run_cli):
     machine(
-        smi=devices.NvidiaSmi(installed=True, gpus=(P4,)), gpus=[devices.TensorFlowGpu("/physical_device:GPU:0", "Tesla P4", (6, 1))],
-        build=CUDA_BUILD, probe=probe_result(),
+        smi=devices.NvidiaSmi(installed=True, gpus=(P4,)),
+        gpus=[devices.TensorFlowGpu("/physical_device:GPU:0", "Tesla P4", (6, 1))],
+        build=CUDA_BUILD,
+        probe=probe_result(),
     )
     out = run_cli("doctor").output
     assert row(out, "TensorFlow GPU:0")[0] == "warn" and "no float16 tensor cores" in out
@@ -100,8 +118,10 @@ def test_a_gpu_without_float16_tensor_cores_gets_float32(machine, run_cli):
 
 def test_failing_compute_checks_fail_on_a_gpu(machine, run_cli):
     machine(
-        smi=devices.NvidiaSmi(installed=True, gpus=(A100,)), gpus=[devices.TensorFlowGpu("/physical_device:GPU:0", "A100", (8, 0))],
-        build=CUDA_BUILD, probe=probe_result(determinism=False, xla=False),
+        smi=devices.NvidiaSmi(installed=True, gpus=(A100,)),
+        gpus=[devices.TensorFlowGpu("/physical_device:GPU:0", "A100", (8, 0))],
+        build=CUDA_BUILD,
+        probe=probe_result(determinism=False, xla=False),
     )
     result = run_cli("doctor", code=1)
     assert row(result.output, "op determinism") == ("FAIL", "UnimplementedError: no deterministic kernel on GPU:0")

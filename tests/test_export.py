@@ -5,10 +5,10 @@ import errno
 import functools
 import json
 import os
-import threading
-import time
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,9 +53,15 @@ def exports(head_run, tmp_path_factory):
     with open(root / "p.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["id"] for row in rows] == [name for name, _, _ in IMAGES]
-    predicted = {row["id"]: [float({row[f"top{k}_class"]: row[f"top{k}_prob"] for k in (1, 2, 3)}[c]) for c in CLASSES] for row in rows}
+    predicted = {
+        row["id"]: [float({row[f"top{k}_class"]: row[f"top{k}_prob"] for k in (1, 2, 3)}[c]) for c in CLASSES] for row in rows
+    }
     return SimpleNamespace(
-        root=root, keras_out=keras_out, saved_out=saved_out, probabilities=predicted, classes={row["id"]: row["predicted"] for row in rows},
+        root=root,
+        keras_out=keras_out,
+        saved_out=saved_out,
+        probabilities=predicted,
+        classes={row["id"]: row["predicted"] for row in rows},
     )
 
 
@@ -66,10 +72,18 @@ def legacy_model(transform):
     pca = ScaledPCA(2, name="scaled_pca")
     reduced = pca(pooled)
     whitening = np.sqrt(transform.pca_.explained_variance_)
-    pca.set_weights([
-        np.asarray(array, np.float32) for array in
-        (transform.scaler_.mean_, transform.multiplier_, transform.pca_.mean_, transform.pca_.components_.T, whitening)
-    ])
+    pca.set_weights(
+        [
+            np.asarray(array, np.float32)
+            for array in (
+                transform.scaler_.mean_,
+                transform.multiplier_,
+                transform.pca_.mean_,
+                transform.pca_.components_.T,
+                whitening,
+            )
+        ]
+    )
     probabilities = keras.layers.Dense(3, activation="softmax", kernel_initializer="ones")(reduced)
     return keras.Model(images, ClassNames(CLASSES, name="probabilities")(probabilities))
 
@@ -141,7 +155,10 @@ def loaded(exports, tmp_path_factory):
     files = json.dumps([name for name, _, _ in IMAGES])
     done = subprocess.run(
         [sys.executable, "-c", LOAD, str(exports.root), str(checkout), files],
-        capture_output=True, text=True, cwd=tmp_path_factory.mktemp("fresh"), env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path_factory.mktemp("fresh"),
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -149,7 +166,10 @@ def loaded(exports, tmp_path_factory):
 
 
 def test_the_cli_says_what_it_wrote_and_how_to_load_it(exports):
-    assert "uint8 images (batch, height, width, 3) -> squash to 32 px -> taps -> PCA (6) -> head -> 3 probabilities" in exports.keras_out
+    assert (
+        "uint8 images (batch, height, width, 3) -> squash to 32 px -> taps -> PCA (6) -> head -> 3 probabilities"
+        in exports.keras_out
+    )
     assert "keras.saving.load_model(" in exports.keras_out and "nothing from pipeline is needed" in exports.keras_out
     assert f"to {exports.root / 'serving' / '1'}: encoded images (serving_default) or uint8 pixels (pixels)" in exports.saved_out
     assert "classes: a, b, c" in exports.keras_out and "classes: a, b, c" in exports.saved_out
@@ -252,7 +272,20 @@ def test_an_existing_version_is_replaced_only_with_overwrite(head_run, exports, 
     (serving / "3").mkdir(parents=True)
     (serving / "3" / "old").write_text("")
     weights = f"resnet50=random,vgg16={head_run.root / 'vgg16.weights.h5'}"
-    args = ("export", head_run.run, "--out", serving, "--format", "saved_model", "--version", 3, "--image-size", 48, "--weights", weights)
+    args = (
+        "export",
+        head_run.run,
+        "--out",
+        serving,
+        "--format",
+        "saved_model",
+        "--version",
+        3,
+        "--image-size",
+        48,
+        "--weights",
+        weights,
+    )
     refused = invoke(*args, code=1)
     assert f"{serving / '3'} already exists; pass --version N for a new version, or --overwrite to replace it" in refused.output
     assert os.listdir(serving / "3") == ["old"]
@@ -279,14 +312,27 @@ def test_another_image_size_in_a_keras_file(head_run, tmp_path):
     assert model.predict(np.zeros((1, 20, 30, 3), np.uint8), verbose=0)["probabilities"].shape == (1, 3)
 
 
-@pytest.mark.parametrize("out, args, code, message", [
-    ("model.h5", [], 1, "--out {tmp}/model.h5 must end in .keras, the file type Keras saves whole models as (--format saved_model writes a directory)"),
-    ("model.keras", ["--image-size", 16], 2, "Invalid value for '--image-size'"),
-    ("model.keras", ["--format", "onnx"], 2, "Invalid value for '--format': 'onnx' is not one of 'keras', 'saved_model'"),
-    ("model.keras", ["--version", 2], 1, "--version 2 applies only to --format saved_model; a .keras file has no versions"),
-    ("model.keras", ["--format", "saved_model"], 1, "--out {tmp}/model.keras is a .keras file name, but --format saved_model writes a directory"),
-    ("serving", ["--format", "saved_model", "--version", 0], 2, "Invalid value for '--version': 0 is not in the range x>=1"),
-])
+@pytest.mark.parametrize(
+    "out, args, code, message",
+    [
+        (
+            "model.h5",
+            [],
+            1,
+            "--out {tmp}/model.h5 must end in .keras, the file type Keras saves whole models as (--format saved_model writes a directory)",
+        ),
+        ("model.keras", ["--image-size", 16], 2, "Invalid value for '--image-size'"),
+        ("model.keras", ["--format", "onnx"], 2, "Invalid value for '--format': 'onnx' is not one of 'keras', 'saved_model'"),
+        ("model.keras", ["--version", 2], 1, "--version 2 applies only to --format saved_model; a .keras file has no versions"),
+        (
+            "model.keras",
+            ["--format", "saved_model"],
+            1,
+            "--out {tmp}/model.keras is a .keras file name, but --format saved_model writes a directory",
+        ),
+        ("serving", ["--format", "saved_model", "--version", 0], 2, "Invalid value for '--version': 0 is not in the range x>=1"),
+    ],
+)
 def test_bad_options_are_one_clear_error(head_run, tmp_path, out, args, code, message):
     result = invoke("export", head_run.run, "--out", tmp_path / out, *args, code=code)
     assert message.format(tmp=tmp_path) in result.output
@@ -310,16 +356,28 @@ def tree(directory):
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("format_, fail", [
-    ("keras", lambda monkeypatch: monkeypatch.setattr(keras.Model, "save", raising_os_error(errno.ENOSPC))),
-    ("saved_model", lambda monkeypatch: monkeypatch.setattr(
-        type(keras.export.ExportArchive()), "write_out",  # the backend's subclass, which ExportArchive() makes
-        raising(tf.errors.ResourceExhaustedError(None, None, "out/.1.tmp/variables; No space left on device")),
-    )),
-    ("saved_model", lambda monkeypatch: monkeypatch.setattr(
-        type(keras.export.ExportArchive()), "write_out", raising(tf.errors.PermissionDeniedError(None, None, "Read-only file system")),
-    )),
-])
+@pytest.mark.parametrize(
+    "format_, fail",
+    [
+        ("keras", lambda monkeypatch: monkeypatch.setattr(keras.Model, "save", raising_os_error(errno.ENOSPC))),
+        (
+            "saved_model",
+            lambda monkeypatch: monkeypatch.setattr(
+                type(keras.export.ExportArchive()),
+                "write_out",  # the backend's subclass, which ExportArchive() makes
+                raising(tf.errors.ResourceExhaustedError(None, None, "out/.1.tmp/variables; No space left on device")),
+            ),
+        ),
+        (
+            "saved_model",
+            lambda monkeypatch: monkeypatch.setattr(
+                type(keras.export.ExportArchive()),
+                "write_out",
+                raising(tf.errors.PermissionDeniedError(None, None, "Read-only file system")),
+            ),
+        ),
+    ],
+)
 def test_a_failed_write_is_one_sentence_and_keeps_the_previous_export(head_run, tmp_path, monkeypatch, format_, fail):
     """Regression: a full disk during model.save / write_out was a traceback."""
     out = tmp_path / ("model.keras" if format_ == "keras" else "serving")
@@ -330,12 +388,15 @@ def test_a_failed_write_is_one_sentence_and_keeps_the_previous_export(head_run, 
     result = invoke(*args, code=1)
     assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
     assert "cannot write" in result.output and "the previous" in result.output and "is unchanged" in result.output
-    assert tree(tmp_path) == before and not [p for p in (out.parent if format_ == "keras" else out).iterdir() if p.name.endswith(".tmp")]
+    assert tree(tmp_path) == before and not [
+        p for p in (out.parent if format_ == "keras" else out).iterdir() if p.name.endswith(".tmp")
+    ]
 
 
 def raising(error):
     def fail(*args, **kwargs):
         raise error
+
     return fail
 
 
@@ -409,6 +470,7 @@ def test_an_overwrite_whose_final_rename_fails_puts_the_old_version_back(tmp_pat
     target = tmp_path / "serving" / "1"
     target.parent.mkdir()  # as export's _check_writable does
     export_module._write(target, False, functools.partial(export_module._save_saved_model, FakeArchive(b"old")))
+
     def replace(src, dst):  # the new version into place (after the old one was moved aside)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import shards
-from pipeline.config import ExtractConfig
-from pipeline.backbones import resolve
 from helpers import SMALL_TAPS, read_rows
+from pipeline import shards
+from pipeline.backbones import resolve
+from pipeline.config import ExtractConfig
+
 
 def shard_arrays(features):
     """Every dataset of every shard, for byte-for-byte comparison."""
@@ -35,11 +36,27 @@ def test_float32_features_equal_plain_keras_applications(tmp_path, image_tree, r
         model.save_weights(tmp_path / f"{name}.weights.h5")
         weights[name] = model
     spec = ",".join(f"{n}={tmp_path / n}.weights.h5" for n in weights)
-    run_cli("extract", root, "--out", tmp_path / "f", "--weights", spec, "--precision", "float32",
-            "--image-size", size, "--batch-size", 2)
+    run_cli(
+        "extract",
+        root,
+        "--out",
+        tmp_path / "f",
+        "--weights",
+        spec,
+        "--precision",
+        "float32",
+        "--image-size",
+        size,
+        "--batch-size",
+        2,
+    )
     rows, manifest = read_rows(tmp_path / "f")
     assert [t["key"] for t in manifest["taps"]] == [
-        "resnet50/conv4_block6_out", "resnet50/conv5_block3_out", "vgg16/block4_conv3", "vgg16/block5_conv3"]
+        "resnet50/conv4_block6_out",
+        "resnet50/conv5_block3_out",
+        "vgg16/block4_conv3",
+        "vgg16/block5_conv3",
+    ]
     ids = sorted(rows)
     pixels = np.stack([np.asarray(Image.open(root / i), np.float32) for i in ids])
     for key in rows[ids[0]]:
@@ -71,8 +88,21 @@ def test_center_crop_uses_the_central_square(tmp_path, run_cli):
 def test_same_inputs_and_config_give_byte_identical_features(tmp_path, image_tree, run_cli):
     root = image_tree(per_class=5)
     for out in ("one", "two"):
-        run_cli("extract", root, "--out", tmp_path / out, "--weights", "random", "--image-size", 32,
-                "--shard-size", 4, "--batch-size", 3, *SMALL_TAPS)
+        run_cli(
+            "extract",
+            root,
+            "--out",
+            tmp_path / out,
+            "--weights",
+            "random",
+            "--image-size",
+            32,
+            "--shard-size",
+            4,
+            "--batch-size",
+            3,
+            *SMALL_TAPS,
+        )
     first, second = shard_arrays(tmp_path / "one"), shard_arrays(tmp_path / "two")
     assert len(first) == 3 and first == second
     m1, m2 = shards.read_manifest(tmp_path / "one"), shards.read_manifest(tmp_path / "two")
@@ -158,9 +188,26 @@ def awkward(tmp_path_factory):
     (root / "bad/truncated.jpg").write_bytes(full[: len(full) // 3])
     (root / "bad/text.png").write_text("this is not an image\n")
     out = root.parent / "features"
-    result = CliRunner().invoke(cli, [
-        "extract", str(root), "--out", str(out), "--weights", "random", "--image-size", "32",
-        "--precision", "float32", "--shard-size", "4", "--batch-size", "3", *SMALL_TAPS])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "extract",
+            str(root),
+            "--out",
+            str(out),
+            "--weights",
+            "random",
+            "--image-size",
+            "32",
+            "--precision",
+            "float32",
+            "--shard-size",
+            "4",
+            "--batch-size",
+            "3",
+            *SMALL_TAPS,
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows, manifest = read_rows(out)
     return root, out, rows, manifest, result.output
@@ -169,8 +216,23 @@ def awkward(tmp_path_factory):
 def test_every_odd_but_valid_image_becomes_a_row(awkward):
     _, _, rows, manifest, _ = awkward
     assert sorted(i for i in rows if i.startswith("ok/")) == sorted(
-        f"ok/{n}" for n in ["cmyk.jpg", "gray.png", "gray16.png", "rgba.png", "palette.png", "anim.gif", "red.png",
-                            "tiny.png", "large.png", "page.tiff", "photo.webp", "really_png.jpg", "scan.bmp"])
+        f"ok/{n}"
+        for n in [
+            "cmyk.jpg",
+            "gray.png",
+            "gray16.png",
+            "rgba.png",
+            "palette.png",
+            "anim.gif",
+            "red.png",
+            "tiny.png",
+            "large.png",
+            "page.tiff",
+            "photo.webp",
+            "really_png.jpg",
+            "scan.bmp",
+        ]
+    )
     assert all(np.isfinite(v).all() for taps in rows.values() for v in taps.values())
 
 
@@ -195,15 +257,42 @@ def test_gif_uses_its_first_frame_and_rows_stay_aligned_with_ids(awkward):
 def test_on_error_fail_stops_and_names_the_file(tmp_path, image_tree, run_cli):
     root = image_tree(per_class=2)
     (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n")
-    result = run_cli("extract", root, "--out", tmp_path / "f", "--weights", "random", "--image-size", 32,
-                     "--on-error", "fail", *SMALL_TAPS, code=1)
+    result = run_cli(
+        "extract",
+        root,
+        "--out",
+        tmp_path / "f",
+        "--weights",
+        "random",
+        "--image-size",
+        32,
+        "--on-error",
+        "fail",
+        *SMALL_TAPS,
+        code=1,
+    )
     assert "cannot decode" in result.output and "broken.png" in result.output
     assert not (tmp_path / "f" / "manifest.json").exists()
 
 
 def extract_argv(root, out):
-    return [sys.executable, "-m", "pipeline", "extract", str(root), "--out", str(out), "--weights", "random",
-            "--image-size", "64", "--shard-size", "8", "--batch-size", "4"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        str(root),
+        "--out",
+        str(out),
+        "--weights",
+        "random",
+        "--image-size",
+        "64",
+        "--shard-size",
+        "8",
+        "--batch-size",
+        "4",
+    ]
 
 
 def test_a_run_killed_midway_resumes_to_the_same_bytes(tmp_path, image_tree, run_cli):

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import FAST, files_bytes, without_timing
 from pipeline import shards
 from pipeline.engines import worker as worker_module
 from pipeline.engines.worker import row_cosines
 from pipeline.files import locked
-from helpers import FAST, files_bytes, without_timing
+
 
 def test_whole_shard_files_are_byte_identical_across_runs(tmp_path, image_tree, run_cli):
     root = image_tree(per_class=3)
@@ -112,7 +113,9 @@ def test_an_up_to_date_rerun_or_one_that_only_writes_the_manifest_builds_no_mode
     monkeypatch.setattr("pipeline.engines.make_engine", lambda *a, **k: pytest.fail("a model was built"))
     assert "up to date" in run_cli("extract", root, "--out", tmp_path / "f", *FAST, "--shard-size", 4).output
     (tmp_path / "f" / "manifest.json").unlink()
-    assert "0 shards written, 2 already done" in run_cli("extract", root, "--out", tmp_path / "f", *FAST, "--shard-size", 4).output
+    assert (
+        "0 shards written, 2 already done" in run_cli("extract", root, "--out", tmp_path / "f", *FAST, "--shard-size", 4).output
+    )
 
 
 def test_an_edited_manifest_is_rebuilt_from_the_shards(tmp_path, image_tree, run_cli):
@@ -212,13 +215,32 @@ def test_an_output_below_a_file_is_one_sentence(tmp_path, image_tree, run_cli):
 
 
 def extract_argv(root, out, *extra):
-    return [sys.executable, "-m", "pipeline", "extract", str(root), "--out", str(out), *FAST, "--shard-size", "2", *map(str, extra)]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        str(root),
+        "--out",
+        str(out),
+        *FAST,
+        "--shard-size",
+        "2",
+        *map(str, extra),
+    ]
 
 
 def test_job_array_tasks_then_a_plain_rerun_give_the_plain_run_s_bytes(tmp_path, image_tree, run_cli):
     root = image_tree(per_class=5)  # 10 images, 5 shards
-    tasks = [subprocess.Popen(extract_argv(root, tmp_path / "array", "--num-workers", 2, "--worker-index", i),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    tasks = [
+        subprocess.Popen(
+            extract_argv(root, tmp_path / "array", "--num-workers", 2, "--worker-index", i),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [task.communicate(timeout=300) for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], outputs
     assert "job-array task 0 of 2: 3 shards written" in outputs[0][0]
@@ -251,7 +273,10 @@ def test_flipped_feature_bytes_fail_verify(tmp_path, image_tree, run_cli):
     data[chunk.byte_offset + 5] ^= 0xFF
     path.write_bytes(bytes(data))
     result = run_cli("inspect", tmp_path / "f", "--verify", code=1)
-    assert "shard-00000.h5 cannot be read" in result.output and "extract again (the same command) to recompute its rows" in result.output
+    assert (
+        "shard-00000.h5 cannot be read" in result.output
+        and "extract again (the same command) to recompute its rows" in result.output
+    )
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

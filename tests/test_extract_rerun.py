@@ -6,10 +6,11 @@ import shutil
 import h5py
 import pytest
 
+from helpers import FAST, write_image_tree
 from pipeline import shards
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
-from helpers import FAST, write_image_tree
+
 
 def edit_shard_config(path, **changes):
     with h5py.File(path, "r+") as f:
@@ -22,7 +23,9 @@ def test_a_run_config_is_rebuilt_from_its_record_and_unknown_settings_are_one_se
     record = {**config.to_dict(), "source": "/images", "source_sha256": "0" * 64}
     assert ExtractConfig.from_record(record, "r") == config
     assert ExtractConfig.from_record(record, "r", pooling="max").pooling == "max"
-    with pytest.raises(PipelineError, match=r"^r records extraction settings this version does not know \(colour\); use the pipeline"):
+    with pytest.raises(
+        PipelineError, match=r"^r records extraction settings this version does not know \(colour\); use the pipeline"
+    ):
         ExtractConfig.from_record({**record, "colour": "red"}, "r")
 
 
@@ -47,8 +50,23 @@ def test_overwrite_is_refused_in_a_job_array_task_and_nothing_is_deleted(tmp_pat
     root, out = image_tree(), tmp_path / "f"
     run_cli("extract", root, "--out", out, *FAST, "--shard-size", 2)
     before = outputs(out)
-    result = run_cli("extract", root, "--out", out, *FAST, "--shard-size", 2, "--pooling", "max", "--overwrite",
-                     "--num-workers", 2, "--worker-index", 1, code=1)
+    result = run_cli(
+        "extract",
+        root,
+        "--out",
+        out,
+        *FAST,
+        "--shard-size",
+        2,
+        "--pooling",
+        "max",
+        "--overwrite",
+        "--num-workers",
+        2,
+        "--worker-index",
+        1,
+        code=1,
+    )
     assert "Error: --overwrite is refused in a job-array task (here task 1 of 2)" in result.output
     assert f"replace the old features with a plain run first, or delete {out}" in result.output
     assert outputs(out) == before
@@ -128,7 +146,9 @@ def test_the_space_check_counts_what_overwrite_frees(tmp_path, monkeypatch):
     _check_space(tmp_path, 1000, 1, taps, "float32", freeable=4 * 2**20)  # 5 MiB with the old features'
 
 
-def test_temp_files_a_concurrent_task_makes_while_the_directory_is_read_are_never_foreign(tmp_path, image_tree, run_cli, monkeypatch):
+def test_temp_files_a_concurrent_task_makes_while_the_directory_is_read_are_never_foreign(
+    tmp_path, image_tree, run_cli, monkeypatch
+):
     """Regression: three listings of --out (temps, shards, everything) disagreed when a task wrote in between."""
     import pathlib
 
@@ -194,7 +214,9 @@ def two_shards(tmp_path_factory):
         (lambda path: path.write_bytes(b"\xff\xfe"), "could not be read ("),
     ],
 )
-def test_an_edited_or_broken_manifest_is_rebuilt_from_the_shards_without_computing(tmp_path, two_shards, run_cli, monkeypatch, edit, warning):
+def test_an_edited_or_broken_manifest_is_rebuilt_from_the_shards_without_computing(
+    tmp_path, two_shards, run_cli, monkeypatch, edit, warning
+):
     root, finished, args = two_shards
     out = tmp_path / "f"
     shutil.copytree(finished, out)

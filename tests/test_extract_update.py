@@ -37,8 +37,11 @@ def live_rows(out):
                 continue
             assert image_id not in rows, f"{image_id} is live twice"
             label = int(data.labels[row])
-            rows[image_id] = (classes[label] if label >= 0 else None, data.splits[row],
-                              {key: values[row].tobytes() for key, values in data.features.items()})
+            rows[image_id] = (
+                classes[label] if label >= 0 else None,
+                data.splits[row],
+                {key: values[row].tobytes() for key, values in data.features.items()},
+            )
     return rows
 
 
@@ -72,7 +75,9 @@ def test_an_update_computes_only_new_and_changed_images_and_rewrites_no_shard(tm
     manifest = shards.read_manifest(out)
     assert manifest["generation"] == 1 and manifest["rows"] == 7 and manifest["listed"] == 7
     assert [(e["file"], e["generation"], e["live"], e["retired"]) for e in manifest["shards"]] == [
-        ("shard-00000.h5", 0, 4, []), ("shard-00001.h5", 0, 1, [0]), ("shard-00002.h5", 1, 2, []),  # dog/001.png's old row retired
+        ("shard-00000.h5", 0, 4, []),
+        ("shard-00001.h5", 0, 1, [0]),
+        ("shard-00002.h5", 1, 2, []),  # dog/001.png's old row retired
     ]
     assert [{k: h[k] for k in ("generation", "added", "changed", "computed", "rows")} for h in manifest["history"]] == [
         {"generation": 0, "added": 6, "changed": 0, "computed": 6, "rows": 6},
@@ -108,7 +113,9 @@ def test_removed_images_are_retired_and_restored_without_a_model(tmp_path, image
     assert [h["generation"] for h in shards.read_manifest(out)["history"]] == [0, 1, 2]
 
 
-def test_a_relabel_copies_the_row_bytes_without_a_model_and_a_new_class_shifts_no_bytes(tmp_path, image_tree, run_cli, monkeypatch):
+def test_a_relabel_copies_the_row_bytes_without_a_model_and_a_new_class_shifts_no_bytes(
+    tmp_path, image_tree, run_cli, monkeypatch
+):
     root, out = image_tree(), tmp_path / "f"
     lines = ["path,label,split"] + [f"{p.relative_to(root)},{p.parent.name},train" for p in sorted(root.glob("*/*.png"))]
     (root / "list.csv").write_text("\n".join(lines) + "\n")
@@ -131,7 +138,9 @@ def test_a_relabel_copies_the_row_bytes_without_a_model_and_a_new_class_shifts_n
     }
 
 
-def test_a_rewrite_of_the_same_bytes_is_no_change_and_a_moved_image_keeps_its_features(tmp_path, image_tree, run_cli, monkeypatch):
+def test_a_rewrite_of_the_same_bytes_is_no_change_and_a_moved_image_keeps_its_features(
+    tmp_path, image_tree, run_cli, monkeypatch
+):
     root, out = image_tree(), tmp_path / "f"
     run_cli("extract", root, "--out", out, *ARGS)
     rows_before = live_rows(out)
@@ -175,9 +184,15 @@ def test_a_shard_that_fails_its_checksum_is_recomputed_by_the_advised_rerun(tmp_
     rows_before = live_rows(out)
     flip_a_feature_byte(out / "shard-00000.h5")
     verified = run_cli("inspect", out, "--verify", code=1)
-    assert "shard-00000.h5 cannot be read" in verified.output and "extract again (the same command) to recompute its rows" in verified.output
+    assert (
+        "shard-00000.h5 cannot be read" in verified.output
+        and "extract again (the same command) to recompute its rows" in verified.output
+    )
     repaired = run_cli("extract", root, "--out", out, *ARGS)
-    assert f"warning: {out / 'shard-00000.h5'} was damaged (" in repaired.output and "so its rows were computed again" in repaired.output
+    assert (
+        f"warning: {out / 'shard-00000.h5'} was damaged (" in repaired.output
+        and "so its rows were computed again" in repaired.output
+    )
     assert "1 shards written" in repaired.output and not (out / "shard-00000.h5").exists()
     assert shards.verify(out) == [] and live_rows(out) == rows_before
     assert f"{out} is up to date" in run_cli("extract", root, "--out", out, *ARGS).output
@@ -258,7 +273,9 @@ def test_a_job_array_update_writes_the_plain_update_s_bytes(tmp_path, image_tree
     assert "(0 shards written" in final.output
     plain, array = shard_files(tmp_path / "plain"), shard_files(tmp_path / "array")
     assert {name: b for name, (_, b) in plain.items()} == {name: b for name, (_, b) in array.items()}
-    assert shards.without_run_facts(shards.read_manifest(tmp_path / "plain")) == shards.without_run_facts(shards.read_manifest(tmp_path / "array"))
+    assert shards.without_run_facts(shards.read_manifest(tmp_path / "plain")) == shards.without_run_facts(
+        shards.read_manifest(tmp_path / "array")
+    )
 
 
 def test_compact_drops_retired_rows_keeps_live_bytes_and_the_next_rerun_is_up_to_date(tmp_path, image_tree, run_cli, monkeypatch):
@@ -273,11 +290,17 @@ def test_compact_drops_retired_rows_keeps_live_bytes_and_the_next_rerun_is_up_to
     inspected = run_cli("inspect", out)
     assert "generation 0: 2 shards, 4 live rows, 2 retired" in inspected.output
     assert "generation 1: 1 shard, 2 live rows, 0 retired" in inspected.output
-    assert "update 1 at " in inspected.output and "added 1, changed 1, removed 1, restored 0, relabeled 0, computed 2" in inspected.output
+    assert (
+        "update 1 at " in inspected.output
+        and "added 1, changed 1, removed 1, restored 0, relabeled 0, computed 2" in inspected.output
+    )
     result = run_cli("compact", out)
     assert f"compacted {out}: 6 live rows kept, 2 retired rows dropped, 3 -> 2 shards" in result.output
     compacted = shards.read_manifest(out)
-    assert [(e["file"], e["rows"], e["retired"]) for e in compacted["shards"]] == [("shard-00000.h5", 4, []), ("shard-00001.h5", 2, [])]
+    assert [(e["file"], e["rows"], e["retired"]) for e in compacted["shards"]] == [
+        ("shard-00000.h5", 4, []),
+        ("shard-00001.h5", 2, []),
+    ]
     assert compacted["history"] == manifest["history"] and compacted["generation"] == 1
     assert live_rows(out) == rows and shards.verify(out) == [] and not list(tmp_path.glob(".f.*"))
     assert "has no retired rows; nothing to compact" in run_cli("compact", out).output
@@ -324,12 +347,17 @@ def test_inspect_verify_checks_the_retired_bookkeeping(tmp_path, image_tree, run
         assert "problem: " in run_cli("inspect", out, "--verify", code=1).output
         return "\n".join(shards.verify(out))
 
-    assert "shard-00000.h5: retired rows must be ascending, unique and within 0..3" in problems(lambda m: m["shards"][0].update(retired=[3, 9]))
+    assert "shard-00000.h5: retired rows must be ascending, unique and within 0..3" in problems(
+        lambda m: m["shards"][0].update(retired=[3, 9])
+    )
     assert "shard-00000.h5: 4 live rows, but 4 rows less 1 retired are 3" in problems(lambda m: m["shards"][0].update(live=4))
     assert "'dog/000.png' is live" not in problems(lambda m: m["shards"][0].update(retired=[], live=4))
     assert "shards hold 6 live rows, manifest says 5" in problems(lambda m: m["shards"][0].update(retired=[], live=4))
     later = problems(lambda m: m["shards"][0].update(generation=2))
-    assert "shard-00000.h5 is of generation 0, manifest says 2" in later and "a shard of generation 2 is newer than the manifest's generation 1" in later
+    assert (
+        "shard-00000.h5 is of generation 0, manifest says 2" in later
+        and "a shard of generation 2 is newer than the manifest's generation 1" in later
+    )
     (out / "manifest.json").write_text(json.dumps(good))
     assert "verified: 2 shards, 5 rows, no problems" in run_cli("inspect", out, "--verify").output
 
@@ -339,8 +367,10 @@ def test_other_feature_settings_are_refused_naming_each_setting(tmp_path, image_
     run_cli("extract", root, "--out", out, *ARGS)
     picture(root / "cat" / "003.png", seed=7)  # other images alone are an update, so only the settings are named
     result = run_cli("extract", root, "--out", out, *ARGS, "--pooling", "max", "--image-size", "40", code=1)
-    assert (f"{out} holds features made with other settings (pooling: 'avg' -> 'max', image_size: 32 -> 40); "
-            "use another --out or pass --overwrite") in result.output
+    assert (
+        f"{out} holds features made with other settings (pooling: 'avg' -> 'max', image_size: 32 -> 40); "
+        "use another --out or pass --overwrite"
+    ) in result.output
 
 
 def test_a_ray_update_writes_the_local_update_s_bytes(tmp_path, image_tree, run_cli):
@@ -356,4 +386,6 @@ def test_a_ray_update_writes_the_local_update_s_bytes(tmp_path, image_tree, run_
     assert update_line(result) == "update: added 3, changed 0, removed 1, restored 0, relabeled 0, unchanged 5, computed 3"
     local, ray_ = shard_files(tmp_path / "local"), shard_files(tmp_path / "ray")
     assert {name: b for name, (_, b) in local.items()} == {name: b for name, (_, b) in ray_.items()} and len(ray_) == 5
-    assert shards.without_run_facts(shards.read_manifest(tmp_path / "ray")) == shards.without_run_facts(shards.read_manifest(tmp_path / "local"))
+    assert shards.without_run_facts(shards.read_manifest(tmp_path / "ray")) == shards.without_run_facts(
+        shards.read_manifest(tmp_path / "local")
+    )

@@ -55,8 +55,19 @@ def test_fast_decode_is_part_of_the_config_hash():
 
 
 def test_extract_flag_reaches_the_saved_config(photo, tmp_path):
-    args = ["extract", str(photo[0].parent), "--out", str(tmp_path / "features"), "--weights", "random",
-            "--image-size", "32", "--tap", "vgg16:block1_conv2", "--fast-decode"]
+    args = [
+        "extract",
+        str(photo[0].parent),
+        "--out",
+        str(tmp_path / "features"),
+        "--weights",
+        "random",
+        "--image-size",
+        "32",
+        "--tap",
+        "vgg16:block1_conv2",
+        "--fast-decode",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "features" / "manifest.json").read_text())

@@ -89,23 +89,31 @@ def test_an_unknown_tap_names_the_known_ones(features_dir):
 # --- the manifest is checked against the shards
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["classes"].reverse(), r"lists its classes as \['c', 'b', 'a'\], not sorted and unique"),
-    (lambda m: m.pop("taps"), "has no 'taps' record"),
-    (lambda m: m.pop("classes"), "has no 'classes' record"),
-    (lambda m: m["taps"].pop(), r"lists taps resnet50/conv5_block3_out \(24\), but shard-00000.h5 holds"),
-    (lambda m: m["taps"][0].update(dim=25), "lists taps resnet50/conv5_block3_out \\(25\\)"),
-    (lambda m: m["shards"][1].update(rows=29), "says shard-00001.h5 holds 29 rows, but it holds 30"),
-    (lambda m: m.update(rows=61), "says 61 live rows, but its shards leave 60 live"),
-    (lambda m: m["shards"][0].update(retired=[5, 2]), "retires rows of shard-00000.h5 that are not ascending row numbers"),
-    (lambda m: m["shards"][0].update(retired=[30]), "retires rows of shard-00000.h5 that are not ascending row numbers below its 30"),
-    (lambda m: m["shards"][0].update(retired=[1], live=30), "says shard-00000.h5 has 30 live rows, but it retires 1 of 30"),
-    (lambda m: m.update(classes=["a", "b"]), "lists 2 classes, but shard-00000.h5 has rows labelled 2"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["classes"].reverse(), r"lists its classes as \['c', 'b', 'a'\], not sorted and unique"),
+        (lambda m: m.pop("taps"), "has no 'taps' record"),
+        (lambda m: m.pop("classes"), "has no 'classes' record"),
+        (lambda m: m["taps"].pop(), r"lists taps resnet50/conv5_block3_out \(24\), but shard-00000.h5 holds"),
+        (lambda m: m["taps"][0].update(dim=25), "lists taps resnet50/conv5_block3_out \\(25\\)"),
+        (lambda m: m["shards"][1].update(rows=29), "says shard-00001.h5 holds 29 rows, but it holds 30"),
+        (lambda m: m.update(rows=61), "says 61 live rows, but its shards leave 60 live"),
+        (lambda m: m["shards"][0].update(retired=[5, 2]), "retires rows of shard-00000.h5 that are not ascending row numbers"),
+        (
+            lambda m: m["shards"][0].update(retired=[30]),
+            "retires rows of shard-00000.h5 that are not ascending row numbers below its 30",
+        ),
+        (lambda m: m["shards"][0].update(retired=[1], live=30), "says shard-00000.h5 has 30 live rows, but it retires 1 of 30"),
+        (lambda m: m.update(classes=["a", "b"]), "lists 2 classes, but shard-00000.h5 has rows labelled 2"),
+    ],
+)
 def test_a_manifest_that_disagrees_with_its_shards_is_one_sentence(features_dir, change, message):
     features = features_dir(n=60, shard_size=30)
     edit_manifest(features, change)
-    with pytest.raises(PipelineError, match=message + ".*; rerun the same `pipeline extract` command, which rebuilds the manifest"):
+    with pytest.raises(
+        PipelineError, match=message + ".*; rerun the same `pipeline extract` command, which rebuilds the manifest"
+    ):
         open_features(features)
 
 
@@ -151,11 +159,16 @@ def test_damaged_features_are_one_sentence(features_dir):
 
 
 @pytest.mark.parametrize("command", [["inspect"], ["inspect", "--verify"], ["reduce"]])
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["classes"].reverse(), r"lists its classes as \['c', 'b', 'a'\], not sorted and unique"),
-    (lambda m: m.pop("taps"), "has no 'taps' record"),
-])
-def test_inspect_and_reduce_refuse_a_manifest_that_disagrees_with_its_shards(features_dir, tmp_path, run_cli, command, change, message):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["classes"].reverse(), r"lists its classes as \['c', 'b', 'a'\], not sorted and unique"),
+        (lambda m: m.pop("taps"), "has no 'taps' record"),
+    ],
+)
+def test_inspect_and_reduce_refuse_a_manifest_that_disagrees_with_its_shards(
+    features_dir, tmp_path, run_cli, command, change, message
+):
     features = features_dir(n=60, shard_size=30)
     edit_manifest(features, change)
     args = ["--out", tmp_path / "reduced"] if command == ["reduce"] else command[1:]
@@ -165,13 +178,27 @@ def test_inspect_and_reduce_refuse_a_manifest_that_disagrees_with_its_shards(fea
         assert output.startswith("problem: ") and output.strip().splitlines()[-1] == f"Error: 1 problem(s) in {features}"
     else:
         assert output.startswith("Error: ") and len(output.strip().splitlines()) == 1
-    assert re.search(message + ".*; rerun the same `pipeline extract` command, which rebuilds the manifest from the shards", output)
+    assert re.search(
+        message + ".*; rerun the same `pipeline extract` command, which rebuilds the manifest from the shards", output
+    )
     assert not (tmp_path / "reduced").exists()
 
 
 def test_inspect_counts_live_rows_only(tmp_path, image_tree, run_cli):
-    run_cli("extract", image_tree(), "--out", tmp_path / "f", "--weights", "random", "--image-size", "32",
-            "--tap", "vgg16:block1_pool", "--shard-size", "4")
+    run_cli(
+        "extract",
+        image_tree(),
+        "--out",
+        tmp_path / "f",
+        "--weights",
+        "random",
+        "--image-size",
+        "32",
+        "--tap",
+        "vgg16:block1_pool",
+        "--shard-size",
+        "4",
+    )
     assert "6 rows in 2 shards" in run_cli("inspect", tmp_path / "f").output
     edit_manifest(tmp_path / "f", lambda m: (m["shards"][0].update(retired=[0, 2], live=2), m.update(rows=4)))
     assert "4 rows in 2 shards" in run_cli("inspect", tmp_path / "f").output
@@ -187,13 +214,20 @@ def one_generation_copy(features, live_rows, out, shard_size=20):
     out.mkdir()
     entries = []
     for index, start in enumerate(range(0, len(ids), shard_size)):
-        part = ids[start:start + shard_size]
+        part = ids[start : start + shard_size]
         data = shards.ShardData(
-            part, np.array([manifest["classes"].index(rows[i][0]) for i in part], np.int32), [rows[i][1] for i in part],
+            part,
+            np.array([manifest["classes"].index(rows[i][0]) for i in part], np.int32),
+            [rows[i][1] for i in part],
             {key: np.stack([rows[i][2][key] for i in part]) for key in TAPS},
         )
-        shards.write_shard(out / shards.shard_filename(index), data, index=index, config_sha256=manifest["config_sha256"],
-                           config=manifest["config"])
+        shards.write_shard(
+            out / shards.shard_filename(index),
+            data,
+            index=index,
+            config_sha256=manifest["config_sha256"],
+            config=manifest["config"],
+        )
         entries.append({"file": shards.shard_filename(index), "rows": len(part)})
     manifest.update(shards=entries, rows=len(ids), generation=0)
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -228,12 +262,22 @@ def test_a_reduce_after_an_update_is_a_new_reduce_and_training_the_old_one_says_
         run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", "4", "--val-fraction", "0.2")
 
     features = updated_features(before=reduce_generation_0)
-    output = run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", "4", "--val-fraction", "0.2", code=1).output
-    assert "already holds a different reduction (made from the features before extract updated them (generation 0, now 1))" in output
+    output = run_cli(
+        "reduce", features, "--out", tmp_path / "reduced", "--components", "4", "--val-fraction", "0.2", code=1
+    ).output
+    assert (
+        "already holds a different reduction (made from the features before extract updated them (generation 0, now 1))" in output
+    )
     trained = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "runs", "--epochs", "1", "--hidden", "4").output
-    assert "warning: the features in" in trained and "(extract updated it: generation 0, now 1); this trains on the rows as they were" in trained
+    assert (
+        "warning: the features in" in trained
+        and "(extract updated it: generation 0, now 1); this trains on the rows as they were" in trained
+    )
     run_cli("reduce", features, "--out", tmp_path / "reduced-1", "--components", "4", "--val-fraction", "0.2")
-    assert "warning" not in run_cli("train", tmp_path / "reduced-1", "--runs", tmp_path / "runs-1", "--epochs", "1", "--hidden", "4").output
+    assert (
+        "warning"
+        not in run_cli("train", tmp_path / "reduced-1", "--runs", tmp_path / "runs-1", "--epochs", "1", "--hidden", "4").output
+    )
 
 
 def test_check_features_counts_live_rows_without_reading_ids(updated_features, live_rows, monkeypatch):
@@ -257,5 +301,7 @@ def test_a_shard_with_every_row_retired_is_skipped(updated_features, live_rows):
     edit_manifest(features, retire_shard_1)
     expected = live_rows(features)
     loaded = load_features(features)
-    assert loaded.ids.tolist() == sorted(expected) and "img00026.png" not in loaded.ids and "img00041.png" in loaded.ids  # its copy
+    assert (
+        loaded.ids.tolist() == sorted(expected) and "img00026.png" not in loaded.ids and "img00041.png" in loaded.ids
+    )  # its copy
     assert np.concatenate([b.ids for b in open_features(features).batches(batch_rows=5)]).tolist() == sorted(expected)

@@ -11,15 +11,20 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from helpers import FAST, encoded, read_rows
 from pipeline import shards
 from pipeline.cli import cli
-from pipeline.sources import MAX_FILE_BYTES
-from pipeline.sources import list_source
-from helpers import FAST, encoded, read_rows
+from pipeline.sources import MAX_FILE_BYTES, list_source
 
 SMALL = [*FAST, "--precision", "float32"]
-FORMATS = {"jpg": ("JPEG", {"quality": 95}), "png": ("PNG", {}), "gif": ("GIF", {}), "tif": ("TIFF", {}),
-           "webp": ("WEBP", {"lossless": True}), "bmp": ("BMP", {})}
+FORMATS = {
+    "jpg": ("JPEG", {"quality": 95}),
+    "png": ("PNG", {}),
+    "gif": ("GIF", {}),
+    "tif": ("TIFF", {}),
+    "webp": ("WEBP", {"lossless": True}),
+    "bmp": ("BMP", {}),
+}
 
 
 def picture(seed, size=24):
@@ -94,14 +99,32 @@ def hostile(tmp_path_factory, bomb_bytes):
     (root / "notes/readme.txt").write_text("nothing to see")
 
     out = base / "features"
-    argv = [sys.executable, "-m", "pipeline", "extract", str(root), "--out", str(out), *SMALL,
-            "--shard-size", "16", "--batch-size", "8"]
+    argv = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        str(root),
+        "--out",
+        str(out),
+        *SMALL,
+        "--shard-size",
+        "16",
+        "--batch-size",
+        "8",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # a hang fails here
     assert done.returncode == 0, done.stderr[-3000:]
     rows, manifest = read_rows(out)
     rows = {image_id: np.concatenate([row[key] for key in sorted(row)]) for image_id, row in rows.items()}  # all taps in one
-    return SimpleNamespace(root=root, out=out, rows=rows, manifest=manifest, stderr=done.stderr,
-                           errors={e["id"]: e["reason"] for e in manifest["errors"]})
+    return SimpleNamespace(
+        root=root,
+        out=out,
+        rows=rows,
+        manifest=manifest,
+        stderr=done.stderr,
+        errors={e["id"]: e["reason"] for e in manifest["errors"]},
+    )
 
 
 def test_every_listed_file_is_a_row_or_an_error_and_inspect_verify_passes(hostile, run_cli):
@@ -149,8 +172,13 @@ def test_odd_names_are_valid_utf8_ids_in_hdf5(hostile):
             for raw in f["ids"][:]:
                 raw.decode("utf-8")  # strict: HDF5 holds valid UTF-8 only
     rows = hostile.rows
-    for image_id in ["names/with space.png", "names/café.png", "names/new\nline.png", "names/caf\\xe9.png",
-                     "names/photo.jpg/inner.png"]:
+    for image_id in [
+        "names/with space.png",
+        "names/café.png",
+        "names/new\nline.png",
+        "names/caf\\xe9.png",
+        "names/photo.jpg/inner.png",
+    ]:
         np.testing.assert_allclose(rows[image_id], rows["names/plain.png"], rtol=1e-5, atol=1e-6)
 
 

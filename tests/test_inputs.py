@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from helpers import encoded
 from pipeline.inputs import (
     MAX_PIXELS,
     UndecodableImage,
@@ -25,7 +26,6 @@ from pipeline.inputs import (
     load_image,
 )
 from pipeline.sources import MAX_FILE_BYTES
-from helpers import encoded
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -104,8 +104,13 @@ def test_header_sizes_are_read_as_pillow_reads_them():
     rng = np.random.default_rng(0)
     for width, height in [(1, 1), (37, 23), (300, 17), (16383, 2)]:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8))
-        for fmt, options in [("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True}), ("WEBP", {"quality": 80}),
-                             ("WEBP", {"exif": b"Exif\x00\x00MM"})]:
+        for fmt, options in [
+            ("PNG", {}),
+            ("BMP", {}),
+            ("WEBP", {"lossless": True}),
+            ("WEBP", {"quality": 80}),
+            ("WEBP", {"exif": b"Exif\x00\x00MM"}),
+        ]:
             data = encoded(image, fmt, **options)
             assert int(_header_pixels(data)) == width * height, (fmt, options, width, height)
         assert int(_header_pixels(encoded(image, "JPEG"))) == 0  # TensorFlow's JPEG decoder checks its size itself
@@ -155,7 +160,9 @@ def test_bombs_cost_no_memory(tmp_path, bomb_bytes):
     idat = zlib.compress(b"\x00" * (side * (1 + (side + 7) // 8)), 9)
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     chunks = [(b"IHDR", ihdr), (b"IDAT", idat), (b"IEND", b"")]
-    png = b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d)) for k, d in chunks)
+    png = b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d)) for k, d in chunks
+    )
     (tmp_path / "real.png").write_bytes(png)
     for fmt, data in bomb_bytes.items():
         (tmp_path / f"bomb.{fmt}").write_bytes(data)
@@ -177,8 +184,9 @@ print(json.dumps({"rows": rows, "refused": refused, "grew_mb": (resource.getrusa
 """
     bombs = [str(tmp_path / "real.png"), *(str(tmp_path / f"bomb.{fmt}") for fmt in bomb_bytes)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "warm.png"), *bombs],
-                          capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "warm.png"), *bombs], capture_output=True, text=True, timeout=120, env=env
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome["rows"] == 0 and outcome["refused"] == len(bombs)
@@ -286,7 +294,9 @@ def test_the_input_map_stays_parallel_under_op_determinism(tmp_path):
     (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     paths = [str(tmp_path / name) for name in ("x.jpg", "x.png", "bomb.png")]
-    done = subprocess.run([sys.executable, "-c", _PARALLEL_UNDER_DETERMINISM, *paths], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _PARALLEL_UNDER_DETERMINISM, *paths], capture_output=True, text=True, env=env, timeout=300
+    )
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stderr[-2000:]
     for fast_decode in (False, True):

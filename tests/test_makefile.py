@@ -43,8 +43,19 @@ def fake_venv(tmp_path):
 
     def make(*variables):
         subprocess.run(
-            ["make", "--no-print-directory", "-C", str(REPO), "install", f"VENV={venv}", f"PYTHON={tmp_path / 'fake-python'}", *variables],
-            check=True, capture_output=True, text=True,
+            [
+                "make",
+                "--no-print-directory",
+                "-C",
+                str(REPO),
+                "install",
+                f"VENV={venv}",
+                f"PYTHON={tmp_path / 'fake-python'}",
+                *variables,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         log = (venv / "log").read_text().splitlines()
         (venv / "log").write_text("")
@@ -61,7 +72,11 @@ def test_switching_tensorflow_flavours_leaves_one_package(fake_venv):
     assert not any(line.startswith("pip uninstall") for line in log)  # a fresh venv: nothing to remove
 
     log, installed, stamps = fake_venv("TF_EXTRA=gpu")
-    assert log[-3:] == ["pip show --quiet tensorflow-cpu", "pip uninstall --quiet --yes tensorflow-cpu tensorflow", "pip install --quiet -e .[gpu]"]
+    assert log[-3:] == [
+        "pip show --quiet tensorflow-cpu",
+        "pip uninstall --quiet --yes tensorflow-cpu tensorflow",
+        "pip install --quiet -e .[gpu]",
+    ]
     assert installed == ["tensorflow"] and stamps == [".installed-gpu"]  # the cpu stamp is forgotten
 
     log, installed, stamps = fake_venv("TF_EXTRA=gpu")

@@ -33,7 +33,8 @@ def test_a_parallel_sweep_gives_the_metrics_of_a_sequential_one(features_dir, tm
     sequential = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "one", "--sweep", sweep)
     parallel = run_cli("train", tmp_path / "reduced", "--runs", tmp_path / "two", "--sweep", sweep, "--jobs", 2)
     assert sorted(line.split(":")[0] for line in parallel.output.splitlines()[:-1]) == sorted(
-        line.split(":")[0] for line in sequential.output.splitlines()[:-1])
+        line.split(":")[0] for line in sequential.output.splitlines()[:-1]
+    )
     one, two = run_files(tmp_path / "one"), run_files(tmp_path / "two")
     assert len(one) == 3 and one == two
     assert leaderboard_without_seconds(tmp_path / "one") == leaderboard_without_seconds(tmp_path / "two")
@@ -85,8 +86,23 @@ def test_workers_die_with_a_killed_sweep_and_publish_nothing_after(features_dir,
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(LONG_SWEEP)
     runs = tmp_path / "runs"
-    command = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(tmp_path / "reduced"), "--runs", str(runs), "--sweep", str(sweep),
-                                "--jobs", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            str(tmp_path / "reduced"),
+            "--runs",
+            str(runs),
+            "--sweep",
+            str(sweep),
+            "--jobs",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not list(runs.glob(".locks/h*.lock")):  # a worker has claimed a head run
         assert command.poll() is None and time.monotonic() < deadline, "no worker started a head run"

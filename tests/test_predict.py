@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 
-from pipeline import backbones
-from pipeline.errors import PipelineError
-from pipeline.config import WeightSource
-from pipeline.lineage import load_lineage
 from helpers import sha256
+from pipeline import backbones
+from pipeline.config import WeightSource
+from pipeline.errors import PipelineError
+from pipeline.lineage import load_lineage
 
 
 def copy_lineage(head_run, tmp_path):
@@ -76,14 +76,19 @@ def test_a_missing_features_dir_names_the_file_that_points_to_it(head_run, tmp_p
     shutil.rmtree(tmp_path / "copy" / "features")
     edit_json(reduced / "reduce.json", lambda r: r["inputs"].update(features_absolute=str(tmp_path / "gone")))
     edit_json(run / "config.json", lambda c: c["reduced"].update(reduce_json_sha256=sha256(reduced / "reduce.json")))
-    with pytest.raises(PipelineError, match=r"features directory that .*reduce.json points to: no manifest.json in .*features nor in .*gone"):
+    with pytest.raises(
+        PipelineError, match=r"features directory that .*reduce.json points to: no manifest.json in .*features nor in .*gone"
+    ):
         load_lineage(run)
 
 
 def test_features_changed_since_reduce_are_refused(head_run, tmp_path):
     run = copy_lineage(head_run, tmp_path)
     edit_json(tmp_path / "copy" / "features" / "manifest.json", lambda m: m["config"].update(pooling="max"))
-    with pytest.raises(PipelineError, match=r"manifest.json has sha256 [0-9a-f]{12} but .*reduce.json was made from [0-9a-f]{12}; the features changed since reduce, so reduce and train again"):
+    with pytest.raises(
+        PipelineError,
+        match=r"manifest.json has sha256 [0-9a-f]{12} but .*reduce.json was made from [0-9a-f]{12}; the features changed since reduce, so reduce and train again",
+    ):
         load_lineage(run)
 
 
@@ -105,7 +110,10 @@ def test_features_updated_by_extract_since_reduce_still_serve_the_run(head_run, 
 def test_a_reduced_dir_changed_since_training_is_refused(head_run, tmp_path):
     run = copy_lineage(head_run, tmp_path)
     edit_json(tmp_path / "copy" / "reduced" / "reduce.json", lambda r: r.update(components=5))
-    with pytest.raises(PipelineError, match=rf"reduce.json has sha256 [0-9a-f]{{12}} but .*config.json was made from [0-9a-f]{{12}}; it changed since run {run.name} was trained on it"):
+    with pytest.raises(
+        PipelineError,
+        match=rf"reduce.json has sha256 [0-9a-f]{{12}} but .*config.json was made from [0-9a-f]{{12}}; it changed since run {run.name} was trained on it",
+    ):
         load_lineage(run)
 
 
@@ -150,10 +158,13 @@ def test_the_lineage_parses_the_very_records_whose_sha256_it_checked(head_run, t
     assert "other" not in lineage.report and len(opened) == 1
 
 
-@pytest.mark.parametrize("record, key, remedy", [
-    ("runs/{run}/config.json", "reduced", "rerun the `pipeline train` command that made the run"),
-    ("reduced/reduce.json", "inputs", "rerun the `pipeline reduce` command that made it with --overwrite"),
-])
+@pytest.mark.parametrize(
+    "record, key, remedy",
+    [
+        ("runs/{run}/config.json", "reduced", "rerun the `pipeline train` command that made the run"),
+        ("reduced/reduce.json", "inputs", "rerun the `pipeline reduce` command that made it with --overwrite"),
+    ],
+)
 def test_a_record_without_its_link_is_one_sentence(head_run, tmp_path, record, key, remedy):
     """Regression: a readable config.json without `reduced` (or reduce.json without `inputs`) was a KeyError."""
     run = copy_lineage(head_run, tmp_path)
@@ -179,7 +190,10 @@ def test_a_moved_weights_file_is_named_and_can_be_given_again(head_run, tmp_path
     run = copy_lineage(head_run, tmp_path)
     moved = tmp_path / "copy" / "vgg16.weights.h5"
     manifest = tmp_path / "copy" / "features" / "manifest.json"
-    edit_json(manifest, lambda m: m["weights"]["vgg16"].update(source={"kind": "file", "path": str(tmp_path / "old" / "vgg16.weights.h5")}))
+    edit_json(
+        manifest,
+        lambda m: m["weights"]["vgg16"].update(source={"kind": "file", "path": str(tmp_path / "old" / "vgg16.weights.h5")}),
+    )
     reseal(run)
     source = image_tree(classes=("a",), per_class=2)
     refused = run_cli("predict", run, source, "--out", tmp_path / "p.csv", code=1)
@@ -195,10 +209,21 @@ def test_weights_with_another_fingerprint_are_refused_before_any_image_runs(head
     other.save_weights(tmp_path / "other.weights.h5")
     monkeypatch.setattr("pipeline.engines.worker.ShardWorker.run", lambda *a, **k: pytest.fail("an image was run"))
     recorded = json.loads((head_run.root / "features" / "manifest.json").read_text())["weights"]["vgg16"]["sha256"]
-    result = run_cli("predict", head_run.run, image_tree(), "--out", tmp_path / "p.csv",
-                     "--weights", f"resnet50=random,vgg16={tmp_path / 'other.weights.h5'}", code=1)
-    assert re.search(rf"vgg16 weights from .*other.weights.h5 have sha256 (?!{recorded[:12]})[0-9a-f]{{12}}, "
-                     rf"but the features were extracted with sha256 {recorded[:12]}", result.output)
+    result = run_cli(
+        "predict",
+        head_run.run,
+        image_tree(),
+        "--out",
+        tmp_path / "p.csv",
+        "--weights",
+        f"resnet50=random,vgg16={tmp_path / 'other.weights.h5'}",
+        code=1,
+    )
+    assert re.search(
+        rf"vgg16 weights from .*other.weights.h5 have sha256 (?!{recorded[:12]})[0-9a-f]{{12}}, "
+        rf"but the features were extracted with sha256 {recorded[:12]}",
+        result.output,
+    )
     assert not (tmp_path / "p.csv").exists()
 
 
@@ -210,9 +235,28 @@ def test_every_listed_image_is_a_row_with_top_k_or_an_error(head_run, tmp_path, 
     (source / "a" / "broken.png").write_text("not a png")
     result = run_cli("predict", head_run.run, source, "--out", tmp_path / "out" / "p.csv", "--top-k", 5, "--batch-size", 3)
     columns, rows = read_csv(tmp_path / "out" / "p.csv")
-    assert columns == ["id", "path", "predicted", "probability",
-                       "top1_class", "top1_prob", "top2_class", "top2_prob", "top3_class", "top3_prob", "error"]
-    assert [r["id"] for r in rows] == ["a/000.png", "a/001.png", "a/broken.png", "b/000.png", "b/001.png", "zebra/000.png", "zebra/001.png"]
+    assert columns == [
+        "id",
+        "path",
+        "predicted",
+        "probability",
+        "top1_class",
+        "top1_prob",
+        "top2_class",
+        "top2_prob",
+        "top3_class",
+        "top3_prob",
+        "error",
+    ]
+    assert [r["id"] for r in rows] == [
+        "a/000.png",
+        "a/001.png",
+        "a/broken.png",
+        "b/000.png",
+        "b/001.png",
+        "zebra/000.png",
+        "zebra/001.png",
+    ]
     assert all(r["path"] == str(source / r["id"]) for r in rows)
 
     broken = rows[2]
@@ -243,11 +287,12 @@ def test_an_unlabelled_csv_source_gets_no_accuracy_line(head_run, tmp_path, imag
     assert "accuracy" not in result.output
 
 
-
 # --- faults
 
 
-def test_a_killed_predict_s_scratch_is_removed_and_a_second_predict_is_refused_naming_the_first(head_run, tmp_path, image_tree, run_cli):
+def test_a_killed_predict_s_scratch_is_removed_and_a_second_predict_is_refused_naming_the_first(
+    head_run, tmp_path, image_tree, run_cli
+):
     """Regression: a killed predict left a hidden .predict-* features dir that nothing ever removed."""
     from pipeline.files import lock_beside, locked
 
@@ -269,7 +314,9 @@ def test_a_killed_predict_s_scratch_is_removed_and_a_second_predict_is_refused_n
     assert sorted(p.name for p in out.parent.iterdir()) == [".p.csv.lock", "p.csv"]
 
 
-def test_disk_full_or_read_only_in_predict_is_one_sentence_and_keeps_the_old_csv(head_run, tmp_path, image_tree, run_cli, monkeypatch, failing_writes):
+def test_disk_full_or_read_only_in_predict_is_one_sentence_and_keeps_the_old_csv(
+    head_run, tmp_path, image_tree, run_cli, monkeypatch, failing_writes
+):
     import errno
 
     from pipeline import predict as predict_module
@@ -284,7 +331,10 @@ def test_disk_full_or_read_only_in_predict_is_one_sentence_and_keeps_the_old_csv
     with monkeypatch.context() as patch:
         patch.setattr(predict_module, "_write_csv", full)
         result = run_cli("predict", head_run.run, source, "--out", out, code=1)
-    assert f"cannot write {out} (or the scratch features beside it): no space left on device; the previous p.csv is unchanged" in result.output
+    assert (
+        f"cannot write {out} (or the scratch features beside it): no space left on device; the previous p.csv is unchanged"
+        in result.output
+    )
     assert out.read_bytes() == before and sorted(p.name for p in out.parent.iterdir()) == [".p.csv.lock", "p.csv"]
     with failing_writes(out.parent, errno.EROFS):
         read_only = run_cli("predict", head_run.run, source, "--out", out, code=1)
@@ -296,7 +346,13 @@ def test_a_damaged_transform_or_head_is_one_sentence_naming_it(head_run, tmp_pat
     """Regression: a corrupt transform.joblib was a KeyError, a truncated model.keras "file not found"."""
     run = copy_lineage(head_run, tmp_path)
     reduced = tmp_path / "copy" / "reduced"
-    args = [command, run, *([image_tree(classes=("a",), per_class=1)] if command == "predict" else []), "--out", tmp_path / f"out.{'csv' if command == 'predict' else 'keras'}"]
+    args = [
+        command,
+        run,
+        *([image_tree(classes=("a",), per_class=1)] if command == "predict" else []),
+        "--out",
+        tmp_path / f"out.{'csv' if command == 'predict' else 'keras'}",
+    ]
     transform = (reduced / "transform.joblib").read_bytes()
     (reduced / "transform.joblib").write_bytes(transform[:-100])
     result = run_cli(*args, code=1)

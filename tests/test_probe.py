@@ -58,9 +58,9 @@ def test_the_informative_tap_wins_and_noise_taps_are_near_chance(mixed_features,
 
     table = result.output.splitlines()
     assert table[1].split()[:5] == ["group", "kind", "dims", "pca", "val"]
-    ranked_names = [line.split()[0] for line in table[2:2 + len(groups)]]
+    ranked_names = [line.split()[0] for line in table[2 : 2 + len(groups)]]
     assert ranked_names.index(SIGNAL) < min(ranked_names.index(noise) for noise in NOISE)
-    val_accuracies = [float(line.split()[4]) for line in table[2:2 + len(groups)]]
+    val_accuracies = [float(line.split()[4]) for line in table[2 : 2 + len(groups)]]
     assert val_accuracies == sorted(val_accuracies, reverse=True)
     assert table[-1].startswith(f"wrote {tmp_path / 'probe' / 'probe.json'} and {tmp_path / 'probe' / 'probe.png'}")
 
@@ -77,8 +77,11 @@ def test_probe_json_records_inputs_settings_split_and_every_group(mixed_features
     assert report["splits"]["rule"] == "id-hash-threshold/2"
     groups = by_name(report)
     assert [(g["name"], g["kind"], g["input_dims"], g["components"]) for g in report["groups"]] == [
-        (SIGNAL, "tap", 12, 12), (NOISE[0], "tap", 20, 16), (NOISE[1], "tap", 16, 16),
-        ("resnet50", "backbone", 32, 16), ("all", "all", 48, 16),
+        (SIGNAL, "tap", 12, 12),
+        (NOISE[0], "tap", 20, 16),
+        (NOISE[1], "tap", 16, 16),
+        ("resnet50", "backbone", 32, 16),
+        ("all", "all", 48, 16),
     ]
     assert groups[SIGNAL]["kept_variance"] == pytest.approx(1.0)  # all 12 of 12 dims
     for entry in report["groups"]:
@@ -99,11 +102,14 @@ def test_a_features_dir_gets_reduces_split(mixed_features, tmp_path):
     assert other["splits"]["sha256"] != reduced.report["splits"]["sha256"]
 
 
-@pytest.mark.parametrize("settings", [
-    dict(components=6),
-    dict(components=5, scaling="none", whiten=True),
-    dict(components=30, scaling="standard"),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(components=6),
+        dict(components=5, scaling="none", whiten=True),
+        dict(components=30, scaling="standard"),
+    ],
+)
 def test_all_taps_agree_with_the_baseline_when_the_covariance_is_used(features_dir, tmp_path, settings):
     """More train rows than features: the probe's PCA is exact from the covariance, reduce's a full SVD."""
     features = features_dir(n=300, seed=2)
@@ -121,10 +127,13 @@ def test_all_taps_agree_with_the_baseline_when_the_covariance_is_used(features_d
         assert everything[split]["log_loss"] == pytest.approx(baseline[split]["log_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("rows, taps, solver", [
-    (50, {"resnet50/conv5_block3_out": 24, "vgg16/block5_conv3": 30}, "full"),  # 40 train rows, 54 features
-    (700, {"resnet50/conv5_block3_out": 400, "vgg16/block5_conv3": 300}, "randomized"),  # 560 train rows, 700 features
-])
+@pytest.mark.parametrize(
+    "rows, taps, solver",
+    [
+        (50, {"resnet50/conv5_block3_out": 24, "vgg16/block5_conv3": 30}, "full"),  # 40 train rows, 54 features
+        (700, {"resnet50/conv5_block3_out": 400, "vgg16/block5_conv3": 300}, "randomized"),  # 560 train rows, 700 features
+    ],
+)
 def test_all_taps_equal_the_baseline_when_the_train_rows_fit_in_memory(features_dir, tmp_path, rows, taps, solver):
     """Fewer train rows than features: the probe fits the PCA reduce fits, so the all row is the baseline row."""
     features = features_dir(n=rows, taps=taps, shard_size=64)
@@ -177,7 +186,7 @@ def test_cli_without_test_rows_shows_val_only(features_dir, tmp_path, run_cli):
     result = run_cli("probe", features_dir(n=60), "--out", tmp_path / "out", "--test-fraction", "0")
     report = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert report["splits"]["rows"]["test"] == 0 and all(entry["test"] is None for entry in report["groups"])
-    for line in result.output.splitlines()[2:2 + len(report["groups"])]:
+    for line in result.output.splitlines()[2 : 2 + len(report["groups"])]:
         cells = line.split()
         assert (cells[5], cells[7]) == ("-", "-")  # test accuracy and test F1
 
@@ -215,17 +224,27 @@ def relabel(features, label):
             f["labels"][:] = label
 
 
-@pytest.mark.parametrize("case, args, message", [
-    ("not ours", [], r"is neither a features directory \(no manifest.json\) nor a reduced directory \(no reduce.json\)"),
-    ("unlabeled", [], "has no labelled rows; a probe is scored against labels"),
-    ("one class", [], "the train rows of .* hold only class 'a'; a probe needs at least two classes in train"),
-    ("features", ["--val-fraction", "0"], "has no labelled val rows, which rank the probes; give a --val-fraction above 0"),
-    ("features", ["--tap", "vgg16/block3_conv3"],
-     "tap vgg16/block3_conv3 is not in the features manifest; it has resnet50/conv5_block3_out, vgg16/block5_conv3"),
-    ("features", ["--tap", "alexnet/fc7"], "tap 'alexnet/fc7' is not BACKBONE:LAYER"),
-    ("features", ["--val-fraction", "0.6", "--test-fraction", "0.4"], "leaves no rows for train"),
-    ("reduced", ["--split-seed", "4"], "--split-seed cannot change the split of reduced directory .*; probe its features directory"),
-])
+@pytest.mark.parametrize(
+    "case, args, message",
+    [
+        ("not ours", [], r"is neither a features directory \(no manifest.json\) nor a reduced directory \(no reduce.json\)"),
+        ("unlabeled", [], "has no labelled rows; a probe is scored against labels"),
+        ("one class", [], "the train rows of .* hold only class 'a'; a probe needs at least two classes in train"),
+        ("features", ["--val-fraction", "0"], "has no labelled val rows, which rank the probes; give a --val-fraction above 0"),
+        (
+            "features",
+            ["--tap", "vgg16/block3_conv3"],
+            "tap vgg16/block3_conv3 is not in the features manifest; it has resnet50/conv5_block3_out, vgg16/block5_conv3",
+        ),
+        ("features", ["--tap", "alexnet/fc7"], "tap 'alexnet/fc7' is not BACKBONE:LAYER"),
+        ("features", ["--val-fraction", "0.6", "--test-fraction", "0.4"], "leaves no rows for train"),
+        (
+            "reduced",
+            ["--split-seed", "4"],
+            "--split-seed cannot change the split of reduced directory .*; probe its features directory",
+        ),
+    ],
+)
 def test_cli_bad_input_is_one_clear_error(features_dir, tmp_path, run_cli, case, args, message):
     path = features_dir(n=60)
     if case == "not ours":
@@ -278,15 +297,30 @@ def test_non_finite_features_name_the_tap_the_rows_and_the_first_id(features_dir
     with h5py.File(features / "shard-00001.h5", "r+") as f:
         f["features/vgg16/block5_conv3"][3, 2] = value
     result = run_cli("probe", features, "--out", tmp_path / "out", code=1)
-    assert f"the features in {features} hold NaN or Inf: tap vgg16/block5_conv3 in 1 of {rows} rows (first 'img00013.png')" in result.output
+    assert (
+        f"the features in {features} hold NaN or Inf: tap vgg16/block5_conv3 in 1 of {rows} rows (first 'img00013.png')"
+        in result.output
+    )
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda r: r["config"].update(colour_jitter=True), "records settings this version does not know (colour_jitter); use the pipeline version"),
-    (lambda r: r.pop("inputs"), "has no 'inputs' record of what it was made from (it lacks 'inputs'); reduce again with --overwrite"),
-    (lambda r: r.pop("components"), "has no complete record of its settings (it lacks 'components'); reduce again with --overwrite"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda r: r["config"].update(colour_jitter=True),
+            "records settings this version does not know (colour_jitter); use the pipeline version",
+        ),
+        (
+            lambda r: r.pop("inputs"),
+            "has no 'inputs' record of what it was made from (it lacks 'inputs'); reduce again with --overwrite",
+        ),
+        (
+            lambda r: r.pop("components"),
+            "has no complete record of its settings (it lacks 'components'); reduce again with --overwrite",
+        ),
+    ],
+)
 def test_a_reduce_json_this_version_cannot_read_is_one_sentence(features_dir, tmp_path, run_cli, edit, message):
     """Regression: unknown settings were a TypeError from ReduceConfig(**recorded), a missing `inputs` a KeyError."""
     reduce_features(features_dir(n=60), tmp_path / "reduced", ReduceConfig(components=2))

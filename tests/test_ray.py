@@ -13,13 +13,13 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from helpers import FAST, write_image_tree
 from pipeline import shards
 from pipeline.config import ExtractConfig
 from pipeline.engines.ray import RayEngine, WorkerSummary, actor_options, disagreement, plan_workers
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.sources import list_source
-from helpers import FAST, write_image_tree
 from same_features import assert_same_features
 
 TAPS = ("resnet50/conv2_block1_out", "vgg16/block1_pool")
@@ -42,7 +42,9 @@ def test_a_missing_ray_extra_is_one_sentence(tmp_path, image_tree, run_cli, monk
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("flag, value", [("--workers", "2"), ("--ray-address", "auto"), ("--cpus-per-worker", "1"), ("--gpus-per-worker", "0")])
+@pytest.mark.parametrize(
+    "flag, value", [("--workers", "2"), ("--ray-address", "auto"), ("--cpus-per-worker", "1"), ("--gpus-per-worker", "0")]
+)
 def test_ray_options_without_engine_ray_are_refused(tmp_path, image_tree, run_cli, flag, value):
     result = run_cli("extract", image_tree(), "--out", tmp_path / "f", *FAST, flag, value, code=2)
     assert f"{flag} is an option of --engine ray; add --engine ray or drop it" in " ".join(result.output.split())
@@ -64,18 +66,26 @@ def test_bad_engine_values_are_refused(tmp_path, image_tree, run_cli, args, mess
 
 def test_worker_plans():
     one_gpu_nodes = [(0, 0), (8, 2), (8, 2)]  # a head without CPUs for work, two nodes with 8 CPUs and 2 GPUs
-    assert plan_workers(one_gpu_nodes) == (plan := plan_workers(one_gpu_nodes, gpus_per_worker=1)) and plan.workers == 4 and plan.cpus == 4
+    assert (
+        plan_workers(one_gpu_nodes) == (plan := plan_workers(one_gpu_nodes, gpus_per_worker=1))
+        and plan.workers == 4
+        and plan.cpus == 4
+    )
     assert plan_workers(one_gpu_nodes, gpus_per_worker=0.5).workers == 8
     assert plan_workers(one_gpu_nodes, workers=2).cpus == 8  # one worker per node can have all its CPUs
     assert plan_workers(one_gpu_nodes, gpus_per_worker=0).workers == 2  # CPU workers, a whole node each
     cpu_nodes = [(2, 0)]
     assert (plan_workers(cpu_nodes).workers, plan_workers(cpu_nodes).cpus, plan_workers(cpu_nodes).gpus) == (1, 2, 0)
     assert (plan_workers(cpu_nodes, workers=2).cpus, plan_workers(cpu_nodes, cpus_per_worker=1).workers) == (1, 2)
-    with pytest.raises(PipelineError, match=r"--workers 3 with 1 CPUs each do not fit in the Ray cluster \(2 fit on its 1 node\(s\)\)"):
+    with pytest.raises(
+        PipelineError, match=r"--workers 3 with 1 CPUs each do not fit in the Ray cluster \(2 fit on its 1 node\(s\)\)"
+    ):
         plan_workers(cpu_nodes, workers=3)
     with pytest.raises(PipelineError, match=r"--cpus-per-worker 4 is more than any Ray node has \(at most 2 CPUs\)"):
         plan_workers(cpu_nodes, cpus_per_worker=4)
-    with pytest.raises(PipelineError, match=r"--gpus-per-worker 1 needs GPUs, but the Ray cluster has none; pass --gpus-per-worker 0"):
+    with pytest.raises(
+        PipelineError, match=r"--gpus-per-worker 1 needs GPUs, but the Ray cluster has none; pass --gpus-per-worker 0"
+    ):
         plan_workers(cpu_nodes, gpus_per_worker=1)
     with pytest.raises(PipelineError, match=r"--gpus-per-worker 4 is more than any Ray node has \(at most 2 GPUs\)"):
         plan_workers(one_gpu_nodes, gpus_per_worker=4)
@@ -143,13 +153,22 @@ def test_workers_that_resolved_or_loaded_differently_are_one_sentence():
         "pass --precision and --xla explicitly so that every worker computes alike"
     )
     other = WorkerSummary(config, {"resnet50": {**weights["resnet50"], "sha256": "b" * 64}}, [], "old-node")
-    assert "Ray workers loaded different resnet50 weights (sha256 aaaaaaaaaaaa on gpu-node, bbbbbbbbbbbb on old-node)" in disagreement([gpu, other])
+    assert (
+        "Ray workers loaded different resnet50 weights (sha256 aaaaaaaaaaaa on gpu-node, bbbbbbbbbbbb on old-node)"
+        in disagreement([gpu, other])
+    )
 
 
 def test_workers_on_other_gpus_or_libraries_are_one_sentence_and_other_cpus_are_not():
     config, weights = ExtractConfig(taps=TAPS, precision="mixed_float16", xla=True), {}
-    a100 = {"device": "NVIDIA A100-SXM4-80GB (compute capability 8.0)", "tensorflow": "2.16.1 (v2.16.1)", "cuda": "12.3",
-            "cudnn": "8", "forward": "xla", "op_determinism": True}
+    a100 = {
+        "device": "NVIDIA A100-SXM4-80GB (compute capability 8.0)",
+        "tensorflow": "2.16.1 (v2.16.1)",
+        "cuda": "12.3",
+        "cudnn": "8",
+        "forward": "xla",
+        "op_determinism": True,
+    }
     h100 = {**a100, "device": "NVIDIA H100 80GB HBM3 (compute capability 9.0)"}
     one, two = WorkerSummary(config, weights, [], "node-1", a100), WorkerSummary(config, weights, [], "node-2", h100)
     assert disagreement([one, two]) == (
@@ -160,8 +179,18 @@ def test_workers_on_other_gpus_or_libraries_are_one_sentence_and_other_cpus_are_
     )
     assert "cuDNN 9" in disagreement([one, WorkerSummary(config, weights, [], "node-3", {**a100, "cudnn": "9"})])
     assert disagreement([one, WorkerSummary(config, weights, [], "node-4", dict(a100))]) is None
-    cpu = {"device": "AMD EPYC 9R14", "tensorflow": "2.16.1 (v2.16.1)", "cuda": None, "cudnn": None, "forward": "xla", "op_determinism": False}
-    cpus = [WorkerSummary(config, weights, [], "c1", cpu), WorkerSummary(config, weights, [], "c2", {**cpu, "device": "Intel Xeon"})]
+    cpu = {
+        "device": "AMD EPYC 9R14",
+        "tensorflow": "2.16.1 (v2.16.1)",
+        "cuda": None,
+        "cudnn": None,
+        "forward": "xla",
+        "op_determinism": False,
+    }
+    cpus = [
+        WorkerSummary(config, weights, [], "c1", cpu),
+        WorkerSummary(config, weights, [], "c2", {**cpu, "device": "Intel Xeon"}),
+    ]
     assert disagreement(cpus) is None  # CPU kernels give the same bytes on any x86-64 CPU
     assert disagreement([one, WorkerSummary(config, weights, [], "restarted", None)]) is None  # nothing recorded to compare
 
@@ -231,7 +260,9 @@ def test_a_shard_whose_worker_dies_is_redone_and_counted_once(tmp_path):
 
 
 def test_a_shard_that_keeps_killing_its_worker_stops_the_run(tmp_path):
-    with pytest.raises(PipelineError, match=r"shard-00000.h5 killed its Ray worker 3 times \(last: worker died\); look for an image"):
+    with pytest.raises(
+        PipelineError, match=r"shard-00000.h5 killed its Ray worker 3 times \(last: worker died\); look for an image"
+    ):
         run_fake(tmp_path, [FakeActor(tmp_path, ["die"] * 3)])
 
 
@@ -244,7 +275,9 @@ def test_shards_a_worker_wrote_elsewhere_are_one_sentence(tmp_path, monkeypatch)
     monkeypatch.setattr("pipeline.engines.ray.VISIBLE_SECONDS", 0)
     actor = FakeActor(tmp_path / "elsewhere")
     (tmp_path / "elsewhere").mkdir()
-    with pytest.raises(PipelineError, match=r"shard-00000.h5 was written by a Ray worker but is not in .* as this machine sees it"):
+    with pytest.raises(
+        PipelineError, match=r"shard-00000.h5 was written by a Ray worker but is not in .* as this machine sees it"
+    ):
         run_fake(tmp_path, [actor], shard_count=1)
 
 
@@ -296,9 +329,14 @@ def test_a_pipeline_error_inside_an_actor_is_the_same_one_sentence(tmp_path, ima
     root = image_tree()
     (root / "cat" / "broken.png").write_bytes(b"not a png")
     failed = run_cli("extract", root, "--out", tmp_path / "f", *FAST, "--engine", "ray", "--on-error", "fail", code=1)
-    assert f"Error: cannot decode {root / 'cat' / 'broken.png'}:" in failed.output and "(--on-error fail stops here)" in failed.output
+    assert (
+        f"Error: cannot decode {root / 'cat' / 'broken.png'}:" in failed.output
+        and "(--on-error fail stops here)" in failed.output
+    )
     assert "Traceback" not in failed.output and "RayTaskError" not in failed.output
-    bad_tap = run_cli("extract", root, "--out", tmp_path / "g", *FAST[:4], "--tap", "vgg16:block9_conv9", "--engine", "ray", code=1)
+    bad_tap = run_cli(
+        "extract", root, "--out", tmp_path / "g", *FAST[:4], "--tap", "vgg16:block9_conv9", "--engine", "ray", code=1
+    )
     assert "Error: unknown tap 'vgg16/block9_conv9'; valid vgg16 layers are: block1_conv1" in bad_tap.output
     assert "Traceback" not in bad_tap.output
 
@@ -341,8 +379,11 @@ def test_two_nodes_and_a_node_removed_mid_run_give_the_local_bytes(tmp_path, ref
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     second = cluster.add_node(num_cpus=1)
     try:
+
         def run(out):
-            return extract(config, list_source(images), out, engine="ray", engine_options={"address": cluster.address, "workers": 2})
+            return extract(
+                config, list_source(images), out, engine="ray", engine_options={"address": cluster.address, "workers": 2}
+            )
 
         assert run(tmp_path / "both").written == 6  # one worker on each node: the plan needs both
         assert_same_features(tmp_path / "both", local)
@@ -376,7 +417,9 @@ def test_default_actors_land_one_per_node_with_that_node_s_cpus():
 
         actors = [ray.remote(Where).options(**o).remote() for o in actor_options(plan, [n["NodeID"] for n in alive])]
         found = sorted(ray.get([actor.where.remote() for actor in actors]), key=lambda w: w[1])
-        by_cpus = sorted(((n["NodeID"], n["Resources"]["CPU"], str(int(n["Resources"]["CPU"]))) for n in alive), key=lambda w: w[1])
+        by_cpus = sorted(
+            ((n["NodeID"], n["Resources"]["CPU"], str(int(n["Resources"]["CPU"]))) for n in alive), key=lambda w: w[1]
+        )
         assert found == by_cpus  # one actor on each node, holding all of its CPUs
     finally:
         ray.shutdown()
@@ -387,8 +430,12 @@ def test_default_actors_land_one_per_node_with_that_node_s_cpus():
 def test_a_driver_stopped_mid_run_is_resumed_by_either_engine(tmp_path, reference):
     images, local, _ = reference
     args = [str(images), "--out", str(tmp_path / "f"), *FAST, "--shard-size", "2", "--batch-size", "1"]
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", *args, "--engine", "ray", "--workers", "2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "extract", *args, "--engine", "ray", "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(lambda: (tmp_path / "f" / "shard-00000.h5").exists() or driver.poll() is not None)
     driver.send_signal(signal.SIGTERM)
     _, stderr = driver.communicate(timeout=120)

@@ -29,7 +29,11 @@ def cli():
 
     def start(*args, patch="pass"):
         code = f"import sys; {patch}; from pipeline.cli import main; sys.argv[0] = 'pipeline'; main()"
-        started.append(subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        started.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
         return started[-1]
 
     yield start
@@ -138,7 +142,19 @@ def test_a_head_lost_mid_run_stops_the_driver_in_bounded_time(tmp_path, image_tr
     root = image_tree(per_class=8)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
-        run = cli("extract", root, "--out", tmp_path / "f", *ARGS, "--ray-address", cluster.address, "--shard-size", 2, "--batch-size", 1)
+        run = cli(
+            "extract",
+            root,
+            "--out",
+            tmp_path / "f",
+            *ARGS,
+            "--ray-address",
+            cluster.address,
+            "--shard-size",
+            2,
+            "--batch-size",
+            1,
+        )
         deadline = time.monotonic() + 300
         while not (tmp_path / "f" / "shard-00000.h5").exists():
             assert run.poll() is None and time.monotonic() < deadline, "no shard written"
@@ -148,5 +164,8 @@ def test_a_head_lost_mid_run_stops_the_driver_in_bounded_time(tmp_path, image_tr
     finally:
         cluster.shutdown()
     assert run.returncode == 1, stderr
-    assert "Error: lost the Ray cluster's head: its GCS at 127.0.0.1:" in stderr and "rerun the same command once the cluster is back" in stderr
+    assert (
+        "Error: lost the Ray cluster's head: its GCS at 127.0.0.1:" in stderr
+        and "rerun the same command once the cluster is back" in stderr
+    )
     assert "Traceback" not in stderr

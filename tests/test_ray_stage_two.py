@@ -7,6 +7,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from test_parallel import SWEEP, run_files  # noqa: E402
+
 import helpers  # noqa: E402
 
 
@@ -41,7 +42,11 @@ def test_ray_reduce_equals_the_local_incremental_solver(local_ray, features_dir,
 
     X_local, X_ray = load_reduced(tmp_path / "local").X, load_reduced(tmp_path / "ray").X
     np.testing.assert_allclose(X_ray, X_local, rtol=1e-5, atol=1e-5)
-    assert load_reduced(tmp_path / "ray").report["solver"] == {"requested": "incremental", "chosen": "incremental", "engine": "ray"}
+    assert load_reduced(tmp_path / "ray").report["solver"] == {
+        "requested": "incremental",
+        "chosen": "incremental",
+        "engine": "ray",
+    }
 
 
 def test_a_damaged_shard_on_ray_is_one_sentence(local_ray, features_dir, tmp_path, run_cli):

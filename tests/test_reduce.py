@@ -108,8 +108,9 @@ def test_incremental_pca_spans_the_same_subspace_as_full(features_dir, tmp_path)
 def test_incremental_memory_is_bounded_by_the_chunk(features_dir, tmp_path, monkeypatch):
     # float16 shards of 4000 rows read 100 at a time; the raw train rows would take 13 MB as float32,
     # while incremental holds one chunk plus a few 128 x 128 covariance-sized matrices.
-    features = features_dir(n=32000, taps={"resnet50/conv5_block3_out": 64, "vgg16/block5_conv3": 64},
-                            shard_size=4000, storage_dtype="float16")
+    features = features_dir(
+        n=32000, taps={"resnet50/conv5_block3_out": 64, "vgg16/block5_conv3": 64}, shard_size=4000, storage_dtype="float16"
+    )
     raw_train_bytes = 25600 * 128 * 4
     chunk_rows = []
     real_matrix = features_module.Batch.matrix
@@ -148,10 +149,13 @@ def test_variance_share_keeps_the_fewest_components_that_reach_it(features_dir, 
     assert load_reduced(tmp_path / "reduced").X.shape == (150, report["components"])
 
 
-@pytest.mark.parametrize("config, maximum", [
-    (ReduceConfig(components=41), "maximum of 40 "),
-    (ReduceConfig(components=41, solver="incremental", batch_rows=30), "maximum of 40 "),
-])
+@pytest.mark.parametrize(
+    "config, maximum",
+    [
+        (ReduceConfig(components=41), "maximum of 40 "),
+        (ReduceConfig(components=41, solver="incremental", batch_rows=30), "maximum of 40 "),
+    ],
+)
 def test_too_many_components_names_the_maximum(features_dir, tmp_path, config, maximum):
     with pytest.raises(PipelineError, match=maximum):
         reduce_features(features_dir(n=150), tmp_path / "reduced", config)
@@ -199,7 +203,7 @@ def test_the_local_solver_s_numbers_are_those_of_its_former_one_pass_loop(featur
     manifest = shards.read_manifest(features)
     chunks, start = [], 0
     for _, _, _, X in shards.iter_feature_chunks(features, manifest, [t["key"] for t in manifest["taps"]], 32):
-        chunks.append(X[is_train[start:start + len(X)]])
+        chunks.append(X[is_train[start : start + len(X)]])
         start += len(X)
     reference = TapTransform(fitted.tap_dims, "block", 5, False, "incremental")
     scaler = StandardScaler()
@@ -216,11 +220,17 @@ def test_the_local_solver_s_numbers_are_those_of_its_former_one_pass_loop(featur
     np.testing.assert_allclose(fitted.pca_.explained_variance_, variances, rtol=1e-12)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--engine", "ray", "--solver", "full"], "--engine ray runs the incremental solver's passes as Ray tasks, but --solver full runs in this process"),
-    (["--engine", "ray", "--components", "0.9"], "needs the full solver, but --engine ray was asked for"),
-    (["--ray-address", "auto"], "--ray-address auto is for --engine ray"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--engine", "ray", "--solver", "full"],
+            "--engine ray runs the incremental solver's passes as Ray tasks, but --solver full runs in this process",
+        ),
+        (["--engine", "ray", "--components", "0.9"], "needs the full solver, but --engine ray was asked for"),
+        (["--ray-address", "auto"], "--ray-address auto is for --engine ray"),
+    ],
+)
 def test_engine_options_that_cannot_work_are_one_sentence(features_dir, tmp_path, run_cli, args, message):
     result = run_cli("reduce", features_dir(n=60), "--out", tmp_path / "reduced", *args, code=1)
     assert message in result.output and not (tmp_path / "reduced").exists()
@@ -301,13 +311,20 @@ def test_cli_reduce_reports_and_then_is_up_to_date(features_dir, tmp_path, run_c
     assert "up to date" in again.output
 
 
-@pytest.mark.parametrize("args, message, code", [
-    (["--components", "many"], "'many' is neither a number of components", 2),
-    (["--components", "1.5"], "'1.5' is neither a number of components", 2),
-    (["--tap", "vgg16/block3_conv3"], "tap vgg16/block3_conv3 is not in the features manifest; it has resnet50/conv5_block3_out, vgg16/block5_conv3", 1),
-    (["--val-fraction", "0.6", "--test-fraction", "0.4"], "leaves no rows for train", 1),
-    (["--scaling", "loud"], "'loud' is not one of", 2),
-])
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["--components", "many"], "'many' is neither a number of components", 2),
+        (["--components", "1.5"], "'1.5' is neither a number of components", 2),
+        (
+            ["--tap", "vgg16/block3_conv3"],
+            "tap vgg16/block3_conv3 is not in the features manifest; it has resnet50/conv5_block3_out, vgg16/block5_conv3",
+            1,
+        ),
+        (["--val-fraction", "0.6", "--test-fraction", "0.4"], "leaves no rows for train", 1),
+        (["--scaling", "loud"], "'loud' is not one of", 2),
+    ],
+)
 def test_cli_reduce_bad_options_are_one_clear_error(features_dir, tmp_path, run_cli, args, message, code):
     result = run_cli("reduce", features_dir(n=60), "--out", tmp_path / "reduced", *args, code=code)
     assert message in result.output
@@ -361,7 +378,10 @@ def test_ray_map_bounds_the_tasks_in_flight_and_keeps_the_call_order(monkeypatch
         return SimpleNamespace(remote=lambda *args: Ref(function(*args)))
 
     fake = SimpleNamespace(
-        remote=remote, get=get, wait=lambda refs, timeout: (refs, []), cluster_resources=lambda: {"CPU": 2.0},
+        remote=remote,
+        get=get,
+        wait=lambda refs, timeout: (refs, []),
+        cluster_resources=lambda: {"CPU": 2.0},
         exceptions=SimpleNamespace(RayTaskError=RuntimeError),
     )
     monkeypatch.setattr(ray_reduce, "connected", lambda address: contextlib.nullcontext(fake))

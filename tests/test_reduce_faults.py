@@ -13,6 +13,7 @@ import joblib
 import numpy as np
 import pytest
 
+from helpers import QUICK_HEAD, sha256, tree_bytes
 from pipeline import reduce as reduce_module
 from pipeline import reduced as reduced_module
 from pipeline.config import HeadConfig, ReduceConfig
@@ -21,7 +22,7 @@ from pipeline.files import leftover_temps, lock_beside, locked
 from pipeline.reduce import reduce_features
 from pipeline.reduced import load_reduced
 from pipeline.train import train
-from helpers import QUICK_HEAD, sha256, tree_bytes
+
 
 def test_a_second_reduce_into_one_out_fails_naming_the_process(reduced, run_cli):
     features, out = reduced
@@ -73,7 +74,10 @@ def test_two_reduces_with_other_settings_at_once_leave_one_consistent_reduction(
     """Regression: both used to write one fixed .partial dir, leaving reduce.json of one and transform.joblib of the other."""
     features, out = features_dir(n=300, shard_size=50), tmp_path / "reduced"
     argv = [sys.executable, "-m", "pipeline", "reduce", str(features), "--out", str(out), "--overwrite", "--solver", "full"]
-    processes = [subprocess.Popen([*argv, "--components", str(k)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (16, 24)]
+    processes = [
+        subprocess.Popen([*argv, "--components", str(k)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k in (16, 24)
+    ]
     outputs = [p.communicate(timeout=300) for p in processes]
     codes = [p.returncode for p in processes]
     assert 0 in codes and set(codes) <= {0, 1}, outputs
@@ -109,7 +113,9 @@ def test_non_finite_features_name_the_tap_and_the_rows(features_dir, tmp_path, r
     with h5py.File(features / "shard-00001.h5", "r+") as f:
         f["features/vgg16/block5_conv3"][2, 5] = value
         f["features/vgg16/block5_conv3"][7, 0] = value
-    result = run_cli("reduce", features, "--out", tmp_path / "reduced", "--solver", solver, "--components", 4, "--batch-rows", 16, code=1)
+    result = run_cli(
+        "reduce", features, "--out", tmp_path / "reduced", "--solver", solver, "--components", 4, "--batch-rows", 16, code=1
+    )
     assert "hold NaN or Inf: tap vgg16/block5_conv3 in 2 of 90 rows (first 'img00032.png')" in result.output
     assert "resnet50" not in result.output and "Traceback" not in result.output
     assert not (tmp_path / "reduced").exists()
@@ -126,7 +132,10 @@ def test_disk_full_while_writing_keeps_the_previous_reduction_and_a_rerun_comple
 
     monkeypatch.setattr(reduce_module, "write_reduced", full)
     result = run_cli("reduce", features, "--out", out, "--components", 5, "--overwrite", code=1)
-    assert f"cannot write reduced directory {out}: no space left on device; the previous reduction in it is unchanged" in result.output
+    assert (
+        f"cannot write reduced directory {out}: no space left on device; the previous reduction in it is unchanged"
+        in result.output
+    )
     assert "Traceback" not in result.output
     assert tree_bytes(out) == before and not leftover_temps(out.parent)
     monkeypatch.setattr(reduce_module, "write_reduced", real)
@@ -205,9 +214,13 @@ def test_an_empty_train_split_or_too_many_components_is_refused(features_dir, tm
     assert "only 0 of 40 rows are in train; PCA needs at least 2" in no_train.output
     features = features_dir(n=20)
     many = run_cli("reduce", features, "--out", tmp_path / "b", "--components", 14, "--whiten", code=1)
-    assert ("--components 14 is more than the maximum of 13 here (the least of 14 train rows minus one, since centred rows "
-            "span one direction fewer, and 40 features)") in many.output
+    assert (
+        "--components 14 is more than the maximum of 13 here (the least of 14 train rows minus one, since centred rows "
+        "span one direction fewer, and 40 features)"
+    ) in many.output
     run_cli("reduce", features, "--out", tmp_path / "b", "--components", 13, "--whiten")
     data = load_reduced(tmp_path / "b")
     train_rows = data.X[data.splits == "train"]
-    assert np.isfinite(data.X).all() and np.abs(train_rows.std(axis=0, ddof=1) - 1).max() < 1e-3  # every column whitened, none blown up
+    assert (
+        np.isfinite(data.X).all() and np.abs(train_rows.std(axis=0, ddof=1) - 1).max() < 1e-3
+    )  # every column whitened, none blown up

@@ -5,8 +5,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.sources import MAX_FILE_BYTES
-from pipeline.sources import UNLABELED, list_source
+from pipeline.sources import MAX_FILE_BYTES, UNLABELED, list_source
 
 
 def touch_image(path):
@@ -237,7 +236,10 @@ def write(name, text):
         (write("l.csv", "path,split\na.png,dev\n"), "split 'dev'"),
         (write("l.csv", "path,id\na.png,k\nb.png,k\n"), "id 'k' more than once"),
         (write("l.csv", "path\n"), "holds no images"),
-        (lambda p: (p / "l.csv").write_bytes(b"path,label\nx.png,caf\xe9\n") and p / "l.csv", "not UTF-8 text: byte 0xe9 on line 2"),
+        (
+            lambda p: (p / "l.csv").write_bytes(b"path,label\nx.png,caf\xe9\n") and p / "l.csv",
+            "not UTF-8 text: byte 0xe9 on line 2",
+        ),
         (lambda p: (p / "l.csv").write_bytes(b"path\nx\x00.png\n") and p / "l.csv", "line 2 .*NUL"),
         (lambda p: os.mkfifo(p / "l.csv") or p / "l.csv", "is not a regular file"),
     ],
@@ -264,7 +266,9 @@ def test_a_csv_that_cannot_be_read_is_one_sentence(tmp_path, monkeypatch):
     (tmp_path / "l.csv").write_text("path\na.png\n")
     read_bytes = pathlib.Path.read_bytes
     monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: denied(read_bytes, tmp_path / "l.csv")(self))
-    with pytest.raises(PipelineError, match=r"^CSV .*l\.csv cannot be read \(permission denied\); make it readable or give another source$"):
+    with pytest.raises(
+        PipelineError, match=r"^CSV .*l\.csv cannot be read \(permission denied\); make it readable or give another source$"
+    ):
         list_source(tmp_path / "l.csv")
 
 
@@ -289,4 +293,6 @@ def test_an_unreadable_csv_through_the_cli_is_one_line(tmp_path, monkeypatch, ru
     read_bytes = pathlib.Path.read_bytes
     monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: denied(read_bytes, tmp_path / "l.csv")(self))
     result = run_cli("extract", tmp_path / "l.csv", "--out", tmp_path / "f", "--weights", "random", code=1)
-    assert result.output.strip().splitlines()[-1].startswith(f"Error: CSV {tmp_path / 'l.csv'} cannot be read (permission denied)")
+    assert (
+        result.output.strip().splitlines()[-1].startswith(f"Error: CSV {tmp_path / 'l.csv'} cannot be read (permission denied)")
+    )

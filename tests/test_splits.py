@@ -78,6 +78,7 @@ def test_reduce_names_the_classes_a_small_set_leaves_without_val_rows(features_d
         return [name for index, name in enumerate("abc") if not ((labels == index) & (splits == "val")).any()]
 
     seed = next(seed for seed in range(100) if classes_without_val(seed) and len(classes_without_val(seed)) < 3)
-    result = run_cli("reduce", features, "--out", tmp_path / "reduced", "--components", "2", "--val-fraction", "0.2",
-                     "--split-seed", seed)
+    result = run_cli(
+        "reduce", features, "--out", tmp_path / "reduced", "--components", "2", "--val-fraction", "0.2", "--split-seed", seed
+    )
     assert f"warning: class(es) {', '.join(map(repr, classes_without_val(seed)))} have no val rows" in result.output

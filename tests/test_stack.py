@@ -37,7 +37,9 @@ DIFFERENT = [  # everything a stack allows to differ: l2, lr, label smoothing, c
 
 
 def test_stacked_heads_equal_solo_keras_fits_without_dropout(rows, tmp_path):
-    configs = [HeadConfig(**{"hidden": (32, 8), "dropout": 0.0, "batch_size": 64, "epochs": 3, **different}) for different in DIFFERENT]
+    configs = [
+        HeadConfig(**{"hidden": (32, 8), "dropout": 0.0, "batch_size": 64, "epochs": 3, **different}) for different in DIFFERENT
+    ]
     stacked = stack.fit_stack(configs, *rows)
     for config, fit in zip(configs, stacked):
         alone = solo(config, rows, tmp_path)
@@ -51,7 +53,10 @@ def test_stacked_heads_equal_solo_keras_fits_without_dropout(rows, tmp_path):
 
 def test_each_head_stops_on_its_own_patience_and_keeps_its_best_epoch(rows, tmp_path):
     """A high learning rate makes val loss turn early; patience 1 and 3 stop at different epochs (and the stack sheds)."""
-    configs = [HeadConfig(hidden=(32,), dropout=0.0, batch_size=32, epochs=30, lr=0.05, patience=p, seed=s) for p, s in ((1, 0), (3, 0), (1, 5))]
+    configs = [
+        HeadConfig(hidden=(32,), dropout=0.0, batch_size=32, epochs=30, lr=0.05, patience=p, seed=s)
+        for p, s in ((1, 0), (3, 0), (1, 5))
+    ]
     stacked = stack.fit_stack(configs, *rows)
     lengths = {len(fit.history["loss"]) for fit in stacked}
     assert len(lengths) > 1 and max(lengths) < 30  # they stopped early, at different epochs
@@ -65,7 +70,10 @@ def test_each_head_stops_on_its_own_patience_and_keeps_its_best_epoch(rows, tmp_
 
 
 def test_a_stack_with_dropout_gives_the_same_weights_on_every_rerun(rows):
-    configs = [HeadConfig(hidden=(32, 8), dropout=rate, batch_size=64, epochs=3, seed=seed) for rate, seed in ((0.2, 0), (0.5, 1), (0.0, 2))]
+    configs = [
+        HeadConfig(hidden=(32, 8), dropout=rate, batch_size=64, epochs=3, seed=seed)
+        for rate, seed in ((0.2, 0), (0.5, 1), (0.0, 2))
+    ]
     first, second = stack.fit_stack(configs, *rows), stack.fit_stack(configs, *rows)
     for a, b in zip(first, second):
         assert a.history == b.history
@@ -76,7 +84,7 @@ def test_a_stack_with_dropout_gives_the_same_weights_on_every_rerun(rows):
 def test_a_head_s_dropout_does_not_depend_on_its_stack(rows):
     """A head's dropout masks come from its own seed: alone or among others, it trains the same."""
     config = HeadConfig(hidden=(32,), dropout=0.3, batch_size=64, epochs=2, seed=7)
-    alone, = stack.fit_stack([config], *rows)
+    (alone,) = stack.fit_stack([config], *rows)
     among = stack.fit_stack([HeadConfig(hidden=(32,), dropout=0.5, batch_size=64, epochs=2, seed=1), config], *rows)[1]
     for x, y in zip(alone.weights, among.weights):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,18 @@ import pytest
 
 from same_features import assert_same_features
 
-ARGS = ["--weights", "random", "--image-size", "32", "--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool", "--shard-size", "3"]
+ARGS = [
+    "--weights",
+    "random",
+    "--image-size",
+    "32",
+    "--tap",
+    "resnet50:conv2_block1_out",
+    "--tap",
+    "vgg16:block1_pool",
+    "--shard-size",
+    "3",
+]
 
 
 @pytest.mark.parametrize("isa", [pytest.param(None, marks=pytest.mark.slow), "AVX2"])  # AVX2 only is the kind at risk
@@ -27,7 +38,17 @@ def test_one_and_two_intra_op_threads_give_the_same_features(tmp_path, image_tre
         env.pop("ONEDNN_MAX_CPU_ISA", None)
         if isa:
             env["ONEDNN_MAX_CPU_ISA"] = isa
-        argv = [sys.executable, "-m", "pipeline", "extract", str(root), "--out", str(tmp_path / f"threads-{threads}"), *ARGS, *precision]
+        argv = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "extract",
+            str(root),
+            "--out",
+            str(tmp_path / f"threads-{threads}"),
+            *ARGS,
+            *precision,
+        ]
         runs[threads] = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for run in runs.values():
         output = run.communicate(timeout=600)

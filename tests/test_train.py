@@ -13,7 +13,8 @@ from pipeline import leaderboard as leaderboard_module
 from pipeline import train as train_module
 from pipeline.config import HeadConfig, ReduceConfig
 from pipeline.errors import PipelineError
-from pipeline.leaderboard import leaderboard as leaderboard_rows, sort_rows
+from pipeline.leaderboard import leaderboard as leaderboard_rows
+from pipeline.leaderboard import sort_rows
 from pipeline.reduce import reduce_features
 from pipeline.reduced import load_reduced
 from pipeline.scoring import evaluate
@@ -54,7 +55,9 @@ def write_sweep(tmp_path, text):
 
 
 def test_sweep_is_every_grid_combination_on_top_of_base_and_flags(tmp_path):
-    path = write_sweep(tmp_path, """
+    path = write_sweep(
+        tmp_path,
+        """
 [base]
 epochs = 7
 dropout = 0.1
@@ -62,21 +65,25 @@ lr = 1
 [grid]
 hidden = [[256], [512, 128]]
 seed = [0, 1, 2]
-""")
+""",
+    )
     configs = sweep_configs(path, overrides={"dropout": 0.4})
     assert len(configs) == 6
     assert {(c.hidden, c.seed) for c in configs} == {(h, s) for h in [(256,), (512, 128)] for s in (0, 1, 2)}
     assert {(c.epochs, c.dropout, c.lr) for c in configs} == {(7, 0.4, 1.0)}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[grid]\ndropuot = [0.1]\n", "key 'dropuot' in \\[grid\\] is not a head option; valid: hidden, dropout"),
-    ("[base]\nwidth = 3\n", "key 'width' in \\[base\\] is not a head option"),
-    ("[grid]\ndropout = 0.1\n", "\\[grid\\] dropout must be a non-empty list"),
-    ("[grid]\ndropout = [0.1, 1.5]\n", "dropout 1.5 must be in \\[0, 1\\)"),
-    ("[grid]\nlr = ['fast']\n", "lr 'fast' must be a number"),
-    ("[search]\nlr = [1]\n", "unknown key\\(s\\) search"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[grid]\ndropuot = [0.1]\n", "key 'dropuot' in \\[grid\\] is not a head option; valid: hidden, dropout"),
+        ("[base]\nwidth = 3\n", "key 'width' in \\[base\\] is not a head option"),
+        ("[grid]\ndropout = 0.1\n", "\\[grid\\] dropout must be a non-empty list"),
+        ("[grid]\ndropout = [0.1, 1.5]\n", "dropout 1.5 must be in \\[0, 1\\)"),
+        ("[grid]\nlr = ['fast']\n", "lr 'fast' must be a number"),
+        ("[search]\nlr = [1]\n", "unknown key\\(s\\) search"),
+    ],
+)
 def test_bad_sweep_files_are_one_clear_error(tmp_path, text, message):
     with pytest.raises(PipelineError, match=message):
         sweep_configs(write_sweep(tmp_path, text))
@@ -97,7 +104,8 @@ def test_a_run_writes_every_output_and_is_not_redone(reduced_dir, tmp_path):
     run = runs / outcomes[1].run_id
     assert outcomes[1].run_id.startswith("h16_d0.3_")
     assert {"config.json", "metrics.json", "history.csv", "model.keras", "curves.png", "confusion.png", "tensorboard"} <= {
-        p.name for p in run.iterdir()}
+        p.name for p in run.iterdir()
+    }
     assert list((run / "tensorboard" / "validation").glob("events.out.tfevents.*"))
 
     metrics = json.loads((run / "metrics.json").read_text())
@@ -265,7 +273,9 @@ def test_publishing_a_run_reads_each_run_dir_once(reduced_dir, tmp_path, monkeyp
     configs = [HeadConfig(**{**QUICK, "epochs": 1, "seed": seed}) for seed in range(3)]
     outcomes = list(train(reduced_dir(), tmp_path / "runs", configs))
     assert len(outcomes) == 4 and len(leaderboard(tmp_path / "runs")) == 4
-    assert sorted(reads) == sorted(tmp_path / "runs" / o.run_id / name for o in outcomes for name in ("config.json", "metrics.json"))
+    assert sorted(reads) == sorted(
+        tmp_path / "runs" / o.run_id / name for o in outcomes for name in ("config.json", "metrics.json")
+    )
     (tmp_path / "runs" / outcomes[1].run_id / "metrics.json").write_text("{}")  # a changed record is read again
     assert leaderboard_module.run_state(tmp_path / "runs" / outcomes[1].run_id).problem is not None
 
@@ -299,10 +309,13 @@ def test_cli_train_then_runs_prints_the_table(reduced_dir, tmp_path, run_cli):
     assert sum("*baseline*" in line for line in full.splitlines()) == 1
 
 
-@pytest.mark.parametrize("args, message, code", [
-    (["--sort", "speed"], "--sort 'speed' is not a leaderboard column", 1),
-    (["--top", "0"], "Invalid value for '--top'", 2),
-])
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["--sort", "speed"], "--sort 'speed' is not a leaderboard column", 1),
+        (["--top", "0"], "Invalid value for '--top'", 2),
+    ],
+)
 def test_cli_runs_bad_options(reduced_dir, tmp_path, run_cli, args, message, code):
     list(train(reduced_dir(), tmp_path / "runs", []))
     assert message in run_cli("runs", tmp_path / "runs", *args, code=code).output

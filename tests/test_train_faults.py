@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import QUICK_HEAD, tree_bytes
 from pipeline import leaderboard as leaderboard_module
 from pipeline import train as train_module
 from pipeline.config import HeadConfig
@@ -23,7 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import leftover_temps, locked
 from pipeline.reduced import load_reduced
 from pipeline.train import train
-from helpers import QUICK_HEAD, tree_bytes
+
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
 def test_a_read_only_output_is_one_sentence_for_every_command(reduced, tmp_path, run_cli, failing_writes, code):
@@ -41,7 +42,8 @@ def test_a_read_only_output_is_one_sentence_for_every_command(reduced, tmp_path,
         assert f"({reason})" in result.output and "needs a writable directory" in result.output
     assert "baseline-logreg-" in table.output and "rebuilding it failed" in table.output
     assert {k: v for k, v in tree_bytes(tmp_path).items() if k != "runs/leaderboard.csv"} == {
-        k: v for k, v in before.items() if k != "runs/leaderboard.csv"}
+        k: v for k, v in before.items() if k != "runs/leaderboard.csv"
+    }
 
 
 def test_a_read_only_output_is_one_sentence_with_permissions(reduced, tmp_path, run_cli):
@@ -184,7 +186,9 @@ def test_damaged_runs_are_skipped_by_runs_and_trained_again_by_train(reduced, tm
     model = (head / "model.keras").read_bytes()
     (head / "model.keras").write_bytes(model[:1000])  # regression: a truncated model was "file not found"
     again = run_cli("train", out, "--runs", runs, *QUICK_HEAD)
-    assert f"run dir {baseline} is damaged" in again.output and f"run dir {head} is damaged (model.keras is changed)" in again.output
+    assert (
+        f"run dir {baseline} is damaged" in again.output and f"run dir {head} is damaged (model.keras is changed)" in again.output
+    )
     assert "already done" not in again.output
     assert {row["run_id"] for row in leaderboard_module.leaderboard(runs)[0]} == {head.name, baseline.name}
 
@@ -211,7 +215,10 @@ def test_disk_full_in_train_keeps_the_finished_runs_and_a_rerun_completes(reduce
 
     monkeypatch.setattr(train_module, "_write_history", full)
     result = run_cli("train", out, "--runs", runs, *QUICK_HEAD, code=1)
-    assert "cannot write run h8_d0.3_" in result.output and "no space left on device; the runs finished so far are kept" in result.output
+    assert (
+        "cannot write run h8_d0.3_" in result.output
+        and "no space left on device; the runs finished so far are kept" in result.output
+    )
     assert "Traceback" not in result.output
     assert not leftover_temps(runs) and len(leaderboard_module.leaderboard(runs)[0]) == 1
     monkeypatch.setattr(train_module, "_write_history", real)
@@ -234,7 +241,10 @@ def test_runs_on_a_full_disk_prints_the_table_with_a_warning(reduced, tmp_path, 
     table = run_cli("runs", runs)
     assert "*baseline*" in table.output and "Traceback" not in table.output
     reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}[code]
-    assert f"does not match the run dirs, and rebuilding it failed: cannot write {runs / 'leaderboard.csv'}: {reason}" in table.output
+    assert (
+        f"does not match the run dirs, and rebuilding it failed: cannot write {runs / 'leaderboard.csv'}: {reason}"
+        in table.output
+    )
 
 
 def test_a_leaderboard_that_cannot_be_written_after_publishing_says_the_run_is_kept(reduced, tmp_path, run_cli, monkeypatch):

@@ -11,11 +11,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import shards
+from helpers import FAST, files_bytes
 from pipeline import inputs as inputs_module
+from pipeline import shards
 from pipeline.engines import worker as worker_module
 from pipeline.inputs import UndecodableImage, decode_with_pillow, orient, resize_image
-from helpers import FAST, files_bytes
+
 
 def _pillow_batches_decoding_all_first(items, batch_size, image_size, resize, failed, orientations=None):
     """The fallback as it was: every picture of the shard decoded first, then batched (the reference)."""
@@ -48,7 +49,9 @@ def test_the_fallback_holds_one_batch_of_pictures_and_gives_the_same_bytes(tmp_p
 
     state = {"fallback": False, "held": 0, "peak": 0}
     real_rescue, real_features, real_decode = (
-        worker_module._ShardAssembler._rescue, worker_module._TapRunner.features, inputs_module.decode_with_pillow,
+        worker_module._ShardAssembler._rescue,
+        worker_module._TapRunner.features,
+        inputs_module.decode_with_pillow,
     )
 
     def rescue(self, missing, errors):
@@ -161,6 +164,7 @@ def test_a_failed_write_is_raised_at_the_next_check(tmp_path, monkeypatch):
 
 def test_a_small_run_skips_xla_records_its_device_and_computes_without_tf32(tmp_path, image_tree, run_cli, monkeypatch):
     """Below EAGER_MAX_IMAGES the forward is not compiled even with --xla; TF32 is off; the shard and inspect say what computed."""
+
     def no_compile(*args, **kwargs):
         raise AssertionError("a 6-image run compiled its forward pass")
 
@@ -193,14 +197,20 @@ def test_running_out_of_device_memory_names_the_batch_and_image_size_to_lower(tm
 def test_op_determinism_is_enabled_on_a_gpu_unless_no_deterministic(tmp_path, image_tree, run_cli, monkeypatch):
     enabled = []
     fake_gpu = worker_module.devices.TensorFlowGpu("/physical_device:GPU:0", "a GPU", (8, 0))
-    monkeypatch.setattr(worker_module.devices, "tensorflow_gpus", lambda: [fake_gpu])  # this machine has none: only the decision is tested
-    monkeypatch.setattr(worker_module.backbones, "device_record", lambda gpu, forward, determinism: {"op_determinism": determinism})
+    monkeypatch.setattr(
+        worker_module.devices, "tensorflow_gpus", lambda: [fake_gpu]
+    )  # this machine has none: only the decision is tested
+    monkeypatch.setattr(
+        worker_module.backbones, "device_record", lambda gpu, forward, determinism: {"op_determinism": determinism}
+    )
     monkeypatch.setattr(worker_module.tf.config.experimental, "enable_op_determinism", lambda: enabled.append(True))
     root, args = image_tree(), [*FAST, "--precision", "float32", "--no-xla"]
     run_cli("extract", root, "--out", tmp_path / "on", *args)
     assert enabled == [True] and shards.read_shard_attrs(tmp_path / "on" / "shard-00000.h5")["device"] == {"op_determinism": True}
     run_cli("extract", root, "--out", tmp_path / "off", *args, "--no-deterministic")
-    assert enabled == [True] and shards.read_shard_attrs(tmp_path / "off" / "shard-00000.h5")["device"] == {"op_determinism": False}
+    assert enabled == [True] and shards.read_shard_attrs(tmp_path / "off" / "shard-00000.h5")["device"] == {
+        "op_determinism": False
+    }
     assert shards.read_manifest(tmp_path / "on")["config_sha256"] == shards.read_manifest(tmp_path / "off")["config_sha256"]
 
 
@@ -211,7 +221,19 @@ def test_a_compiled_forward_is_kept_for_the_next_process(tmp_path, image_tree):
     env.pop("TF_XLA_FLAGS", None)
     programs = []
     for run in ("first", "second"):
-        argv = [sys.executable, "-m", "pipeline", "extract", str(root), "--out", str(tmp_path / run), *map(str, FAST), "--xla", "--precision", "float32"]
+        argv = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "extract",
+            str(root),
+            "--out",
+            str(tmp_path / run),
+            *map(str, FAST),
+            "--xla",
+            "--precision",
+            "float32",
+        ]
         done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         assert shards.read_shard_attrs(tmp_path / run / "shard-00000.h5")["device"]["forward"] == "xla"

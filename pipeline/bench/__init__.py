@@ -11,4 +11,18 @@ update     reruns after adding or removing 1% of the images, and with no change;
 """
 
 # Every stage `pipeline bench --skip` can leave out, in the order they run.
-STAGES = ("model", "extract", "decode", "baseline", "flops", "fast-decode", "ray", "startup", "update", "reduce", "heads", "sweep", "stacks")
+STAGES = (
+    "model",
+    "extract",
+    "decode",
+    "baseline",
+    "flops",
+    "fast-decode",
+    "ray",
+    "startup",
+    "update",
+    "reduce",
+    "heads",
+    "sweep",
+    "stacks",
+)

@@ -44,4 +44,3 @@ def _random_crop(photo, aspect, rng):
     left = int(rng.integers(0, width - crop_w + 1))
     top = int(rng.integers(0, height - crop_h + 1))
     return photo.crop((left, top, left + crop_w, top + crop_h))
-

@@ -61,8 +61,12 @@ def derived(results, policy):
         figures[f"end to end / model bound, steady state ({p})"] = ratio(run.get("steady_images_per_second"), rate)
         figures[f"end to end / model bound, start to manifest ({p})"] = ratio(run.get("images_per_second"), rate)
         model_cost = (1 / rate["median"], 0.0) if rate else None
-        figures[f"images for start to manifest >= {E2E_OVER_MODEL} x model bound ({p})"] = _images_to_reach(E2E_OVER_MODEL, _cost(run), model_cost)
-        figures[f"end to end ({p}) / seed-style baseline, start to end"] = ratio(run.get("images_per_second"), baseline.get("images_per_second"))
+        figures[f"images for start to manifest >= {E2E_OVER_MODEL} x model bound ({p})"] = _images_to_reach(
+            E2E_OVER_MODEL, _cost(run), model_cost
+        )
+        figures[f"end to end ({p}) / seed-style baseline, start to end"] = ratio(
+            run.get("images_per_second"), baseline.get("images_per_second")
+        )
         figures[f"end to end ({p}) / seed-style baseline, steady state"] = ratio(
             run.get("steady_images_per_second"), baseline.get("steady_images_per_second")
         )
@@ -73,8 +77,12 @@ def derived(results, policy):
         figures[f"min cosine vs float32 ({p})"] = run.get("min_cosine_vs_float32")
     for p, engines in results.get("ray", {}).items():
         run, local = engines["ray"], engines["local"]
-        figures[f"ray engine / local engine, steady state ({p})"] = ratio(run.get("steady_images_per_second"), local.get("steady_images_per_second"))
-        figures[f"ray engine / local engine, start to manifest ({p})"] = ratio(run.get("images_per_second"), local.get("images_per_second"))
+        figures[f"ray engine / local engine, steady state ({p})"] = ratio(
+            run.get("steady_images_per_second"), local.get("steady_images_per_second")
+        )
+        figures[f"ray engine / local engine, start to manifest ({p})"] = ratio(
+            run.get("images_per_second"), local.get("images_per_second")
+        )
         figures[f"images for ray start to manifest >= {RAY_OVER_LOCAL} x local ({p})"] = _images_to_reach(
             RAY_OVER_LOCAL, _cost(run), _cost(local)
         )
@@ -102,9 +110,12 @@ def derived(results, policy):
             figures[f"start-up: extract of 4 images {flag}, whole command (s)"] = seconds["median"]
     update = results.get("update")
     if update:
-        figures["update: rerun after adding 1% / full run, whole command"] = ratio(update["add_seconds"]["median"], update["full_seconds"]["median"])
+        figures["update: rerun after adding 1% / full run, whole command"] = ratio(
+            update["add_seconds"]["median"], update["full_seconds"]["median"]
+        )
         figures["update: (rerun after adding 1% - start-up) / full run"] = ratio(
-            update["add_seconds"]["median"] - update["start_up_seconds"]["median"], update["full_seconds"]["median"])
+            update["add_seconds"]["median"] - update["start_up_seconds"]["median"], update["full_seconds"]["median"]
+        )
         figures["update: rerun after removing 1%, whole command (s)"] = update["remove_seconds"]["median"]
         figures["update: rerun with no change, whole command (s)"] = update["no_change_seconds"]["median"]
         figures["update: rerun with no change, in process (s)"] = update["no_change_in_process_seconds"]["median"]
@@ -115,7 +126,9 @@ def derived(results, policy):
         figures["reduce seconds per row, largest / smallest size"] = reduce["row_cost_growth"]
         load = reduce.get("load_features")
         if load:
-            figures["load_features rate / sequential read of its files"] = ratio(load["gb_per_second"], load["file_gb_per_second"])
+            figures["load_features rate / sequential read of its files"] = ratio(
+                load["gb_per_second"], load["file_gb_per_second"]
+            )
             figures["load_features peak RSS / its arrays"] = ratio(load["peak_rss_mb"], load["arrays_mb"])
     sweep = results.get("sweep")
     if sweep:
@@ -218,7 +231,9 @@ def render_markdown(report):
     lines += [f"| {name} | {_number(value, 5)} |" for name, value in report["derived"].items()]
     lines += ["", "| target | measured | required | met |", "| --- | ---: | --- | --- |"]
     for target in report["targets"]:
-        met = {True: "yes", False: "**no**", None: "not measured", NOT_APPLICABLE: "not applicable: no bf16/fp16 hardware"}[target["met"]]
+        met = {True: "yes", False: "**no**", None: "not measured", NOT_APPLICABLE: "not applicable: no bf16/fp16 hardware"}[
+            target["met"]
+        ]
         lines.append(f"| {target['target']} | {_number(target['measured'], 5)} | {target['required']} | {met} |")
     return "\n".join(lines) + "\n"
 
@@ -234,7 +249,9 @@ def _measurement_rows(results):
         for engine, stats in engines.items():
             rows += _run_rows(f"engines, alternating runs: `extract --engine {engine}`", "manifest", policy, stats)
     if "decode" in results:
-        rows.append(("decode bound: tf.data read, decode, resize, batch", "-", results["decode"]["images_per_second"], "images/s"))
+        rows.append(
+            ("decode bound: tf.data read, decode, resize, batch", "-", results["decode"]["images_per_second"], "images/s")
+        )
     if "baseline" in results:
         rows += _run_rows("seed-style baseline", "HDF5 written", "float32", results["baseline"])
     flops = results.get("flops")
@@ -258,8 +275,12 @@ def _measurement_rows(results):
         if load:
             what = f"load_features {load['rows']:,} x {reduce['dims']:,} float16, every tap in memory"
             rows.append((what, "-", summarize([load["gb_per_second"]]), "GB/s"))
-            rows.append((f"{what}: plain sequential read of the same files", "-", summarize([load["file_gb_per_second"]]), "GB/s"))
-            rows.append((f"{what}: peak RSS ({load['arrays_mb']:,.0f} MB of arrays)", "-", summarize([load["peak_rss_mb"]]), "MB"))
+            rows.append(
+                (f"{what}: plain sequential read of the same files", "-", summarize([load["file_gb_per_second"]]), "GB/s")
+            )
+            rows.append(
+                (f"{what}: peak RSS ({load['arrays_mb']:,.0f} MB of arrays)", "-", summarize([load["peak_rss_mb"]]), "MB")
+            )
     startup = results.get("startup")
     if startup:
         for policy, phases in startup["first_batch"].items():
@@ -277,7 +298,14 @@ def _measurement_rows(results):
         rows.append((f"update: rerun after removing {update['removed']} images (1%)", "-", update["remove_seconds"], "s"))
         rows.append(("update: start-up, a first run over one image, whole command", "-", update["start_up_seconds"], "s"))
         rows.append(("update: rerun with no change, whole command", "-", update["no_change_seconds"], "s"))
-        rows.append(("update: rerun with no change, in process (listing, planning, checks)", "-", update["no_change_in_process_seconds"], "s"))
+        rows.append(
+            (
+                "update: rerun with no change, in process (listing, planning, checks)",
+                "-",
+                update["no_change_in_process_seconds"],
+                "s",
+            )
+        )
         sha = summarize([update["sha256_ms_per_image"]])
         rows.append((f"update: sha256 of one image ({update['mean_image_kb']} KB mean, page cache)", "-", sha, "ms"))
     heads = results.get("heads")
@@ -303,17 +331,32 @@ def _stack_rows(stacks):
     once = lambda value: {"min": value, "median": value, "max": value}  # noqa: E731
     rows = []
     sweep = stacks["digits_sweep_16"]
-    for name, run in (("`pipeline train --sweep` (stacks)", sweep["pipeline_train"]), ("the plain Keras loop", sweep["plain_keras_loop"])):
+    for name, run in (
+        ("`pipeline train --sweep` (stacks)", sweep["pipeline_train"]),
+        ("the plain Keras loop", sweep["plain_keras_loop"]),
+    ):
         what = f"16-head digits sweep, {name}, whole process"
-        rows += [(what, "float32", once(run["seconds"]), "s"), (f"{what}: mean val accuracy", "float32", once(run["mean_val_accuracy"]), "")]
+        rows += [
+            (what, "float32", once(run["seconds"]), "s"),
+            (f"{what}: mean val accuracy", "float32", once(run["mean_val_accuracy"]), ""),
+        ]
     rows.append(("16-head digits sweep: plain loop / stacks", "float32", once(sweep["speedup"]), "x"))
     digits64 = stacks["digits_64"]
-    rows += [("64 heads on the digits, whole command", "float32", once(digits64["seconds"]), "s"),
-             ("64 heads on the digits: peak RSS", "float32", once(digits64["peak_rss_mb"]), "MB")]
+    rows += [
+        ("64 heads on the digits, whole command", "float32", once(digits64["seconds"]), "s"),
+        ("64 heads on the digits: peak RSS", "float32", once(digits64["peak_rss_mb"]), "MB"),
+    ]
     large = stacks.get("large_16x4")
     if large:
         for mode in ("stack", "no_stack"):
-            rows.append((f"16 heads x 4 epochs on 50,000 x 256, --{mode.replace('_', '-')}, whole command", "float32", once(large[mode]["seconds"]), "s"))
+            rows.append(
+                (
+                    f"16 heads x 4 epochs on 50,000 x 256, --{mode.replace('_', '-')}, whole command",
+                    "float32",
+                    once(large[mode]["seconds"]),
+                    "s",
+                )
+            )
         rows.append(("16 heads x 4 epochs on 50,000 x 256: --no-stack / --stack", "float32", once(large["speedup"]), "x"))
     return rows
 
@@ -358,5 +401,7 @@ def replace_results_table(page, tables):
     before, start, rest = page.partition(RESULTS_START)
     middle, end, after = rest.partition(RESULTS_END)
     if not start or not end:
-        raise PipelineError(f"the results page has no {RESULTS_START} ... {RESULTS_END} block to replace; add both markers around its table")
+        raise PipelineError(
+            f"the results page has no {RESULTS_START} ... {RESULTS_END} block to replace; add both markers around its table"
+        )
     return f"{before}{RESULTS_START}\n{tables.strip()}\n{RESULTS_END}{after}"

@@ -32,12 +32,39 @@ import tensorflow as tf
 
 from pipeline import backbones, devices
 from pipeline.bench import (
-    STAGES, corpus as bench_corpus, flops as bench_flops, report as bench_report, stage_two as bench_stage_two, stacks as bench_stacks,
-    startup, update as bench_update,
+    STAGES,
+    startup,
 )
-from pipeline.config import DEFAULT_TAPS, ExtractConfig, HeadConfig, ReduceConfig, parse_tap, parse_weights, tap_backbone, tap_layer
-from pipeline.errors import PipelineError
+from pipeline.bench import (
+    corpus as bench_corpus,
+)
+from pipeline.bench import (
+    flops as bench_flops,
+)
+from pipeline.bench import (
+    report as bench_report,
+)
+from pipeline.bench import (
+    stacks as bench_stacks,
+)
+from pipeline.bench import (
+    stage_two as bench_stage_two,
+)
+from pipeline.bench import (
+    update as bench_update,
+)
+from pipeline.config import (
+    DEFAULT_TAPS,
+    ExtractConfig,
+    HeadConfig,
+    ReduceConfig,
+    parse_tap,
+    parse_weights,
+    tap_backbone,
+    tap_layer,
+)
 from pipeline.engines.worker import row_cosines
+from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.files import write_json
 from pipeline.inputs import image_batches
@@ -87,8 +114,17 @@ class BenchOptions:
     def quick(cls, **overrides):
         """About a minute on two cores: 64 px, a few images, tiny stage two."""
         small = dict(
-            image_size=64, images=32, batch_size=16, repeats=1, matmul_size=1024, large_images=4,
-            reduce_rows=(2_000, 4_000, 8_000), shard_rows=1_000, tap_dims=(64, 128, 32, 32), components=32, head_epochs=5,
+            image_size=64,
+            images=32,
+            batch_size=16,
+            repeats=1,
+            matmul_size=1024,
+            large_images=4,
+            reduce_rows=(2_000, 4_000, 8_000),
+            shard_rows=1_000,
+            tap_dims=(64, 128, 32, 32),
+            components=32,
+            head_epochs=5,
             sweep_epochs=2,
         )
         return cls(**{**small, **overrides})
@@ -103,7 +139,9 @@ def run_bench(options, log=print):
     load_start, started = os.getloadavg(), time.perf_counter()
     gpus = devices.tensorflow_gpus()  # device options were set by the command (cli.TensorFlowCommand)
     gpu = bool(gpus)
-    requested = ExtractConfig(taps=options.taps, image_size=options.image_size, batch_size=options.batch_size, weights=options.weights)
+    requested = ExtractConfig(
+        taps=options.taps, image_size=options.image_size, batch_size=options.batch_size, weights=options.weights
+    )
     config = backbones.resolve(requested, gpu, backbones.cpu_flags(), devices.compute_capability(gpus))
     policies = list(dict.fromkeys([config.precision, "float32"]))
     try:
@@ -114,7 +152,9 @@ def run_bench(options, log=print):
             results["startup"] = measure_startup(options, config, policies, corpus, work, log)
         if "update" not in options.skip:
             log("updates: add 1%, remove 1%, no change")
-            results["update"] = bench_update.measure_update(corpus, work, dataclasses.replace(config, precision=policies[-1]), options.repeats)
+            results["update"] = bench_update.measure_update(
+                corpus, work, dataclasses.replace(config, precision=policies[-1]), options.repeats
+            )
         results.update(_stage_two(options, work, log))
         if "stacks" not in options.skip:  # the 50,000 x 256 figure on stage two's smallest reduced set, when it was made
             large = work / f"reduced-{min(options.reduce_rows)}-0"
@@ -159,7 +199,10 @@ def _corpus(options, work):
 
 
 def _machine(gpu):
-    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -200,7 +243,9 @@ def _stage_one(options, config, policies, corpus, paths, work, log):
     for policy in policies:
         if wanted & {"model", "flops"}:  # the FLOP bound is judged against the model bound
             log(f"model bound, {policy}")
-            results.setdefault("model", {})[policy] = {"images_per_second": bench_report.summarize(measure_model(forwards[policy], batch, options.repeats))}
+            results.setdefault("model", {})[policy] = {
+                "images_per_second": bench_report.summarize(measure_model(forwards[policy], batch, options.repeats))
+            }
         if "flops" in wanted:
             log(f"FLOP bound, {policy}")
             per_image = round(bench_flops.count_flops(models[policy]) / 1e9, 4)
@@ -334,7 +379,9 @@ def measure_baseline(paths, config, out_path, repeats):
     runs = []
     for _ in range(repeats + 1):
         clock = RunClock()
-        seed_style_baseline(paths, config.taps, config.image_size, config.batch_size, config.weights, config.seed, out_path, clock)
+        seed_style_baseline(
+            paths, config.taps, config.image_size, config.batch_size, config.weights, config.seed, out_path, clock
+        )
         runs.append(clock.finish())
     return runs[1:]
 
@@ -357,7 +404,9 @@ def seed_style_baseline(paths, taps, image_size, batch_size, weights, seed, out_
         models[backbone] = (keys, keras.Model(trunk.input, pooled))
     features = {tap: [] for tap in taps}
     for start in range(0, len(paths), batch_size):
-        pictures = [keras.utils.load_img(path, target_size=(image_size, image_size)) for path in paths[start : start + batch_size]]
+        pictures = [
+            keras.utils.load_img(path, target_size=(image_size, image_size)) for path in paths[start : start + batch_size]
+        ]
         batch = np.stack([keras.utils.img_to_array(picture) for picture in pictures])
         for backbone, (keys, model) in models.items():
             outputs = model.predict(_PREPROCESS[backbone](batch.copy()), verbose=0)
@@ -372,7 +421,10 @@ def seed_style_baseline(paths, taps, image_size, batch_size, weights, seed, out_
 
 def measure_fast_decode(options, config, forward, work):
     """--fast-decode on camera-sized JPEGs: decode-bound images/s both ways and feature cosines."""
-    paths = [record.path for record in list_source(bench_corpus.write_corpus(work, options.large_images, bench_corpus.LARGE_SIZE)).records]
+    paths = [
+        record.path
+        for record in list_source(bench_corpus.write_corpus(work, options.large_images, bench_corpus.LARGE_SIZE)).records
+    ]
     full = measure_decode(paths, config, options.repeats)
     fast = measure_decode(paths, config, options.repeats, fast_decode=True)
     features = {}
@@ -398,8 +450,10 @@ def measure_startup(options, config, policies, corpus, work, log):
     results = {"first_batch": {}}
     for policy in policies:
         log(f"start-up, first batch, {policy}")
-        runs = [startup.measure_first_batch(corpus, work / "startup-features", dataclasses.replace(config, precision=policy))
-                for _ in range(options.repeats)]
+        runs = [
+            startup.measure_first_batch(corpus, work / "startup-features", dataclasses.replace(config, precision=policy))
+            for _ in range(options.repeats)
+        ]
         results["first_batch"][policy] = {phase: bench_report.summarize([run[phase] for run in runs]) for phase in runs[0]}
     log("start-up, up-to-date rerun and predict on one image")
     argv = startup.extract_argv(corpus, work / "startup-features", dataclasses.replace(config, precision=policies[-1]))
@@ -413,7 +467,9 @@ def measure_startup(options, config, policies, corpus, work, log):
     out = work / "startup-four-features"
     for xla in ("--xla", "--no-xla"):
         argv = [*startup.extract_argv(four, out, dataclasses.replace(config, precision="float32")), xla]
-        results["four_images_seconds"][xla] = bench_report.summarize([startup.time_fresh_extract(argv, out) for _ in range(options.repeats)])
+        results["four_images_seconds"][xla] = bench_report.summarize(
+            [startup.time_fresh_extract(argv, out) for _ in range(options.repeats)]
+        )
     return results
 
 
@@ -482,4 +538,11 @@ def _sweep(options, reduced_dir, work, rows, dims, log):
             measured.append(bench_stage_two.measure_sweep(reduced_dir, runs, sweep, jobs))
             shutil.rmtree(runs, ignore_errors=True)
         timings[str(jobs)] = {key: bench_report.summarize([m[key] for m in measured]) for key in ("seconds", "run_seconds")}
-    return {"rows": rows, "dims": dims, "heads": options.sweep_heads, "epochs": options.sweep_epochs, "cores": os.cpu_count(), "jobs": timings}
+    return {
+        "rows": rows,
+        "dims": dims,
+        "heads": options.sweep_heads,
+        "epochs": options.sweep_epochs,
+        "cores": os.cpu_count(),
+        "jobs": timings,
+    }

@@ -35,9 +35,27 @@ def digits_reduced(work):
     if not reduced.exists():
         subprocess.run([*pipeline, "demo-data", work / "digits", "--size", "32"], check=True, capture_output=True)
         taps = [arg for tap in DIGITS_TAPS for arg in ("--tap", tap)]
-        subprocess.run([*pipeline, "extract", work / "digits", "--out", work / "digits-features", "--weights", "random", "--image-size", "32", *taps],
-                       check=True, capture_output=True)
-        subprocess.run([*pipeline, "reduce", work / "digits-features", "--out", reduced, "--components", "64"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                *pipeline,
+                "extract",
+                work / "digits",
+                "--out",
+                work / "digits-features",
+                "--weights",
+                "random",
+                "--image-size",
+                "32",
+                *taps,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [*pipeline, "reduce", work / "digits-features", "--out", reduced, "--components", "64"],
+            check=True,
+            capture_output=True,
+        )
     return reduced
 
 
@@ -50,10 +68,14 @@ def sweep_toml(path, base, grid, seeds):
 
 def measure_train(reduced, runs, sweep, *flags):
     """Whole `pipeline train REDUCED --sweep SWEEP` process: seconds, peak RSS, heads' mean val accuracy and their run seconds."""
-    seconds, rss = _rss_run([sys.executable, "-m", "pipeline", "train", str(reduced), "--runs", str(runs), "--sweep", str(sweep), *flags])
+    seconds, rss = _rss_run(
+        [sys.executable, "-m", "pipeline", "train", str(reduced), "--runs", str(runs), "--sweep", str(sweep), *flags]
+    )
     metrics = [json.loads(path.read_text()) for path in sorted(Path(runs).glob("h*/metrics.json"))]
     return {
-        "seconds": round(seconds, 1), "peak_rss_mb": rss, "heads": len(metrics),
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": rss,
+        "heads": len(metrics),
         "mean_val_accuracy": round(float(np.mean([m["val"]["accuracy"] for m in metrics])), 4),
         "epochs": int(sum(m["epochs"] for m in metrics)),
     }
@@ -88,7 +110,10 @@ def _plain_loop(reduced, configs):
     data = load_reduced(reduced)
     train, val = data.splits == "train", data.splits == "val"
     classes = len(data.classes)
-    y_train, y_val = keras.utils.to_categorical(data.labels[train], classes), keras.utils.to_categorical(data.labels[val], classes)
+    y_train, y_val = (
+        keras.utils.to_categorical(data.labels[train], classes),
+        keras.utils.to_categorical(data.labels[val], classes),
+    )
     accuracies, epochs = [], 0
     for config in configs:
         keras.utils.set_random_seed(config["seed"])
@@ -101,11 +126,20 @@ def _plain_loop(reduced, configs):
         model = keras.Sequential(layers)
         model.compile(keras.optimizers.Adam(config["lr"]), "categorical_crossentropy", metrics=["accuracy"])
         stopper = keras.callbacks.EarlyStopping(patience=config["patience"], restore_best_weights=True)
-        history = model.fit(data.X[train], y_train, batch_size=config["batch_size"], epochs=config["epochs"],
-                            validation_data=(data.X[val], y_val), callbacks=[stopper], verbose=0)
+        history = model.fit(
+            data.X[train],
+            y_train,
+            batch_size=config["batch_size"],
+            epochs=config["epochs"],
+            validation_data=(data.X[val], y_val),
+            callbacks=[stopper],
+            verbose=0,
+        )
         epochs += len(history.history["loss"])
         accuracies.append(float(np.mean(model.predict(data.X[val], verbose=0).argmax(1) == data.labels[val])))
-    Path(reduced, "plain-loop.json").write_text(json.dumps({"heads": len(configs), "mean_val_accuracy": round(float(np.mean(accuracies)), 4), "epochs": epochs}))
+    Path(reduced, "plain-loop.json").write_text(
+        json.dumps({"heads": len(configs), "mean_val_accuracy": round(float(np.mean(accuracies)), 4), "epochs": epochs})
+    )
 
 
 def grid_configs(base, grid, seeds):
@@ -126,9 +160,15 @@ def measure_stacks(work, log=print, large_reduced=None):
     stacked = measure_train(digits, work / "runs-digits16", sweep16)
     log("stacks: 16-head digits sweep, the plain Keras loop")
     plain = measure_plain_loop(digits, grid_configs(DIGITS_BASE, DIGITS_GRID, 2))
-    results["digits_sweep_16"] = {"pipeline_train": stacked, "plain_keras_loop": plain, "speedup": round(plain["seconds"] / stacked["seconds"], 2)}
+    results["digits_sweep_16"] = {
+        "pipeline_train": stacked,
+        "plain_keras_loop": plain,
+        "speedup": round(plain["seconds"] / stacked["seconds"], 2),
+    }
     log("stacks: 64 heads on the digits")
-    results["digits_64"] = measure_train(digits, work / "runs-digits64", sweep_toml(work / "digits64.toml", DIGITS_BASE, DIGITS_GRID, 8))
+    results["digits_64"] = measure_train(
+        digits, work / "runs-digits64", sweep_toml(work / "digits64.toml", DIGITS_BASE, DIGITS_GRID, 8)
+    )
     if large_reduced is not None:
         sweep = sweep_toml(work / "large.toml", {"epochs": 4, "patience": 4}, LARGE_GRID, 4)
         log("stacks: 16 heads x 4 epochs on 50,000 x 256, stacked")
@@ -146,8 +186,14 @@ def large_reduced(work):
     work = Path(work)
     reduced = work / "large-reduced"
     if not reduced.exists():
-        features = write_synthetic_features(work / "large-features", 50_000, 25_000, {"resnet50/conv4_block6_out": 384, "vgg16/block5_conv3": 384})
-        subprocess.run([sys.executable, "-m", "pipeline", "reduce", features, "--out", reduced, "--components", "256"], check=True, capture_output=True)
+        features = write_synthetic_features(
+            work / "large-features", 50_000, 25_000, {"resnet50/conv4_block6_out": 384, "vgg16/block5_conv3": 384}
+        )
+        subprocess.run(
+            [sys.executable, "-m", "pipeline", "reduce", features, "--out", reduced, "--components", "256"],
+            check=True,
+            capture_output=True,
+        )
     return reduced
 
 

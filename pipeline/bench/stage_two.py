@@ -148,10 +148,19 @@ def _load_and_report(features_dir):
     loaded = load_features(features_dir)
     seconds = time.perf_counter() - started
     arrays = sum(array.nbytes for array in loaded.features.values())
-    print(json.dumps({
-        "rows": len(loaded), "seconds": seconds, "gigabytes": arrays / 1e9, "gb_per_second": arrays / 1e9 / seconds,
-        "file_gb_per_second": file_bytes / 1e9 / file_seconds, "peak_rss_mb": _peak_rss_mb(), "arrays_mb": arrays / 2**20,
-    }))
+    print(
+        json.dumps(
+            {
+                "rows": len(loaded),
+                "seconds": seconds,
+                "gigabytes": arrays / 1e9,
+                "gb_per_second": arrays / 1e9 / seconds,
+                "file_gb_per_second": file_bytes / 1e9 / file_seconds,
+                "peak_rss_mb": _peak_rss_mb(),
+                "arrays_mb": arrays / 2**20,
+            }
+        )
+    )
 
 
 def _peak_rss_mb():
@@ -192,7 +201,19 @@ def measure_sweep(reduced_dir, runs_dir, sweep, jobs):
 
     A fresh process, because that is what a user runs: TensorFlow starts in it (or in each worker).
     """
-    argv = [sys.executable, "-m", "pipeline", "train", str(reduced_dir), "--runs", str(runs_dir), "--sweep", str(sweep), "--jobs", str(jobs)]
+    argv = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        str(reduced_dir),
+        "--runs",
+        str(runs_dir),
+        "--sweep",
+        str(sweep),
+        "--jobs",
+        str(jobs),
+    ]
     started = time.perf_counter()
     completed = subprocess.run(argv, capture_output=True, text=True)
     seconds = time.perf_counter() - started

@@ -1,10 +1,10 @@
 """Start-up: what a user waits for before work begins, each measured in a fresh process.
 
-  first batch   command start to the first batch computed by `extract`, split into the phases
-                before it (imports, listing, model ready = built, weights loaded, traced)
-  up to date    a whole `pipeline extract` rerun over a finished directory
-  predict one   a whole `pipeline predict` on a single image
-  xla, 4 images a whole `pipeline extract` of 4 images with --xla, and with --no-xla (runs that small skip the compile)
+first batch   command start to the first batch computed by `extract`, split into the phases
+              before it (imports, listing, model ready = built, weights loaded, traced)
+up to date    a whole `pipeline extract` rerun over a finished directory
+predict one   a whole `pipeline predict` on a single image
+xla, 4 images a whole `pipeline extract` of 4 images with --xla, and with --no-xla (runs that small skip the compile)
 """
 
 import json
@@ -32,10 +32,10 @@ def measure_first_batch(corpus, out_dir, config: ExtractConfig):
 def _first_batch_child(corpus, out_dir, config_json):
     """The child's side of measure_first_batch: wall-clock time at each phase, printed as JSON."""
     marks = {}
+    import tensorflow  # noqa: F401  (what every computing command imports; timed as part of the imports)
+
     from pipeline.extract import extract
     from pipeline.sources import list_source
-
-    import tensorflow  # noqa: F401  (what every computing command imports; timed as part of the imports)
 
     marks["imports"] = time.time()
     listing = list_source(corpus)
@@ -74,8 +74,20 @@ def extract_argv(corpus, out_dir, config: ExtractConfig):
     argv = [sys.executable, "-m", "pipeline", "extract", str(corpus), "--out", str(out_dir)]
     for tap in config.taps:
         argv += ["--tap", tap.replace("/", ":")]
-    argv += ["--image-size", config.image_size, "--batch-size", config.batch_size, "--precision", config.precision,
-             "--weights", config.weights, "--seed", config.seed, "--pooling", config.pooling]
+    argv += [
+        "--image-size",
+        config.image_size,
+        "--batch-size",
+        config.batch_size,
+        "--precision",
+        config.precision,
+        "--weights",
+        config.weights,
+        "--seed",
+        config.seed,
+        "--pooling",
+        config.pooling,
+    ]
     return [str(arg) for arg in argv]
 
 
@@ -89,7 +101,9 @@ def prepare_run(corpus, work, config: ExtractConfig):
     listing = list_source(corpus)
     extract(config, listing, work / "features")
     components = max(1, min(8, len(listing.records) // 4))  # below the train rows (a quarter go to val, by class)
-    reduce_features(work / "features", work / "reduced", ReduceConfig(components=components, val_fraction=0.25, test_fraction=0.0))
+    reduce_features(
+        work / "features", work / "reduced", ReduceConfig(components=components, val_fraction=0.25, test_fraction=0.0)
+    )
     head = list(train(work / "reduced", work / "runs", [HeadConfig(hidden=(8,), epochs=2)]))[-1]
     one = work / "one"
     one.mkdir()

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.bench import report as bench_report, startup
+from pipeline.bench import report as bench_report
+from pipeline.bench import startup
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract
 from pipeline.sources import list_source
@@ -58,10 +59,16 @@ def measure_update(corpus, work, config: ExtractConfig, repeats):
     hashing = _sha256_cost([Path(r.path) for r in list_source(images).records])
     summary = bench_report.summarize
     return {
-        "images": len(records), "added": change, "removed": change,
-        "full_seconds": summary([full]), "add_seconds": summary([add]), "remove_seconds": summary([remove]),
+        "images": len(records),
+        "added": change,
+        "removed": change,
+        "full_seconds": summary([full]),
+        "add_seconds": summary([add]),
+        "remove_seconds": summary([remove]),
         "start_up_seconds": summary([start_up]),
-        "no_change_seconds": summary(no_change), "no_change_in_process_seconds": summary(in_process), **hashing,
+        "no_change_seconds": summary(no_change),
+        "no_change_in_process_seconds": summary(in_process),
+        **hashing,
     }
 
 

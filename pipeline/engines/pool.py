@@ -122,7 +122,9 @@ def task_runner(parallel: ParallelConfig):
             register_ray()
             threads = worker_threads(parallel.jobs, int(ray.cluster_resources().get("CPU", 1)))
             # max_nbytes=None: no memmapped arguments, which workers on other machines could not open
-            pool = Parallel(n_jobs=parallel.jobs, backend="ray", ray_remote_args={"num_cpus": threads}, max_nbytes=None, batch_size=1)
+            pool = Parallel(
+                n_jobs=parallel.jobs, backend="ray", ray_remote_args={"num_cpus": threads}, max_nbytes=None, batch_size=1
+            )
             yield lambda function, tasks: _raising(pool(delayed(_call)(function, threads, task) for task in tasks))
     elif parallel.jobs == 1:
         yield lambda function, tasks: _raising(_call(function, None, task) for task in tasks)

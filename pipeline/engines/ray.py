@@ -59,12 +59,16 @@ def plan_workers(nodes, workers=None, cpus_per_worker=None, gpus_per_worker=None
     """
     gpus = gpus_per_worker if gpus_per_worker is not None else (1 if any(g > 0 for _, g in nodes) else 0)
     if gpus > 0 and not any(g > 0 for _, g in nodes):
-        raise PipelineError(f"--gpus-per-worker {gpus:g} needs GPUs, but the Ray cluster has none; pass --gpus-per-worker 0 for CPU workers")
+        raise PipelineError(
+            f"--gpus-per-worker {gpus:g} needs GPUs, but the Ray cluster has none; pass --gpus-per-worker 0 for CPU workers"
+        )
     # (node index, CPUs, worker slots the GPUs allow; None = unlimited) of each node a worker can use
     usable = [(i, int(c), math.floor(g / gpus + 1e-9) if gpus else None) for i, (c, g) in enumerate(nodes) if c >= 1]
     usable = [(i, c, slots) for i, c, slots in usable if slots != 0]
     if not usable:
-        raise PipelineError(f"--gpus-per-worker {gpus:g} is more than any Ray node has (at most {max(g for _, g in nodes):g} GPUs)")
+        raise PipelineError(
+            f"--gpus-per-worker {gpus:g} is more than any Ray node has (at most {max(g for _, g in nodes):g} GPUs)"
+        )
     if workers is None and cpus_per_worker is None:
         actors = []
         for index, c, slots in usable:
@@ -107,7 +111,13 @@ def actor_options(plan, node_ids):
         }
         if not plan.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker on a GPU node stays off the GPUs
-        option = {"num_cpus": cpus, "num_gpus": plan.gpus, "max_restarts": -1, "max_task_retries": 0, "runtime_env": {"env_vars": env}}
+        option = {
+            "num_cpus": cpus,
+            "num_gpus": plan.gpus,
+            "max_restarts": -1,
+            "max_task_retries": 0,
+            "runtime_env": {"env_vars": env},
+        }
         if node is not None:
             option["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_ids[node], soft=True)
         options.append(option)
@@ -211,7 +221,12 @@ class RayEngine:
 
     def __init__(self, address=None, workers=None, cpus_per_worker=None, gpus_per_worker=None):
         ray_cluster.require_ray()  # a missing extra fails before anything starts
-        self.address, self.workers, self.cpus_per_worker, self.gpus_per_worker = address, workers, cpus_per_worker, gpus_per_worker
+        self.address, self.workers, self.cpus_per_worker, self.gpus_per_worker = (
+            address,
+            workers,
+            cpus_per_worker,
+            gpus_per_worker,
+        )
         self._stack = contextlib.ExitStack()
         self._ray = self._head = None
         self._actors = []
@@ -269,7 +284,7 @@ class RayEngine:
                 self._check_head()
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
-            raise worker_error(e)
+            raise worker_error(e) from None
         except ray.exceptions.RayActorError as e:
             raise PipelineError(
                 f"a Ray worker died while {doing} ({first_line(e)}); every node needs this project installed "
@@ -330,7 +345,7 @@ class _Pool:
             self._lost(attempt, e)
             return
         except self.ray.exceptions.RayTaskError as e:
-            raise worker_error(e)
+            raise worker_error(e) from None
         attempt.images += images
         index = attempt.task.index
         if attempt.images > self.counted[index]:

@@ -40,7 +40,9 @@ def probe(address, timeout=PROBE_SECONDS):
         return
     problem = unanswered(address, timeout)
     if problem:
-        raise PipelineError(f"no Ray cluster answers at {address} ({problem}); start one there (`ray start --head`) or fix --ray-address")
+        raise PipelineError(
+            f"no Ray cluster answers at {address} ({problem}); start one there (`ray start --head`) or fix --ray-address"
+        )
 
 
 def unanswered(address, timeout=PROBE_SECONDS):

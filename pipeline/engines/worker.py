@@ -48,7 +48,9 @@ class ShardWorker:
             resolved = dataclasses.replace(resolved, xla=False)
         self.config = resolved
         sources = parse_weights(self.config.weights, self.config.backbones, self.config.seed)
-        trunks = {name: backbones.build_backbone(name, self.config.image_size, self.config.precision) for name in self.config.backbones}
+        trunks = {
+            name: backbones.build_backbone(name, self.config.image_size, self.config.precision) for name in self.config.backbones
+        }
         tap_infos = backbones.check_taps(self.config.taps, trunks)
         self.taps = [_tap_entry(info, self.config.pooling) for info in tap_infos.values()]
         self.dims = {tap["key"]: tap["dim"] for tap in self.taps}
@@ -81,7 +83,11 @@ class ShardWorker:
         batches = image_batches(
             [None if r.problem else r.path for r in records],
             list(zip(offsets[:-1].tolist(), offsets[1:].tolist())),
-            self.config.batch_size, self.config.image_size, self.config.resize, self.config.fast_decode, orientations,
+            self.config.batch_size,
+            self.config.image_size,
+            self.config.resize,
+            self.config.fast_decode,
+            orientations,
         )
         with _ShardWriter(Path(out_dir), run, self.config.storage_dtype, self.device) as writer:
             assembler = _ShardAssembler(self._runner, self.dims, self.config, jobs, offsets, writer, done.append, orientations)
@@ -235,7 +241,9 @@ class _ShardAssembler:
 
     def _compute(self, indices, images):
         """Features of one batch, as they will be stored; the shard's first batch also gets the fidelity check."""
-        features, fidelity = self.runner.features(images, lambda row: self._record(indices[row]).id, check_fidelity=self.fidelity is None)
+        features, fidelity = self.runner.features(
+            images, lambda row: self._record(indices[row]).id, check_fidelity=self.fidelity is None
+        )
         if fidelity is not None:
             self.fidelity = fidelity
         return features
@@ -289,7 +297,9 @@ class _ShardAssembler:
             errors.append({"id": record.id, "path": record.path, "reason": reason})
 
         items = [(index, record.path, record.problem) for index, record in ((i, self._record(i)) for i in missing)]
-        batches = pillow_batches(items, self.config.batch_size, self.config.image_size, self.config.resize, failed, self.orientations)
+        batches = pillow_batches(
+            items, self.config.batch_size, self.config.image_size, self.config.resize, failed, self.orientations
+        )
         return [(indices, self._compute(indices, images)) for indices, images in batches]
 
 
@@ -323,9 +333,17 @@ class _ShardWriter:
         remedy = "the shards written so far are kept, so free space (or fix the rights) and rerun the same command to resume"
         with storage_errors(path, remedy):
             shards.write_shard(
-                path, data, index=shard, config_sha256=self.run.config_sha256, config=self.run.config,
-                storage_dtype=self.storage_dtype, weights=self.run.weights, taps=self.run.taps, device=self.device,
-                generation=self.run.generation, classes=self.run.classes,
+                path,
+                data,
+                index=shard,
+                config_sha256=self.run.config_sha256,
+                config=self.run.config,
+                storage_dtype=self.storage_dtype,
+                weights=self.run.weights,
+                taps=self.run.taps,
+                device=self.device,
+                generation=self.run.generation,
+                classes=self.run.classes,
             )
 
     def raise_failure(self):
