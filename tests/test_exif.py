@@ -106,4 +106,4 @@ def test_a_directory_made_before_the_option_resumes_without_it(tmp_path, run_cli
     assert set(features_by_id(old)) == set(features_by_id(tmp_path / "off"))
     assert all(np.array_equal(features_by_id(old)[key], value) for key, value in features_by_id(tmp_path / "off").items())
     refused = run_cli("extract", *args, "--out", old, "--exif-orientation", code=1)
-    assert "holds features of a different run (exif_orientation: False -> True)" in refused.output
+    assert "holds features made with other settings (exif_orientation: False -> True)" in refused.output

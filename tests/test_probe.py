@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 
 import h5py
 import numpy as np
@@ -279,7 +280,9 @@ def test_a_second_probe_into_one_out_is_refused_naming_the_process(features_dir,
 def test_a_killed_probe_s_temp_files_are_removed_by_the_next(features_dir, tmp_path, run_cli):
     out = tmp_path / "out"
     out.mkdir()
-    killed = temp_sibling(out / "probe.json")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    killed = temp_sibling(out / "probe.json", pid=ended.pid)  # a writer that is provably dead
     killed.write_text("{half")
     run_cli("probe", features_dir(n=60), "--out", out, "--components", 2)
     assert not killed.exists() and not leftover_temps(out) and (out / "probe.json").is_file()
