@@ -52,6 +52,7 @@ _HEADERS = (
 _HEAD = 32  # header bytes read for the check
 EXIF_HEAD = 1 << 17  # bytes read to find an image's EXIF orientation
 EXIF_ORIENTATION_TAG = 0x0112
+DEVICE_BUFFER_BATCHES = 2  # batches copied to the GPU ahead of the one it computes
 
 
 def _header_tables():
@@ -216,14 +217,15 @@ def orient(image, orientation):
     return image
 
 
-def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_decode=False, orientations=None):
+def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_decode=False, orientations=None, device=None):
     """Dataset of (indices int64 (B,), images float32 (B, S, S, 3)) over the given shard ranges.
 
     Batches never cross a shard boundary, so a shard's batches (and so its bytes) are the same
     whether a run does every shard or resumes at this one. Indices point into `paths`, whose
     entries are str or bytes; a None entry is never read and leaves a gap like a failed decode.
     `fast_decode` decodes large JPEGs at a reduced DCT scale (see `_decode_fast`). `orientations`,
-    one EXIF orientation per path, turns each image upright after decoding (see `orient`).
+    one EXIF orientation per path, turns each image upright after decoding (see `orient`). With
+    `device` ("/gpu:0"), batches are copied to it ahead of use, so the copy overlaps the compute.
     """
     paths = list(paths)
     readable = tf.constant([i for i, p in enumerate(paths) if p is not None], dtype=tf.int64)
@@ -252,7 +254,10 @@ def image_batches(paths, shard_ranges, batch_size, image_size, resize, fast_deco
     starts = [start for start, _ in shard_ranges]
     stops = [stop for _, stop in shard_ranges]
     dataset = tf.data.Dataset.from_tensor_slices((tf.constant(starts, tf.int64), tf.constant(stops, tf.int64)))
-    return dataset.flat_map(shard).prefetch(AUTOTUNE)
+    dataset = dataset.flat_map(shard).prefetch(AUTOTUNE)
+    if device is not None:  # must be the last transformation
+        dataset = dataset.apply(tf.data.experimental.prefetch_to_device(device, buffer_size=DEVICE_BUFFER_BATCHES))
+    return dataset
 
 
 def pillow_batches(items, batch_size, image_size, resize, failed, orientations=None):

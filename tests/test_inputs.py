@@ -83,6 +83,25 @@ def test_none_paths_are_gaps_and_byte_paths_reach_odd_names(tmp_path):
     assert rows_of([None, None]) == []
 
 
+def test_batches_prefetched_to_a_device_are_the_batches_the_host_would_compute(tmp_path):
+    """The GPU path copies batches ahead of use (prefetch_to_device, the last step); on a CPU, "/cpu:0" shows it
+    composes with the rest of the pipeline and changes nothing: same indices, same pixels, same shard boundaries."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+
+    def batches(device):
+        return [
+            (i.numpy().tolist(), x.numpy()) for i, x in image_batches(paths, [(0, 3), (3, 5)], 2, 16, "squash", device=device)
+        ]
+
+    host, on_device = batches(None), batches("/cpu:0")
+    assert [i for i, _ in on_device] == [i for i, _ in host] == [[0, 1], [2], [3, 4]]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(host, on_device, strict=True))
+
+
 def sixteen_bit_png(path, values):
     path.write_bytes(tf.io.encode_png(tf.constant(values, tf.uint16)).numpy())
 

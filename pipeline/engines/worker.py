@@ -47,6 +47,7 @@ class ShardWorker:
         if eager and config.xla is None:  # auto: a run this small is not worth an XLA compile
             resolved = dataclasses.replace(resolved, xla=False)
         self.config = resolved
+        self.input_device = "/gpu:0" if gpu else None  # batches cross to it ahead of use
         sources = parse_weights(self.config.weights, self.config.backbones, self.config.seed)
         trunks = {
             name: backbones.build_backbone(name, self.config.image_size, self.config.precision) for name in self.config.backbones
@@ -88,6 +89,7 @@ class ShardWorker:
             self.config.resize,
             self.config.fast_decode,
             orientations,
+            self.input_device,
         )
         with _ShardWriter(Path(out_dir), run, self.config.storage_dtype, self.device) as writer:
             assembler = _ShardAssembler(self._runner, self.dims, self.config, jobs, offsets, writer, done.append, orientations)
