@@ -106,8 +106,13 @@ def _redeliver_swallowed_interrupts(unraisable):
 
 
 def install_interrupt_handlers():
-    """SIGTERM raises Terminated; an interrupt swallowed by a __del__ or GC callback is sent again."""
+    """SIGTERM raises Terminated, SIGINT KeyboardInterrupt; an interrupt swallowed by a __del__ or GC callback is sent again.
+
+    SIGINT is set explicitly: a command started as a background job of a shell without job control
+    inherits it ignored, and Python then leaves it so, which would make Ctrl-C or `kill -INT` do nothing.
+    """
     signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.unraisablehook = _redeliver_swallowed_interrupts
 
 

@@ -59,11 +59,14 @@ def test_the_cli_entry_point_installs_the_handlers(monkeypatch):
     from pipeline import cli
 
     monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(cli, "cli", lambda prog_name: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job of a shell without job control inherits it
     try:
         cli.main()
         assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert sys.unraisablehook is cli._redeliver_swallowed_interrupts
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
