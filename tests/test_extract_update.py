@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipeline import shards
 from pipeline.files import locked, temp_sibling
+from same_features import assert_same_features
 
 SMALL_TAPS = ["--tap", "resnet50:conv2_block1_out", "--tap", "vgg16:block1_pool"]
 FAST = ["--weights", "random", "--image-size", "32", *SMALL_TAPS]
@@ -373,7 +374,7 @@ def test_other_feature_settings_are_refused_naming_each_setting(tmp_path, image_
     ) in result.output
 
 
-def test_a_ray_update_writes_the_local_update_s_bytes(tmp_path, image_tree, run_cli):
+def test_a_ray_update_writes_the_local_update_s_features(tmp_path, image_tree, run_cli):
     root = image_tree()
     args = [*FAST[:4], "--tap", "vgg16:block1_pool", "--shard-size", "2"]  # one small backbone: the actor builds it quicker
     run_cli("extract", root, "--out", tmp_path / "local", *args)
@@ -384,8 +385,6 @@ def test_a_ray_update_writes_the_local_update_s_bytes(tmp_path, image_tree, run_
     run_cli("extract", root, "--out", tmp_path / "local", *args)
     result = run_cli("extract", root, "--out", tmp_path / "ray", *args, "--engine", "ray", "--workers", 1)
     assert update_line(result) == "update: added 3, changed 0, removed 1, restored 0, relabeled 0, unchanged 5, computed 3"
-    local, ray_ = shard_files(tmp_path / "local"), shard_files(tmp_path / "ray")
-    assert {name: b for name, (_, b) in local.items()} == {name: b for name, (_, b) in ray_.items()} and len(ray_) == 5
-    assert shards.without_run_facts(shards.read_manifest(tmp_path / "ray")) == shards.without_run_facts(
-        shards.read_manifest(tmp_path / "local")
-    )
+    assert len(shard_files(tmp_path / "ray")) == 5
+    # An actor may run other intra-op threads than this process: the README's promise across engines, not bytes.
+    assert_same_features(tmp_path / "ray", tmp_path / "local")
